@@ -1,0 +1,27 @@
+"""edge3d: causal video networks as per-frame step graphs with explicit state.
+
+Importing this package must stay cheap and torch-free, because a Jetson app installs
+edge3d without the export extra and imports only the runtime. Everything that needs
+torch is reached lazily through ``__getattr__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "to_step": ("edge3d.convert", "to_step"),
+    "StepModule": ("edge3d.convert", "StepModule"),
+    "inspect": ("edge3d.accounting", "inspect"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'edge3d' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""Synthetic data sources (numpy only, no torch)."""

@@ -1,0 +1,1 @@
+"""Precision profiles shipped with edge3d (TOML files beside this module)."""
