@@ -1,0 +1,163 @@
+"""Turn a clip-mode model built from :mod:`edge3d.nn` layers into a pure step function.
+
+``to_step`` runs the model's *own* forward on a single frame while a :class:`StepContext`
+routes every streaming layer's state in and out of the call. This works for any nesting and
+for custom forward code, because nothing about the model is rewritten: the layers simply
+switch to their step implementation while the context is active.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .nn.rnn import _CellHead
+from .nn.state import StateSpec, StepContext, StreamingModule, stepping
+
+
+class UnsupportedModelError(ValueError):
+    """The model contains a layer that cannot be streamed; the message names its path."""
+
+
+def _temporal(v: int | Sequence[int] | None) -> int | None:
+    if v is None:
+        return None
+    return v if isinstance(v, int) else v[0]
+
+
+def check_streamable(model: nn.Module) -> None:
+    """Reject plain torch layers that would silently look into the future or change the rate."""
+    for path, m in model.named_modules():
+        where = path or type(model).__name__
+        if isinstance(m, nn.Conv3d):
+            kt, st, pt = m.kernel_size[0], m.stride[0], _temporal(m.padding)
+            if kt != 1 or st != 1 or pt not in (0, None):
+                raise UnsupportedModelError(
+                    f"{where}: torch.nn.Conv3d with temporal kernel {kt}, stride {st}, padding {pt} is "
+                    "not causal; replace it with edge3d.nn.CausalConv3d (temporal stride 1)."
+                )
+        elif isinstance(m, (nn.MaxPool3d, nn.AvgPool3d)):
+            kt, st = _temporal(m.kernel_size), _temporal(m.stride)
+            if kt != 1 or st not in (1, None):
+                raise UnsupportedModelError(
+                    f"{where}: {type(m).__name__} pools over time (kernel {kt}, stride {st}), which "
+                    "needs future frames or changes the frame rate; pool spatially only, kernel (1, k, k)."
+                )
+        elif isinstance(m, (nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)):
+            out = m.output_size
+            if not (isinstance(out, tuple) and out[0] is None):
+                raise UnsupportedModelError(
+                    f"{where}: {type(m).__name__} averages over the whole clip, which needs future "
+                    "frames; use edge3d.nn.RunningMean for a causal average over time."
+                )
+        elif isinstance(m, nn.RNNBase):
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            if not isinstance(model.get_submodule(parent), _CellHead):
+                raise UnsupportedModelError(
+                    f"{where}: a bare torch.nn.{type(m).__name__} carries hidden state the step "
+                    "function cannot see; use edge3d.nn.LSTMHead / GRUHead."
+                )
+
+
+class StepModule(nn.Module):
+    """``forward(frame, *states) -> (output, *new_states)``: one frame of a streaming model.
+
+    ``frame`` is (N, C, H, W); ``output`` is the model's clip output for that frame with the
+    time axis removed. States are passed in and returned, never stored, so the module exports
+    to one graph and N streams are simply a batch of N.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        frame_shape: Sequence[int],
+        keep_time: bool | None = None,
+        lower: bool = True,
+        output_time_axis: int = 2,
+    ) -> None:
+        super().__init__()
+        check_streamable(model)
+        model.eval()
+        self.model = model
+        self.frame_shape = tuple(int(v) for v in frame_shape)
+        if keep_time is None:
+            keep_time = not getattr(model, "steps_without_time_axis", False)
+        self.keep_time, self.lower, self.output_time_axis = keep_time, lower, output_time_axis
+        self._names = {m: (p or type(model).__name__) for p, m in model.named_modules()}
+        self._layers: list[StreamingModule] = []
+        self._specs: list[StateSpec] = []
+        self._counts: list[int] = []
+        self._discover()
+
+    def _discover(self) -> None:
+        ctx = StepContext(None, self.keep_time, self.lower, self._names)
+        frame = torch.zeros(1, *self.frame_shape)
+        ctx.frame = frame.unsqueeze(2) if self.keep_time else frame
+        with torch.no_grad(), stepping(ctx):
+            out = self.model(ctx.frame)
+        self._check_output(out)
+        order = {m: i for i, (_, m) in enumerate(self.model.named_modules())}
+        for m in sorted(ctx.specs, key=order.__getitem__):
+            specs = ctx.specs[m]
+            if not specs:
+                continue
+            path = self._names[m]
+            # Layers fed the raw frame keep "input history" (frames, not intermediate features),
+            # which the D3D paper counts separately from the cache.
+            sees_frame = m in ctx.saw_frame
+            self._layers.append(m)
+            self._counts.append(len(specs))
+            self._specs += [s.renamed(f"{path}.{s.name}", path, sees_frame) for s in specs]
+
+    def _check_output(self, out: object) -> None:
+        if not isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: forward must return one tensor to be streamed, "
+                f"got {type(out).__name__}."
+            )
+
+    @property
+    def state_specs(self) -> list[StateSpec]:
+        return list(self._specs)
+
+    def initial_states(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        return tuple(s.initial(batch) for s in self._specs)
+
+    def forward(self, frame: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if len(states) != len(self._specs):
+            raise ValueError(
+                f"step expects {len(self._specs)} state tensors after the frame, got {len(states)}; "
+                "start from initial_states()."
+            )
+        by_layer: dict[nn.Module, tuple[torch.Tensor, ...]] = {}
+        i = 0
+        for m, n in zip(self._layers, self._counts):
+            by_layer[m] = tuple(states[i:i + n])
+            i += n
+        ctx = StepContext(by_layer, self.keep_time, self.lower, self._names)
+        with stepping(ctx):
+            out = self.model(frame.unsqueeze(2) if self.keep_time else frame)
+        self._check_output(out)
+        if self.keep_time:
+            out = out.select(self.output_time_axis, 0)
+        new = [ctx.new_states.get(m, by_layer[m]) for m in self._layers]
+        return (out, *[t for group in new for t in group])
+
+
+def to_step(
+    model: nn.Module,
+    frame_shape: Sequence[int] = (3, 112, 112),
+    keep_time: bool | None = None,
+    lower: bool = True,
+    output_time_axis: int = 2,
+) -> StepModule:
+    """Wrap ``model`` (clip mode, causal) as a :class:`StepModule` for frames of ``frame_shape``.
+
+    ``keep_time`` (default: unless the model declares ``steps_without_time_axis = True``) feeds
+    the model one-frame clips, so forward code written for (N, C, T, H, W) tensors still works.
+    ``lower=False`` keeps causal convs as Conv3d over the cache (the naive form, for benchmarks).
+    The model is switched to eval mode: batch statistics over time would not be causal.
+    """
+    return StepModule(model, frame_shape, keep_time, lower, output_time_axis)

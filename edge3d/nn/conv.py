@@ -1,0 +1,165 @@
+"""Causal temporal convolutions: a Conv3d whose temporal padding is all on the past.
+
+Step mode keeps the last (k-1)·d input frames as a 4-D cache ``(N, (k-1)·d·C, H, W)`` (oldest
+frame first on the channel axis). With ``groups == 1`` one Conv2d over the channel-stacked
+cache and frame computes the step: TensorRT, DLA, INT8 kernels and ONNX Runtime's CPU
+kernels all prefer 2-D convolutions to 5-D ones. Grouped and depthwise convs sum one grouped
+Conv2d per temporal tap instead, which needs no rank-6 reshuffle of channels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import StateSpec, StepContext, StreamingModule
+
+
+def _pair(v: int | tuple[int, ...], name: str, owner: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(v)
+    if len(v) == 2:
+        return v  # type: ignore[return-value]
+    raise ValueError(f"{owner}: {name} must be an int or (h, w), got {v!r}")
+
+
+def _triple(v: int | tuple[int, ...], name: str, owner: str) -> tuple[int, int, int]:
+    if isinstance(v, int):
+        return (v, v, v)
+    v = tuple(v)
+    if len(v) == 3:
+        return v  # type: ignore[return-value]
+    raise ValueError(f"{owner}: {name} must be an int or (t, h, w), got {v!r}")
+
+
+class CausalConv3d(StreamingModule):
+    """``torch.nn.Conv3d`` with causal temporal padding ((k-1)·d frames on the left, none right).
+
+    ``padding`` is the spatial padding only; temporal padding is implied by causality.
+    Temporal stride must be 1: a strided layer changes the frame rate, which a single-rate
+    step function cannot express.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int],
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        owner = f"CausalConv3d({in_channels}, {out_channels}, kernel_size={kernel_size})"
+        k = _triple(kernel_size, "kernel_size", owner)
+        s = _triple(stride, "stride", owner)
+        d = _triple(dilation, "dilation", owner)
+        if isinstance(padding, (tuple, list)) and len(padding) == 3:
+            if padding[0] != 0:
+                raise ValueError(
+                    f"{owner}: temporal padding {padding[0]} would look into the future; "
+                    "pass the spatial padding only (ph, pw) - causal padding is added automatically."
+                )
+            padding = tuple(padding[1:])
+        p = _pair(padding, "padding", owner)
+        if s[0] != 1:
+            raise ValueError(
+                f"{owner}: temporal stride {s[0]} is not supported; use temporal stride 1 "
+                "(strided layers change the frame rate of everything after them)."
+            )
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"{owner}: channels must be divisible by groups={groups}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding, self.dilation = k, s, p, d
+        self.groups = groups
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, *k))
+        self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+        self.reset_parameters()
+        self.receptive_field = (k[0] - 1) * d[0] + 1
+
+    def reset_parameters(self) -> None:
+        # Same initialisation as torch.nn.Conv3d, so swapping one for the other trains the same.
+        ref = nn.Conv3d(self.in_channels, self.out_channels, self.kernel_size, groups=self.groups,
+                        bias=self.bias is not None)
+        with torch.no_grad():
+            self.weight.copy_(ref.weight)
+            if self.bias is not None:
+                self.bias.copy_(ref.bias)
+
+    @property
+    def history(self) -> int:
+        """Input frames the cache holds."""
+        return (self.kernel_size[0] - 1) * self.dilation[0]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+    def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.pad(x, (0, 0, 0, 0, self.history, 0))
+        return F.conv3d(x, self.weight, self.bias, (1, *self.stride[1:]), (0, *self.padding),
+                        self.dilation, self.groups)
+
+    def state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
+        if self.history == 0:
+            return []
+        c, h, w = frame_shape
+        return [StateSpec("cache", (self.history * c, h, w), kind="ring",
+                          doc=f"last {self.history} input frames, oldest first")]
+
+    def forward_step(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kt, dt = self.kernel_size[0], self.dilation[0]
+        st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
+        if self.history == 0:
+            return (F.conv2d(x, self.weight[:, :, 0], self.bias, st, pd, dl, self.groups),)
+        (cache,) = state
+        c = x.shape[1]
+        full = torch.cat([cache, x], dim=1)
+        taps = [full[:, i * dt * c:(i * dt + 1) * c] for i in range(kt)]
+        if self.groups == 1:
+            stacked = full if dt == 1 else torch.cat(taps, dim=1)
+            w2d = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
+            y = F.conv2d(stacked, w2d, self.bias, st, pd, dl)
+        else:
+            y = F.conv2d(taps[0], self.weight[:, :, 0], self.bias, st, pd, dl, self.groups)
+            for i in range(1, kt):
+                y = y + F.conv2d(taps[i], self.weight[:, :, i], None, st, pd, dl, self.groups)
+        return y, full[:, c:]
+
+    def _step_in_context(self, x, state, ctx: StepContext):  # type: ignore[override]
+        if ctx.lower or self.history == 0:
+            return super()._step_in_context(x, state, ctx)
+        # The naive form kept for benchmarks: a rank-5 Conv3d over concat(cache, frame).
+        frame = x if ctx.keep_time else x.unsqueeze(2)
+        n, c = frame.shape[:2]
+        (cache,) = state
+        past = cache.reshape(n, self.history, c, *cache.shape[2:]).permute(0, 2, 1, 3, 4)
+        full = torch.cat([past, frame], dim=2)
+        y = F.conv3d(full, self.weight, self.bias, (1, *self.stride[1:]), (0, *self.padding),
+                     self.dilation, self.groups)
+        new_cache = full[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(cache.shape)
+        return (y if ctx.keep_time else y.squeeze(2)), (new_cache,)
+
+
+class CausalTemporalAggregation(CausalConv3d):
+    """TAM made causal: a depthwise temporal conv over the previous and current frames.
+
+    Fan et al.'s temporal aggregation module is a 1-D depthwise convolution over time; with
+    ``kernel_size=2`` the taps are (t-1, t), so no future frame is needed.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 2, bias: bool = False) -> None:
+        super().__init__(channels, channels, (kernel_size, 1, 1), groups=channels, bias=bias)
+
+    def reset_parameters(self) -> None:
+        # Start as identity on the current frame so inserting TAM does not disturb a 2D net.
+        with torch.no_grad():
+            self.weight.zero_()
+            self.weight[:, :, -1] = 1.0
+            if self.bias is not None:
+                self.bias.zero_()

@@ -1,0 +1,72 @@
+"""Temporal pooling made causal, and the stateless 3-D layers that must also accept frames.
+
+A global average over time needs the future; its causal counterpart is the running mean
+of everything seen so far, kept as a float32 running sum and frame count (accumulators stay
+float32 in every precision profile so that long streams neither overflow nor stall).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import StateSpec, StreamingModule
+
+
+class RunningMean(StreamingModule):
+    """Causal global average over time (axis 2 of a clip); every other axis is kept.
+
+    Clip (N, C, T, ...) -> (N, C, T, ...) where output t is the mean of inputs 0..t.
+    """
+
+    def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:
+            raise ValueError(f"RunningMean expects a clip of rank >= 3 (N, C, T, ...), got {tuple(x.shape)}")
+        t = x.shape[2]
+        count = torch.arange(1, t + 1, device=x.device, dtype=torch.float32)
+        count = count.view(1, 1, t, *([1] * (x.dim() - 3)))
+        return (torch.cumsum(x.float(), dim=2) / count).to(x.dtype)
+
+    def state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
+        return [
+            StateSpec("sum", tuple(frame_shape), kind="accumulator", doc="running sum of inputs"),
+            StateSpec("count", (1,), kind="accumulator", doc="frames seen"),
+        ]
+
+    def forward_step(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        total, count = state
+        total = total + x.float()
+        count = count + 1.0
+        denom = count.view(count.shape[0], *([1] * (x.dim() - 1)))
+        return (total / denom).to(x.dtype), total, count
+
+
+class BatchNorm3d(nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that also normalises a single frame (N, C, H, W) in step mode."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() not in (4, 5):
+            raise ValueError(f"BatchNorm3d expects a 5-D clip or a 4-D frame, got {input.dim()}-D input")
+
+
+class SpatialMaxPool3d(nn.Module):
+    """Max pooling over (H, W) only, as ``MaxPool3d((1, k, k))``, that also accepts a frame."""
+
+    def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0) -> None:
+        super().__init__()
+        self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s, p = self.kernel_size, self.stride, self.padding
+        if x.dim() == 5:
+            return F.max_pool3d(x, (1, k, k), (1, s, s), (0, p, p))
+        return F.max_pool2d(x, k, s, p)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Global average over the two trailing spatial axes of a clip or a frame."""
+    return x.mean(dim=(-2, -1))

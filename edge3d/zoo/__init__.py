@@ -1,0 +1,75 @@
+"""The model zoo: paper architectures made causal, built from code (no downloaded weights).
+
+``build(name, num_classes=..., frame_size=..., width=..., head=...)`` returns a clip-mode
+model whose output is (N, num_classes, T): one prediction per frame.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    factory: str  # "module:function", imported lazily so listing the zoo needs no torch
+    summary: str
+    paper: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    heads: tuple[str, ...] = ("fc",)
+
+
+_ENTRIES = [
+    ZooEntry("d-resnet18", "edge3d.zoo.resnet:d_resnet", "Dissected 3D ResNet-18 (temporal skip by concat)",
+             "dissected-3d-cnns", {"depth": 18, "num_classes": 600}, ("fc", "lstm", "gru")),
+    ZooEntry("d-resnet50", "edge3d.zoo.resnet:d_resnet", "Dissected 3D ResNet-50 (bottleneck, conv_last 512)",
+             "dissected-3d-cnns", {"depth": 50, "num_classes": 600}, ("fc", "lstm", "gru")),
+    ZooEntry("d-resnet101", "edge3d.zoo.resnet:d_resnet", "Dissected 3D ResNet-101",
+             "dissected-3d-cnns", {"depth": 101, "num_classes": 600}, ("fc", "lstm", "gru")),
+    ZooEntry("rcn-resnet18", "edge3d.zoo.resnet:rcn_resnet18", "ResNet-18 with recurrent conv units (RCN)",
+             "recurrent-convolutions-rcn", {"num_classes": 400}, ("fc", "lstm", "gru")),
+    ZooEntry("tsm-resnet18", "edge3d.zoo.resnet:tsm_resnet18", "ResNet-18 with online temporal shift",
+             "deep-analysis-2d-3d-temporal-modules", {"num_classes": 400}, ("fc", "lstm", "gru")),
+    ZooEntry("tam-resnet18", "edge3d.zoo.resnet:tam_resnet18", "ResNet-18 with causal temporal aggregation",
+             "deep-analysis-2d-3d-temporal-modules", {"num_classes": 400}, ("fc", "lstm", "gru")),
+]
+ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
+
+
+def register(entry: ZooEntry) -> None:
+    """Add a model to the zoo (used by optional modules such as VoV3D and the gesture demo)."""
+    ZOO[entry.name] = entry
+
+
+def names() -> list[str]:
+    _load_optional()
+    return list(ZOO)
+
+
+def _load_optional() -> None:
+    for mod in ("edge3d.zoo.vov3d", "edge3d.zoo.gestures"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # module not written yet, or torch missing
+            if e.name not in (mod, "torch"):
+                raise
+
+
+def get(name: str) -> ZooEntry:
+    _load_optional()
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass package.module:factory")
+    return ZOO[name]
+
+
+def build(name: str, **options: Any) -> Any:
+    """Build a zoo model; ``None`` options fall back to the entry's defaults."""
+    entry = get(name)
+    kwargs = dict(entry.defaults)
+    kwargs.update({k: v for k, v in options.items() if v is not None})
+    if "head" in kwargs and kwargs["head"] not in entry.heads:
+        raise ValueError(f"{name} has no head {kwargs['head']!r}; choose one of {', '.join(entry.heads)}")
+    module, func = entry.factory.split(":")
+    return getattr(importlib.import_module(module), func)(**kwargs)
