@@ -133,7 +133,7 @@ class StepModule(nn.Module):
             )
         by_layer: dict[nn.Module, tuple[torch.Tensor, ...]] = {}
         i = 0
-        for m, n in zip(self._layers, self._counts):
+        for m, n in zip(self._layers, self._counts, strict=True):
             by_layer[m] = tuple(states[i:i + n])
             i += n
         ctx = StepContext(by_layer, self.keep_time, self.lower, self._names)
