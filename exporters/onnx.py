@@ -1,0 +1,197 @@
+"""Step module -> self-describing ONNX artifact (``<name>.edge3d/``).
+
+The graph is exported with PyTorch's default (torch.export-based) exporter with a dynamic
+stream axis, simplified by ONNX Runtime's basic, op-preserving graph optimisations (constant
+folding, BatchNorm folded into the preceding Conv) and checked with ``onnx.checker``. The
+manifest goes both to ``manifest.json`` and into the ONNX ``metadata_props``, so a bare
+``.onnx`` still says what its states are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from .. import __version__
+from ..accounting import count_macs, dtype_name
+from ..convert import StepModule, to_step
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, state_io_names
+
+OPSET = 18
+DEFAULT_MEAN = (0.45, 0.45, 0.45)
+DEFAULT_STD = (0.225, 0.225, 0.225)
+
+
+def source_hash(model: nn.Module) -> str:
+    """Hash of the weights and buffers, so an artifact can tell which model it came from."""
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
+    specs = step.state_specs
+    frame = torch.zeros(1, *step.frame_shape)
+    states = step.initial_states(1)
+    inputs = ["frame"] + [state_io_names(s.name)[0] for s in specs]
+    outputs = ["output"] + [state_io_names(s.name)[1] for s in specs]
+    batch = torch.export.Dim("streams", min=1, max=4096)
+    dynamic = ({0: batch}, tuple({0: batch} for _ in specs))
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(step, (frame, *states), str(path), input_names=inputs, output_names=outputs,
+                          dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
+                          external_data=False)
+
+
+def simplify(src: Path, dst: Path) -> None:
+    """Constant folding and Conv+BatchNorm folding with ONNX Runtime's basic (op-preserving) level."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(dst)
+    so.log_severity_level = 3
+    ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(dst))
+    used = {n.domain for n in model.graph.node}
+    keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    onnx.save(model, str(dst))
+
+
+def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
+    model.producer_name, model.producer_version = "edge3d", __version__
+    onnx.save(model, str(path))
+
+
+def weight_bytes(path: Path) -> int:
+    model = onnx.load(str(path))
+    return int(sum(np.prod(t.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                   for t in model.graph.initializer))
+
+
+def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
+                   mean: tuple[float, ...], std: tuple[float, ...], lowered: bool) -> dict[str, Any]:
+    c, h, w = step.frame_shape
+    with torch.no_grad():
+        out = step(torch.zeros(1, *step.frame_shape), *step.initial_states(1))[0]
+    states = []
+    for s in step.state_specs:
+        i, o = state_io_names(s.name)
+        states.append({"name": s.name, "input": i, "output": o, "shape": ["N", *s.shape],
+                       "dtype": dtype_name(s.dtype), "init": s.init, "kind": s.kind, "layer": s.layer,
+                       "bytes": s.bytes, "input_history": s.input_history})
+    return {
+        "format_version": FORMAT_VERSION,
+        "edge3d_version": __version__,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {**model_info, "source_hash": source_hash(step.model),
+                  "params": sum(p.numel() for p in step.model.parameters())},
+        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
+                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
+                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
+        "output": {"name": "output", "shape": ["N", *out.shape[1:]], "dtype": "float32",
+                   "kind": "logits", "classes": classes},
+        "states": states,
+        "macs_per_frame": count_macs(step),
+        "params": sum(p.numel() for p in step.model.parameters()),
+        "state_bytes": sum(s["bytes"] for s in states if not s["input_history"]),
+        "input_history_bytes": sum(s["bytes"] for s in states if s["input_history"]),
+        "lowered": lowered,
+        "precisions": {},
+        "engines": {},
+    }
+
+
+def export_artifact(
+    model: nn.Module,
+    out_dir: str | Path,
+    name: str,
+    *,
+    frame_size: int | tuple[int, int] = 112,
+    channels: int = 3,
+    lower: bool = True,
+    model_info: dict[str, Any] | None = None,
+    classes: list[str] | None = None,
+    mean: tuple[float, ...] = DEFAULT_MEAN,
+    std: tuple[float, ...] = DEFAULT_STD,
+    opset: int = OPSET,
+) -> Path:
+    """Write ``out_dir/<name>.edge3d/`` with ``manifest.json`` and ``model.fp32.onnx``.
+
+    The artifact is assembled in a temporary folder and moved into place at the end, so a
+    failed export never leaves a half-written artifact behind.
+    """
+    h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
+    if lower:
+        step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
+    else:
+        step = to_step(model, (channels, h, w), keep_time=True, lower=False)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.edge3d"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    try:
+        raw = tmp / "raw.onnx"
+        _quiet_export(step, raw, opset)
+        onnx_path = tmp / "model.fp32.onnx"
+        simplify(raw, onnx_path)
+        raw.unlink()
+        manifest = build_manifest(step, name, model_info=model_info or {"name": name}, classes=classes,
+                                  mean=mean, std=std, lowered=lower)
+        manifest["precisions"]["fp32"] = {
+            "file": onnx_path.name, "profile": "fp32",
+            "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},
+        }
+        set_metadata(onnx_path, {k: v for k, v in manifest.items() if k != "precisions"})
+        onnx.checker.check_model(str(onnx_path), full_check=True)
+        manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
+        manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Rewrite manifest.json atomically (used when precisions or engines are added)."""
+    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, folder / MANIFEST)

@@ -1,0 +1,182 @@
+"""ONNX Runtime backend: preallocated state buffers ping-ponged through I/O bindings.
+
+Two bindings are made once, one per parity: parity p reads states from buffer p and writes
+them to buffer 1-p, so a step allocates no state tensor and never binds one buffer as both
+input and output. Stepping a subset of streams gathers their rows into staging buffers and
+scatters the new rows back only after the run succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..manifest import METADATA_KEY, ArtifactError, precision_entry, state_io_names
+from .base import Backend
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+              "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _load_session(path: Path, threads: int | None):
+    import onnxruntime as ort
+
+    if not path.is_file():
+        raise ArtifactError(f"the artifact lacks {path.name} ({path}); re-export it with `edge3d export`.")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types for corrupt files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ArtifactError(
+            f"ONNX Runtime cannot load {path.name} ({first}); the file is corrupt or truncated, re-export it."
+        ) from e
+
+
+def check_graph_against_manifest(sess: Any, manifest: dict[str, Any], path: Path) -> None:
+    """Fail at load if the graph and the manifest disagree on names, shapes or source model."""
+    meta = sess.get_modelmeta().custom_metadata_map
+    if METADATA_KEY in meta:
+        inner = json.loads(meta[METADATA_KEY])
+        if inner.get("model", {}).get("source_hash") != manifest.get("model", {}).get("source_hash"):
+            raise ArtifactError(
+                f"manifest.json describes a different model than {path.name} "
+                f"({manifest.get('model', {}).get('name')} vs {inner.get('model', {}).get('name')}, source hashes "
+                "differ); re-export the artifact instead of mixing files."
+            )
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = {o.name: o for o in sess.get_outputs()}
+    expected_in = {"frame"} | {state_io_names(s["name"])[0] for s in manifest["states"]}
+    expected_out = {"output"} | {state_io_names(s["name"])[1] for s in manifest["states"]}
+    if set(inputs) != expected_in or set(outputs) != expected_out:
+        missing = sorted((expected_in - set(inputs)) | (expected_out - set(outputs)))
+        extra = sorted((set(inputs) - expected_in) | (set(outputs) - expected_out))
+        raise ArtifactError(
+            f"{path.name} does not match manifest.json (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "re-export the artifact instead of mixing files."
+        )
+    for s in manifest["states"]:
+        got = inputs[state_io_names(s["name"])[0]].shape[1:]
+        if [int(d) for d in s["shape"][1:]] != [d if isinstance(d, int) else -1 for d in got]:
+            raise ArtifactError(
+                f"{path.name}: state {s['name']} has shape {got} in the graph but {s['shape'][1:]} in "
+                "manifest.json; re-export the artifact."
+            )
+    f = manifest["frame"]
+    got = inputs["frame"].shape[1:]
+    if list(got) != [f["channels"], f["height"], f["width"]]:
+        raise ArtifactError(f"{path.name}: frame input {got} disagrees with manifest.json; re-export.")
+
+
+class _Plan:
+    """Buffers and one bound I/O binding per parity for a batch of ``k`` streams."""
+
+    def __init__(self, backend: OnnxRuntimeBackend, k: int, states: list[dict[str, np.ndarray]]) -> None:
+        self.frame = np.zeros((k, *backend.frame_shape), backend.frame_dtype)
+        self.output = np.zeros((k, *backend.output_shape), backend.output_dtype)
+        self.states = states  # states[p][name]: buffer read at parity p
+        self.bindings = [self._bind(backend, states[p], states[1 - p]) for p in (0, 1)]
+
+    def _bind(self, backend: OnnxRuntimeBackend, src: dict, dst: dict):
+        b = backend.sess.io_binding()
+        b.bind_input("frame", "cpu", 0, self.frame.dtype, self.frame.shape, self.frame.ctypes.data)
+        b.bind_output("output", "cpu", 0, self.output.dtype, self.output.shape, self.output.ctypes.data)
+        for name in backend.state_names:
+            i, o = state_io_names(name)
+            b.bind_input(i, "cpu", 0, src[name].dtype, src[name].shape, src[name].ctypes.data)
+            b.bind_output(o, "cpu", 0, dst[name].dtype, dst[name].shape, dst[name].ctypes.data)
+        return b
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: dict[str, Any], profile: str, streams: int, threads: int | None = None) -> None:
+        super().__init__(manifest, profile, streams)
+        entry = precision_entry(manifest, profile)
+        self.path = Path(manifest["_folder"]) / entry["file"]
+        self.sess = _load_session(self.path, threads)
+        check_graph_against_manifest(self.sess, manifest, self.path)
+        types = {i.name: _ORT_TYPES[i.type] for i in self.sess.get_inputs()}
+        out_types = {o.name: _ORT_TYPES[o.type] for o in self.sess.get_outputs()}
+        self.state_names = [s["name"] for s in manifest["states"]]
+        self._specs = {s["name"]: s for s in manifest["states"]}
+        self._dtypes = {n: np.dtype(types[state_io_names(n)[0]]) for n in self.state_names}
+        f = manifest["frame"]
+        self.frame_shape = (f["channels"], f["height"], f["width"])
+        self.frame_dtype = np.dtype(types["frame"])
+        self.output_shape = tuple(int(d) for d in manifest["output"]["shape"][1:])
+        self.output_dtype = np.dtype(out_types["output"])
+        bufs = [{n: self._initial(n, streams) for n in self.state_names} for _ in (0, 1)]
+        self._full = _Plan(self, streams, bufs)
+        self._parity = 0
+        self._subsets: dict[int, _Plan] = {}
+
+    def _initial(self, name: str, k: int) -> np.ndarray:
+        s = self._specs[name]
+        shape = (k, *[int(d) for d in s["shape"][1:]])
+        return np.full(shape, s.get("init", 0.0), self._dtypes[name])
+
+    @property
+    def frame_buffer(self) -> np.ndarray:
+        """Staging buffer for all streams' frames; the Session preprocesses straight into it."""
+        return self._full.frame
+
+    def state_dtypes(self) -> dict[str, np.dtype]:
+        return dict(self._dtypes)
+
+    @property
+    def _current(self) -> dict[str, np.ndarray]:
+        return self._full.states[self._parity]
+
+    def step_all(self, frames: np.ndarray) -> np.ndarray:
+        if frames is not self._full.frame:
+            self._full.frame[...] = frames
+        self.sess.run_with_iobinding(self._full.bindings[self._parity])
+        self._parity ^= 1
+        return self._full.output.copy()
+
+    def subset_plan(self, k: int) -> _Plan:
+        if k not in self._subsets:
+            bufs = [{n: self._initial(n, k) for n in self.state_names} for _ in (0, 1)]
+            self._subsets[k] = _Plan(self, k, bufs)
+        return self._subsets[k]
+
+    def subset_frame_buffer(self, k: int) -> np.ndarray:
+        return self.subset_plan(k).frame
+
+    def step_rows(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        plan = self.subset_plan(len(rows))
+        if frames is not plan.frame:
+            plan.frame[...] = frames
+        cur = self._current
+        for n in self.state_names:
+            np.take(cur[n], rows, axis=0, out=plan.states[0][n])
+        self.sess.run_with_iobinding(plan.bindings[0])
+        for n in self.state_names:
+            cur[n][rows] = plan.states[1][n]
+        return plan.output.copy()
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        cur = self._current
+        for n in self.state_names:
+            cur[n][rows] = self._specs[n].get("init", 0.0)
+
+    def read_states(self) -> dict[str, np.ndarray]:
+        return {n: b.copy() for n, b in self._current.items()}
+
+    def write_states(self, states: dict[str, np.ndarray]) -> None:
+        cur = self._current
+        for n in self.state_names:
+            cur[n][...] = states[n]
+
+    def run_bare(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """A plain ``InferenceSession.run`` on the same graph, for overhead benchmarks."""
+        return self.sess.run(None, feeds)

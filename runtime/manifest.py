@@ -1,0 +1,90 @@
+"""The artifact's manifest: the contract between exporter and runtime.
+
+Loading validates everything the runtime will rely on, so that a corrupt, truncated or
+mismatched artifact fails here, at load, and never in the middle of a stream.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+METADATA_KEY = "edge3d.manifest"
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
+
+
+class ArtifactError(ValueError):
+    """The artifact cannot be used; the message says what is wrong and how to fix it."""
+
+
+def state_io_names(state_name: str) -> tuple[str, str]:
+    return f"state_in.{state_name}", f"state_out.{state_name}"
+
+
+def resolve_artifact(path: str | Path) -> Path:
+    """Accept the artifact folder, its manifest.json, or one of its ONNX files."""
+    p = Path(path)
+    if p.is_file() and p.name == MANIFEST:
+        return p.parent
+    if p.is_file() and p.suffix == ".onnx":
+        return p.parent
+    if not p.exists():
+        raise ArtifactError(f"artifact {p} does not exist; create it with `edge3d export MODEL -o DIR`.")
+    if not (p / MANIFEST).is_file():
+        raise ArtifactError(f"{p} has no {MANIFEST}; point to a folder written by `edge3d export`.")
+    return p
+
+
+def load_manifest(path: str | Path) -> dict[str, Any]:
+    """Read and validate ``manifest.json`` of an artifact folder."""
+    folder = resolve_artifact(path)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{folder / MANIFEST} is not valid JSON ({e.msg}); re-export the artifact.") from e
+    validate_manifest(manifest, str(folder / MANIFEST))
+    manifest["_folder"] = str(folder)
+    return manifest
+
+
+def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
+    version = m.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{where} has format_version {version!r} but this edge3d reads version {FORMAT_VERSION}; "
+            "re-export the model with this edge3d version."
+        )
+    for key in ("frame", "output", "states", "precisions"):
+        if key not in m:
+            raise ArtifactError(f"{where} lacks the {key!r} entry; re-export the artifact.")
+    for s in m["states"]:
+        for key in ("name", "shape", "dtype", "kind", "bytes"):
+            if key not in s:
+                raise ArtifactError(f"{where}: state {s.get('name', '?')!r} lacks {key!r}; re-export the artifact.")
+    if not m["precisions"]:
+        raise ArtifactError(f"{where} lists no precision; re-export the artifact.")
+
+
+def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:
+    if profile not in m["precisions"]:
+        raise ArtifactError(
+            f"the artifact has no {profile!r} precision (it has {', '.join(m['precisions'])}); "
+            f"add it with `edge3d export ... --profile {profile}`."
+        )
+    return m["precisions"][profile]
+
+
+def state_bytes(m: dict[str, Any], dtypes: dict[str, str] | None = None) -> dict[str, int]:
+    """Bytes per stream of every state, under the dtypes of one precision if given."""
+    out = {}
+    for s in m["states"]:
+        dtype = (dtypes or {}).get(s["name"], s["dtype"])
+        n = 1
+        for d in s["shape"][1:]:
+            n *= int(d)
+        out[s["name"]] = n * DTYPE_BYTES[dtype]
+    return out

@@ -1,0 +1,80 @@
+"""Frame preprocessing from the manifest's frame spec (numpy only).
+
+Cameras give H×W×3 uint8 frames; the step graph wants 3×H×W float32, resized and normalised
+exactly as at training time. Doing it here keeps every app and backend consistent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an H×W×C image; OpenCV's area/bilinear when installed, else a numpy bilinear."""
+    h, w = frame.shape[:2]
+    if (h, w) == (height, width):
+        return frame
+    try:
+        import cv2
+
+        interp = cv2.INTER_AREA if (height < h and width < w) else cv2.INTER_LINEAR
+        return cv2.resize(frame, (width, height), interpolation=interp)
+    except ImportError:
+        ys = (np.arange(height) + 0.5) * h / height - 0.5
+        xs = (np.arange(width) + 0.5) * w / width - 0.5
+        y0 = np.clip(np.floor(ys).astype(int), 0, h - 1)
+        x0 = np.clip(np.floor(xs).astype(int), 0, w - 1)
+        y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+        wy = np.clip(ys - y0, 0, 1)[:, None, None]
+        wx = np.clip(xs - x0, 0, 1)[None, :, None]
+        f = frame.astype(np.float32)
+        top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
+        bot = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
+        out = top * (1 - wy) + bot * wy
+        return out.round().astype(frame.dtype) if frame.dtype == np.uint8 else out.astype(frame.dtype)
+
+
+class FramePreprocessor:
+    """Turns one raw frame into the graph's normalised (C, H, W) float32 input, validating it."""
+
+    def __init__(self, frame_spec: dict) -> None:
+        self.channels = int(frame_spec["channels"])
+        self.height, self.width = int(frame_spec["height"]), int(frame_spec["width"])
+        mean = np.asarray(frame_spec.get("mean", [0.0] * self.channels), np.float32)
+        std = np.asarray(frame_spec.get("std", [1.0] * self.channels), np.float32)
+        self.scale = (1.0 / (255.0 * std)).reshape(-1, 1, 1)
+        self.offset = (mean / std).reshape(-1, 1, 1)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def __call__(self, frame: np.ndarray, out: np.ndarray) -> None:
+        """Write the preprocessed frame into ``out`` (C, H, W); raise ValueError on bad input."""
+        if not isinstance(frame, np.ndarray):
+            raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}.")
+        c, h, w = self.shape
+        if frame.dtype == np.uint8:
+            if frame.ndim != 3 or frame.shape[2] != c:
+                raise ValueError(
+                    f"uint8 frame has shape {frame.shape}; expected H×W×{c} (RGB), any size "
+                    "(it is resized), or a normalised float32 array of shape "
+                    f"{(c, h, w)}."
+                )
+            img = resize(frame, h, w)
+            np.multiply(img.transpose(2, 0, 1), self.scale, out=out, casting="unsafe")
+            out -= self.offset
+            return
+        if frame.dtype not in (np.float32, np.float16, np.float64):
+            raise ValueError(
+                f"frame dtype {frame.dtype} is not supported; pass H×W×{c} uint8 or normalised "
+                f"float32 of shape {(c, h, w)}."
+            )
+        if frame.shape != (c, h, w):
+            raise ValueError(
+                f"float frame has shape {frame.shape}; expected normalised {(c, h, w)} "
+                f"(or pass an H×W×{c} uint8 image to have it resized and normalised)."
+            )
+        if not np.isfinite(frame).all():
+            raise ValueError("frame contains NaN or Inf; pass finite values (the stream's state is unchanged).")
+        out[...] = frame

@@ -1,0 +1,199 @@
+"""``Session``: load an artifact, own N streams' state, step frames, report memory and latency.
+
+Everything here is numpy plus the chosen backend; torch is never imported, so a camera app
+on a Jetson installs edge3d without the export extra and runs only this.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import backend as backends
+from .manifest import ArtifactError, load_manifest, precision_entry
+from .preprocess import FramePreprocessor
+
+
+class Stats:
+    """Latency of recent steps (a bounded window) and totals since the session started."""
+
+    def __init__(self, window: int = 10000) -> None:
+        self.ms: deque[float] = deque(maxlen=window)
+        self.frames = 0
+        self.calls = 0
+
+    def record(self, ms: float, frames: int) -> None:
+        self.ms.append(ms)
+        self.frames += frames
+        self.calls += 1
+
+    def summary(self) -> dict[str, float]:
+        if not self.ms:
+            return {"frames": self.frames, "calls": 0, "ms_p50": 0.0, "ms_p95": 0.0, "ms_p99": 0.0,
+                    "ms_mean": 0.0, "fps": 0.0}
+        a = np.asarray(self.ms)
+        p50, p95, p99 = np.percentile(a, [50, 95, 99])
+        frames_per_call = self.frames / max(self.calls, 1)
+        return {"frames": self.frames, "calls": self.calls, "ms_p50": float(p50), "ms_p95": float(p95),
+                "ms_p99": float(p99), "ms_mean": float(a.mean()),
+                "fps": float(1000.0 * frames_per_call / a.mean()) if a.mean() > 0 else 0.0}
+
+
+def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str:
+    if requested not in ("auto", "onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {requested!r}; choose auto, onnxruntime or tensorrt.")
+    have = backends.available()
+    engines = manifest.get("engines", {})
+    if requested == "tensorrt":
+        if "tensorrt" not in have:
+            raise ArtifactError(
+                "backend 'tensorrt' needs the tensorrt and pycuda packages and an NVIDIA GPU, which are not "
+                "installed here; use backend='onnxruntime' or install edge3d[tensorrt] on the device."
+            )
+        return "tensorrt"
+    if requested == "auto" and "tensorrt" in have and profile in engines:
+        from .backend.trt import gpu_available
+
+        if gpu_available():
+            return "tensorrt"
+    if "onnxruntime" not in have:
+        raise ArtifactError("no runtime backend is installed; pip install onnxruntime (or edge3d[tensorrt]).")
+    return "onnxruntime"
+
+
+class Session:
+    """Stream frames through an exported artifact.
+
+    ``Session(path, profile="fp32", backend="auto", streams=1)``. ``step(frame)`` takes an
+    H×W×3 uint8 RGB image (resized and normalised from the manifest) or a normalised
+    3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
+    """
+
+    def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
+                 threads: int | None = None) -> None:
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive integer, got {streams!r}.")
+        self.manifest = load_manifest(path)
+        self.profile = profile
+        self.precision = precision_entry(self.manifest, profile)
+        self.backend_name = _pick_backend(backend, self.manifest, profile)
+        options = {"threads": threads} if self.backend_name == "onnxruntime" else {}
+        self._backend = backends.create(self.backend_name, self.manifest, profile, streams, **options)
+        self.streams = streams
+        self.pre = FramePreprocessor(self.manifest["frame"])
+        self.stats = Stats()
+        self.classes: list[str] | None = self.manifest["output"].get("classes")
+
+    # ----------------------------------------------------------------- stepping
+    def step(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
+        """One frame of one stream; returns that stream's output for the frame."""
+        self._check_stream(stream)
+        if self.streams == 1:
+            buf = self._backend.frame_buffer
+            self.pre(frame, buf[0])
+            t0 = time.perf_counter()
+            out = self._backend.step_all(buf)
+            self.stats.record((time.perf_counter() - t0) * 1e3, 1)
+            return out[0]
+        return self.step_batch([frame], [stream])[0]
+
+    def step_batch(self, frames: Any, stream_ids: Any = None) -> np.ndarray:
+        """One frame for each stream in ``stream_ids`` (default: all, in order), as one call.
+
+        Any subset of streams may be stepped; the others keep their state. Returns outputs in
+        the order of ``stream_ids``.
+        """
+        ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("stream_ids must be a non-empty list of stream indices.")
+        for s in ids.tolist():
+            self._check_stream(s)
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError(f"stream_ids {ids.tolist()} repeat a stream; step each stream at most once per call.")
+        if len(frames) != len(ids):
+            raise ValueError(f"got {len(frames)} frames for {len(ids)} streams; pass one frame per stream id.")
+        everyone = len(ids) == self.streams and bool((ids == np.arange(self.streams)).all())
+        if everyone:
+            buf = self._backend.frame_buffer
+        else:
+            buf = self._backend.subset_frame_buffer(len(ids))
+        staged = np.empty_like(buf)
+        for i, f in enumerate(frames):
+            self.pre(f, staged[i])  # validate all frames before any state changes
+        buf[...] = staged
+        t0 = time.perf_counter()
+        out = self._backend.step_all(buf) if everyone else self._backend.step_rows(buf, ids)
+        self.stats.record((time.perf_counter() - t0) * 1e3, len(ids))
+        return out
+
+    def _check_stream(self, stream: Any) -> None:
+        if not isinstance(stream, (int, np.integer)) or not 0 <= int(stream) < self.streams:
+            raise ValueError(f"stream id {stream!r} is out of range; this session has streams 0..{self.streams - 1}.")
+
+    # ----------------------------------------------------------------- state
+    def reset(self, stream: int | None = None) -> None:
+        """Back to the initial state: one stream, or all of them."""
+        if stream is None:
+            rows = np.arange(self.streams)
+        else:
+            self._check_stream(stream)
+            rows = np.asarray([int(stream)])
+        self._backend.reset_rows(rows)
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """A snapshot of every stream's state; ``set_state`` restores it bit for bit."""
+        return self._backend.read_states()
+
+    def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+        dtypes = self._backend.state_dtypes()
+        for s in self.manifest["states"]:
+            name = s["name"]
+            if name not in snapshot:
+                raise ValueError(f"snapshot lacks state {name!r}; pass a dict from get_state() of this artifact.")
+            a = np.asarray(snapshot[name])
+            want = (self.streams, *[int(d) for d in s["shape"][1:]])
+            if a.shape != want or a.dtype != dtypes[name]:
+                raise ValueError(
+                    f"snapshot state {name!r} is {a.dtype}{list(a.shape)}, expected {dtypes[name]}{list(want)}; "
+                    "pass a snapshot of a session with the same artifact, profile and streams."
+                )
+        self._backend.write_states({n: np.asarray(snapshot[n]) for n in dtypes})
+
+    # ----------------------------------------------------------------- reporting
+    @property
+    def state_breakdown(self) -> dict[str, int]:
+        """Bytes per stream of each state, in this profile's dtypes."""
+        dt = self._backend.state_dtypes()
+        out = {}
+        for s in self.manifest["states"]:
+            n = 1
+            for d in s["shape"][1:]:
+                n *= int(d)
+            out[s["name"]] = n * dt[s["name"]].itemsize
+        return out
+
+    @property
+    def cache_bytes(self) -> int:
+        """State bytes per stream (all states, input history included)."""
+        return sum(self.state_breakdown.values())
+
+    def top(self, output: np.ndarray) -> tuple[int, str, float]:
+        """Top class of one output vector: (index, name, softmax score)."""
+        o = np.asarray(output, np.float64).reshape(-1)
+        i = int(o.argmax())
+        p = np.exp(o - o.max())
+        name = self.classes[i] if self.classes and i < len(self.classes) else str(i)
+        return i, name, float(p[i] / p.sum())
+
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
