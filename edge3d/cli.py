@@ -1,0 +1,318 @@
+"""The ``edge3d`` command line: zoo, inspect, export, run, bench (and compare, build, triton).
+
+Every command turns a ``ValueError`` (bad input: wrong model name, corrupt artifact, bad
+frame source...) into one red sentence and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Export causal video networks as per-frame step graphs with explicit state, and stream them.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
+Size = Annotated[int | None, typer.Option("--size", help="Frame size (square) the model runs at.")]
+Width = Annotated[float | None, typer.Option("--width", help="Channel multiplier (e.g. 0.25 for a small variant).")]
+Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
+
+
+def friendly(fn: F) -> F:
+    """Report bad input as one sentence and a non-zero exit instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError) as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _is_artifact(target: str) -> bool:
+    p = Path(target)
+    return (p / "manifest.json").is_file() or (p.is_file() and p.name == "manifest.json")
+
+
+def _load(model: str, classes: int | None, size: int | None, width: float | None, head: str | None,
+          checkpoint: Path | None = None):
+    from .models import build_model, load_checkpoint
+
+    m = build_model(model, num_classes=classes, frame_size=size, width=width, head=head)
+    if checkpoint is not None:
+        load_checkpoint(m, checkpoint, model)
+    frame_size = size or getattr(m, "frame_size", None) or 112
+    return m, frame_size
+
+
+# --------------------------------------------------------------------------- zoo
+@app.command()
+@friendly
+def zoo() -> None:
+    """List the model zoo."""
+    from . import zoo as z
+
+    table = Table(title="edge3d model zoo")
+    for col in ("name", "model", "paper", "heads", "defaults"):
+        table.add_column(col)
+    for name in z.names():
+        e = z.ZOO[name]
+        table.add_row(name, e.summary, e.paper, ", ".join(e.heads),
+                      ", ".join(f"{k}={v}" for k, v in e.defaults.items()))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- inspect
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+@app.command()
+@friendly
+def inspect(
+    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, or an artifact folder.")],
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
+    if _is_artifact(target):
+        from .runtime.manifest import load_manifest, state_bytes
+
+        m = load_manifest(target)
+        m.pop("_folder", None)
+        if as_json:
+            print(json.dumps(m, indent=2))
+            return
+        _print_report(m["name"], m["params"], m["macs_per_frame"], m["state_bytes"], m["input_history_bytes"],
+                      m["states"])
+        prec = Table(title="precisions")
+        for col in ("profile", "file", "cache / stream", "weights"):
+            prec.add_column(col)
+        for name, p in m["precisions"].items():
+            prec.add_row(name, p["file"], _fmt_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
+                         _fmt_bytes(p.get("weight_bytes", 0)))
+        console.print(prec)
+        for stage in m.get("stages", []):
+            console.print(stage)
+        return
+    from .accounting import inspect as account
+
+    model, frame_size = _load(target, classes, size, width, head)
+    report = account(model, frame_size)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    _print_report(target, report["params"], report["macs_per_frame"], report["state_bytes"],
+                  report["input_history_bytes"], report["states"])
+
+
+def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict]) -> None:
+    summary = Table(title=f"{name}", show_header=False)
+    summary.add_row("parameters", f"{params / 1e6:.2f} M")
+    summary.add_row("MACs per frame", f"{macs / 1e6:.1f} M")
+    summary.add_row("state (intermediate caches)", _fmt_bytes(state))
+    summary.add_row("input-frame history", _fmt_bytes(history))
+    console.print(summary)
+    table = Table(title="states (per stream)")
+    for col in ("name", "shape", "dtype", "kind", "bytes"):
+        table.add_column(col, justify="right" if col == "bytes" else "left")
+    for s in states:
+        shape = [d for d in s["shape"] if d != "N"]
+        kind = s["kind"] + (" (input history)" if s.get("input_history") else "")
+        table.add_row(s["name"], "×".join(map(str, shape)), s["dtype"], kind, f"{s['bytes']:,}")
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- export
+def _split(csv: str | None) -> list[str]:
+    return [p.strip() for p in (csv or "").split(",") if p.strip()]
+
+
+@app.command()
+@friendly
+def export(
+    model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.")] = Path("out"),
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
+    no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="Precisions to build, comma separated: fp32,fp16,int8,...")] = "fp32",
+    calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration.")] = None,
+    calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
+    target: Annotated[str, typer.Option("--target", help="onnx, or tensorrt to also build engines.")] = "onnx",
+    streams: Annotated[int, typer.Option("--streams", help="Max streams for TensorRT/Triton batch.")] = 8,
+    dla: Annotated[int | None, typer.Option("--dla", help="TensorRT DLA core (Jetson).")] = None,
+    triton_repo: Annotated[Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")] = None,
+) -> None:
+    """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines)."""
+    from .exporters.onnx import export_artifact
+
+    profiles = _split(profile) or ["fp32"]
+    if target not in ("onnx", "tensorrt"):
+        raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
+    extra = [p for p in profiles if p != "fp32"]
+    if extra:
+        from .exporters.precision import resolve_profiles
+
+        resolve_profiles(extra)  # fail on a bad profile before the slow export
+    m, frame_size = _load(model, classes, size, width, head, checkpoint)
+    info = {"name": model, "options": {k: v for k, v in
+                                       {"num_classes": classes, "frame_size": size, "width": width,
+                                        "head": head}.items() if v is not None},
+            "checkpoint": str(checkpoint) if checkpoint else None}
+    art_name = name or model.split(":")[-1]
+    with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
+        classes_list = getattr(m, "class_names", None)
+        path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
+                               model_info=info, classes=classes_list,
+                               **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
+    console.print(f"wrote [bold]{path}[/] (fp32)")
+    if extra:
+        from .exporters.precision import add_precisions
+
+        add_precisions(path, extra, calib_source=calib_source, calib_frames=calib_frames, console=console)
+    if target == "tensorrt":
+        from .exporters.tensorrt import build_or_script
+
+        build_or_script(path, profiles, streams=streams, dla=dla, console=console)
+    if triton_repo is not None:
+        from .exporters.triton import write_repository
+
+        repo = write_repository(path, triton_repo, max_batch=streams, console=console)
+        console.print(f"wrote Triton model repository [bold]{repo}[/]")
+
+
+# --------------------------------------------------------------------------- run
+@app.command()
+@friendly
+def run(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | synthetic[:SEED]")] = "synthetic",
+    frames: Annotated[int | None, typer.Option("--frames", help="Stop after N frames (default: synthetic 300, else all).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write one JSON line per frame here.")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
+    backend: Annotated[str, typer.Option("--backend", help="auto | onnxruntime | tensorrt")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", help="No live line, summary only.")] = False,
+) -> None:
+    """Stream a video, camera or the synthetic gesture source through an artifact."""
+    from rich.live import Live
+
+    from .runtime import Session
+    from .sources import open_source
+
+    session = Session(artifact, profile=profile, backend=backend)
+    size = session.manifest["frame"]["height"]
+    if frames is None and source.startswith("synthetic"):
+        frames = 300
+    if frames is not None and frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {frames}.")
+    it = open_source(source, frame_size=max(size, 112) if source.startswith("synthetic") else size)
+    sink = open(output, "w") if output else None
+    correct = labelled = n = 0
+    try:
+        with Live(console=console, refresh_per_second=8, transient=True) as live:
+            for frame, label in it:
+                t0 = time.perf_counter()
+                y = session.step(frame)
+                ms = (time.perf_counter() - t0) * 1e3
+                idx, cls, score = session.top(y)
+                if label is not None:
+                    labelled += 1
+                    correct += int(idx == label)
+                if sink:
+                    rec = {"frame": n, "top": idx, "class": cls, "score": round(score, 5), "ms": round(ms, 3)}
+                    if label is not None:
+                        rec["label"] = label
+                    sink.write(json.dumps(rec) + "\n")
+                n += 1
+                if not quiet and (n % 4 == 0 or n == 1):
+                    s = session.stats.summary()
+                    live.update(f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
+                                f"cache {_fmt_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
+                if frames is not None and n >= frames:
+                    break
+    finally:
+        if sink:
+            sink.close()
+        session.close()
+    if n == 0:
+        raise ValueError(f"source {source!r} gave no frames; check the file or camera.")
+    s = session.stats.summary()
+    table = Table(title=f"edge3d run: {artifact}", show_header=False)
+    table.add_row("frames", str(n))
+    table.add_row("ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
+    table.add_row("fps (step only)", f"{s['fps']:.1f}")
+    table.add_row("cache memory per stream", _fmt_bytes(session.cache_bytes))
+    table.add_row("backend / profile", f"{session.backend_name} / {profile}")
+    if labelled:
+        table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
+    if output:
+        table.add_row("predictions", str(output))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- bench
+@app.command()
+@friendly
+def bench(
+    target: Annotated[str, typer.Argument(help="Zoo name / package.module:factory, or an artifact folder.")],
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
+    window: Annotated[int, typer.Option("--window", help="Sliding-window clip length to compare with.")] = 16,
+    streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the JSON report here.")] = None,
+) -> None:
+    """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
+    from .bench import run_bench
+
+    report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
+                       window=window, streams=[int(s) for s in _split(streams)], log=None if as_json else console)
+    text = json.dumps(report, indent=2)
+    if json_out:
+        Path(json_out).write_text(text)
+    if as_json:
+        print(text)
+        return
+    table = Table(title=f"edge3d bench: {target}")
+    table.add_column("measurement")
+    table.add_column("value", justify="right")
+    for k, v in report["results"].items():
+        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(table)
+    ratios = Table(title="ratios (higher is better for edge3d)")
+    ratios.add_column("ratio")
+    ratios.add_column("value", justify="right")
+    for k, v in report["ratios"].items():
+        ratios.add_row(k, f"{v:.2f}")
+    console.print(ratios)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

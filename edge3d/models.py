@@ -1,0 +1,72 @@
+"""Resolve a model argument (zoo name or ``package.module:factory``) and load a checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import inspect as pyinspect
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | None = None,
+                width: float | None = None, head: str | None = None) -> nn.Module:
+    """A zoo name, or ``package.module:factory`` called with the options it accepts."""
+    options = {"num_classes": num_classes, "frame_size": frame_size, "width": width, "head": head}
+    if ":" not in spec:
+        from . import zoo
+
+        return zoo.build(spec, **options)
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
+    params = pyinspect.signature(factory).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    kwargs = {k: v for k, v in options.items() if v is not None and (accepts_any or k in params)}
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
+    """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist; pass the path of a saved state_dict.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read by torch.load ({type(e).__name__}); "
+                         "save it with torch.save(model.state_dict(), path).") from e
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise ValueError(
+            f"checkpoint {path} does not match {what}: {', '.join(parts)}; pass the checkpoint saved from "
+            "this model with the same --classes/--width/--head."
+        )
+    model.load_state_dict(state)
+
+
+def model_options(model: nn.Module, **given: Any) -> dict[str, Any]:
+    return {k: v for k, v in given.items() if v is not None}

@@ -1,0 +1,70 @@
+"""Frame sources for the CLI: video files, cameras, folders of videos, the synthetic stream.
+
+Every source yields ``(frame, label)``: an H×W×3 uint8 RGB frame and the ground-truth class
+index where the source knows it (the synthetic stream), else ``None``. OpenCV is imported
+only for files and cameras, so the synthetic source works without the ``video`` extra.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as e:
+        raise ValueError(
+            "reading video files and cameras needs OpenCV; pip install 'edge3d[video]' "
+            "(or use --source synthetic)."
+        ) from e
+    return cv2
+
+
+def _capture(cap, what: str) -> Iterator[tuple[np.ndarray, None]]:
+    cv2 = _cv2()
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                return
+            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+    finally:
+        cap.release()
+
+
+def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, int | None]]:
+    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a video file, or a folder of videos."""
+    if spec.startswith("synthetic"):
+        from .data import gestures
+
+        seed = gestures.parse_source(spec)
+        return ((f, int(lab)) for f, lab in gestures.iter_stream(seed, frame_size=frame_size))
+    if spec.startswith("camera:"):
+        index = spec.split(":", 1)[1]
+        if not index.isdigit():
+            raise ValueError(f"camera source {spec!r} needs a numeric index, e.g. camera:0.")
+        cap = _cv2().VideoCapture(int(index))
+        if not cap.isOpened():
+            raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
+        return _capture(cap, spec)
+    path = Path(spec)
+    if path.is_dir():
+        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            raise ValueError(f"folder {path} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
+        return (item for v in videos for item in open_source(str(v), frame_size))
+    if not path.is_file():
+        raise ValueError(
+            f"source {spec!r} is neither a file, a folder, camera:INDEX nor synthetic[:SEED]; "
+            "pass one of those."
+        )
+    cap = _cv2().VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"video {path} cannot be opened by OpenCV; check the file and its codec.")
+    return _capture(cap, spec)
