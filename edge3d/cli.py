@@ -175,7 +175,12 @@ def export(
     if extra:
         from .exporters.precision import resolve_profiles
 
-        resolve_profiles(extra)  # fail on a bad profile before the slow export
+        resolved = resolve_profiles(extra)  # fail on a bad profile before the slow export
+        if any(p.kind == "int8" for p in resolved):
+            from .exporters.calibration import check_calib_source, default_calib_source
+
+            calib_source = calib_source or default_calib_source()
+            check_calib_source(calib_source)  # and on a source without frames
     m, frame_size = _load(model, classes, size, width, head, checkpoint)
     info = {"name": model, "options": {k: v for k, v in
                                        {"num_classes": classes, "frame_size": size, "width": width,
@@ -307,6 +312,58 @@ def bench(
     for k, v in report["ratios"].items():
         ratios.add_row(k, f"{v:.2f}")
     console.print(ratios)
+
+
+# --------------------------------------------------------------------------- compare
+@app.command()
+@friendly
+def compare(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder with the precisions to compare.")],
+    profiles: Annotated[str | None, typer.Option("--profiles", help="Comma separated, e.g. fp32,fp16,int8 (default: all built).")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="FILE.mp4 | FOLDER | synthetic[:SEED] (default: synthetic).")] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames to stream through every profile.")] = 1000,
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md and the plots.")] = Path("compare"),
+    save_polygraphy_inputs: Annotated[bool, typer.Option("--save-polygraphy-inputs", help="Also write a few step inputs (frame + states) for `polygraphy run --load-inputs`.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads per session (1: the "
+                                         "2N+1 sessions step in lockstep, and idle ORT pools spinning would "
+                                         "contend for the cores and distort every latency).")] = 1,
+) -> None:
+    """Compare precisions against FP32: latency, cache, per-step error, drift, top-1 agreement."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from .compare import compare as run_compare
+    from .compare import table_rows
+    from .runtime.manifest import load_manifest
+
+    names = _split(profiles) or list(load_manifest(artifact)["precisions"])
+    if "fp32" not in names:
+        names.insert(0, "fp32")
+    if source is None:
+        from .sources import synthetic_available
+
+        if not synthetic_available():
+            raise ValueError("the synthetic source is not available here; pass --source VIDEO|FOLDER.")
+        source = "synthetic"
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
+        task = progress.add_task(f"comparing {', '.join(names)}", total=frames)
+        report = run_compare(artifact, names, source, frames, out_dir=out,
+                             save_polygraphy_inputs=save_polygraphy_inputs, threads=threads,
+                             progress=lambda n: progress.advance(task, n))
+    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames)")
+    table.add_column("metric")
+    for p in report["profiles"]:
+        table.add_column(p, justify="right")
+    for row in table_rows(report):
+        table.add_row(*row)
+    console.print(table)
+    console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
+                  "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
+                  "mean drift, in brackets with the TF growth divided out (about 1 when bounded).")
+    console.print(f"wrote [bold]{out / 'report.json'}[/], report.md, " + ", ".join(report.get("plots", [])))
+    for p, f in report.get("polygraphy_inputs", {}).items():
+        console.print(f"  polygraphy run {Path(report['artifact']) / ('model.' + p + '.onnx')} --onnxrt "
+                      f"--load-inputs {out / f}", soft_wrap=True, highlight=False)
 
 
 def main() -> None:

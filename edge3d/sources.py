@@ -7,8 +7,9 @@ only for files and cameras, so the synthetic source works without the ``video`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +69,55 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
     if not cap.isOpened():
         raise ValueError(f"video {path} cannot be opened by OpenCV; check the file and its codec.")
     return _capture(cap, spec)
+
+
+def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
+    """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
+
+    A folder of videos is several streams: a stateful model must start each video from its
+    initial state (calibration and comparison reset between them), whereas ``open_source``
+    concatenates them for display. Every other source is a single stream.
+    """
+    path = Path(spec)
+    if not spec.startswith(("synthetic", "camera:")) and path.is_dir():
+        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+        if not videos:
+            raise ValueError(f"folder {path} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
+        for v in videos:
+            yield str(v), open_source(str(v), frame_size)
+        return
+    yield spec, open_source(spec, frame_size)
+
+
+def source_frame_size(spec: str, model_size: int) -> int:
+    """Size to open a source at: the synthetic renderer draws at >= 112 px (then it is resized)."""
+    return max(model_size, 112) if spec.startswith("synthetic") else model_size
+
+
+def streams_of(source: str | Path | Iterable[Any], model_size: int) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
+    """``(description, streams)`` for a source spec (file, folder, synthetic[:SEED]) or frames.
+
+    A non-string source is one stream of frames (uint8 H×W×3 images or normalised C×H×W
+    float32 arrays, optionally as ``(frame, label)`` pairs): what tests and notebooks pass.
+    """
+    if isinstance(source, (str, Path)):
+        spec = str(source)
+        return spec, open_streams(spec, source_frame_size(spec, model_size))
+    return "frames from Python", [("frames", source)]
+
+
+def split_item(item: Any) -> tuple[np.ndarray, int | None]:
+    """A source item is a frame or a ``(frame, label)`` pair."""
+    if isinstance(item, tuple) and len(item) == 2:
+        return item[0], None if item[1] is None else int(item[1])
+    return item, None
+
+
+def synthetic_available() -> bool:
+    """Whether ``synthetic[:SEED]`` works here (the gesture renderer is installed)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("edge3d.data.gestures") is not None
+    except ModuleNotFoundError:
+        return False

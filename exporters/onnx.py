@@ -79,6 +79,13 @@ def simplify(src: Path, dst: Path) -> None:
     so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst))
+    # ORT drops node metadata; carry the exporter's (module name scopes) over by node name, so
+    # precision profiles can keep named layers in float32.
+    meta = {n.name: [m for m in n.metadata_props if m.key == "pkg.torch.onnx.name_scopes"]
+            for n in onnx.load(str(src), load_external_data=False).graph.node}
+    for n in model.graph.node:
+        if n.name in meta and not n.metadata_props:
+            n.metadata_props.extend(meta[n.name])
     used = {n.domain for n in model.graph.node}
     keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]

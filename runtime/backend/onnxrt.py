@@ -75,6 +75,27 @@ def check_graph_against_manifest(sess: Any, manifest: dict[str, Any], path: Path
         raise ArtifactError(f"{path.name}: frame input {got} disagrees with manifest.json; re-export.")
 
 
+def check_state_dtypes(dtypes: dict[str, np.dtype], entry: dict[str, Any], path: Path) -> None:
+    """Fail at load if the graph's state dtypes disagree with the precision's manifest entry."""
+    for name, want in (entry.get("state_dtypes") or {}).items():
+        if name in dtypes and np.dtype(want) != dtypes[name]:
+            raise ArtifactError(
+                f"{path.name}: state {name} is {dtypes[name]} in the graph but {want} in manifest.json; "
+                "re-export the artifact instead of mixing files."
+            )
+
+
+def initial_value(spec: dict[str, Any], entry: dict[str, Any], dtype: np.dtype) -> Any:
+    """The initial value of a state in its stored dtype; quantised states store round(init/scale)+zp."""
+    init = float(spec.get("init", 0.0))
+    quant = (entry.get("state_quant") or {}).get(spec["name"])
+    if quant is None:
+        return init
+    info = np.iinfo(dtype)
+    q = round(init / float(quant["scale"])) + int(quant.get("zero_point", 0))
+    return int(min(max(q, info.min), info.max))
+
+
 class _Plan:
     """Buffers and one bound I/O binding per parity for a batch of ``k`` streams."""
 
@@ -109,6 +130,8 @@ class OnnxRuntimeBackend(Backend):
         self.state_names = [s["name"] for s in manifest["states"]]
         self._specs = {s["name"]: s for s in manifest["states"]}
         self._dtypes = {n: np.dtype(types[state_io_names(n)[0]]) for n in self.state_names}
+        check_state_dtypes(self._dtypes, entry, self.path)
+        self._init = {n: initial_value(self._specs[n], entry, self._dtypes[n]) for n in self.state_names}
         f = manifest["frame"]
         self.frame_shape = (f["channels"], f["height"], f["width"])
         self.frame_dtype = np.dtype(types["frame"])
@@ -122,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
     def _initial(self, name: str, k: int) -> np.ndarray:
         s = self._specs[name]
         shape = (k, *[int(d) for d in s["shape"][1:]])
-        return np.full(shape, s.get("init", 0.0), self._dtypes[name])
+        return np.full(shape, self._init[name], self._dtypes[name])
 
     @property
     def frame_buffer(self) -> np.ndarray:
@@ -167,7 +190,7 @@ class OnnxRuntimeBackend(Backend):
     def reset_rows(self, rows: np.ndarray) -> None:
         cur = self._current
         for n in self.state_names:
-            cur[n][rows] = self._specs[n].get("init", 0.0)
+            cur[n][rows] = self._init[n]
 
     def read_states(self) -> dict[str, np.ndarray]:
         return {n: b.copy() for n, b in self._current.items()}

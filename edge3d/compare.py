@@ -1,0 +1,363 @@
+"""Compare the precisions of one artifact against FP32 on a real stream (numpy + runtime only).
+
+A quantised *stateful* model has two kinds of error, and they must be told apart:
+
+- **teacher-forced per-step error**: each profile's graph is fed the FP32 run's states before
+  every step, so the error is what one step adds, with no history of its own mistakes;
+- **free-running drift**: each profile carries its own state, as it will in the field, so
+  errors that feed back through recurrent states or running sums can accumulate.
+
+A profile whose free-running error grows over the stream while its teacher-forced error stays
+flat has a state problem (e.g. a sum that loses precision), not a layer problem. Both are
+reported per profile together with latency, cache bytes, top-1 agreement with FP32 and, where
+the source has labels, accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runtime import Session
+from .runtime.manifest import load_manifest, precision_entry, state_io_names
+from .sources import split_item, streams_of
+
+REFERENCE = "fp32"
+
+
+def cast_states(states: dict[str, np.ndarray], entry: dict[str, Any], dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+    """FP32 states in the dtypes of one precision: float16 by rounding, int8 with its state scales."""
+    quant = entry.get("state_quant") or {}
+    out = {}
+    for name, a in states.items():
+        dt = np.dtype(dtypes[name])
+        if name in quant and dt.kind in "iu":
+            q = quant[name]
+            info = np.iinfo(dt)
+            v = np.rint(a / float(q["scale"])) + int(q.get("zero_point", 0))
+            out[name] = np.clip(v, info.min, info.max).astype(dt)
+        else:
+            out[name] = a.astype(dt)
+    return out
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb == 0:
+        return 1.0 if na == nb else 0.0
+    return float(a @ b / (na * nb))
+
+
+def drift_trend(err: np.ndarray, per_step: np.ndarray | None = None) -> dict[str, float]:
+    """Is the free-running error still growing at the end of the stream?
+
+    ``growth``: mean error of the last quarter over the mean of the third quarter (about 1 when
+    bounded); ``slope_per_1k``: least-squares slope over the second half, per 1000 frames,
+    relative to that half's mean error. Both also move with the content (some scenes quantise
+    worse), so with the teacher-forced error ``per_step`` of the same frames ``growth_vs_step``
+    divides it out: the growth of free-running error *beyond* what one step adds, which is what
+    an accumulating state error shows up as.
+    """
+    n = len(err)
+    if n < 8:
+        return {"growth": float("nan"), "slope_per_1k": float("nan"), "growth_vs_step": float("nan")}
+    q = n // 4
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else (1.0 if a == 0 else float("inf"))
+
+    q3, q4 = float(err[2 * q:3 * q].mean()), float(err[3 * q:].mean())
+    half = err[n // 2:].astype(np.float64)
+    x = np.arange(len(half), dtype=np.float64)
+    slope = float(np.polyfit(x, half, 1)[0]) if half.std() > 0 else 0.0
+    mean = float(half.mean())
+    out = {"growth": ratio(q4, q3), "slope_per_1k": slope * 1000 / mean if mean > 0 else 0.0}
+    if per_step is not None:
+        s3, s4 = float(per_step[2 * q:3 * q].mean()), float(per_step[3 * q:].mean())
+        out["growth_vs_step"] = ratio(ratio(q4, s4), ratio(q3, s3))
+    return out
+
+
+class _Recorder:
+    """Per-frame errors of one profile, free-running and teacher-forced."""
+
+    def __init__(self) -> None:
+        self.free_err: list[float] = []
+        self.free_cos: list[float] = []
+        self.free_top: list[int] = []
+        self.tf_err: list[float] = []
+        self.tf_top: list[int] = []
+
+
+def compare(
+    artifact: str | Path,
+    profiles: list[str] | tuple[str, ...],
+    source: str | Iterable[Any],
+    frames: int,
+    *,
+    out_dir: str | Path | None = None,
+    save_polygraphy_inputs: bool = False,
+    polygraphy_frames: int = 4,
+    plots: bool = True,
+    threads: int | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    """Stream ``frames`` frames of ``source`` through every profile; return (and write) the report.
+
+    ``source`` is a source spec (video, folder of videos - one stream each -, synthetic[:SEED])
+    or an iterable of frames / ``(frame, label)`` pairs. ``threads``: ONNX Runtime intra-op
+    threads per session; 1 keeps the 2N+1 lockstep sessions from contending (ORT's idle thread
+    pools spin). ``out_dir`` receives report.json,
+    report.md, drift.png and latency.png (and Polygraphy input files if asked).
+    ``progress(n)`` is called once per frame.
+    """
+    if frames < 1:
+        raise ValueError(f"--frames must be at least 1, got {frames}.")
+    if save_polygraphy_inputs:
+        import importlib.util
+
+        if importlib.util.find_spec("polygraphy") is None:
+            raise ValueError("--save-polygraphy-inputs needs polygraphy; pip install polygraphy "
+                             "(or edge3d[tensorrt]).")
+    manifest = load_manifest(artifact)
+    names = list(dict.fromkeys(profiles))
+    if not names:
+        raise ValueError("no profiles to compare; pass e.g. --profiles fp32,fp16,int8.")
+    for p in names:
+        precision_entry(manifest, p)  # a clear error for a profile the artifact lacks
+    others = [p for p in names if p != REFERENCE]
+    ref = Session(artifact, REFERENCE, backend="onnxruntime", threads=threads)
+    free = {p: Session(artifact, p, backend="onnxruntime", threads=threads) for p in others}
+    forced = {p: Session(artifact, p, backend="onnxruntime", threads=threads) for p in others}
+    dtypes = {p: s._backend.state_dtypes() for p, s in forced.items()}
+    rec = {p: _Recorder() for p in others}
+    ref_top: list[int] = []
+    labels: list[int | None] = []
+    out_scale = 0.0
+    buf = np.empty(ref.pre.shape, np.float32)
+    description, streams = streams_of(source, int(manifest["frame"]["height"]))
+    pick = {int((i + 1) * frames / max(polygraphy_frames, 1)) - 1 for i in range(polygraphy_frames)}
+    recorded: list[dict[str, np.ndarray]] = []
+    boundaries: list[int] = []
+    n = 0
+    try:
+        for _, stream in streams:
+            if n >= frames:
+                break
+            boundaries.append(n)
+            for s in [ref, *free.values()]:
+                s.reset()
+            for item in stream:
+                frame, label = split_item(item)
+                ref.pre(np.asarray(frame), buf)
+                states = ref.get_state()
+                if save_polygraphy_inputs and n in pick:
+                    recorded.append({"frame": buf[None].copy(),
+                                     **{state_io_names(k)[0]: v for k, v in states.items()}})
+                y = ref.step(buf).astype(np.float32)
+                out_scale = max(out_scale, float(np.abs(y).max()))
+                ref_top.append(int(y.argmax()))
+                labels.append(label)
+                for p in others:
+                    r = rec[p]
+                    yf = free[p].step(buf).astype(np.float32)
+                    r.free_err.append(float(np.abs(yf - y).max()))
+                    r.free_cos.append(_cosine(yf, y))
+                    r.free_top.append(int(yf.argmax()))
+                    forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
+                    yt = forced[p].step(buf).astype(np.float32)
+                    r.tf_err.append(float(np.abs(yt - y).max()))
+                    r.tf_top.append(int(yt.argmax()))
+                n += 1
+                if progress is not None:
+                    progress(1)
+                if n >= frames:
+                    break
+        if n == 0:
+            raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
+        report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
+                         threads)
+        latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}
+    finally:
+        for s in [ref, *free.values(), *forced.values()]:
+            s.close()
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if save_polygraphy_inputs:
+            report["polygraphy_inputs"] = _save_polygraphy(out, manifest, names, recorded, free, dtypes)
+        if plots:
+            try:
+                report["plots"] = _plots(out, report, rec, latencies)
+            except ImportError:
+                report["plots"] = []
+                report["plots_skipped"] = "matplotlib is not installed (pip install 'edge3d[plots]')"
+        np.savez_compressed(out / "series.npz", **{f"{p}.{k}": np.asarray(getattr(rec[p], k)) for p in others
+                                                  for k in ("free_err", "free_cos", "tf_err")})
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(markdown(report))
+    return report
+
+
+def _report(manifest: dict[str, Any], names: list[str], description: str, n: int, boundaries: list[int],
+            ref: Session, free: dict[str, Session], rec: dict[str, _Recorder], ref_top: list[int],
+            labels: list[int | None], out_scale: float, threads: int | None) -> dict[str, Any]:
+    ref_top_a = np.asarray(ref_top)
+    lab = np.asarray([-1 if v is None else v for v in labels])
+    has_labels = bool((lab >= 0).any())
+    rows: dict[str, Any] = {}
+    for p in names:
+        sess = ref if p == REFERENCE else free[p]
+        st = sess.stats.summary()
+        entry = sess.precision
+        row: dict[str, Any] = {
+            "ms_p50": st["ms_p50"], "ms_p95": st["ms_p95"], "cache_bytes": sess.cache_bytes,
+            "weight_bytes": int(entry.get("weight_bytes", 0)),
+            "state_dtypes": sorted(set(sess._backend.state_dtypes()[k].name for k in sess.state_breakdown)),
+        }
+        if p == REFERENCE:
+            top = ref_top_a
+            row.update({"teacher_forced": {"max_abs_err": 0.0, "mean_abs_err": 0.0, "top1_agreement": 1.0},
+                        "free_running": {"end_abs_err": 0.0, "end_cosine": 1.0, "worst_abs_err": 0.0,
+                                         "worst_frame": 0, "min_cosine": 1.0, "mean_abs_err": 0.0,
+                                         "growth": 1.0, "slope_per_1k": 0.0, "growth_vs_step": 1.0},
+                        "top1_agreement": 1.0})
+        else:
+            r = rec[p]
+            fe, fc, te = np.asarray(r.free_err), np.asarray(r.free_cos), np.asarray(r.tf_err)
+            top = np.asarray(r.free_top)
+            worst = int(fe.argmax())
+            row.update({
+                "teacher_forced": {"max_abs_err": float(te.max()), "mean_abs_err": float(te.mean()),
+                                   "top1_agreement": float((np.asarray(r.tf_top) == ref_top_a).mean())},
+                "free_running": {"end_abs_err": float(fe[-1]), "end_cosine": float(fc[-1]),
+                                 "worst_abs_err": float(fe[worst]), "worst_frame": worst,
+                                 "min_cosine": float(fc.min()), "mean_abs_err": float(fe.mean()),
+                                 **drift_trend(fe, te)},
+                "top1_agreement": float((top == ref_top_a).mean()),
+            })
+        if has_labels:
+            known = lab >= 0
+            row["accuracy"] = float((top[known] == lab[known]).mean())
+        rows[p] = row
+    return {"artifact": manifest["_folder"], "model": manifest.get("name"), "source": description,
+            "threads": threads,
+            "frames": n, "streams": len(boundaries), "stream_starts": boundaries, "reference": REFERENCE,
+            "output_scale": out_scale, "labelled": has_labels, "profiles": rows}
+
+
+def _save_polygraphy(out: Path, manifest: dict[str, Any], names: list[str], recorded: list[dict[str, np.ndarray]],
+                     free: dict[str, Session], dtypes: dict[str, dict[str, np.dtype]]) -> dict[str, str]:
+    """One Polygraphy input file per profile: the same frames and FP32-rollout states, in its dtypes.
+
+    Polygraphy's ``--load-inputs`` reads a JSON list of feed dicts written by
+    ``polygraphy.json.save_json``; replay with
+    ``polygraphy run model.<profile>.onnx --onnxrt --load-inputs polygraphy_inputs.<profile>.json``.
+    """
+    from polygraphy.json import save_json
+    from polygraphy.logger import G_LOGGER
+
+    files = {}
+    for p in names:
+        feeds = []
+        for feed in recorded:
+            if p == REFERENCE:
+                feeds.append(dict(feed))
+                continue
+            states = {s["name"]: feed[s["input"]] for s in manifest["states"]}
+            cast = cast_states(states, free[p].precision, dtypes[p])
+            feeds.append({"frame": feed["frame"], **{state_io_names(k)[0]: v for k, v in cast.items()}})
+        path = out / f"polygraphy_inputs.{p}.json"
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):  # no "[I] Saving ..." line per file
+            save_json(feeds, str(path), description=f"edge3d step inputs ({p})")
+        files[p] = path.name
+    return files
+
+
+def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latencies: dict[str, np.ndarray]) -> list[str]:
+    """drift.png (error against frame index, both modes) and latency.png (histogram of step times)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (p, r) in enumerate(rec.items()):
+        color = f"C{i}"
+        ax.plot(np.maximum(r.free_err, 1e-12), color=color, lw=0.8, label=f"{p} free-running")
+        ax.plot(np.maximum(r.tf_err, 1e-12), color=color, lw=0.8, ls=":", alpha=0.8, label=f"{p} teacher-forced")
+    for b in report["stream_starts"][1:]:
+        ax.axvline(b, color="0.7", lw=0.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("frame")
+    ax.set_ylabel("max |output - fp32 output|")
+    ax.set_title(f"drift against FP32: {report['model']} on {report['source']}")
+    if rec:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "drift.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for p, ms in latencies.items():
+        if len(ms):
+            ax.hist(ms, bins=50, alpha=0.5, label=p)
+    ax.set_xlabel("ms per step")
+    ax.set_ylabel("frames")
+    ax.set_title("step latency (ONNX Runtime)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+    return ["drift.png", "latency.png"]
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
+           "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
+           "accuracy"]
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """The comparison as rows of strings, one metric per row and one profile per column.
+
+    Metrics down, profiles across: a handful of profiles fit an 80-column terminal, a dozen
+    metrics across do not. Shared by the rich table and report.md.
+    """
+    cols = []
+    for r in report["profiles"].values():
+        tf, fr = r["teacher_forced"], r["free_running"]
+        cols.append([
+            f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", _fmt_bytes(r["cache_bytes"]), _fmt_bytes(r["weight_bytes"]),
+            f"{tf['max_abs_err']:.3g}", f"{tf['mean_abs_err']:.3g}", f"{fr['end_abs_err']:.3g}",
+            f"{fr['end_cosine']:.5f}", f"{fr['worst_abs_err']:.3g} @ {fr['worst_frame']}",
+            f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})", f"{100 * r['top1_agreement']:.2f}%",
+            f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-",
+        ])
+    return [[m, *[c[i] for c in cols]] for i, m in enumerate(METRICS)]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# edge3d compare: {report['model']}", "",
+             f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s); "
+             f"reference {report['reference']}; output scale (max |fp32 output|) {report['output_scale']:.4g}.", "",
+             "TF = teacher-forced per-step error (each profile fed the FP32 states); drift = free-running "
+             "(each profile carries its own state), max abs error and cosine similarity against FP32; "
+             "growth = mean drift of the last quarter over the third quarter (about 1 when bounded), in "
+             "brackets the same divided by the teacher-forced growth (content divided out).", "",
+             "| metric | " + " | ".join(report["profiles"]) + " |", "|---|" + "---:|" * len(report["profiles"])]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    if report.get("plots"):
+        lines += [""] + [f"![{p}]({p})" for p in report["plots"]]
+    if report.get("polygraphy_inputs"):
+        lines += ["", "Replay the recorded step inputs with Polygraphy:", ""]
+        lines += [f"    polygraphy run model.{p}.onnx --onnxrt --load-inputs {f}"
+                  for p, f in report["polygraphy_inputs"].items()]
+    return "\n".join(lines) + "\n"

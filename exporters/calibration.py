@@ -1,0 +1,168 @@
+"""INT8 calibration data from rollouts: the FP32 artifact streamed over real frames.
+
+A step graph's inputs are a frame *and* the states. Random or zero states would calibrate the
+state tensors on values they never take in a stream, so the reader runs the FP32 graph with
+:class:`edge3d.runtime.Session` and yields, per frame after a warm-up, the feed the graph
+really sees: the frame plus ``session.get_state()`` taken *before* that step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..runtime import Session
+from ..runtime.manifest import state_io_names
+from ..sources import split_item, streams_of
+
+_SAMPLE = 4096  # values of each state kept per calibration feed for percentile ranges
+
+
+
+def default_calib_source() -> str:
+    """The synthetic gesture stream where it is installed; otherwise ask for a source."""
+    from ..sources import synthetic_available
+
+    if synthetic_available():
+        return "synthetic"
+    raise ValueError("INT8 calibration needs frames and the synthetic source is not available here; "
+                     "pass --calib-source VIDEO|FOLDER.")
+
+
+class RolloutReader:
+    """An ONNX Runtime ``CalibrationDataReader`` over FP32 rollouts.
+
+    ``get_next()`` steps the FP32 session one frame at a time and returns
+    ``{"frame": (1, C, H, W), "state_in.<name>": state before the step, ...}`` for ``frames``
+    steps after the first ``warmup`` steps of each stream (states start at zero, which is not
+    what a running stream looks like). Several streams (a folder of videos) each start from the
+    initial state. It also keeps per-state statistics: the absolute values seen (to scale int8
+    state storage) and how many yielded feeds had a non-zero state.
+    """
+
+    def __init__(self, artifact: str | Path, source: str | Iterable[Any], frames: int, warmup: int = 16,
+                 progress: Callable[[int], None] | None = None) -> None:
+        if frames < 1:
+            raise ValueError(f"calibration frames must be at least 1, got {frames}.")
+        self.session = Session(artifact, profile="fp32", backend="onnxruntime")
+        self.manifest = self.session.manifest
+        self.frames, self.warmup, self.progress = frames, warmup, progress
+        self.description, streams = streams_of(source, int(self.manifest["frame"]["height"]))
+        self._streams = iter(streams)
+        self._current: Iterator[Any] | None = None
+        self._t = 0
+        self.stream_count = 0
+        self.frames_read = 0
+        self.yielded = 0
+        self.nonzero_state_feeds = 0
+        self.state_names = [s["name"] for s in self.manifest["states"]]
+        # |state| statistics with bounded memory: the exact maximum and a fixed-size sample per feed.
+        self.state_max: dict[str, float] = {n: 0.0 for n in self.state_names}
+        self.state_abs: dict[str, list[np.ndarray]] = {n: [] for n in self.state_names}
+        self._rng = np.random.default_rng(0)
+        self._buf = np.empty(self.session.pre.shape, np.float32)
+        self._pending: dict[str, np.ndarray] | None = None
+
+    def prime(self) -> None:
+        """Read up to the first feed now, so an empty source fails before quantisation starts."""
+        if self._pending is None and self.yielded == 0:
+            self._pending = self._advance()
+            if self._pending is None:
+                raise ValueError(
+                    f"calibration source {self.description!r} gave no frames after the {self.warmup} warm-up "
+                    "frames of each stream; pass a longer video, a folder of videos or synthetic via --calib-source."
+                )
+
+    def _next_frame(self) -> np.ndarray | None:
+        while True:
+            if self._current is None:
+                try:
+                    _, frames = next(self._streams)
+                except StopIteration:
+                    return None
+                self._current = iter(frames)
+                self.session.reset()
+                self._t = 0
+                self.stream_count += 1
+            try:
+                item = next(self._current)
+            except StopIteration:
+                self._current = None
+                continue
+            frame, _ = split_item(item)
+            self.session.pre(np.asarray(frame), self._buf)
+            self.frames_read += 1
+            return self._buf
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._pending is not None:
+            feed, self._pending = self._pending, None
+            return feed
+        return self._advance()
+
+    def _advance(self) -> dict[str, np.ndarray] | None:
+        if self.yielded >= self.frames:
+            return None
+        while True:
+            x = self._next_frame()
+            if x is None:
+                return None
+            t = self._t
+            self._t += 1
+            if t < self.warmup:
+                self.session.step(x)
+                continue
+            states = self.session.get_state()
+            self.session.step(x)
+            feed = {"frame": x[None].copy()}
+            for name in self.state_names:
+                feed[state_io_names(name)[0]] = states[name]
+                a = np.abs(states[name]).reshape(-1)
+                self.state_max[name] = max(self.state_max[name], float(a.max(initial=0.0)))
+                if a.size > _SAMPLE:
+                    a = a[self._rng.integers(0, a.size, _SAMPLE)]
+                self.state_abs[name].append(a)
+            if any(np.any(v) for v in states.values()):
+                self.nonzero_state_feeds += 1
+            self.yielded += 1
+            if self.progress is not None:
+                self.progress(1)
+            return feed
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while (feed := self.get_next()) is not None:
+            yield feed
+
+    def rewind(self) -> None:  # pragma: no cover - ORT calibrators read once
+        raise RuntimeError("a rollout reader is read once; create a new one to calibrate again.")
+
+    def state_range(self, name: str, method: str, percentile: float = 99.999) -> float:
+        """Largest magnitude of a state to map to int8: max (minmax) or a percentile of |x|.
+
+        Entropy calibration, which ORT applies to activations, is approximated for state storage
+        by the percentile: both clip rare outliers to keep resolution for typical values.
+        """
+        if method == "minmax" or not self.state_abs[name]:
+            return self.state_max[name]
+        return float(np.percentile(np.concatenate(self.state_abs[name]), percentile))
+
+    def info(self) -> dict[str, Any]:
+        return {"frames": self.yielded, "warmup": self.warmup, "source": self.description,
+                "streams": self.stream_count, "frames_read": self.frames_read,
+                "nonzero_state_feeds": self.nonzero_state_feeds}
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def check_calib_source(source: str | Path, model_size: int = 112) -> None:
+    """Open a calibration source and read one frame, so a bad source fails before a slow export."""
+    description, streams = streams_of(source, model_size)
+    for _, frames in streams:
+        for _ in frames:
+            return
+    raise ValueError(f"calibration source {description!r} gave no frames; pass a video, a folder of videos "
+                     "or synthetic via --calib-source.")

@@ -1,0 +1,135 @@
+"""Small ONNX graph queries shared by the FP16 and INT8 builders.
+
+Both builders must agree on which nodes stay float32: the ones that compute or read the
+accumulator states (running sums and counters) and the ones a profile keeps by op type or
+layer. Computing that set once, here, keeps the two precisions consistent.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import defaultdict
+from typing import Any
+
+import onnx
+
+# Ops that only move or reshape data: a value read from an accumulator through them is still the
+# raw (large) sum or count, so they must stay float32 too, up to the first arithmetic op
+# (the division that turns sum and count into a mean).
+MOVEMENT_OPS = {"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Expand", "Identity", "Cast",
+                "Slice", "Gather", "Concat", "Split", "Tile", "CastLike"}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for i in n.input:
+            if i:
+                out[i].append(n)
+    return out
+
+
+def producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output if o}
+
+
+def ensure_node_names(graph: onnx.GraphProto) -> None:
+    """Give every node a unique name: the quantiser's exclusion list refers to nodes by name."""
+    seen: set[str] = set()
+    for i, n in enumerate(graph.node):
+        if not n.name or n.name in seen:
+            n.name = f"{n.op_type}_{i}"
+        seen.add(n.name)
+
+
+def accumulator_nodes(graph: onnx.GraphProto, manifest: dict[str, Any]) -> set[str]:
+    """Names of the nodes that compute or read the accumulator states (kept float32 everywhere).
+
+    Computing: every node on a path from an accumulator's ``state_in`` to its ``state_out``.
+    Reading: every consumer of an accumulator value, following data-movement ops (a reshaped
+    sum is still a sum) up to and including the first arithmetic op, whose result (the mean)
+    is bounded and may go back to lower precision.
+    """
+    acc = [s for s in manifest["states"] if s["kind"] == "accumulator"]
+    if not acc:
+        return set()
+    cons, prod = consumers(graph), producers(graph)
+    ins = {s["input"] for s in acc}
+    outs = {s["output"] for s in acc}
+    forward: set[str] = set()  # tensors reachable from accumulator inputs
+    stack = list(ins)
+    while stack:
+        t = stack.pop()
+        if t in forward:
+            continue
+        forward.add(t)
+        for n in cons.get(t, []):
+            stack.extend(o for o in n.output if o)
+    keep: set[str] = set()
+    acc_tensors: set[str] = set(ins)
+    stack = list(outs)
+    seen: set[str] = set()
+    while stack:  # backward from the outputs, staying inside the forward cone
+        t = stack.pop()
+        if t in seen or t not in forward:
+            continue
+        seen.add(t)
+        acc_tensors.add(t)
+        n = prod.get(t)
+        if n is not None:
+            keep.add(n.name)
+            stack.extend(i for i in n.input if i)
+    stack = list(acc_tensors)
+    visited: set[str] = set()
+    while stack:  # readers of accumulator values
+        t = stack.pop()
+        if t in visited:
+            continue
+        visited.add(t)
+        for n in cons.get(t, []):
+            keep.add(n.name)
+            if n.op_type in MOVEMENT_OPS:
+                stack.extend(o for o in n.output if o)
+    return keep
+
+
+def node_layers(node: onnx.NodeProto) -> list[str]:
+    """The model layers a node belongs to, from the exporter's name-scope metadata.
+
+    The torch exporter records ``['', 'model', 'model.layer1.0.conv1', ...]``; the leading
+    ``model.`` is the StepModule wrapper and is dropped so the names match ``model.named_modules()``.
+    """
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = json.loads(p.value.replace("'", '"'))
+            except json.JSONDecodeError:
+                return []
+            return [s.removeprefix("model.") for s in scopes if s and s != "model"]
+    return []
+
+
+def kept_by_profile(graph: onnx.GraphProto, keep_op_types: tuple[str, ...] | list[str],
+                    keep_layers: tuple[str, ...] | list[str]) -> set[str]:
+    """Nodes a profile keeps in float32: by op type, or by layer (a layer keeps its sub-layers).
+
+    A layer pattern may use shell wildcards (``layer4.*``) and also matches node names.
+    """
+    ops = set(keep_op_types)
+    keep = set()
+    for n in graph.node:
+        if n.op_type in ops:
+            keep.add(n.name)
+            continue
+        names = node_layers(n) + [n.name]
+        for pattern in keep_layers:
+            if any(fnmatch.fnmatchcase(s, pattern) or s.startswith(pattern + ".") for s in names):
+                keep.add(n.name)
+                break
+    return keep
+
+
+def unmatched_layers(graph: onnx.GraphProto, keep_layers: tuple[str, ...] | list[str]) -> list[str]:
+    """Layer patterns that match no node: almost always a typo, so the builders reject them."""
+    return [p for p in keep_layers if not kept_by_profile(graph, (), (p,))]

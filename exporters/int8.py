@@ -1,0 +1,125 @@
+"""FP32 step graph -> INT8 QDQ step graph (ONNX Runtime static quantisation), optionally with
+int8 state storage.
+
+The graph is prepared with ``quant_pre_process`` and quantised with ``quantize_static`` in
+QDQ format (QuantizeLinear/DequantizeLinear pairs, which both ONNX Runtime and strongly typed
+TensorRT read), per-channel int8 weights, and the calibration method of the profile, fed by a
+:class:`~edge3d.exporters.calibration.RolloutReader`. The nodes that compute or read the
+accumulators, and whatever the profile keeps, are excluded from quantisation.
+
+``int8-lowmem`` then moves the state boundary into int8: ``state_in.X`` becomes an int8 input
+followed by DequantizeLinear, ``state_out.X`` an int8 output behind QuantizeLinear, with the
+scale calibrated for that state (symmetric, zero point 0 so a zero initial state stays 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..profiles import Profile
+from .graph import accumulator_nodes, ensure_node_names, kept_by_profile, unmatched_layers
+
+_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+_QDTYPE = {"int8": TensorProto.INT8, "uint8": TensorProto.UINT8}
+
+
+def quantize_qdq(fp32_path: Path, out_path: Path, manifest: dict[str, Any], profile: Profile, reader: Any) -> None:
+    """Write the QDQ model of ``fp32_path`` to ``out_path``, calibrated by ``reader``."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+    reader.prime()
+    with tempfile.TemporaryDirectory(prefix="edge3d-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # The FP32 graph is already optimised at export (constant folding, Conv+BN folding); skipping
+            # ORT's optimiser here keeps node names and the layer metadata keep_layers matches on.
+            quant_pre_process(str(fp32_path), str(pre), skip_optimization=True)
+        model = onnx.load(str(pre))
+        ensure_node_names(model.graph)
+        missing = unmatched_layers(model.graph, profile.keep_layers)
+        if missing:
+            raise ValueError(f"profile {profile.name}: keep_layers entry {missing[0]!r} matches no layer of the "
+                             "model; use a module path from `edge3d inspect` (e.g. head.fc).")
+        exclude = kept_by_profile(model.graph, profile.keep_op_types, profile.keep_layers)
+        exclude |= accumulator_nodes(model.graph, manifest)
+        onnx.save(model, str(pre))
+        symmetric = profile.activation_dtype == "int8"
+        extra: dict[str, Any] = {"ActivationSymmetric": symmetric, "WeightSymmetric": True}
+        method = profile.calibration.method
+        # Not CalibMaxIntermediateOutputs: ORT 1.31's MinMax calibrator discards (does not merge)
+        # each full chunk, silently calibrating on the last partial chunk only. Its augmented
+        # graph outputs per-tensor ReduceMin/ReduceMax, so keeping every step's is cheap anyway.
+        if method == "percentile":
+            extra["CalibPercentile"] = profile.calibration.percentile
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_static(
+                str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                per_channel=profile.per_channel, reduce_range=False,
+                activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
+                weight_type=QuantType.QInt8, nodes_to_exclude=sorted(exclude),
+                calibrate_method=getattr(CalibrationMethod, _METHODS[method]), extra_options=extra,
+            )
+
+
+def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: dict[str, float],
+                      dtype: str = "int8") -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+    """Make every non-accumulator state an int8 graph input/output; return the model and scales.
+
+    ``ranges[name]`` is the calibrated magnitude of the state; scale = range / 127.
+    """
+    g = model.graph
+    qtype = _QDTYPE[dtype]
+    qmax = 127.0 if dtype == "int8" else 255.0
+    quant: dict[str, dict[str, Any]] = {}
+    inputs = {i.name: i for i in g.input}
+    outputs = {o.name: o for o in g.output}
+    new_nodes: list[onnx.NodeProto] = []
+    for s in manifest["states"]:
+        if s["kind"] == "accumulator":
+            continue
+        name = s["name"]
+        scale = max(float(ranges.get(name, 0.0)), 1e-8) / qmax
+        sc, zp = f"{s['input']}__scale", f"{s['input']}__zero_point"
+        g.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32), sc))
+        g.initializer.append(numpy_helper.from_array(np.asarray(0, np.int8 if dtype == "int8" else np.uint8), zp))
+        # input side: int8 input -> DequantizeLinear -> every former consumer
+        deq = f"{s['input']}__dequantized"
+        for n in g.node:
+            for k, t in enumerate(n.input):
+                if t == s["input"]:
+                    n.input[k] = deq
+        new_nodes.append(helper.make_node("DequantizeLinear", [s["input"], sc, zp], [deq],
+                                          name=f"dequantize_{s['input']}"))
+        inputs[s["input"]].type.tensor_type.elem_type = qtype
+        # output side: producer -> QuantizeLinear -> int8 output
+        raw = f"{s['output']}__float"
+        for n in g.node:
+            for k, t in enumerate(n.output):
+                if t == s["output"]:
+                    n.output[k] = raw
+            for k, t in enumerate(n.input):
+                if t == s["output"]:
+                    n.input[k] = raw
+        g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [s["output"]],
+                                       name=f"quantize_{s['output']}"))
+        outputs[s["output"]].type.tensor_type.elem_type = qtype
+        quant[name] = {"scale": scale, "zero_point": 0, "dtype": dtype}
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    model = onnx.shape_inference.infer_shapes(model)
+    onnx.checker.check_model(model)
+    return model, quant

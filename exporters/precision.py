@@ -1,0 +1,159 @@
+"""Add precisions (FP16, INT8, int8-lowmem, user profiles) to an exported artifact.
+
+Each precision is a graph of its own (``model.<profile>.onnx``) because TensorRT 10+ builds
+strongly typed engines only: the casts and Q/DQ nodes must be in the ONNX. Every file gets the
+manifest in its ``metadata_props`` and an entry in ``manifest["precisions"]`` with its state
+dtypes, weight bytes, hash and, for INT8, how it was calibrated, so a comparison months later
+can tell exactly what ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from ..profiles import Profile, load_profile
+from ..profiles import resolve_profiles as _resolve
+from ..runtime.manifest import METADATA_KEY, load_manifest, resolve_artifact
+from .onnx import file_sha256, weight_bytes, write_manifest
+
+_DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+                onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
+
+__all__ = ["add_precisions", "load_profile", "resolve_profiles"]
+
+
+def resolve_profiles(names: list[str] | tuple[str, ...]) -> list[Profile]:
+    """Load every profile named (built-in name or TOML path); ValueError on the first bad one."""
+    return _resolve(names)
+
+
+def graph_io_dtypes(model: onnx.ModelProto) -> dict[str, str]:
+    """Element type names of every graph input and output (what the runtime will allocate)."""
+    return {v.name: _DTYPE_NAMES.get(v.type.tensor_type.elem_type, str(v.type.tensor_type.elem_type))
+            for v in list(model.graph.input) + list(model.graph.output)}
+
+
+def _embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Store the manifest (with this precision's entry) in ``metadata_props``, as the FP32 file does."""
+    from .. import __version__
+
+    inner = {k: v for k, v in manifest.items() if k not in ("precisions", "engines") and not k.startswith("_")}
+    inner["precision"] = {k: v for k, v in entry.items() if k != "sha256"}
+    del model.metadata_props[:]
+    prop = model.metadata_props.add()
+    prop.key, prop.value = METADATA_KEY, json.dumps(inner, sort_keys=True)
+    model.producer_name, model.producer_version = "edge3d", __version__
+
+
+def _progress(console: Any, total: int, label: str):
+    """A rich progress bar over calibration frames (a no-op without a console)."""
+    if console is None:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task(label, total=total)
+    return progress, (lambda n: progress.advance(task, n))
+
+
+def _calib_key(p: Profile) -> str:
+    d = p.to_dict()
+    for k in ("name", "description", "state_dtype", "backends"):
+        d.pop(k)
+    return json.dumps(d, sort_keys=True)
+
+
+def add_precisions(
+    path: str | Path,
+    names: list[str] | tuple[str, ...],
+    *,
+    calib_source: str | Iterable[Any] | None = None,
+    calib_frames: int | None = None,
+    console: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """Build the named precisions into the artifact at ``path``; return their manifest entries.
+
+    ``calib_source`` (INT8 only): a video file, a folder of videos (one stream each),
+    ``synthetic[:SEED]``, or an iterable of frames; default synthetic where installed.
+    ``calib_frames`` overrides the profile's number of calibration frames. Each file is
+    written under a temporary name and moved into place, and the manifest is rewritten
+    atomically after each precision, so an interrupted build never leaves a broken artifact.
+    """
+    from .calibration import RolloutReader, default_calib_source
+    from .fp16 import convert_fp16
+    from .int8 import quantize_qdq, store_states_int8
+
+    folder = resolve_artifact(path)
+    manifest = load_manifest(folder)
+    profiles = resolve_profiles(list(names))
+    if calib_frames is not None and calib_frames < 1:
+        raise ValueError(f"--calib-frames must be at least 1, got {calib_frames}.")
+    fp32_path = folder / manifest["precisions"]["fp32"]["file"]
+    entries: dict[str, dict[str, Any]] = {}
+    tmp = Path(tempfile.mkdtemp(prefix=".precision.", dir=folder))
+    qdq_cache: dict[str, tuple[Path, Any]] = {}
+    try:
+        for p in profiles:
+            if p.name == "fp32":
+                continue
+            entry: dict[str, Any] = {"file": p.file_name, "profile": p.name, "spec": p.to_dict()}
+            out = tmp / p.file_name
+            if p.kind == "fp32":
+                model = onnx.load(str(fp32_path))
+            elif p.kind == "fp16":
+                if console is not None:
+                    console.print(f"converting to {p.name} (float16, accumulators float32)...")
+                model = convert_fp16(onnx.load(str(fp32_path)), manifest, p)
+            else:
+                key = _calib_key(p)
+                if key not in qdq_cache:
+                    source = calib_source if calib_source is not None else default_calib_source()
+                    frames = calib_frames or p.calibration.frames
+                    progress, advance = _progress(console, frames, f"calibrating {p.name} ({p.calibration.method})")
+                    reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance)
+                    qdq = tmp / f"qdq.{len(qdq_cache)}.onnx"
+                    try:
+                        if progress is not None:
+                            progress.start()
+                        quantize_qdq(fp32_path, qdq, manifest, p, reader)
+                    finally:
+                        if progress is not None:
+                            progress.stop()
+                        reader.close()
+                    qdq_cache[key] = (qdq, reader)
+                qdq, reader = qdq_cache[key]
+                model = onnx.load(str(qdq))
+                entry["calibration"] = {"method": p.calibration.method, **reader.info()}
+                if p.state_dtype == "int8":
+                    ranges = {n: reader.state_range(n, p.calibration.method, p.calibration.percentile)
+                              for n in reader.state_names}
+                    model, quant = store_states_int8(model, manifest, ranges, "int8")
+                    entry["state_quant"] = quant
+            io = graph_io_dtypes(model)
+            entry["state_dtypes"] = {s["name"]: io[s["input"]] for s in manifest["states"]}
+            entry["io_dtypes"] = {"frame": io["frame"], "output": io["output"]}
+            _embed_manifest(model, manifest, entry)
+            onnx.save(model, str(out))
+            onnx.checker.check_model(str(out))
+            entry["weight_bytes"] = weight_bytes(out)
+            entry["sha256"] = file_sha256(out)
+            os.replace(out, folder / p.file_name)
+            manifest["precisions"][p.name] = entry
+            write_manifest(folder, manifest)
+            entries[p.name] = entry
+            if console is not None:
+                cal = entry.get("calibration")
+                how = f", calibrated on {cal['frames']} frames of {cal['source']}" if cal else ""
+                console.print(f"wrote [bold]{folder / p.file_name}[/] ({p.name}{how})")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return entries

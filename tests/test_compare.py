@@ -1,0 +1,167 @@
+"""``edge3d compare``: teacher-forced vs free-running error, report files, Polygraphy inputs, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from edge3d.exporters.precision import add_precisions  # noqa: E402
+from edge3d.runtime import Session  # noqa: E402
+from edge3d.runtime.manifest import load_manifest  # noqa: E402
+from precision_helpers import built_artifact, pattern_stream, write_video  # noqa: E402
+
+from edge3d.compare import cast_states, compare, drift_trend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def stateful(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_artifact("stateful", tmp_path_factory.getbasetemp() / "precision-artifacts")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("video") / "test.mp4", [f for f, _ in pattern_stream(90, seed=21)])
+
+
+def test_drift_trend_detects_growth() -> None:
+    flat = 1e-3 * (1 + 0.1 * np.sin(np.arange(2000)))
+    growing = 1e-3 * (1 + np.arange(2000) / 200)
+    assert 0.9 < drift_trend(flat)["growth"] < 1.1 and abs(drift_trend(flat)["slope_per_1k"]) < 0.1
+    assert drift_trend(growing)["growth"] > 1.2 and drift_trend(growing)["slope_per_1k"] > 0.5
+    # content-driven error (the per-step error moves the same way) is not growth
+    assert drift_trend(growing, per_step=growing / 3)["growth_vs_step"] == pytest.approx(1.0)
+    assert drift_trend(growing, per_step=np.full(2000, 1e-4))["growth_vs_step"] > 1.2
+
+
+def test_cast_states_matches_the_graph_state_dtypes(stateful: Path) -> None:
+    """Teacher forcing feeds FP32 states to every profile: rounded to float16, or quantised with
+    the int8 state scales the graph dequantises with."""
+    man = load_manifest(stateful)
+    with Session(stateful) as s:
+        for f, _ in pattern_stream(10, seed=2):
+            s.step(f)
+        states = s.get_state()
+    for profile in ("fp16", "int8-lowmem"):
+        with Session(stateful, profile=profile) as s:
+            cast = cast_states(states, s.precision, s._backend.state_dtypes())
+            s.set_state(cast)  # dtypes and shapes are what the graph wants
+            quant = s.precision.get("state_quant", {})
+        for st in man["states"]:
+            a, b, q = states[st["name"]], cast[st["name"]].astype(np.float32), quant.get(st["name"])
+            if q:
+                limit = 127 * q["scale"]
+                np.testing.assert_allclose(b * q["scale"], np.clip(a, -limit, limit), rtol=0,
+                                           atol=q["scale"] / 2 + 1e-6)
+            else:
+                np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-6)
+
+
+def test_teacher_forced_error_is_zero_for_an_identical_graph(tmp_path: Path, stateful: Path) -> None:
+    """A profile that is the FP32 graph under another name must show exactly zero error in both
+    modes: the harness itself adds nothing (states are fed back bit for bit)."""
+    same = tmp_path / "same.toml"
+    same.write_text('name = "fp32-copy"\nweight_dtype = "float32"\n')
+    add_precisions(stateful, [str(same)])
+    data = pattern_stream(60, seed=8)
+    report = compare(stateful, ["fp32", "fp32-copy", "int8"], data, 60, threads=1)
+    row = report["profiles"]["fp32-copy"]
+    assert row["teacher_forced"]["max_abs_err"] == 0.0 and row["free_running"]["worst_abs_err"] == 0.0
+    assert row["top1_agreement"] == 1.0
+    int8 = report["profiles"]["int8"]
+    assert 0 < int8["teacher_forced"]["mean_abs_err"] and 0 < int8["free_running"]["mean_abs_err"]
+    assert report["labelled"] and 0.0 <= int8["accuracy"] <= 1.0
+
+
+def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, stateful: Path, video: Path) -> None:
+    out = tmp_path / "cmp"
+    report = compare(stateful, ["fp32", "fp16", "int8", "int8-lowmem"], str(video), 80, out_dir=out, threads=1,
+                     save_polygraphy_inputs=True, polygraphy_frames=3)
+    assert report["frames"] == 80 and not report["labelled"]
+    for name in ("report.json", "report.md", "drift.png", "latency.png", "series.npz"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    saved = json.loads((out / "report.json").read_text())
+    row = saved["profiles"]["int8-lowmem"]
+    for key in ("ms_p50", "ms_p95", "cache_bytes", "weight_bytes", "teacher_forced", "free_running",
+                "top1_agreement"):
+        assert key in row
+    for key in ("end_abs_err", "end_cosine", "worst_abs_err", "worst_frame", "growth"):
+        assert key in row["free_running"]
+    assert saved["profiles"]["int8-lowmem"]["cache_bytes"] < saved["profiles"]["fp16"]["cache_bytes"] \
+        < saved["profiles"]["fp32"]["cache_bytes"]
+    assert "| int8-lowmem |" in (out / "report.md").read_text()
+    assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from polygraphy.json import load_json
+
+    man = load_manifest(stateful)
+    for profile in ("fp32", "fp16", "int8-lowmem"):
+        feeds = load_json(str(out / f"polygraphy_inputs.{profile}.json"))
+        assert isinstance(feeds, list) and len(feeds) == 3
+        with Session(stateful, profile=profile) as s:
+            dtypes = s._backend.state_dtypes()
+        for feed in feeds:
+            assert feed["frame"].shape == (1, 3, 32, 32) and feed["frame"].dtype == np.float32
+            for st in man["states"]:
+                assert feed[st["input"]].dtype == dtypes[st["name"]]
+    # the recorded states are the FP32 run's: the 3rd feed (frame 79) has seen 79 frames
+    assert load_json(str(out / "polygraphy_inputs.fp32.json"))[2]["state_in.mean.count"].item() == 79.0
+
+
+def test_polygraphy_replays_the_saved_inputs(tmp_path: Path, stateful: Path, video: Path) -> None:
+    if shutil.which("polygraphy") is None:
+        pytest.skip("the polygraphy command is not on PATH")
+    out = tmp_path / "cmp"
+    compare(stateful, ["fp32", "fp16"], str(video), 20, out_dir=out, save_polygraphy_inputs=True, threads=1,
+            polygraphy_frames=2, plots=False)
+    for profile in ("fp32", "fp16"):
+        r = subprocess.run(["polygraphy", "run", str(stateful / f"model.{profile}.onnx"), "--onnxrt",
+                            "--load-inputs", str(out / f"polygraphy_inputs.{profile}.json")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+
+
+def test_cli_compare(tmp_path: Path, stateful: Path, video: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["compare", str(stateful), "--profiles", "fp32,fp16,int8", "--source", str(video),
+                            "--frames", "40", "--out", str(out), "--save-polygraphy-inputs"], terminal_width=250)
+    assert r.exit_code == 0, r.output
+    assert "edge3d compare" in r.output and "int8" in r.output and "fp16" in r.output
+    assert "polygraphy run" in r.output and "[I]" not in r.output
+    assert json.loads((out / "report.json").read_text())["frames"] == 40
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args, words in (
+        (["--profiles", "fp32,int4", "--source", str(video)], "has no 'int4' precision"),
+        (["--profiles", "fp32,int8", "--source", str(empty)], "holds no video files"),
+        (["--profiles", "fp32,int8", "--source", str(video), "--frames", "0"], "--frames must be at least 1"),
+    ):
+        r = runner.invoke(app, ["compare", str(stateful), *args, "--out", str(tmp_path / "x")], terminal_width=250)
+        assert r.exit_code == 2, r.output
+        assert words in r.output and "Traceback" not in r.output
+
+
+def test_compare_needs_no_torch(stateful: Path, video: Path, tmp_path: Path) -> None:
+    """The comparison is numpy + the runtime: it must run where torch is not installed."""
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from edge3d.compare import compare\n"
+        f"r = compare({str(stateful)!r}, ['fp32', 'int8'], {str(video)!r}, 10, out_dir={str(tmp_path)!r})\n"
+        "print(r['frames'])\n"
+    )
+    env_path = str(Path(__file__).resolve().parents[1])
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0 and r.stdout.strip() == "10", r.stderr[-2000:]
