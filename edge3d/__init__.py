@@ -7,9 +7,37 @@ torch is reached lazily through ``__getattr__``.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 __version__ = "0.1.0"
+
+# pyproject.toml maps exporters/, runtime/ and profiles/ into this package (package-dir). An
+# installed wheel has them inside edge3d/ already; a source checkout put first on PYTHONPATH
+# does not, and without this finder ``edge3d.runtime`` would silently come from whatever other
+# checkout is editable-installed (its finder sits later on sys.meta_path). So a checkout maps
+# its own sibling folders, and code and tests always run against the tree they live in.
+_ROOT = Path(__file__).resolve().parent.parent
+_SOURCE_DIRS = {f"edge3d.{d}": _ROOT / d for d in ("exporters", "runtime", "profiles")
+                if (_ROOT / "pyproject.toml").is_file() and (_ROOT / d / "__init__.py").is_file()}
+
+
+class _SourceTreeFinder:
+    """Meta-path finder for the package-dir mapped subpackages of a source checkout."""
+
+    @staticmethod
+    def find_spec(fullname: str, path: Any = None, target: Any = None) -> Any:
+        folder = _SOURCE_DIRS.get(fullname)
+        if folder is None:
+            return None
+        from importlib.util import spec_from_file_location
+
+        return spec_from_file_location(fullname, folder / "__init__.py", submodule_search_locations=[str(folder)])
+
+
+if _SOURCE_DIRS:
+    sys.meta_path.insert(0, _SourceTreeFinder)
 
 _LAZY = {
     "to_step": ("edge3d.convert", "to_step"),
