@@ -123,11 +123,16 @@ def test_rejected_single_step_leaves_state_unchanged(tiny_artifact: Path) -> Non
 
 
 def test_many_subset_sizes_share_one_staging_buffer(tiny_artifact: Path) -> None:
-    """Every subset size reuses the same staging rows, so memory does not grow with the sizes used."""
+    """Staging rows follow the largest subset so far, not the sum over the subset sizes used."""
     s = Session(tiny_artifact, streams=6)
+    twin = [Session(tiny_artifact) for _ in range(6)]
     frames = _frames(6, 1, 6)[0]
-    for k in range(1, 7):
-        s.step_batch(frames[:k], list(range(k))[::-1])
-    staging = s._backend._staging
-    assert staging is not None
-    assert all(a.shape[0] == 6 for half in staging for a in half.values())
+    largest = 0
+    for k in (2, 1, 4, 3, 2, 5):
+        ids = list(range(k))[::-1]
+        got = s.step_batch(frames[ids], ids)
+        np.testing.assert_allclose(got, np.stack([twin[i].step(frames[i]) for i in ids]), atol=1e-5)
+        largest = max(largest, k)
+        staging = s._backend._staging
+        assert staging is not None
+        assert {a.shape[0] for half in staging for a in half.values()} == {largest}

@@ -115,9 +115,9 @@ class OnnxRuntimeBackend(Backend):
         self._full = [_bind(self.sess, self._frame, self._output, self._states[p], self._states[1 - p])
                       for p in (0, 1)]
         self._parity = 0
-        # Subset calls gather rows into one staging pair sized for all streams, made on first
-        # use; each subset size k binds the k leading rows, so memory stays 2 x streams rows
-        # however many different subset sizes a caller uses.
+        # Subset calls gather rows into one staging pair, made on first use and sized for the
+        # largest subset so far; each subset size k binds its k leading rows, so memory stays
+        # 2 x (largest subset) rows however many different subset sizes a caller uses.
         self._staging: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
         self._subsets: dict[int, Any] = {}
 
@@ -151,8 +151,11 @@ class OnnxRuntimeBackend(Backend):
         return self._output.copy()
 
     def _subset_binding(self, k: int) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
-        if self._staging is None:
-            self._staging = (self._initial_set(self.streams), self._initial_set(self.streams))
+        if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
+            # Grow-only: sized for the largest subset seen, so a caller that steps a few
+            # streams at a time never pays for staging rows of all of them.
+            self._staging = (self._initial_set(k), self._initial_set(k))
+            self._subsets.clear()
         src, dst = self._staging
         if k not in self._subsets:
             self._subsets[k] = _bind(self.sess, self._frame[:k], self._output[:k],
