@@ -309,6 +309,70 @@ def bench(
     console.print(ratios)
 
 
+# --------------------------------------------------------------------------- bench-streams
+@app.command("bench-streams")
+@friendly
+def bench_streams(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    streams: Annotated[str, typer.Option("--streams", help="Stream counts to measure, e.g. 1,2,4,8,16.")] = "1,2,4,8",
+    frames: Annotated[int, typer.Option("--frames", help="Timed calls per mode and stream count.")] = 30,
+    profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
+    threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
+    no_rss: Annotated[bool, typer.Option("--no-rss", help="Skip the memory measurement (child processes).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
+) -> None:
+    """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
+    from .bench_streams import HEADERS, format_rows, measure_streams
+
+    try:
+        counts = [int(s) for s in _split(streams)]
+    except ValueError:
+        raise ValueError(f"--streams {streams!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
+    with console.status("measuring streams...") if not as_json else _nullcontext():
+        report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
+                        f"{profile}, state {_fmt_bytes(report['state_bytes_per_stream'])} per stream")
+    for col in HEADERS:
+        table.add_column(col, justify="right")
+    for row in format_rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _nullcontext() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- triton
+@app.command()
+@friendly
+def triton(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The Triton model repository to write into.")],
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most streams Triton steps in one call.")] = 8,
+    instances: Annotated[int, typer.Option("--instances", help="Model instances (parallel executions).")] = 1,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the artifact's).")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Which precision's ONNX graph to serve.")] = "fp32",
+    max_sequences: Annotated[int | None, typer.Option(
+        "--max-sequences", help="Cameras one instance keeps live (default: --max-batch).")] = None,
+    idle_seconds: Annotated[float, typer.Option(
+        "--idle-seconds", help="A sequence silent this long is dropped with its state.")] = 5.0,
+    kind: Annotated[str, typer.Option("--kind", help="Instance kind of the ONNX model: auto | gpu | cpu.")] = "auto",
+) -> None:
+    """Write a Triton model repository: the ONNX graph (and any TensorRT engines) with implicit state."""
+    from .exporters.triton import write_repository
+
+    repo = write_repository(artifact, out, max_batch, console=console, model_name=name, instances=instances,
+                            profile=profile, max_sequences=max_sequences, idle_seconds=idle_seconds, kind=kind)
+    console.print(f"wrote Triton model repository [bold]{repo}[/]; serve it with")
+    console.print(f"  tritonserver --model-repository={repo.resolve()}", soft_wrap=True, highlight=False)
+
+
 def main() -> None:
     app()
 
