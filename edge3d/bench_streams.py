@@ -39,6 +39,7 @@ import numpy as np
 
 DISTINCT_FRAMES = 8  # distinct frames per stream, cycled: enough to keep caches honest, little memory
 WARMUP_CALLS = 3
+PAUSE_S = 0.01  # before each timed call (see _time_point)
 
 
 def _trim_heap() -> None:
@@ -73,13 +74,15 @@ def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.nda
     return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
 
 
-def _median_ms(fn: Any, calls: int) -> float:
-    times = []
+def _median_times(fn: Any, calls: int) -> tuple[float, float]:
+    """Median wall ms and median process-CPU ms of ``calls`` calls of ``fn(i)``."""
+    wall, cpu = [], []
     for i in range(calls):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(i)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        cpu.append((time.process_time() - c0) * 1e3)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None) -> dict[str, float]:
@@ -112,16 +115,29 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     for i in range(WARMUP_CALLS):
         for fn in (batched_call, separate_round, subset_call, gather_scatter):
             fn(i)
-    # Interleave the modes in rounds, so a slow spell on a shared machine hits all of them.
-    rounds = 3
-    per_round = max(1, frames // rounds)
-    b, s, sub = [], [], []
-    for _ in range(rounds):
-        b.append(_median_ms(batched_call, per_round))
-        s.append(_median_ms(separate_round, per_round))
-        sub.append(_median_ms(subset_call, per_round))
-    gs_ms = _median_ms(gather_scatter, max(20, frames))
-    batched_ms, separate_ms, subset_ms = statistics.median(b), statistics.median(s), statistics.median(sub)
+    # Interleave the modes call by call, so a slow spell on a shared machine hits all of them,
+    # with a short pause before each timed call: ONNX Runtime's pool threads spin for a while
+    # after a run, and without the pause the next call would pay for the previous one's spin.
+    # CPU time (all threads of this process) is kept beside wall time: on a machine shared
+    # with other jobs it still counts only the work done, which wall time does not.
+    def interleave(fns: dict[str, Any]) -> dict[str, tuple[float, float]]:
+        wall: dict[str, list[float]] = {m: [] for m in fns}
+        cpu: dict[str, list[float]] = {m: [] for m in fns}
+        for i in range(frames):
+            for mode, fn in fns.items():
+                time.sleep(PAUSE_S)
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn(i)
+                wall[mode].append((time.perf_counter() - t0) * 1e3)
+                cpu[mode].append((time.process_time() - c0) * 1e3)
+        return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
+
+    vs_separate = interleave({"batched": batched_call, "separate": separate_round})
+    # Subset vs full on the batched session alone, so no other session's threads are around.
+    vs_subset = interleave({"full": batched_call, "subset": subset_call})
+    gs_ms, gs_cpu = _median_times(gather_scatter, max(20, frames))
+    (batched_ms, batched_cpu), (separate_ms, separate_cpu) = vs_separate["batched"], vs_separate["separate"]
+    (full_ms, full_cpu), (subset_ms, _) = vs_subset["full"], vs_subset["subset"]
     for sess in [batched, *separate]:
         sess.close()
     return {
@@ -131,23 +147,29 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
         "batched_fps": 1e3 * n / batched_ms,
         "separate_fps": 1e3 * n / separate_ms,
         "batched_over_separate": separate_ms / batched_ms,
+        "batched_cpu_ms_per_call": batched_cpu,
+        "separate_cpu_ms_per_round": separate_cpu,
+        "batched_over_separate_cpu": separate_cpu / batched_cpu,
+        "full_call_ms": full_ms,
         "subset_call_ms": subset_ms,
+        "subset_over_full": subset_ms / full_ms,
         "gather_scatter_ms": gs_ms,
-        "gather_scatter_share": gs_ms / batched_ms,
-        "subset_over_full": subset_ms / batched_ms,
+        "gather_scatter_share": gs_ms / full_ms,
+        "gather_scatter_cpu_ms": gs_cpu,
+        "gather_scatter_share_cpu": gs_cpu / full_cpu,
     }
 
 
 def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
-    """Runs in a fresh process: RSS after creating and warming N batched streams or N sessions."""
+    """Runs in a fresh process: RSS after creating, and after warming, N batched streams or N sessions."""
     from .runtime import Session
 
-    _trim_heap()
-    base = _rss_bytes()
     if mode == "batched":
         sessions = [Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads)]
     else:
         sessions = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
+    _trim_heap()
+    created = _rss_bytes()  # weights, sessions and the runtime's own buffers, before any activation
     data = _frames(sessions[0]._backend.frame_shape, n)
     for i in range(WARMUP_CALLS):
         if mode == "batched":
@@ -158,8 +180,7 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
     del data
     gc.collect()
     _trim_heap()
-    return {"rss_bytes": _rss_bytes(), "rss_after_imports": base,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"rss_bytes": _rss_bytes(), "rss_created_bytes": created}
 
 
 def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
@@ -176,16 +197,16 @@ def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | N
 
 
 def _rss_points(artifact: Path, streams: list[int], profile: str, threads: int | None,
-                repeats: int) -> dict[tuple[str, int], int]:
-    """Median RSS per (mode, N); N=1 is always measured as the baseline."""
+                repeats: int) -> dict[tuple[str, int], dict[str, int]]:
+    """Median RSS figures per (mode, N); N=1 is always measured as the baseline."""
     out = {}
     for mode in ("batched", "separate"):
         for n in sorted({1, *streams}):
             if mode == "separate" and n == 1:
                 out[(mode, 1)] = out[("batched", 1)]  # one session with one stream either way
                 continue
-            out[(mode, n)] = int(statistics.median(
-                _run_child(artifact, mode, n, profile, threads)["rss_bytes"] for _ in range(repeats)))
+            runs = [_run_child(artifact, mode, n, profile, threads) for _ in range(repeats)]
+            out[(mode, n)] = {k: int(statistics.median(r[k] for r in runs)) for k in runs[0]}
     return out
 
 
@@ -220,14 +241,18 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         base = points[("batched", 1)]
         for row in rows:
             n = row["streams"]
-            row["rss_batched_bytes"] = points[("batched", n)]
-            row["rss_separate_bytes"] = points[("separate", n)]
+            batched, separate = points[("batched", n)], points[("separate", n)]
+            row["rss_batched_bytes"] = batched["rss_bytes"]
+            row["rss_separate_bytes"] = separate["rss_bytes"]
             if n > 1:
-                per_batched = (points[("batched", n)] - base) / (n - 1)
-                per_session = (points[("separate", n)] - base) / (n - 1)
+                per_batched = (batched["rss_bytes"] - base["rss_bytes"]) / (n - 1)
                 row["rss_per_extra_batched_stream"] = per_batched
-                row["rss_per_extra_session"] = per_session
                 row["rss_per_extra_batched_stream_over_state"] = per_batched / state_bytes
+                # before the first step: what the runtime allocates (state ping-pong, frame, output);
+                # the rest of per_batched is ONNX Runtime's activation memory for one more batch row
+                row["rss_per_extra_batched_stream_before_steps"] = (
+                    (batched["rss_created_bytes"] - base["rss_created_bytes"]) / (n - 1))
+                row["rss_per_extra_session"] = (separate["rss_bytes"] - base["rss_bytes"]) / (n - 1)
     return {
         "artifact": str(artifact),
         "model": manifest.get("name"),
@@ -245,32 +270,35 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
         "rows": rows,
         "method": {
-            "throughput": "median ms per call over interleaved rounds; separate = N one-stream Sessions "
-                          "stepped one after another on the same frames",
+            "throughput": "median wall ms per call, the modes interleaved call by call; separate = N "
+                          "one-stream Sessions stepped one after another on the same frames; *_cpu_* = median "
+                          "process CPU ms of the same calls",
             "gather_scatter": "backend.gather + backend.scatter of all N rows in shuffled order, timed alone, "
-                              "over the median full in-order call of the same N",
+                              "over the median full in-order call of the same N; subset_over_full = a shuffled "
+                              "call of all N streams (gather, run, scatter) over the in-order call, interleaved",
             "rss": f"fresh child process per point, median of {rss_repeats}; /proc/self/statm after "
-                   f"{WARMUP_CALLS} warm-up full calls and malloc_trim(0); per extra stream = "
-                   "(RSS(N) - RSS(1)) / (N - 1)",
+                   f"{WARMUP_CALLS} warm-up full calls and malloc_trim(0) (*_before_steps: after creating the "
+                   "session(s), before any call); per extra stream = (RSS(N) - RSS(1)) / (N - 1)",
         },
     }
 
 
 def format_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Table rows for the CLI: one per N."""
-    out = []
-    for r in report["rows"]:
-        per = r.get("rss_per_extra_batched_stream")
-        sess = r.get("rss_per_extra_session")
-        out.append([
-            str(r["streams"]),
-            f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}", f"{r['batched_over_separate']:.2f}x",
-            f"{r['batched_ms_per_call']:.2f}", f"{100 * r['gather_scatter_share']:.2f}%",
-            "-" if per is None else f"{per / 1e6:.2f} MB ({per / report['state_bytes_per_stream']:.2f}x)",
-            "-" if sess is None else f"{sess / 1e6:.2f} MB",
-        ])
-    return out
+    """Table rows for the CLI: one per N (columns as in HEADERS)."""
+    state = report["state_bytes_per_stream"]
+
+    def mb(row: dict[str, Any], key: str, ratio: bool = False) -> str:
+        v = row.get(key)
+        if v is None:
+            return "-"
+        return f"{v / 1e6:.2f} MB" + (f" ({v / state:.2f}x)" if ratio else "")
+
+    return [[str(r["streams"]), f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}",
+             f"{r['batched_over_separate']:.2f}x", f"{r['batched_over_separate_cpu']:.2f}x",
+             f"{r['batched_ms_per_call']:.1f}", f"{100 * r['gather_scatter_share']:.1f}%",
+             mb(r, "rss_per_extra_batched_stream", True), mb(r, "rss_per_extra_batched_stream_before_steps", True),
+             mb(r, "rss_per_extra_session")] for r in report["rows"]]
 
 
-HEADERS = ["streams", "batched fps", "separate fps", "batched/separate", "ms/call batched",
-           "gather+scatter / step", "RSS per extra batched stream (x state)", "RSS per extra session"]
+HEADERS = ["N", "fps batched", "fps separate", "gain", "gain CPU", "ms/call", "gather+scatter",
+           "RSS/extra stream (x state)", "before 1st step", "RSS/extra session"]

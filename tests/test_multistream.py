@@ -136,3 +136,39 @@ def test_many_subset_sizes_share_one_staging_buffer(tiny_artifact: Path) -> None
         staging = s._backend._staging
         assert staging is not None
         assert {a.shape[0] for half in staging for a in half.values()} == {largest}
+
+
+def test_measure_streams_report(tiny_artifact: Path) -> None:
+    """The benchmark runs end to end and its figures hang together (not their values: timing here is noisy)."""
+    from edge3d.bench_streams import measure_streams
+
+    r = measure_streams(tiny_artifact, [1, 3], frames=3, threads=1, rss_repeats=1)
+    assert [row["streams"] for row in r["rows"]] == [1, 3]
+    s = Session(tiny_artifact)
+    assert r["state_bytes_per_stream"] == s.cache_bytes == sum(st["bytes"] for st in s.manifest["states"])
+    for row in r["rows"]:
+        n = row["streams"]
+        assert row["batched_fps"] == pytest.approx(1e3 * n / row["batched_ms_per_call"])
+        assert row["separate_fps"] == pytest.approx(1e3 * n / row["separate_ms_per_round"])
+        assert 0 < row["gather_scatter_ms"] and 0 < row["gather_scatter_share"] < 1
+        assert row["rss_batched_bytes"] > 10e6 and row["rss_separate_bytes"] > 10e6
+    three = r["rows"][1]
+    # a separate session carries its own weights and ONNX Runtime session; a batched stream does not
+    assert three["rss_per_extra_session"] > three["rss_per_extra_batched_stream"]
+    assert "rss_per_extra_batched_stream" not in r["rows"][0]
+
+
+def test_cli_bench_streams_json(tiny_artifact: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    res = CliRunner().invoke(app, ["bench-streams", str(tiny_artifact), "--streams", "2", "--frames", "2",
+                                   "--no-rss", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["rows"][0]["streams"] == 2 and "rss_batched_bytes" not in report["rows"][0]
+    bad = CliRunner().invoke(app, ["bench-streams", str(tiny_artifact), "--streams", "0"])
+    assert bad.exit_code == 2
