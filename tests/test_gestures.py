@@ -72,14 +72,14 @@ def _nearest_class_mean_accuracy(x: np.ndarray, y: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def clip_features() -> dict:
-    """Features of 30 clips per class, interleaved so both halves hold every class."""
+    """Features of 48 clips per class, interleaved so both halves hold every class."""
     rng = np.random.default_rng(2024)
     single, motion, labels, still_shift = [], [], [], []
-    for _ in range(30):
+    for _ in range(48):
         for label in range(len(g.classes)):
             background = g._make_scene(rng, SIZE).background
-            clip = g.make_clip(rng, label, 12, SIZE, background=background)
-            t = int(rng.integers(0, 8))
+            clip = g.make_clip(rng, label, 9, SIZE, background=background)
+            t = int(rng.integers(0, 5))
             a = _object_features(clip[t], background)
             b = _object_features(clip[t + 4], background)
             single.append([a["cx"], a["cy"], a["area"], *a["colour"]])
@@ -218,12 +218,32 @@ def test_gestures_move_and_gap_tails_rest_in_stream() -> None:
 # --------------------------------------------------------------------------- the point of the source
 
 
-def test_single_frame_cannot_tell_but_motion_can(clip_features: dict) -> None:
-    y = clip_features["labels"]
-    single = _nearest_class_mean_accuracy(clip_features["single"], y)
-    motion = _nearest_class_mean_accuracy(clip_features["motion"], y)
-    assert single < 0.35, f"single-frame features give away the class ({single:.2f})"
-    assert motion > 0.8, f"4-frame motion features should identify the class ({motion:.2f})"
+def test_single_frame_cannot_tell_the_class(clip_features: dict) -> None:
+    x, y = clip_features["single"], clip_features["labels"]
+    accuracy = _nearest_class_mean_accuracy(x, y)
+    assert accuracy < 0.35, f"single-frame features give away the class ({accuracy:.2f})"
+    # The classifier above dilutes a leak in one feature among the others, so also compare each
+    # class with the rest feature by feature (standardised mean difference; sampling noise with
+    # 48 clips per class stays below ~0.65, a position or size bias for one class exceeds 1).
+    k = 2 * np.pi / SIZE
+    per_frame = np.column_stack(
+        [
+            np.cos(k * x[:, 0]),  # positions are circular: the object wraps around the edges
+            np.sin(k * x[:, 0]),
+            np.cos(k * x[:, 1]),
+            np.sin(k * x[:, 1]),
+            np.log(x[:, 2]),
+            x[:, 3:],
+        ]
+    )
+    sd = per_frame.std(0)
+    smd = np.array([(per_frame[y == c].mean(0) - per_frame[y != c].mean(0)) / sd for c in range(9)])
+    assert np.abs(smd).max() < 0.8, np.round(smd, 2)
+
+
+def test_motion_over_four_frames_tells_the_class(clip_features: dict) -> None:
+    accuracy = _nearest_class_mean_accuracy(clip_features["motion"], clip_features["labels"])
+    assert accuracy > 0.8, f"4-frame motion features should identify the class ({accuracy:.2f})"
 
 
 def test_motion_is_strong_and_in_the_right_direction(clip_features: dict) -> None:
