@@ -99,7 +99,6 @@ def plan_requests(cameras: list[Camera], frames: int, model_name: str, manifest:
     state, and the client asks for the model output alone.
     """
     import tritonclient.grpc as grpcclient
-
     from edge3d.runtime.preprocess import FramePreprocessor
 
     pre = FramePreprocessor(manifest["frame"])

@@ -58,8 +58,9 @@ def tiny_zoo_cases() -> list[tuple[str, dict]]:
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory: pytest.TempPathFactory):
     """d-resnet18 at width 0.125, 5 classes, 32x32 frames, exported once: ten states, ~10 s."""
-    from edge3d import zoo
     from edge3d.exporters.onnx import export_artifact
 
-    model = zoo.build("d-resnet18", **TINY).eval()
+    from edge3d import zoo
+
+    model = randomize(zoo.build("d-resnet18", **TINY))
     return export_artifact(model, tmp_path_factory.mktemp("artifacts"), "tiny", frame_size=32)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from edge3d.runtime import Session
 
 STREAMS = 4

@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from edge3d.exporters.triton import write_repository
+from edge3d.runtime.manifest import ArtifactError
 from google.protobuf import text_format
 from onnx import TensorProto, helper
 from tritonclient.grpc import model_config_pb2 as mc
-
-from edge3d.exporters.triton import write_repository
-from edge3d.runtime.manifest import ArtifactError
 
 ROOT = Path(__file__).resolve().parent.parent
 NP_TO_TRITON = {np.dtype(np.float32): mc.TYPE_FP32, np.dtype(np.float16): mc.TYPE_FP16,
@@ -262,12 +261,15 @@ def _client_module():
     return mod
 
 
-def test_client_builds_requests_without_a_server(tiny_artifact: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("random_frames", [False, True])
+def test_client_builds_requests_without_a_server(tiny_artifact: Path, tmp_path: Path, random_frames: bool) -> None:
     client = _client_module()
     repo = write_repository(tiny_artifact, tmp_path / "repo", max_batch=4)
     cfg = parse_config(repo / "tiny")
     manifest = client.load_manifest_for(repo / "tiny")
-    cams = client.make_cameras(3, frames=5, manifest=manifest, random_frames=True, seed=7)
+    cams = client.make_cameras(3, frames=5, manifest=manifest, random_frames=random_frames, seed=7)
+    assert all(len(c.frames) == 5 and c.frames[0].dtype == np.uint8 for c in cams)
+    assert all(lab is not None for c in cams for lab in c.labels) != random_frames  # synthetic frames are labelled
     plan = list(client.plan_requests(cams, frames=5, model_name="tiny", manifest=manifest, sequence_base=100))
     assert len(plan) == 15
     assert [r.sequence_id for r in plan[:3]] == [100, 101, 102]
@@ -285,7 +287,7 @@ def test_client_builds_requests_without_a_server(tiny_artifact: Path, tmp_path: 
     # the frame sent is the runtime's preprocessing of the camera frame
     from edge3d.runtime.preprocess import FramePreprocessor
 
-    raw = cams[1].frames[0]
+    raw = cams[1].frames[0]  # synthetic frames are 112x112 and get resized, random ones are 32x32
     want = np.empty((3, 32, 32), np.float32)
     FramePreprocessor(manifest["frame"])(raw, want)
     np.testing.assert_array_equal(plan[1].frame, want[None])
