@@ -131,7 +131,11 @@ def stream(client: Any, model_name: str, plan: Iterator[Request], cameras: int, 
                                outputs=r.outputs, sequence_id=r.sequence_id, sequence_start=r.sequence_start,
                                sequence_end=r.sequence_end)
         for _ in step:
-            r, res, err = done.get(timeout=timeout_s)
+            try:
+                r, res, err = done.get(timeout=timeout_s)
+            except queue.Empty:
+                raise RuntimeError(f"no answer from Triton within {timeout_s:g} s at frame {step[0].t}; "
+                                   "check the server log, or raise --timeout.") from None
             if err is not None:
                 raise RuntimeError(f"camera {r.camera} frame {r.t}: {err}")
             outputs[r.camera].append(res.as_numpy(out_name)[0])
@@ -170,13 +174,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="Sequence id of camera 0 (default: from the process id, so clients do not collide).")
     ap.add_argument("--timeout", type=float, default=30.0, help="Seconds to wait for one answer.")
     args = ap.parse_args(argv)
+    from tritonclient.utils import InferenceServerException
+
     try:
         if args.model_dir is None:
             raise ValueError("pass --model-dir, the model folder written by `edge3d triton`.")
         if args.cameras < 1 or args.frames < 1:
             raise ValueError("--cameras and --frames must be at least 1.")
         import tritonclient.grpc as grpcclient
-        from tritonclient.utils import InferenceServerException
 
         manifest = load_manifest_for(args.model_dir)
         model = args.model or (args.model_dir.name if (args.model_dir / "config.pbtxt").is_file()
@@ -200,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
     except (ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except InferenceServerException as e:  # the server went away or refused a request mid-stream
+        print(f"error: Triton answered {e.message()}; check the server log.", file=sys.stderr)
         return 2
     classes = manifest["output"].get("classes")
     print(f"{args.cameras} cameras x {args.frames} frames in {seconds:.2f} s "

@@ -56,8 +56,9 @@ def tiny_zoo_cases() -> list[tuple[str, dict]]:
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory: pytest.TempPathFactory):
-    """d-resnet18 at width 0.125, 5 classes, 32x32 frames, exported once: ten states, ~10 s."""
+def stream_artifact(tmp_path_factory: pytest.TempPathFactory):
+    """d-resnet18 at width 0.125, 5 classes, 32x32 frames, exported once per run (ten states, ~10 s),
+    shared by the multi-stream and Triton tests."""
     from edge3d.exporters.onnx import export_artifact
 
     from edge3d import zoo

@@ -21,12 +21,12 @@ def _states_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_batched_equals_separate_sessions_with_subsets_and_reset(tiny_artifact: Path) -> None:
+def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact: Path) -> None:
     """Full calls, shuffled subsets and a mid-stream reset of one stream, against one Session per stream."""
     rng = np.random.default_rng(1)
     frames = _frames(0, FRAMES, STREAMS)
-    batched = Session(tiny_artifact, streams=STREAMS)
-    single = [Session(tiny_artifact) for _ in range(STREAMS)]
+    batched = Session(stream_artifact, streams=STREAMS)
+    single = [Session(stream_artifact) for _ in range(STREAMS)]
     stepped = np.zeros(STREAMS, int)
     worst = 0.0
     for t in range(FRAMES):
@@ -52,15 +52,15 @@ def test_batched_equals_separate_sessions_with_subsets_and_reset(tiny_artifact: 
             np.testing.assert_allclose(rows[i], s.get_state()[name][0], atol=1e-5)
 
 
-def test_reset_changes_only_that_stream(tiny_artifact: Path) -> None:
+def test_reset_changes_only_that_stream(stream_artifact: Path) -> None:
     frames = _frames(2, 4, STREAMS)
-    s = Session(tiny_artifact, streams=STREAMS)
+    s = Session(stream_artifact, streams=STREAMS)
     for t in range(4):
         s.step_batch(frames[t])
     before = s.get_state()
     s.reset(1)
     after = s.get_state()
-    fresh = Session(tiny_artifact, streams=STREAMS).get_state()
+    fresh = Session(stream_artifact, streams=STREAMS).get_state()
     for name in before:
         assert not np.array_equal(before[name][1], fresh[name][1]) or not before[name][1].any()
         np.testing.assert_array_equal(after[name][1], fresh[name][1])
@@ -70,9 +70,9 @@ def test_reset_changes_only_that_stream(tiny_artifact: Path) -> None:
 
 @pytest.mark.parametrize("case", ["nan", "inf", "wrong_shape", "wrong_dtype", "unknown_id", "negative_id",
                                   "duplicate_id", "bool_id", "float_id", "too_few_frames"])
-def test_rejected_batch_leaves_every_state_unchanged(tiny_artifact: Path, case: str) -> None:
+def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case: str) -> None:
     frames = _frames(3, 3, STREAMS)
-    s = Session(tiny_artifact, streams=STREAMS)
+    s = Session(stream_artifact, streams=STREAMS)
     s.step_batch(frames[0])
     s.step_batch(frames[1, :2], [3, 0])  # staging buffers exist, states differ per stream
     before = s.get_state()
@@ -106,13 +106,13 @@ def test_rejected_batch_leaves_every_state_unchanged(tiny_artifact: Path, case: 
         s.step_batch(batch, ids)
     assert _states_equal(before, s.get_state()), f"a rejected batch ({case}) changed a stream's state"
     # the session still works, and gives what a session that never saw the bad call gives
-    twin = Session(tiny_artifact, streams=STREAMS)
+    twin = Session(stream_artifact, streams=STREAMS)
     twin.set_state(before)
     np.testing.assert_array_equal(s.step_batch(good, [2, 0, 1]), twin.step_batch(good, [2, 0, 1]))
 
 
-def test_rejected_single_step_leaves_state_unchanged(tiny_artifact: Path) -> None:
-    s = Session(tiny_artifact, streams=2)
+def test_rejected_single_step_leaves_state_unchanged(stream_artifact: Path) -> None:
+    s = Session(stream_artifact, streams=2)
     s.step_batch(_frames(4, 1, 2)[0])
     before = s.get_state()
     for bad_stream in (2, -1, True, 1.0):
@@ -121,10 +121,10 @@ def test_rejected_single_step_leaves_state_unchanged(tiny_artifact: Path) -> Non
     assert _states_equal(before, s.get_state())
 
 
-def test_many_subset_sizes_share_one_staging_buffer(tiny_artifact: Path) -> None:
+def test_many_subset_sizes_share_one_staging_buffer(stream_artifact: Path) -> None:
     """Staging rows follow the largest subset so far, not the sum over the subset sizes used."""
-    s = Session(tiny_artifact, streams=6)
-    twin = [Session(tiny_artifact) for _ in range(6)]
+    s = Session(stream_artifact, streams=6)
+    twin = [Session(stream_artifact) for _ in range(6)]
     frames = _frames(6, 1, 6)[0]
     largest = 0
     for k in (2, 1, 4, 3, 2, 5):
@@ -137,13 +137,13 @@ def test_many_subset_sizes_share_one_staging_buffer(tiny_artifact: Path) -> None
         assert {a.shape[0] for half in staging for a in half.values()} == {largest}
 
 
-def test_measure_streams_report(tiny_artifact: Path) -> None:
+def test_measure_streams_report(stream_artifact: Path) -> None:
     """The benchmark runs end to end and its figures hang together (not their values: timing here is noisy)."""
     from edge3d.bench_streams import measure_streams
 
-    r = measure_streams(tiny_artifact, [1, 3], frames=3, threads=1, rss_repeats=1)
+    r = measure_streams(stream_artifact, [1, 3], frames=3, threads=1, rss_repeats=1)
     assert [row["streams"] for row in r["rows"]] == [1, 3]
-    s = Session(tiny_artifact)
+    s = Session(stream_artifact)
     assert r["state_bytes_per_stream"] == s.cache_bytes == sum(st["bytes"] for st in s.manifest["states"])
     for row in r["rows"]:
         n = row["streams"]
@@ -157,17 +157,17 @@ def test_measure_streams_report(tiny_artifact: Path) -> None:
     assert "rss_per_extra_batched_stream" not in r["rows"][0]
 
 
-def test_cli_bench_streams_json(tiny_artifact: Path) -> None:
+def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     import json
 
     from typer.testing import CliRunner
 
     from edge3d.cli import app
 
-    res = CliRunner().invoke(app, ["bench-streams", str(tiny_artifact), "--streams", "2", "--frames", "2",
+    res = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "2", "--frames", "2",
                                    "--no-rss", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["rows"][0]["streams"] == 2 and "rss_batched_bytes" not in report["rows"][0]
-    bad = CliRunner().invoke(app, ["bench-streams", str(tiny_artifact), "--streams", "0"])
+    bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
     assert bad.exit_code == 2

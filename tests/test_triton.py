@@ -85,9 +85,9 @@ def check_model_dir(model_dir: Path, manifest: dict, graph: Path, state_dtypes: 
 
 
 # --------------------------------------------------------------------------- the real exported model
-def test_repository_for_exported_model(tiny_artifact: Path, tmp_path: Path) -> None:
-    repo = write_repository(tiny_artifact, tmp_path / "repo", max_batch=4, instances=2)
-    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+def test_repository_for_exported_model(stream_artifact: Path, tmp_path: Path) -> None:
+    repo = write_repository(stream_artifact, tmp_path / "repo", max_batch=4, instances=2)
+    manifest = json.loads((stream_artifact / "manifest.json").read_text())
     model_dir = repo / "tiny"
     assert sorted(p.name for p in repo.iterdir()) == ["tiny"]  # no temporary folders left
     cfg = check_model_dir(model_dir, manifest, model_dir / "1" / "model.onnx",
@@ -98,16 +98,16 @@ def test_repository_for_exported_model(tiny_artifact: Path, tmp_path: Path) -> N
     assert not cfg.sequence_batching.control_input  # implicit state only: our graphs need no controls
     assert cfg.sequence_batching.oldest.max_candidate_sequences == 4
     assert [i.name for i in cfg.input] == ["frame"] and [o.name for o in cfg.output] == ["output"]
-    assert (model_dir / "1" / "model.onnx").read_bytes() == (tiny_artifact / "model.fp32.onnx").read_bytes()
+    assert (model_dir / "1" / "model.onnx").read_bytes() == (stream_artifact / "model.fp32.onnx").read_bytes()
     assert json.loads((model_dir / "edge3d_manifest.json").read_text())["states"] == manifest["states"]
     assert "oldest" in (model_dir / "config.pbtxt").read_text().split("name:")[0]  # the why, as a comment
 
 
-def test_rewrite_replaces_only_our_model(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_rewrite_replaces_only_our_model(stream_artifact: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "someone_else" / "1").mkdir(parents=True)
-    write_repository(tiny_artifact, repo, max_batch=2)
-    write_repository(tiny_artifact, repo, max_batch=8, max_sequences=32)
+    write_repository(stream_artifact, repo, max_batch=2)
+    write_repository(stream_artifact, repo, max_batch=8, max_sequences=32)
     assert sorted(p.name for p in repo.iterdir()) == ["someone_else", "tiny"]
     cfg = parse_config(repo / "tiny")
     assert cfg.max_batch_size == 8 and cfg.sequence_batching.oldest.max_candidate_sequences == 32
@@ -236,19 +236,19 @@ def test_bad_input_fails_with_a_sentence_and_writes_nothing(tmp_path: Path, case
     assert not any((tmp_path / "repo").glob("*/config.pbtxt"))  # all checked before anything is written
 
 
-def test_cli_triton(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_cli_triton(stream_artifact: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from edge3d.cli import app
 
     runner = CliRunner()
-    ok = runner.invoke(app, ["triton", str(tiny_artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
+    ok = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
                              "--instances", "3", "--name", "cams"])
     assert ok.exit_code == 0, ok.output
     assert "tritonserver --model-repository=" in ok.output
     cfg = parse_config(tmp_path / "repo" / "cams")
     assert cfg.max_batch_size == 6 and cfg.instance_group[0].count == 3
-    bad = runner.invoke(app, ["triton", str(tiny_artifact), "-o", str(tmp_path / "r2"), "--instances", "0"])
+    bad = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "r2"), "--instances", "0"])
     assert bad.exit_code == 2 and "instances" in bad.output
 
 
@@ -262,9 +262,9 @@ def _client_module():
 
 
 @pytest.mark.parametrize("random_frames", [False, True])
-def test_client_builds_requests_without_a_server(tiny_artifact: Path, tmp_path: Path, random_frames: bool) -> None:
+def test_client_builds_requests_without_a_server(stream_artifact: Path, tmp_path: Path, random_frames: bool) -> None:
     client = _client_module()
-    repo = write_repository(tiny_artifact, tmp_path / "repo", max_batch=4)
+    repo = write_repository(stream_artifact, tmp_path / "repo", max_batch=4)
     cfg = parse_config(repo / "tiny")
     manifest = client.load_manifest_for(repo / "tiny")
     cams = client.make_cameras(3, frames=5, manifest=manifest, random_frames=random_frames, seed=7)
@@ -305,8 +305,8 @@ def test_client_help_runs_without_a_server() -> None:
     assert "--cameras" in proc.stdout and "--url" in proc.stdout
 
 
-def test_client_without_server_fails_with_a_sentence(tiny_artifact: Path, tmp_path: Path) -> None:
-    repo = write_repository(tiny_artifact, tmp_path / "repo", max_batch=4)
+def test_client_without_server_fails_with_a_sentence(stream_artifact: Path, tmp_path: Path) -> None:
+    repo = write_repository(stream_artifact, tmp_path / "repo", max_batch=4)
     proc = _run_client("--url", "localhost:1", "--model-dir", str(repo / "tiny"), "--random-frames", "--frames", "2")
     assert proc.returncode == 2
     assert "Triton" in proc.stderr and "Traceback" not in proc.stderr

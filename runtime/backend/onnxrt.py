@@ -88,6 +88,16 @@ def _bind(sess: Any, frame: np.ndarray, output: np.ndarray, src: dict[str, np.nd
     return b
 
 
+class _Plan:
+    """The full call's buffers: frames, outputs, two state sets, and one binding per parity."""
+
+    def __init__(self, sess: Any, frame: np.ndarray, output: np.ndarray,
+                 states: list[dict[str, np.ndarray]]) -> None:
+        self.frame, self.output = frame, output
+        self.states = states  # states[p][name]: the set read at parity p
+        self.bindings = [_bind(sess, frame, output, states[p], states[1 - p]) for p in (0, 1)]
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -107,13 +117,11 @@ class OnnxRuntimeBackend(Backend):
         self.frame_dtype = np.dtype(types["frame"])
         self.output_shape = tuple(int(d) for d in manifest["output"]["shape"][1:])
         self.output_dtype = np.dtype(out_types["output"])
-        # Frame and output buffers are shared by every call (full or subset): each call writes
-        # its k leading frame rows before running and copies its k output rows after.
-        self._frame = np.zeros((streams, *self.frame_shape), self.frame_dtype)
-        self._output = np.zeros((streams, *self.output_shape), self.output_dtype)
-        self._states = [self._initial_set(streams) for _ in (0, 1)]  # [parity][name]
-        self._full = [_bind(self.sess, self._frame, self._output, self._states[p], self._states[1 - p])
-                      for p in (0, 1)]
+        # The full call's frame and output buffers serve subset calls too (their k leading
+        # rows): each call writes its frame rows before running and copies its output rows after.
+        self._full = _Plan(self.sess, np.zeros((streams, *self.frame_shape), self.frame_dtype),
+                           np.zeros((streams, *self.output_shape), self.output_dtype),
+                           [self._initial_set(streams) for _ in (0, 1)])
         self._parity = 0
         # Subset calls gather rows into one staging pair, made on first use and sized for the
         # largest subset so far; each subset size k binds its k leading rows, so memory stays
@@ -131,24 +139,24 @@ class OnnxRuntimeBackend(Backend):
     @property
     def frame_buffer(self) -> np.ndarray:
         """Staging buffer for all streams' frames; the Session preprocesses straight into it."""
-        return self._frame
+        return self._full.frame
 
     def subset_frame_buffer(self, k: int) -> np.ndarray:
-        return self._frame[:k]
+        return self._full.frame[:k]
 
     def state_dtypes(self) -> dict[str, np.dtype]:
         return dict(self._dtypes)
 
     @property
     def _current(self) -> dict[str, np.ndarray]:
-        return self._states[self._parity]
+        return self._full.states[self._parity]
 
     def step_all(self, frames: np.ndarray) -> np.ndarray:
-        if frames.ctypes.data != self._frame.ctypes.data:
-            self._frame[...] = frames
-        self.sess.run_with_iobinding(self._full[self._parity])
+        if frames.ctypes.data != self._full.frame.ctypes.data:
+            self._full.frame[...] = frames
+        self.sess.run_with_iobinding(self._full.bindings[self._parity])
         self._parity ^= 1
-        return self._output.copy()
+        return self._full.output.copy()
 
     def _subset_binding(self, k: int) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
         if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
@@ -158,7 +166,7 @@ class OnnxRuntimeBackend(Backend):
             self._subsets.clear()
         src, dst = self._staging
         if k not in self._subsets:
-            self._subsets[k] = _bind(self.sess, self._frame[:k], self._output[:k],
+            self._subsets[k] = _bind(self.sess, self._full.frame[:k], self._full.output[:k],
                                      {n: a[:k] for n, a in src.items()}, {n: a[:k] for n, a in dst.items()})
         return self._subsets[k], src, dst
 
@@ -179,12 +187,12 @@ class OnnxRuntimeBackend(Backend):
     def step_rows(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
         k = len(rows)
         binding, _, _ = self._subset_binding(k)
-        if frames.ctypes.data != self._frame.ctypes.data:  # not already staged by the Session
-            self._frame[:k] = frames
+        if frames.ctypes.data != self._full.frame.ctypes.data:  # not already staged by the Session
+            self._full.frame[:k] = frames
         self.gather(rows)
         self.sess.run_with_iobinding(binding)  # if this raises, no stream's state has changed
         self.scatter(rows)
-        return self._output[:k].copy()
+        return self._full.output[:k].copy()
 
     def reset_rows(self, rows: np.ndarray) -> None:
         cur = self._current
