@@ -74,15 +74,26 @@ def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.nda
     return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
 
 
-def _median_times(fn: Any, calls: int) -> tuple[float, float]:
-    """Median wall ms and median process-CPU ms of ``calls`` calls of ``fn(i)``."""
-    wall, cpu = [], []
+def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Median wall ms and median process-CPU ms per function, calling them in turn ``calls`` times.
+
+    Interleaving call by call makes a slow spell on a shared machine hit every mode alike. CPU
+    time (all threads of this process) still counts only the work done when other jobs hold
+    the cores, which wall time does not. ``pause_s`` before each timed call lets ONNX Runtime's
+    pool threads, which spin for a while after a run, go idle so the next call does not pay for
+    the previous one's spin.
+    """
+    wall: dict[str, list[float]] = {m: [] for m in fns}
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
     for i in range(calls):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn(i)
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
-    return statistics.median(wall), statistics.median(cpu)
+        for mode, fn in fns.items():
+            if pause_s:
+                time.sleep(pause_s)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(i)
+            wall[mode].append((time.perf_counter() - t0) * 1e3)
+            cpu[mode].append((time.process_time() - c0) * 1e3)
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
 
 
 def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None) -> dict[str, float]:
@@ -115,27 +126,10 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     for i in range(WARMUP_CALLS):
         for fn in (batched_call, separate_round, subset_call, gather_scatter):
             fn(i)
-    # Interleave the modes call by call, so a slow spell on a shared machine hits all of them,
-    # with a short pause before each timed call: ONNX Runtime's pool threads spin for a while
-    # after a run, and without the pause the next call would pay for the previous one's spin.
-    # CPU time (all threads of this process) is kept beside wall time: on a machine shared
-    # with other jobs it still counts only the work done, which wall time does not.
-    def interleave(fns: dict[str, Any]) -> dict[str, tuple[float, float]]:
-        wall: dict[str, list[float]] = {m: [] for m in fns}
-        cpu: dict[str, list[float]] = {m: [] for m in fns}
-        for i in range(frames):
-            for mode, fn in fns.items():
-                time.sleep(PAUSE_S)
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn(i)
-                wall[mode].append((time.perf_counter() - t0) * 1e3)
-                cpu[mode].append((time.process_time() - c0) * 1e3)
-        return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
-
-    vs_separate = interleave({"batched": batched_call, "separate": separate_round})
+    vs_separate = _interleave({"batched": batched_call, "separate": separate_round}, frames, PAUSE_S)
     # Subset vs full on the batched session alone, so no other session's threads are around.
-    vs_subset = interleave({"full": batched_call, "subset": subset_call})
-    gs_ms, gs_cpu = _median_times(gather_scatter, max(20, frames))
+    vs_subset = _interleave({"full": batched_call, "subset": subset_call}, frames, PAUSE_S)
+    gs_ms, gs_cpu = _interleave({"gather_scatter": gather_scatter}, max(20, frames))["gather_scatter"]
     (batched_ms, batched_cpu), (separate_ms, separate_cpu) = vs_separate["batched"], vs_separate["separate"]
     (full_ms, full_cpu), (subset_ms, _) = vs_subset["full"], vs_subset["subset"]
     for sess in [batched, *separate]:
