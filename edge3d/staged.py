@@ -406,11 +406,13 @@ def discover_rates(model: nn.Module, frame_shape: Sequence[int], keep_time: bool
                    names: dict[nn.Module, str]) -> tuple[dict[nn.Module, tuple[int, int]], int]:
     """Input and output period of every streaming layer, from a clip forward on meta tensors.
 
-    The clip has as many frames as the product of all temporal strides, so every period divides
-    it; meta tensors carry shapes only, so this costs nothing even for a full-size model.
+    The clip has twice as many frames as the product of all temporal strides, so every period
+    divides it and no rate's time axis has length 1 (which would broadcast against another
+    rate and hide a path that crosses a rate change); meta tensors carry shapes only, so this
+    costs nothing even for a full-size model.
     """
     strided = [m for m in model.modules() if isinstance(m, StreamingModule) and temporal_stride(m) > 1]
-    T = math.prod(temporal_stride(m) for m in strided)
+    T = 2 * math.prod(temporal_stride(m) for m in strided)
     if T > 4096:
         raise _error(f"{type(model).__name__}: the temporal strides multiply to {T} frames per output; "
                      "edge3d supports at most 4096.")
