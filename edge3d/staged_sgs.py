@@ -25,6 +25,26 @@ from .nn.state import StateSpec, StepContext, stepping
 from .staged import BufferSpec, Stage, StagedStepModule
 
 
+class _ByPath(StepContext):
+    """Step context keyed by module path instead of module object.
+
+    torch.export's non-strict tracing can present the stage's submodules as other objects than
+    the ones seen at construction, so states carried between the unrolled bin steps are keyed
+    by a path tag set on each module.
+    """
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        key = module._edge3d_path
+        if self.discover:
+            specs = module.state_specs(tuple(x.shape[1:]))
+            state = tuple(sp.initial(x.shape[0], x.device) for sp in specs)
+        else:
+            state = self.states.get(key, ())  # type: ignore[call-overload]
+        y, new = module._step_in_context(x, state, self)
+        self.new_states[key] = tuple(new)  # type: ignore[index]
+        return y
+
+
 class FrameStage(Stage):
     """Stage 0: a single-rate step module whose output feeds a buffer."""
 
@@ -54,8 +74,11 @@ class SGSChunkStage(Stage):
         self.specs: list[StateSpec] = []
         self.lower = lower
         self._names = {m: f"post.{p}" if p else "post" for p, m in self.post.named_modules()}
+        for m, path in self._names.items():
+            m._edge3d_path = path
 
-    def forward(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (window,) = args  # var-positional like every stage, so one export path fits all
         K, B = self.sgs.chunk, self.sgs.bins
         n, c = window.shape[0], window.shape[1] // K
         frames = [window[:, t * c:(t + 1) * c] for t in range(K)]
@@ -66,13 +89,13 @@ class SGSChunkStage(Stage):
         flat = window.reshape(n, K, -1)  # rank 3: never a rank-5 tensor in the graph
         compact = torch.matmul(weights, flat)  # (N, B, C·H·W)
         used = mask.to(window.dtype).sum(dim=1)  # B' >= 1 always (see edge3d.nn.sgs)
-        states: dict[nn.Module, tuple[torch.Tensor, ...]] | None = None
+        states: dict[str, tuple[torch.Tensor, ...]] | None = None
         total = None
         for j in range(B):
-            ctx = StepContext(states, keep_time=False, lower=self.lower, names=self._names)
+            ctx = _ByPath(states, keep_time=False, lower=self.lower)  # type: ignore[arg-type]
             with stepping(ctx):
                 y = self.post(compact[:, j].reshape(n, c, *window.shape[2:]))
-            states = {**(states or {}), **ctx.new_states} if states is not None else dict(ctx.new_states)
+            states = dict(ctx.new_states)  # type: ignore[arg-type]
             f = self.model.pool_features(y) * (used > j).to(y.dtype).unsqueeze(1)
             total = f if total is None else total + f
         feat = total / used.unsqueeze(1)
