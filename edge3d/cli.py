@@ -112,8 +112,7 @@ def inspect(
             prec.add_row(name, p["file"], _fmt_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
                          _fmt_bytes(p.get("weight_bytes", 0)))
         console.print(prec)
-        for stage in m.get("stages", []):
-            console.print(stage)
+        _print_stages(m.get("stages", []), m.get("buffers", []))
         return
     from .accounting import inspect as account
 
@@ -124,6 +123,31 @@ def inspect(
         return
     _print_report(target, report["params"], report["macs_per_frame"], report["state_bytes"],
                   report["input_history_bytes"], report["states"])
+    _print_stages(report.get("stages", []), report.get("buffers", []))
+
+
+def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
+    """Multi-rate models: each stage's rate and I/O, and the buffers between stages."""
+    if not stages:
+        return
+    table = Table(title="stages (multi-rate)")
+    for col in ("stage", "runs every", "inputs", "outputs", "states"):
+        table.add_column(col)
+    for st in stages:
+        names = [i["name"] if isinstance(i, dict) else i for i in st["inputs"]]
+        outs = [o["name"] if isinstance(o, dict) else o for o in st["outputs"]]
+        table.add_row(str(st["index"]), f"{st['rate']} frames", ", ".join(names), ", ".join(outs),
+                      str(len(st["states"])))
+    console.print(table)
+    if buffers:
+        bt = Table(title="buffers between stages (per stream)")
+        for col in ("buffer", "stage", "frames", "shape", "bytes"):
+            bt.add_column(col, justify="right" if col == "bytes" else "left")
+        for b in buffers:
+            shape = [d for d in b["shape"] if d != "N"]
+            bt.add_row(b["name"], f"{b['from_stage']} → {b['to_stage']}", str(b["stride"]),
+                       "×".join(map(str, shape)), f"{b['bytes']:,}")
+        console.print(bt)
 
 
 def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict]) -> None:
@@ -265,6 +289,15 @@ def run(
     table.add_row("fps (step only)", f"{s['fps']:.1f}")
     table.add_row("cache memory per stream", _fmt_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {profile}")
+    if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
+        ss = session.stage_summary()
+        for r in ss["stages"]:
+            table.add_row(f"stage {r['stage']} (every {r['rate']} frames)", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
+        table.add_row("amortised ms/frame", f"{ss['amortised_ms_per_frame']:.2f}")
+        table.add_row("buffers per stream", _fmt_bytes(sum(ss["buffer_bytes"].values())))
+        if "bins_used" in ss:
+            b = ss["bins_used"]
+            table.add_row("SGS bins used", f"mean {b['mean']:.2f} (min {b['min']}, max {b['max']}) over {b['chunks']} chunks")
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
     if output:

@@ -166,6 +166,11 @@ def export_artifact(
     else:
         step = to_step(model, (channels, h, w), keep_time=True, lower=False)
     out_dir = Path(out_dir)
+    if hasattr(step, "stages"):  # multi-rate: one graph per stage (exporters/staged.py)
+        from .staged import export_staged
+
+        return export_staged(step, out_dir, name, model_info=model_info or {"name": name}, classes=classes,
+                             mean=mean, std=std, opset=opset)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{name}.edge3d"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))

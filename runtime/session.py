@@ -73,6 +73,14 @@ class Session:
     3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
     """
 
+    def __new__(cls, path: str | Path, *args: Any, **kwargs: Any) -> Session:
+        # Multi-rate artifacts (manifest "stages") are scheduled by runtime/staged.py.
+        if cls is Session and "stages" in load_manifest(path):
+            from .staged import StagedSession
+
+            return super().__new__(StagedSession)
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
                  threads: int | None = None) -> None:
         if not isinstance(streams, int) or streams < 1:
