@@ -42,6 +42,8 @@ def inspect(model: nn.Module, frame_size: int | tuple[int, int] = 112, channels:
     else:
         h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
         step = to_step(model, (channels, h, w))
+    if hasattr(step, "report"):  # multi-rate: per-stage MACs, states and buffers (edge3d.staged)
+        return step.report()
     states = [
         {"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "kind": s.kind,
          "bytes": s.bytes, "layer": s.layer, "input_history": s.input_history}

@@ -112,8 +112,7 @@ def inspect(
             prec.add_row(name, p["file"], _fmt_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
                          _fmt_bytes(p.get("weight_bytes", 0)))
         console.print(prec)
-        for stage in m.get("stages", []):
-            console.print(stage)
+        _print_stages(m.get("stages", []), m.get("buffers", []))
         return
     from .accounting import inspect as account
 
@@ -124,6 +123,31 @@ def inspect(
         return
     _print_report(target, report["params"], report["macs_per_frame"], report["state_bytes"],
                   report["input_history_bytes"], report["states"])
+    _print_stages(report.get("stages", []), report.get("buffers", []))
+
+
+def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
+    """Multi-rate models: each stage's rate and I/O, and the buffers between stages."""
+    if not stages:
+        return
+    table = Table(title="stages (multi-rate)")
+    for col in ("stage", "runs every", "inputs", "outputs", "states"):
+        table.add_column(col)
+    for st in stages:
+        names = [i["name"] if isinstance(i, dict) else i for i in st["inputs"]]
+        outs = [o["name"] if isinstance(o, dict) else o for o in st["outputs"]]
+        table.add_row(str(st["index"]), f"{st['rate']} frames", ", ".join(names), ", ".join(outs),
+                      str(len(st["states"])))
+    console.print(table)
+    if buffers:
+        bt = Table(title="buffers between stages (per stream)")
+        for col in ("buffer", "stage", "frames", "shape", "bytes"):
+            bt.add_column(col, justify="right" if col == "bytes" else "left")
+        for b in buffers:
+            shape = [d for d in b["shape"] if d != "N"]
+            bt.add_row(b["name"], f"{b['from_stage']} → {b['to_stage']}", str(b["stride"]),
+                       "×".join(map(str, shape)), f"{b['bytes']:,}")
+        console.print(bt)
 
 
 def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict]) -> None:
@@ -270,6 +294,15 @@ def run(
     table.add_row("fps (step only)", f"{s['fps']:.1f}")
     table.add_row("cache memory per stream", _fmt_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {profile}")
+    if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
+        ss = session.stage_summary()
+        for r in ss["stages"]:
+            table.add_row(f"stage {r['stage']} (every {r['rate']} frames)", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
+        table.add_row("amortised ms/frame", f"{ss['amortised_ms_per_frame']:.2f}")
+        table.add_row("buffers per stream", _fmt_bytes(sum(ss["buffer_bytes"].values())))
+        if "bins_used" in ss:
+            b = ss["bins_used"]
+            table.add_row("SGS bins used", f"mean {b['mean']:.2f} (min {b['min']}, max {b['max']}) over {b['chunks']} chunks")
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
     if output:
@@ -312,6 +345,70 @@ def bench(
     for k, v in report["ratios"].items():
         ratios.add_row(k, f"{v:.2f}")
     console.print(ratios)
+
+
+# --------------------------------------------------------------------------- bench-streams
+@app.command("bench-streams")
+@friendly
+def bench_streams(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    streams: Annotated[str, typer.Option("--streams", help="Stream counts to measure, e.g. 1,2,4,8,16.")] = "1,2,4,8",
+    frames: Annotated[int, typer.Option("--frames", help="Timed calls per mode and stream count.")] = 30,
+    profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
+    threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
+    no_rss: Annotated[bool, typer.Option("--no-rss", help="Skip the memory measurement (child processes).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
+) -> None:
+    """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
+    from .bench_streams import HEADERS, format_rows, measure_streams
+
+    try:
+        counts = [int(s) for s in _split(streams)]
+    except ValueError:
+        raise ValueError(f"--streams {streams!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
+    with console.status("measuring streams...") if not as_json else _nullcontext():
+        report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
+                        f"{profile}, state {_fmt_bytes(report['state_bytes_per_stream'])} per stream")
+    for col in HEADERS:
+        table.add_column(col, justify="right")
+    for row in format_rows(report):
+        table.add_row(*row)
+    console.print(table)
+
+
+def _nullcontext() -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- triton
+@app.command()
+@friendly
+def triton(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The Triton model repository to write into.")],
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most streams Triton steps in one call.")] = 8,
+    instances: Annotated[int, typer.Option("--instances", help="Model instances (parallel executions).")] = 1,
+    name: Annotated[str | None, typer.Option("--name", help="Model name (default: the artifact's).")] = None,
+    profile: Annotated[str, typer.Option("--profile", help="Which precision's ONNX graph to serve.")] = "fp32",
+    max_sequences: Annotated[int | None, typer.Option(
+        "--max-sequences", help="Cameras one instance keeps live (default: --max-batch).")] = None,
+    idle_seconds: Annotated[float, typer.Option(
+        "--idle-seconds", help="A sequence silent this long is dropped with its state.")] = 5.0,
+    kind: Annotated[str, typer.Option("--kind", help="Instance kind of the ONNX model: auto | gpu | cpu.")] = "auto",
+) -> None:
+    """Write a Triton model repository: the ONNX graph (and any TensorRT engines) with implicit state."""
+    from .exporters.triton import write_repository
+
+    repo = write_repository(artifact, out, max_batch, console=console, model_name=name, instances=instances,
+                            profile=profile, max_sequences=max_sequences, idle_seconds=idle_seconds, kind=kind)
+    console.print(f"wrote Triton model repository [bold]{repo}[/]; serve it with")
+    console.print(f"  tritonserver --model-repository={repo.resolve()}", soft_wrap=True, highlight=False)
 
 
 # --------------------------------------------------------------------------- compare

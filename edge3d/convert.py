@@ -159,5 +159,21 @@ def to_step(
     the model one-frame clips, so forward code written for (N, C, T, H, W) tensors still works.
     ``lower=False`` keeps causal convs as Conv3d over the cache (the naive form, for benchmarks).
     The model is switched to eval mode: batch statistics over time would not be causal.
+
+    A model that changes its frame rate (temporal strides, similarity-guided sampling) gets a
+    :class:`edge3d.staged.StagedStepModule` instead: one pure step function per rate.
     """
+    from .staged import is_multirate
+
+    if is_multirate(model):
+        check_streamable(model)
+        from .nn.sgs import SimilarityGuidedSampling
+
+        if any(isinstance(m, SimilarityGuidedSampling) for m in model.modules()):
+            from .staged_sgs import SGSStagedStepModule
+
+            return SGSStagedStepModule(model, frame_shape, lower)  # type: ignore[return-value]
+        from .staged import StagedStepModule
+
+        return StagedStepModule(model, frame_shape, keep_time, lower)  # type: ignore[return-value]
     return StepModule(model, frame_shape, keep_time, lower, output_time_axis)

@@ -86,6 +86,12 @@ def simplify(src: Path, dst: Path) -> None:
     for n in model.graph.node:
         if n.name in meta and not n.metadata_props:
             n.metadata_props.extend(meta[n.name])
+    # Folding leaves value_info behind for tensors no node produces any more (e.g. the 5-D
+    # weights before they were reshaped to 2-D kernels); drop them so the graph says only true things.
+    produced = {o for n in model.graph.node for o in n.output}
+    live = [v for v in model.graph.value_info if v.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(live)
     used = {n.domain for n in model.graph.node}
     keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]
@@ -167,6 +173,11 @@ def export_artifact(
     else:
         step = to_step(model, (channels, h, w), keep_time=True, lower=False)
     out_dir = Path(out_dir)
+    if hasattr(step, "stages"):  # multi-rate: one graph per stage (exporters/staged.py)
+        from .staged import export_staged
+
+        return export_staged(step, out_dir, name, model_info=model_info or {"name": name}, classes=classes,
+                             mean=mean, std=std, opset=opset)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{name}.edge3d"
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))

@@ -73,6 +73,14 @@ class Session:
     3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
     """
 
+    def __new__(cls, path: str | Path, *args: Any, **kwargs: Any) -> Session:
+        # Multi-rate artifacts (manifest "stages") are scheduled by runtime/staged.py.
+        if cls is Session and "stages" in load_manifest(path):
+            from .staged import StagedSession
+
+            return super().__new__(StagedSession)
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
                  threads: int | None = None) -> None:
         if not isinstance(streams, int) or streams < 1:
@@ -104,34 +112,42 @@ class Session:
     def step_batch(self, frames: Any, stream_ids: Any = None) -> np.ndarray:
         """One frame for each stream in ``stream_ids`` (default: all, in order), as one call.
 
-        Any subset of streams may be stepped; the others keep their state. Returns outputs in
-        the order of ``stream_ids``.
+        Any subset of streams may be stepped, in any order; the others keep their state.
+        Returns outputs in the order of ``stream_ids``. Ids and every frame are validated
+        before the backend runs, so a rejected call changes no stream's state.
         """
-        ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
-        if ids.ndim != 1 or len(ids) == 0:
-            raise ValueError("stream_ids must be a non-empty list of stream indices.")
-        for s in ids.tolist():
-            self._check_stream(s)
-        if len(set(ids.tolist())) != len(ids):
-            raise ValueError(f"stream_ids {ids.tolist()} repeat a stream; step each stream at most once per call.")
-        if len(frames) != len(ids):
-            raise ValueError(f"got {len(frames)} frames for {len(ids)} streams; pass one frame per stream id.")
+        ids = self._check_ids(stream_ids)
+        if not hasattr(frames, "__len__") or len(frames) != len(ids):
+            n = len(frames) if hasattr(frames, "__len__") else type(frames).__name__
+            raise ValueError(f"got {n} frames for {len(ids)} streams; pass one frame per stream id.")
         everyone = len(ids) == self.streams and bool((ids == np.arange(self.streams)).all())
-        if everyone:
-            buf = self._backend.frame_buffer
-        else:
-            buf = self._backend.subset_frame_buffer(len(ids))
-        staged = np.empty_like(buf)
+        buf = self._backend.frame_buffer if everyone else self._backend.subset_frame_buffer(len(ids))
         for i, f in enumerate(frames):
-            self.pre(f, staged[i])  # validate all frames before any state changes
-        buf[...] = staged
+            # Straight into the backend's frame buffer: it holds no state, and every call
+            # rewrites all of its rows, so a frame rejected half-way leaves nothing behind.
+            self.pre(f, buf[i])
         t0 = time.perf_counter()
         out = self._backend.step_all(buf) if everyone else self._backend.step_rows(buf, ids)
         self.stats.record((time.perf_counter() - t0) * 1e3, len(ids))
         return out
 
+    def _check_ids(self, stream_ids: Any) -> np.ndarray:
+        if stream_ids is None:
+            return np.arange(self.streams)
+        ids = np.asarray(stream_ids)
+        if ids.ndim != 1 or len(ids) == 0:
+            raise ValueError("stream_ids must be a non-empty list of stream indices.")
+        if ids.dtype.kind not in "iu":  # bools would become masks and floats truncate silently
+            raise ValueError(f"stream_ids {ids.tolist()} must be integers; pass stream indices 0..{self.streams - 1}.")
+        for s in ids.tolist():
+            self._check_stream(s)
+        if len(set(ids.tolist())) != len(ids):
+            raise ValueError(f"stream_ids {ids.tolist()} repeat a stream; step each stream at most once per call.")
+        return ids.astype(np.intp)
+
     def _check_stream(self, stream: Any) -> None:
-        if not isinstance(stream, (int, np.integer)) or not 0 <= int(stream) < self.streams:
+        if (isinstance(stream, (bool, np.bool_)) or not isinstance(stream, (int, np.integer))
+                or not 0 <= int(stream) < self.streams):
             raise ValueError(f"stream id {stream!r} is out of range; this session has streams 0..{self.streams - 1}.")
 
     # ----------------------------------------------------------------- state

@@ -6,6 +6,7 @@ See :mod:`edge3d.nn.state` for how a model's ordinary forward becomes a pure ste
 from .conv import CausalConv3d, CausalTemporalAggregation
 from .delay import FrameHistory, TemporalShift
 from .pooling import BatchNorm3d, RunningMean, SpatialMaxPool3d, spatial_mean
+from .rate import CausalTemporalPool
 from .rnn import GRUHead, LSTMHead, RecurrentConv
 from .state import StateSpec, StepContext, StreamingModule, current_context, stepping
 
@@ -13,6 +14,7 @@ __all__ = [
     "BatchNorm3d",
     "CausalConv3d",
     "CausalTemporalAggregation",
+    "CausalTemporalPool",
     "FrameHistory",
     "GRUHead",
     "LSTMHead",

@@ -16,6 +16,21 @@ from torch import nn
 from .state import StateSpec, StepContext, StreamingModule
 
 
+def window_history(kernel: int, dilation: int, stride: int) -> int:
+    """Input frames a strided layer keeps from before its s-frame window.
+
+    Output j needs frames j·s + s − 1 − (k−1)·d .. j·s + s − 1; the window holds the last s of
+    them, so (k−1)·d − (s−1) older frames (never negative) must be cached.
+    """
+    return max(0, (kernel - 1) * dilation - (stride - 1))
+
+
+def window_taps(kernel: int, dilation: int, stride: int, history: int) -> list[int]:
+    """Frame indices, in concat(cache, window), of the k taps of the newest output (oldest tap first)."""
+    last = history + stride - 1
+    return [last - (kernel - 1 - i) * dilation for i in range(kernel)]
+
+
 def _pair(v: int | tuple[int, ...], name: str, owner: str) -> tuple[int, int]:
     if isinstance(v, int):
         return (v, v)
@@ -38,8 +53,13 @@ class CausalConv3d(StreamingModule):
     """``torch.nn.Conv3d`` with causal temporal padding ((k-1)·d frames on the left, none right).
 
     ``padding`` is the spatial padding only; temporal padding is implied by causality.
-    Temporal stride must be 1: a strided layer changes the frame rate, which a single-rate
-    step function cannot express.
+
+    Temporal stride s > 1 changes the frame rate (see :mod:`edge3d.nn.rate`): output j is
+    emitted once input frame j·s + s − 1 has arrived and is computed from frames up to that
+    one only, ``y_j = Σ_i w_i · x[j·s + s − 1 − (k−1−i)·d]`` (zero before frame 0). A clip of
+    T frames gives floor(T / s) outputs: a trailing incomplete group produces nothing, exactly
+    as a stream that stops mid-group. ``to_step`` turns such models into a staged step module
+    in which this layer reads a buffer of its last s input frames.
     """
 
     def __init__(
@@ -66,11 +86,8 @@ class CausalConv3d(StreamingModule):
                 )
             padding = tuple(padding[1:])
         p = _pair(padding, "padding", owner)
-        if s[0] != 1:
-            raise ValueError(
-                f"{owner}: temporal stride {s[0]} is not supported; use temporal stride 1 "
-                "(strided layers change the frame rate of everything after them)."
-            )
+        if s[0] < 1:
+            raise ValueError(f"{owner}: temporal stride must be >= 1, got {s[0]}")
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{owner}: channels must be divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -80,6 +97,7 @@ class CausalConv3d(StreamingModule):
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         self.reset_parameters()
         self.receptive_field = (k[0] - 1) * d[0] + 1
+        self.temporal_stride = s[0]
 
     def reset_parameters(self) -> None:
         # Same initialisation as torch.nn.Conv3d, so swapping one for the other trains the same.
@@ -102,8 +120,45 @@ class CausalConv3d(StreamingModule):
 
     def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
         x = F.pad(x, (0, 0, 0, 0, self.history, 0))
-        return F.conv3d(x, self.weight, self.bias, (1, *self.stride[1:]), (0, *self.padding),
+        st = self.temporal_stride
+        if st > 1:
+            # Drop the first s-1 padded frames so that output j ends at input frame j·s + s − 1.
+            x = x[:, :, st - 1:]
+        return F.conv3d(x, self.weight, self.bias, (st, *self.stride[1:]), (0, *self.padding),
                         self.dilation, self.groups)
+
+    # ----------------------------------------------------------- strided (multi-rate) step
+    @property
+    def window_history(self) -> int:
+        """Frames kept before the s-frame window: only what the oldest tap still needs."""
+        return window_history(self.kernel_size[0], self.dilation[0], self.temporal_stride)
+
+    def window_state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
+        h = self.window_history
+        if h == 0:
+            return []
+        c, hh, ww = frame_shape
+        return [StateSpec("cache", (h * c, hh, ww), kind="ring",
+                          doc=f"last {h} input frames before the window, oldest first")]
+
+    def forward_window(self, window: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One output from the last s input frames (channel-stacked, oldest first) and the cache."""
+        kt, dt, s = self.kernel_size[0], self.dilation[0], self.temporal_stride
+        st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
+        h = self.window_history
+        c = window.shape[1] // s
+        full = torch.cat([state[0], window], dim=1) if h else window
+        idx = window_taps(kt, dt, s, h)
+        taps = [full[:, j * c:(j + 1) * c] for j in idx]
+        if self.groups == 1:
+            stacked = full[:, idx[0] * c:(idx[-1] + 1) * c] if dt == 1 else torch.cat(taps, dim=1)
+            w2d = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
+            y = F.conv2d(stacked, w2d, self.bias, st, pd, dl)
+        else:
+            y = F.conv2d(taps[0], self.weight[:, :, 0], self.bias, st, pd, dl, self.groups)
+            for i in range(1, kt):
+                y = y + F.conv2d(taps[i], self.weight[:, :, i], None, st, pd, dl, self.groups)
+        return (y, full[:, s * c:]) if h else (y,)
 
     def state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
         if self.history == 0:

@@ -34,6 +34,12 @@ _ENTRIES = [
              "deep-analysis-2d-3d-temporal-modules", {"num_classes": 400}, ("fc", "lstm", "gru")),
     ZooEntry("tam-resnet18", "edge3d.zoo.resnet:tam_resnet18", "ResNet-18 with causal temporal aggregation",
              "deep-analysis-2d-3d-temporal-modules", {"num_classes": 400}, ("fc", "lstm", "gru")),
+    ZooEntry("r3d18-causal", "edge3d.zoo.multirate:r3d18_causal",
+             "Causal 3D ResNet-18, temporal stride 2 in res3-res5 (multi-rate stages)",
+             "adaptive-temporal-feature-resolution-sgs", {"num_classes": 400}),
+    ZooEntry("sgs-resnet18", "edge3d.zoo.multirate:sgs_resnet18",
+             "SGS paper's 3D ResNet-18 (Table A.1), causal before SGS, SGS after res2, chunk K=8",
+             "adaptive-temporal-feature-resolution-sgs", {"num_classes": 400}),
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 

@@ -3,7 +3,7 @@
 Two bindings are made once, one per parity: parity p reads states from buffer p and writes
 them to buffer 1-p, so a step allocates no state tensor and never binds one buffer as both
 input and output. Stepping a subset of streams gathers their rows into staging buffers and
-scatters the new rows back only after the run succeeded.
+scatters the new rows back only after the run succeeded, so a failed run changes no state.
 """
 
 from __future__ import annotations
@@ -96,24 +96,27 @@ def initial_value(spec: dict[str, Any], entry: dict[str, Any], dtype: np.dtype) 
     return int(min(max(q, info.min), info.max))
 
 
+def _bind(sess: Any, frame: np.ndarray, output: np.ndarray, src: dict[str, np.ndarray],
+          dst: dict[str, np.ndarray]) -> Any:
+    """One I/O binding over preallocated host buffers (C-contiguous, possibly leading-row views)."""
+    b = sess.io_binding()
+    b.bind_input("frame", "cpu", 0, frame.dtype, frame.shape, frame.ctypes.data)
+    b.bind_output("output", "cpu", 0, output.dtype, output.shape, output.ctypes.data)
+    for name in src:
+        i, o = state_io_names(name)
+        b.bind_input(i, "cpu", 0, src[name].dtype, src[name].shape, src[name].ctypes.data)
+        b.bind_output(o, "cpu", 0, dst[name].dtype, dst[name].shape, dst[name].ctypes.data)
+    return b
+
+
 class _Plan:
-    """Buffers and one bound I/O binding per parity for a batch of ``k`` streams."""
+    """The full call's buffers: frames, outputs, two state sets, and one binding per parity."""
 
-    def __init__(self, backend: OnnxRuntimeBackend, k: int, states: list[dict[str, np.ndarray]]) -> None:
-        self.frame = np.zeros((k, *backend.frame_shape), backend.frame_dtype)
-        self.output = np.zeros((k, *backend.output_shape), backend.output_dtype)
-        self.states = states  # states[p][name]: buffer read at parity p
-        self.bindings = [self._bind(backend, states[p], states[1 - p]) for p in (0, 1)]
-
-    def _bind(self, backend: OnnxRuntimeBackend, src: dict, dst: dict):
-        b = backend.sess.io_binding()
-        b.bind_input("frame", "cpu", 0, self.frame.dtype, self.frame.shape, self.frame.ctypes.data)
-        b.bind_output("output", "cpu", 0, self.output.dtype, self.output.shape, self.output.ctypes.data)
-        for name in backend.state_names:
-            i, o = state_io_names(name)
-            b.bind_input(i, "cpu", 0, src[name].dtype, src[name].shape, src[name].ctypes.data)
-            b.bind_output(o, "cpu", 0, dst[name].dtype, dst[name].shape, dst[name].ctypes.data)
-        return b
+    def __init__(self, sess: Any, frame: np.ndarray, output: np.ndarray,
+                 states: list[dict[str, np.ndarray]]) -> None:
+        self.frame, self.output = frame, output
+        self.states = states  # states[p][name]: the set read at parity p
+        self.bindings = [_bind(sess, frame, output, states[p], states[1 - p]) for p in (0, 1)]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -137,20 +140,32 @@ class OnnxRuntimeBackend(Backend):
         self.frame_dtype = np.dtype(types["frame"])
         self.output_shape = tuple(int(d) for d in manifest["output"]["shape"][1:])
         self.output_dtype = np.dtype(out_types["output"])
-        bufs = [{n: self._initial(n, streams) for n in self.state_names} for _ in (0, 1)]
-        self._full = _Plan(self, streams, bufs)
+        # The full call's frame and output buffers serve subset calls too (their k leading
+        # rows): each call writes its frame rows before running and copies its output rows after.
+        self._full = _Plan(self.sess, np.zeros((streams, *self.frame_shape), self.frame_dtype),
+                           np.zeros((streams, *self.output_shape), self.output_dtype),
+                           [self._initial_set(streams) for _ in (0, 1)])
         self._parity = 0
-        self._subsets: dict[int, _Plan] = {}
+        # Subset calls gather rows into one staging pair, made on first use and sized for the
+        # largest subset so far; each subset size k binds its k leading rows, so memory stays
+        # 2 x (largest subset) rows however many different subset sizes a caller uses.
+        self._staging: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self._subsets: dict[int, Any] = {}
 
-    def _initial(self, name: str, k: int) -> np.ndarray:
-        s = self._specs[name]
-        shape = (k, *[int(d) for d in s["shape"][1:]])
-        return np.full(shape, self._init[name], self._dtypes[name])
+    def _initial_set(self, k: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name in self.state_names:
+            s = self._specs[name]
+            out[name] = np.full((k, *[int(d) for d in s["shape"][1:]]), self._init[name], self._dtypes[name])
+        return out
 
     @property
     def frame_buffer(self) -> np.ndarray:
         """Staging buffer for all streams' frames; the Session preprocesses straight into it."""
         return self._full.frame
+
+    def subset_frame_buffer(self, k: int) -> np.ndarray:
+        return self._full.frame[:k]
 
     def state_dtypes(self) -> dict[str, np.dtype]:
         return dict(self._dtypes)
@@ -160,32 +175,47 @@ class OnnxRuntimeBackend(Backend):
         return self._full.states[self._parity]
 
     def step_all(self, frames: np.ndarray) -> np.ndarray:
-        if frames is not self._full.frame:
+        if frames.ctypes.data != self._full.frame.ctypes.data:
             self._full.frame[...] = frames
         self.sess.run_with_iobinding(self._full.bindings[self._parity])
         self._parity ^= 1
         return self._full.output.copy()
 
-    def subset_plan(self, k: int) -> _Plan:
+    def _subset_binding(self, k: int) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
+            # Grow-only: sized for the largest subset seen, so a caller that steps a few
+            # streams at a time never pays for staging rows of all of them.
+            self._staging = (self._initial_set(k), self._initial_set(k))
+            self._subsets.clear()
+        src, dst = self._staging
         if k not in self._subsets:
-            bufs = [{n: self._initial(n, k) for n in self.state_names} for _ in (0, 1)]
-            self._subsets[k] = _Plan(self, k, bufs)
-        return self._subsets[k]
+            self._subsets[k] = _bind(self.sess, self._full.frame[:k], self._full.output[:k],
+                                     {n: a[:k] for n, a in src.items()}, {n: a[:k] for n, a in dst.items()})
+        return self._subsets[k], src, dst
 
-    def subset_frame_buffer(self, k: int) -> np.ndarray:
-        return self.subset_plan(k).frame
-
-    def step_rows(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        plan = self.subset_plan(len(rows))
-        if frames is not plan.frame:
-            plan.frame[...] = frames
+    def gather(self, rows: np.ndarray) -> None:
+        """Copy the current state rows of ``rows`` into the leading rows of the staging inputs."""
+        _, src, _ = self._subset_binding(len(rows))
         cur = self._current
         for n in self.state_names:
-            np.take(cur[n], rows, axis=0, out=plan.states[0][n])
-        self.sess.run_with_iobinding(plan.bindings[0])
+            np.take(cur[n], rows, axis=0, out=src[n][: len(rows)])
+
+    def scatter(self, rows: np.ndarray) -> None:
+        """Copy the new state rows from the staging outputs back to the streams in ``rows``."""
+        _, _, dst = self._subset_binding(len(rows))
+        cur = self._current
         for n in self.state_names:
-            cur[n][rows] = plan.states[1][n]
-        return plan.output.copy()
+            cur[n][rows] = dst[n][: len(rows)]
+
+    def step_rows(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        k = len(rows)
+        binding, _, _ = self._subset_binding(k)
+        if frames.ctypes.data != self._full.frame.ctypes.data:  # not already staged by the Session
+            self._full.frame[:k] = frames
+        self.gather(rows)
+        self.sess.run_with_iobinding(binding)  # if this raises, no stream's state has changed
+        self.scatter(rows)
+        return self._full.output[:k].copy()
 
     def reset_rows(self, rows: np.ndarray) -> None:
         cur = self._current

@@ -1,0 +1,298 @@
+"""Many streams in one process: what batching N streams into one Session buys and costs.
+
+An operator serving N cameras from one box can run one ``Session(streams=N)`` and step all
+cameras in one call, or run N ``Session``s one after another. ``measure_streams`` measures,
+for each N, on the same frames:
+
+- **throughput**: aggregate frames/s and ms per call, batched vs separate sessions;
+- **gather/scatter**: a call that steps a subset of streams copies their state rows into
+  staging buffers and back; its cost is timed alone and as a share of a full call of the
+  same batch size (a shuffled call of all N streams against the in-order full call);
+- **memory**: resident memory (RSS) added per extra batched stream vs per extra separate
+  session, against that stream's state bytes.
+
+RSS is measured in fresh child processes, one per (mode, N, repeat): each imports the
+runtime, creates the session(s), steps a few full calls so ONNX Runtime's arena reaches its
+steady size, returns freed heap pages to the OS (``malloc_trim``) and reads
+``/proc/self/statm``. A fresh process per point keeps allocator history (arena growth from
+earlier sizes) out of the differences, the trim keeps memory freed by session creation from
+hiding later allocations, and the median over repeats keeps neighbours on a shared machine
+out of it. Timings are medians of per-call times for the same reason.
+
+Only numpy and the runtime are used (no torch), so this runs wherever the runtime does.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DISTINCT_FRAMES = 8  # distinct frames per stream, cycled: enough to keep caches honest, little memory
+WARMUP_CALLS = 3
+PAUSE_S = 0.01  # before each timed call (see _time_point)
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc), so RSS counts live memory only.
+
+    Creating an ONNX Runtime session frees about as much memory as it keeps (the parsed model,
+    unoptimised initialisers). glibc keeps those pages resident and later numpy buffers reuse
+    them, so without a trim the state buffers of up to ~8 full-size streams hide inside memory
+    the process already had and RSS does not grow at all.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: RSS then also counts freed heap
+        pass
+
+
+def _rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc; ru_maxrss elsewhere, a peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        scale = 1 if sys.platform == "darwin" else 1024
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.ndarray:
+    """Normalised float32 frames (DISTINCT_FRAMES, streams, C, H, W), the same for every mode."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
+
+
+def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Median wall ms and median process-CPU ms per function, calling them in turn ``calls`` times.
+
+    Interleaving call by call makes a slow spell on a shared machine hit every mode alike. CPU
+    time (all threads of this process) still counts only the work done when other jobs hold
+    the cores, which wall time does not. ``pause_s`` before each timed call lets ONNX Runtime's
+    pool threads, which spin for a while after a run, go idle so the next call does not pay for
+    the previous one's spin.
+    """
+    wall: dict[str, list[float]] = {m: [] for m in fns}
+    cpu: dict[str, list[float]] = {m: [] for m in fns}
+    for i in range(calls):
+        for mode, fn in fns.items():
+            if pause_s:
+                time.sleep(pause_s)
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn(i)
+            wall[mode].append((time.perf_counter() - t0) * 1e3)
+            cpu[mode].append((time.process_time() - c0) * 1e3)
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
+
+
+def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None) -> dict[str, float]:
+    """Throughput and gather/scatter cost for N streams, in this process."""
+    from .runtime import Session
+
+    batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads)
+    separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
+    shape = batched._backend.frame_shape
+    data = _frames(shape, n)
+    perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(1)  # every stream, not in order
+
+    def batched_call(i: int) -> None:
+        batched.step_batch(data[i % DISTINCT_FRAMES])
+
+    def separate_round(i: int) -> None:
+        f = data[i % DISTINCT_FRAMES]
+        for s, sess in enumerate(separate):
+            sess.step(f[s])
+
+    def subset_call(i: int) -> None:
+        batched.step_batch(data[i % DISTINCT_FRAMES][perm], perm)
+
+    backend = batched._backend
+
+    def gather_scatter(_: int) -> None:
+        backend.gather(perm)
+        backend.scatter(perm)
+
+    for i in range(WARMUP_CALLS):
+        for fn in (batched_call, separate_round, subset_call, gather_scatter):
+            fn(i)
+    vs_separate = _interleave({"batched": batched_call, "separate": separate_round}, frames, PAUSE_S)
+    # Subset vs full on the batched session alone, so no other session's threads are around.
+    vs_subset = _interleave({"full": batched_call, "subset": subset_call}, frames, PAUSE_S)
+    gs_ms, gs_cpu = _interleave({"gather_scatter": gather_scatter}, max(20, frames))["gather_scatter"]
+    (batched_ms, batched_cpu), (separate_ms, separate_cpu) = vs_separate["batched"], vs_separate["separate"]
+    (full_ms, full_cpu), (subset_ms, _) = vs_subset["full"], vs_subset["subset"]
+    for sess in [batched, *separate]:
+        sess.close()
+    return {
+        "batched_ms_per_call": batched_ms,
+        "separate_ms_per_round": separate_ms,
+        "separate_ms_per_call": separate_ms / n,
+        "batched_fps": 1e3 * n / batched_ms,
+        "separate_fps": 1e3 * n / separate_ms,
+        "batched_over_separate": separate_ms / batched_ms,
+        "batched_cpu_ms_per_call": batched_cpu,
+        "separate_cpu_ms_per_round": separate_cpu,
+        "batched_over_separate_cpu": separate_cpu / batched_cpu,
+        "full_call_ms": full_ms,
+        "subset_call_ms": subset_ms,
+        "subset_over_full": subset_ms / full_ms,
+        "gather_scatter_ms": gs_ms,
+        "gather_scatter_share": gs_ms / full_ms,
+        "gather_scatter_cpu_ms": gs_cpu,
+        "gather_scatter_share_cpu": gs_cpu / full_cpu,
+    }
+
+
+def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
+    """Runs in a fresh process: RSS after creating, and after warming, N batched streams or N sessions."""
+    from .runtime import Session
+
+    if mode == "batched":
+        sessions = [Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads)]
+    else:
+        sessions = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
+    _trim_heap()
+    created = _rss_bytes()  # weights, sessions and the runtime's own buffers, before any activation
+    data = _frames(sessions[0]._backend.frame_shape, n)
+    for i in range(WARMUP_CALLS):
+        if mode == "batched":
+            sessions[0].step_batch(data[i])
+        else:
+            for s, sess in enumerate(sessions):
+                sess.step(data[i, s])
+    del data
+    gc.collect()
+    _trim_heap()
+    return {"rss_bytes": _rss_bytes(), "rss_created_bytes": created}
+
+
+def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout, whatever else is installed
+    code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime, edge3d.runtime; "
+            "from edge3d.bench_streams import rss_child; a = sys.argv; "
+            "print(json.dumps(rss_child(a[2], a[3], int(a[4]), a[5], int(a[6]) or None)))")
+    args = [root, str(artifact), mode, str(n), profile, str(threads or 0)]
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"RSS child ({mode}, {n} streams) failed: {tail}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rss_points(artifact: Path, streams: list[int], profile: str, threads: int | None,
+                repeats: int) -> dict[tuple[str, int], dict[str, int]]:
+    """Median RSS figures per (mode, N); N=1 is always measured as the baseline."""
+    out = {}
+    for mode in ("batched", "separate"):
+        for n in sorted({1, *streams}):
+            if mode == "separate" and n == 1:
+                out[(mode, 1)] = out[("batched", 1)]  # one session with one stream either way
+                continue
+            runs = [_run_child(artifact, mode, n, profile, threads) for _ in range(repeats)]
+            out[(mode, n)] = {k: int(statistics.median(r[k] for r in runs)) for k in runs[0]}
+    return out
+
+
+def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, *, profile: str = "fp32",
+                    threads: int | None = None, rss: bool = True, rss_repeats: int = 3) -> dict[str, Any]:
+    """Batched vs separate sessions for every N in ``streams``: throughput, gather/scatter, memory.
+
+    ``frames`` is the number of timed calls per mode and N (each batched call steps N frames).
+    Returns a JSON-able dict: ``rows`` (one per N), the per-stream byte counts the memory
+    figures are compared with, and ``method`` (how each number was measured).
+    """
+    from .runtime import Session
+    from .runtime.manifest import resolve_artifact
+
+    if not streams or any(not isinstance(n, int) or n < 1 for n in streams):
+        raise ValueError(f"streams must be positive integers, e.g. 1,2,4,8; got {streams!r}.")
+    if frames < 1:
+        raise ValueError(f"frames must be at least 1, got {frames}.")
+    artifact = resolve_artifact(artifact_path)
+    probe = Session(artifact, profile=profile, backend="onnxruntime", threads=threads)
+    be = probe._backend
+    state_bytes = probe.cache_bytes
+    frame_bytes = int(np.prod(be.frame_shape)) * be.frame_dtype.itemsize
+    output_bytes = int(np.prod(be.output_shape)) * be.output_dtype.itemsize
+    manifest = probe.manifest
+    probe.close()
+    rows = []
+    for n in streams:
+        rows.append({"streams": n, **_time_point(artifact, n, frames, profile, threads)})
+    if rss:
+        points = _rss_points(artifact, streams, profile, threads, rss_repeats)
+        base = points[("batched", 1)]
+        for row in rows:
+            n = row["streams"]
+            batched, separate = points[("batched", n)], points[("separate", n)]
+            row["rss_batched_bytes"] = batched["rss_bytes"]
+            row["rss_separate_bytes"] = separate["rss_bytes"]
+            if n > 1:
+                per_batched = (batched["rss_bytes"] - base["rss_bytes"]) / (n - 1)
+                row["rss_per_extra_batched_stream"] = per_batched
+                row["rss_per_extra_batched_stream_over_state"] = per_batched / state_bytes
+                # before the first step: what the runtime allocates (state ping-pong, frame, output);
+                # the rest of per_batched is ONNX Runtime's activation memory for one more batch row
+                row["rss_per_extra_batched_stream_before_steps"] = (
+                    (batched["rss_created_bytes"] - base["rss_created_bytes"]) / (n - 1))
+                row["rss_per_extra_session"] = (separate["rss_bytes"] - base["rss_bytes"]) / (n - 1)
+    return {
+        "artifact": str(artifact),
+        "model": manifest.get("name"),
+        "frame": [manifest["frame"]["channels"], manifest["frame"]["height"], manifest["frame"]["width"]],
+        "profile": profile,
+        "backend": "onnxruntime",
+        "threads": threads,
+        "cpu_count": os.cpu_count(),
+        "timed_calls": frames,
+        "state_bytes_per_stream": state_bytes,
+        "state_bytes_without_input_history": manifest.get("state_bytes"),
+        # What the runtime itself allocates per batched stream: two state sets (ping-pong), one
+        # frame row and one output row. A subset call adds two more state sets (staging).
+        "runtime_buffer_bytes_per_stream": 2 * state_bytes + frame_bytes + output_bytes,
+        "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
+        "rows": rows,
+        "method": {
+            "throughput": "median wall ms per call, the modes interleaved call by call; separate = N "
+                          "one-stream Sessions stepped one after another on the same frames; *_cpu_* = median "
+                          "process CPU ms of the same calls",
+            "gather_scatter": "backend.gather + backend.scatter of all N rows in shuffled order, timed alone, "
+                              "over the median full in-order call of the same N; subset_over_full = a shuffled "
+                              "call of all N streams (gather, run, scatter) over the in-order call, interleaved",
+            "rss": f"fresh child process per point, median of {rss_repeats}; /proc/self/statm after "
+                   f"{WARMUP_CALLS} warm-up full calls and malloc_trim(0) (*_before_steps: after creating the "
+                   "session(s), before any call); per extra stream = (RSS(N) - RSS(1)) / (N - 1)",
+        },
+    }
+
+
+def format_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Table rows for the CLI: one per N (columns as in HEADERS)."""
+    state = report["state_bytes_per_stream"]
+
+    def mb(row: dict[str, Any], key: str, ratio: bool = False) -> str:
+        v = row.get(key)
+        if v is None:
+            return "-"
+        return f"{v / 1e6:.2f} MB" + (f" ({v / state:.2f}x)" if ratio else "")
+
+    return [[str(r["streams"]), f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}",
+             f"{r['batched_over_separate']:.2f}x", f"{r['batched_over_separate_cpu']:.2f}x",
+             f"{r['batched_ms_per_call']:.1f}", f"{100 * r['gather_scatter_share']:.1f}%",
+             mb(r, "rss_per_extra_batched_stream", True), mb(r, "rss_per_extra_batched_stream_before_steps", True),
+             mb(r, "rss_per_extra_session")] for r in report["rows"]]
+
+
+HEADERS = ["N", "fps batched", "fps separate", "gain", "gain CPU", "ms/call", "gather+scatter",
+           "RSS/extra stream (x state)", "before 1st step", "RSS/extra session"]

@@ -1,0 +1,126 @@
+"""Fixed-shape, exportable streaming form of a model with similarity-guided sampling.
+
+Stage 0 is the causal part before SGS, stepped every frame (an ordinary step module); its
+per-frame features fill a K-frame buffer. Stage 1 runs every K frames on that buffer:
+SGS weights Ψ (K, B), the occupancy mask, and a compaction matrix P (B, B) that moves the B'
+occupied bins to the front (:func:`edge3d.nn.sgs.compaction`). The layers after SGS then step
+over the B compacted bins from their initial state, unrolled in the graph: because they are
+causal, positions 0..B'−1 equal the dynamic reference that runs them on the B' bins alone,
+whatever sits in the B−B' zero rows behind. The temporal pooling is a masked mean over the
+first B' positions. So the exported graph equals the dynamic PyTorch reference, with fixed
+shapes, and it also outputs ``bins_used`` = B' per stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .convert import StepModule
+from .nn.sgs import compaction
+from .nn.state import StateSpec, StepContext, stepping
+from .staged import BufferSpec, Stage, StagedStepModule
+
+
+class _ByPath(StepContext):
+    """Step context keyed by module path instead of module object.
+
+    torch.export's non-strict tracing can present the stage's submodules as other objects than
+    the ones seen at construction, so states carried between the unrolled bin steps are keyed
+    by a path tag set on each module.
+    """
+
+    def run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        key = module._edge3d_path
+        if self.discover:
+            specs = module.state_specs(tuple(x.shape[1:]))
+            state = tuple(sp.initial(x.shape[0], x.device) for sp in specs)
+        else:
+            state = self.states.get(key, ())  # type: ignore[call-overload]
+        y, new = module._step_in_context(x, state, self)
+        self.new_states[key] = tuple(new)  # type: ignore[index]
+        return y
+
+
+class FrameStage(Stage):
+    """Stage 0: a single-rate step module whose output feeds a buffer."""
+
+    def __init__(self, step: StepModule, buffer: BufferSpec) -> None:
+        super().__init__()
+        self.step = step
+        self.index, self.period, self.stride = 0, 1, 1
+        self.input_names, self.input_shapes = ["frame"], [step.frame_shape]
+        self.output_names = [f"feed.{buffer.name}"]
+        self.specs = [s.renamed(f"pre.{s.name}", f"pre.{s.layer}",
+                                s.input_history) for s in step.state_specs]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.step(*args)
+
+
+class SGSChunkStage(Stage):
+    """Stage 1: SGS on a K-frame buffer, the post-SGS layers over B compacted bins, the head."""
+
+    def __init__(self, model: nn.Module, buffer: BufferSpec, lower: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.sgs, self.post = model.sgs, model.post
+        self.index, self.period, self.stride = 1, buffer.stride, buffer.stride
+        self.input_names, self.input_shapes = [f"buffer.{buffer.name}"], [buffer.shape]
+        self.output_names = ["output", "bins_used"]
+        self.specs: list[StateSpec] = []
+        self.lower = lower
+        self._names = {m: f"post.{p}" if p else "post" for p, m in self.post.named_modules()}
+        for m, path in self._names.items():
+            m._edge3d_path = path
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (window,) = args  # var-positional like every stage, so one export path fits all
+        K, B = self.sgs.chunk, self.sgs.bins
+        n, c = window.shape[0], window.shape[1] // K
+        frames = [window[:, t * c:(t + 1) * c] for t in range(K)]
+        pooled = torch.stack([f.mean(dim=(-2, -1)) for f in frames], dim=1)  # (N, K, C)
+        psi = self.sgs.kernel(pooled)  # (N, K, B)
+        mask = self.sgs.occupied(psi)
+        weights = torch.matmul(compaction(mask), psi.transpose(1, 2))  # (N, B, K), occupied bins first
+        flat = window.reshape(n, K, -1)  # rank 3: never a rank-5 tensor in the graph
+        compact = torch.matmul(weights, flat)  # (N, B, C·H·W)
+        used = mask.to(window.dtype).sum(dim=1)  # B' >= 1 always (see edge3d.nn.sgs)
+        states: dict[str, tuple[torch.Tensor, ...]] | None = None
+        total = None
+        for j in range(B):
+            ctx = _ByPath(states, keep_time=False, lower=self.lower)  # type: ignore[arg-type]
+            with stepping(ctx):
+                y = self.post(compact[:, j].reshape(n, c, *window.shape[2:]))
+            states = dict(ctx.new_states)  # type: ignore[arg-type]
+            f = self.model.pool_features(y) * (used > j).to(y.dtype).unsqueeze(1)
+            total = f if total is None else total + f
+        feat = total / used.unsqueeze(1)
+        return self.model.classify(feat), used.to(torch.int64)
+
+
+class SGSStagedStepModule(StagedStepModule):
+    """Two stages: frames -> pre-SGS features (every frame), SGS chunk -> logits (every K frames)."""
+
+    def __init__(self, model: nn.Module, frame_shape: Sequence[int], lower: bool = True) -> None:
+        nn.Module.__init__(self)
+        model.eval()
+        self.model = model
+        self.frame_shape = tuple(int(v) for v in frame_shape)
+        self.keep_time, self.lower = False, lower
+        pre = StepModule(model.pre, self.frame_shape, keep_time=False, lower=lower)
+        with torch.no_grad():
+            feat = pre(torch.zeros(1, *self.frame_shape), *pre.initial_states(1))[0]
+        K = model.sgs.chunk
+        buf = BufferSpec("sgs", tuple(feat.shape[1:]), K, 0, 1, ("sgs",))
+        self.buffers = [buf]
+        self.periods = [1, K]
+        self.stages = nn.ModuleList([FrameStage(pre, buf), SGSChunkStage(model, buf, lower)])
+
+    def report(self) -> dict[str, Any]:
+        r = super().report()
+        r["sgs"] = {"chunk": self.model.sgs.chunk, "bins": self.model.sgs.bins, "embed_dim": self.model.sgs.embed_dim}
+        return r

@@ -1,0 +1,149 @@
+"""Staged (multi-rate) step module -> one ONNX graph per stage plus a manifest with ``stages``.
+
+Each stage is exported and simplified exactly like a single-rate step graph (dynamic stream
+axis, basic op-preserving folding, ``onnx.checker``). Stage k > 0 contains the model's upstream
+layers only as dead code computed from constants, which export and folding drop; a check
+here makes sure no stage still takes the frame or any node of an earlier stage's kind leaks in
+(the graph's inputs are exactly its buffers and its own states).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from .. import __version__
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST, state_io_names
+from ..staged import Stage, StagedStepModule
+from .onnx import file_sha256, set_metadata, simplify, source_hash, weight_bytes
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the exporter's logging and warnings (as ``onnx._quiet_export`` does)."""
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def build_manifest_base(step: StagedStepModule, name: str, *, model_info: dict[str, Any],
+                        classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
+                        output_shape: tuple[int, ...]) -> dict[str, Any]:
+    c, h, w = step.frame_shape
+    return {
+        "format_version": FORMAT_VERSION,
+        "edge3d_version": __version__,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {**model_info, "source_hash": source_hash(step.model),
+                  "params": sum(p.numel() for p in step.model.parameters())},
+        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
+                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
+                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
+        "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
+                   "kind": "logits", "classes": classes},
+        "precisions": {},
+        "engines": {},
+    }
+
+
+def _export_stage(stage: Stage, path: Path, opset: int) -> None:
+    inputs = list(stage.example_inputs(1))
+    states = list(stage.initial_states(1))
+    names_in = stage.input_names + [state_io_names(s.name)[0] for s in stage.specs]
+    names_out = stage.output_names + [state_io_names(s.name)[1] for s in stage.specs]
+    batch = torch.export.Dim("streams", min=1, max=4096)
+    dynamic = (tuple({0: batch} for _ in inputs + states),)  # forward(*args): one var-positional entry
+    with quiet():
+        torch.onnx.export(stage, (*inputs, *states), str(path), input_names=names_in, output_names=names_out,
+                          dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
+                          external_data=False)
+
+
+def _io(values: list[Any]) -> list[dict[str, Any]]:
+    """Name, shape (batch axis "N") and dtype of graph inputs or outputs."""
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append({"name": v.name, "shape": ["N", *[d.dim_value for d in t.shape.dim[1:]]],
+                    "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
+    return out
+
+
+def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_info: dict[str, Any],
+                  classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...], opset: int) -> Path:
+    """Write ``out_dir/<name>.edge3d/`` with ``stage<k>.fp32.onnx`` per stage and the manifest."""
+    report = step.report()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.edge3d"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    try:
+        files = []
+        for st in step.stages:
+            raw = tmp / f"raw{st.index}.onnx"
+            _export_stage(st, raw, opset)
+            path = tmp / f"stage{st.index}.fp32.onnx"
+            simplify(raw, path)
+            raw.unlink()
+            files.append(path)
+        with torch.no_grad():
+            last = step.stages[-1]
+            out = last(*last.example_inputs(1), *last.initial_states(1))[0]
+        manifest = build_manifest_base(step, name, model_info=model_info, classes=classes,
+                                       mean=mean, std=std, output_shape=tuple(out.shape[1:]))
+        manifest.update({
+            "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
+                        **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}
+                       for s in report["states"] if not s["name"].startswith("buffer.")],
+            "buffers": [{**b, "shape": ["N", *b["shape"]]} for b in report["buffers"]],
+            "macs_per_frame": report["macs_per_frame"],
+            "params": report["params"],
+            "state_bytes": report["state_bytes"],
+            "input_history_bytes": report["input_history_bytes"],
+            "lowered": step.lower,
+            "output_period": step.periods[-1],
+        })
+        stages = []
+        for st, meta, path in zip(step.stages, report["stages"], files, strict=True):
+            g = onnx.load(str(path)).graph
+            state_inputs = {state_io_names(s.name)[0] for s in st.specs}
+            ins = [i for i in _io(list(g.input)) if i["name"] not in state_inputs]
+            outs = [o for o in _io(list(g.output)) if not o["name"].startswith("state_out.")]
+            if [i["name"] for i in ins] != st.input_names:
+                raise ValueError(f"stage {st.index} graph takes {[i['name'] for i in ins]}, expected {st.input_names}; "
+                                 "an upstream value leaked into it.")
+            stages.append({"index": st.index, "file": path.name, "rate": st.period, "stride": st.stride,
+                           "inputs": ins, "outputs": outs, "states": [s.name for s in st.specs],
+                           "macs_per_run": meta["macs_per_run"]})
+        manifest["stages"] = stages
+        manifest["precisions"]["fp32"] = {
+            "file": files[0].name, "files": [p.name for p in files], "profile": "fp32",
+            "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},
+        }
+        for k, path in enumerate(files):
+            set_metadata(path, {**{key: v for key, v in manifest.items() if key != "precisions"}, "stage": k})
+            onnx.checker.check_model(str(path), full_check=True)
+        manifest["precisions"]["fp32"]["weight_bytes"] = sum(weight_bytes(p) for p in files)
+        manifest["precisions"]["fp32"]["sha256"] = [file_sha256(p) for p in files]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

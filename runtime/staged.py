@@ -1,0 +1,210 @@
+"""Scheduler for multi-rate artifacts: one ONNX graph per stage, buffers between them.
+
+Every frame runs stage 0; stage k runs when its input buffers are full, i.e. at frames t with
+(t + 1) mod P_k == 0 (P_k = the stage's ``rate``, frames per run). Stage k's feed outputs are
+written into slot ((t + 1) / P_k − 1) mod s_{k+1} of the next stage's buffers, so a full buffer
+holds the last s frames oldest first, exactly as the exporter's PyTorch scheduler does.
+``step`` returns the newest output and ``last_fresh`` says whether this frame produced it.
+
+numpy + onnxruntime only (never torch). All streams share one phase: multi-rate artifacts step
+all streams together.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .manifest import ArtifactError, load_manifest, precision_entry, state_io_names
+from .preprocess import FramePreprocessor
+from .session import Session, Stats
+
+
+class StagedSession(Session):
+    """A :class:`Session` over an artifact whose manifest has ``stages`` (see the module doc)."""
+
+    def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
+                 threads: int | None = None) -> None:
+        from .backend.onnxrt import _load_session
+
+        if not isinstance(streams, int) or streams < 1:
+            raise ValueError(f"streams must be a positive integer, got {streams!r}.")
+        if backend not in ("auto", "onnxruntime"):
+            raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
+                                "use backend='onnxruntime'.")
+        self.manifest = load_manifest(path)
+        self.profile = profile
+        self.precision = precision_entry(self.manifest, profile)
+        if "files" not in self.precision:
+            raise ArtifactError(f"the {profile!r} precision of this multi-rate artifact lists no per-stage files; "
+                                "re-export it.")
+        self.backend_name = "onnxruntime"
+        self.streams = streams
+        self.pre = FramePreprocessor(self.manifest["frame"])
+        self.stats = Stats()
+        self.classes: list[str] | None = self.manifest["output"].get("classes")
+        folder = Path(self.manifest["_folder"])
+        self._stages = self.manifest["stages"]
+        self._specs = {s["name"]: s for s in self.manifest["states"]}
+        self._buffers_spec = {b["name"]: b for b in self.manifest.get("buffers", [])}
+        self._sess = []
+        for st, file in zip(self._stages, self.precision["files"], strict=True):
+            sess = _load_session(folder / file, threads)
+            want_in = [i["name"] for i in st["inputs"]] + [state_io_names(n)[0] for n in st["states"]]
+            want_out = [o["name"] for o in st["outputs"]] + [state_io_names(n)[1] for n in st["states"]]
+            got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+            if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
+                raise ArtifactError(f"{file} does not match stage {st['index']} of manifest.json; re-export the "
+                                    "artifact instead of mixing files.")
+            self._sess.append((sess, got_out))
+        self._stage_ms: list[deque[float]] = [deque(maxlen=10000) for _ in self._stages]
+        self._bins: deque[np.ndarray] = deque(maxlen=10000)
+        self.last_fresh = False
+        self.last_extras: dict[str, np.ndarray] = {}
+        self._init_all()
+
+    # ------------------------------------------------------------------ state
+    def _init_all(self) -> None:
+        k = self.streams
+        self._states = {n: np.full((k, *[int(d) for d in s["shape"][1:]]), s.get("init", 0.0), np.float32)
+                        for n, s in self._specs.items()}
+        self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), np.float32)
+                     for n, b in self._buffers_spec.items()}
+        self._t = 0
+        self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
+        self.last_fresh = False
+
+    def reset(self, stream: int | None = None) -> None:
+        """Back to the initial state. All streams share one phase, so only a full reset exists."""
+        if stream is not None and self.streams > 1:
+            raise ValueError("multi-rate artifacts keep all streams in one phase; call reset() for all streams.")
+        if stream is not None:
+            self._check_stream(stream)
+        self._init_all()
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        snap = {n: a.copy() for n, a in self._states.items()}
+        snap.update({n: a.copy() for n, a in self._buf.items()})
+        snap["frame_index"] = np.asarray([self._t], np.int64)
+        snap["last_output"] = self._last.copy()
+        return snap
+
+    def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+        current = self.get_state()
+        for n, a in current.items():
+            if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:
+                raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape; pass a dict from get_state() "
+                                 "of a session with the same artifact and streams.")
+        for n in self._states:
+            self._states[n][...] = snapshot[n]
+        for n in self._buf:
+            self._buf[n][...] = snapshot[n]
+        self._t = int(np.asarray(snapshot["frame_index"]).reshape(-1)[0])
+        self._last[...] = snapshot["last_output"]
+
+    @property
+    def state_breakdown(self) -> dict[str, int]:
+        """Bytes per stream of every stage's states and every buffer between stages."""
+        out = {n: int(a[0].nbytes) for n, a in self._states.items()}
+        out.update({n: int(a[0].nbytes) for n, a in self._buf.items()})
+        return out
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
+        """One frame; returns the newest output (``last_fresh``: produced by this frame)."""
+        self._check_stream(stream)
+        if self.streams != 1:
+            raise ValueError("multi-rate artifacts step all streams together; use step_batch(frames).")
+        return self.step_batch([frame])[0]
+
+    def step_fresh(self, frame: np.ndarray, stream: int = 0) -> tuple[np.ndarray, bool]:
+        out = self.step(frame, stream)
+        return out, self.last_fresh
+
+    def step_batch(self, frames: Any, stream_ids: Any = None) -> np.ndarray:
+        ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
+        if ids.ndim != 1 or len(ids) != self.streams or not (ids == np.arange(self.streams)).all():
+            raise ValueError("multi-rate artifacts step all streams together (one phase); pass every stream in order.")
+        if len(frames) != self.streams:
+            raise ValueError(f"got {len(frames)} frames for {self.streams} streams; pass one frame per stream.")
+        f = self.manifest["frame"]
+        staged = np.empty((self.streams, f["channels"], f["height"], f["width"]), np.float32)
+        for i, fr in enumerate(frames):
+            self.pre(fr, staged[i])  # validate every frame before any state changes
+        t0 = time.perf_counter()
+        self._advance(staged)
+        self.stats.record((time.perf_counter() - t0) * 1e3, self.streams)
+        return self._last.copy()
+
+    def _advance(self, frame: np.ndarray) -> None:
+        t = self._t
+        new_states: dict[str, np.ndarray] = {}
+        writes: list[tuple[str, int, np.ndarray]] = []
+        bufs = dict(self._buf)
+        fresh, last, extras = False, None, {}
+        timings: list[tuple[int, float]] = []
+        for k, st in enumerate(self._stages):
+            if (t + 1) % st["rate"]:
+                break
+            sess, out_names = self._sess[k]
+            feeds = {"frame": frame} if k == 0 else {i["name"]: bufs[i["name"]] for i in st["inputs"]}
+            for n in st["states"]:
+                feeds[state_io_names(n)[0]] = self._states[n]
+            t0 = time.perf_counter()
+            res = dict(zip(out_names, sess.run(None, feeds), strict=True))
+            timings.append((k, (time.perf_counter() - t0) * 1e3))
+            for n in st["states"]:
+                new_states[n] = res[state_io_names(n)[1]]
+            if k + 1 < len(self._stages):
+                nxt = self._stages[k + 1]
+                slot = ((t + 1) // st["rate"] - 1) % nxt["stride"]
+                for o in st["outputs"]:
+                    name = "buffer." + o["name"].removeprefix("feed.")
+                    y = res[o["name"]]
+                    c = y.shape[1]
+                    buf = bufs[name].copy()  # commit only after every stage ran
+                    buf[:, slot * c:(slot + 1) * c] = y
+                    bufs[name] = buf
+                    writes.append((name, slot, y))
+            else:
+                fresh, last = True, res["output"]
+                extras = {o["name"]: res[o["name"]] for o in st["outputs"][1:]}
+        # commit
+        for n, a in new_states.items():
+            self._states[n] = a
+        for n in {w[0] for w in writes}:
+            self._buf[n] = bufs[n]
+        for k, ms in timings:
+            self._stage_ms[k].append(ms)
+        if fresh:
+            self._last = np.asarray(last, np.float32)
+            self.last_extras = extras
+            if "bins_used" in extras:
+                self._bins.append(np.asarray(extras["bins_used"]).reshape(-1))
+        self.last_fresh = fresh
+        self._t = t + 1
+
+    # ------------------------------------------------------------------ reporting
+    def stage_summary(self) -> dict[str, Any]:
+        """ms per run of each stage, amortised ms/frame, buffer bytes, and SGS bins used."""
+        rows = []
+        amortised = 0.0
+        for st, ms in zip(self._stages, self._stage_ms, strict=True):
+            mean = float(np.mean(ms)) if ms else 0.0
+            amortised += mean / st["rate"]
+            rows.append({"stage": st["index"], "file": st["file"], "rate": st["rate"], "runs": len(ms),
+                         "ms_per_run": mean})
+        out: dict[str, Any] = {"stages": rows, "amortised_ms_per_frame": amortised,
+                               "buffer_bytes": {n: int(a[0].nbytes) for n, a in self._buf.items()}}
+        if self._bins:
+            b = np.concatenate(list(self._bins))
+            out["bins_used"] = {"mean": float(b.mean()), "min": int(b.min()), "max": int(b.max()),
+                                "chunks": int(b.size)}
+        return out
+
+    def close(self) -> None:
+        self._sess = []

@@ -1,0 +1,213 @@
+"""Multi-rate streaming: temporal strides, stages and their schedule, export per stage, runtime.
+
+The contract: the stage-scheduled step loop equals the clip forward at every frame where an
+output is produced (output j at frame j·P + P − 1, P = frames per output), through PyTorch and
+through the ONNX Runtime artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import randomize
+from edge3d.exporters.onnx import export_artifact
+from edge3d.runtime import Session
+from torch import nn
+
+import edge3d
+from edge3d import nn as enn
+from edge3d import zoo
+from edge3d.convert import StepModule, UnsupportedModelError
+from edge3d.staged import StagedStepModule
+
+SIZE = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The CI box is small and shared: one intra-op thread is faster than oversubscribed two."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def assert_fresh_equal(step: StagedStepModule, model: nn.Module, clip: torch.Tensor, tol: float = 1e-4) -> None:
+    with torch.no_grad():
+        ref = model(clip)
+    out, when = step.run_clip(clip)
+    P = step.periods[-1]
+    assert when == [j * P + P - 1 for j in range(ref.shape[2])], when
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    scale = max(1.0, float(ref.abs().max()))
+    err = (out - ref).abs().amax(dim=tuple(i for i in range(ref.dim()) if i != 2))
+    assert (err <= tol * scale).all(), f"max error per output {err.tolist()}, scale {scale}"
+
+
+def test_strided_conv_clip_alignment_is_the_documented_formula() -> None:
+    # y_j = Σ_i w_i · x[j·s + s − 1 − (k−1−i)·d], zero before frame 0
+    conv = enn.CausalConv3d(1, 1, (3, 1, 1), stride=(2, 1, 1), dilation=(2, 1, 1), bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([100.0, 10.0, 1.0]).view(1, 1, 3, 1, 1))
+    x = torch.arange(1, 10, dtype=torch.float32).view(1, 1, 9, 1, 1)  # frame t holds t + 1
+    y = conv(x).flatten().tolist()
+    s, k, d = 2, 3, 2
+    want = []
+    for j in range(9 // s):
+        taps = [j * s + s - 1 - (k - 1 - i) * d for i in range(k)]
+        want.append(sum(w * (t + 1 if t >= 0 else 0) for w, t in zip([100, 10, 1], taps, strict=True)))
+    assert y == want  # 9 frames -> floor(9 / 2) = 4 outputs: the incomplete tail emits nothing
+
+
+def random_multirate(rng: random.Random) -> nn.Module:
+    c = rng.choice([2, 3])
+    layers: list[nn.Module] = [enn.CausalConv3d(3, c, (rng.choice([1, 2, 3]), 3, 3), padding=1), nn.ReLU()]
+    for _ in range(rng.choice([1, 2])):
+        s = rng.choice([2, 3])
+        if rng.random() < 0.5:
+            layers.append(enn.CausalTemporalPool(rng.choice([1, 2, 3, 4]), s, rng.choice(["avg", "max"])))
+        else:
+            k, d = rng.choice([1, 2, 3, 4]), rng.choice([1, 2])
+            layers.append(enn.CausalConv3d(c, c, (k, 1, 1), stride=(s, 1, 1), dilation=(d, 1, 1),
+                                           groups=rng.choice([1, c])))
+        layers += [enn.CausalConv3d(c, c, (rng.choice([1, 2, 3]), 3, 3), padding=1), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_strided_stacks_stream_like_clip(seed: int) -> None:
+    rng = random.Random(seed)
+    model = randomize(random_multirate(rng), seed)
+    step = edge3d.to_step(model, (3, 6, 5))
+    assert isinstance(step, StagedStepModule)
+    P = step.periods[-1]
+    assert_fresh_equal(step, model, torch.randn(2, 3, 3 * P + rng.randrange(P), 6, 5))
+
+
+def test_single_rate_models_keep_the_plain_step_module() -> None:
+    assert isinstance(edge3d.to_step(zoo.build("d-resnet18", width=0.125, num_classes=5), (3, SIZE, SIZE)),
+                      StepModule)
+    pool = nn.Sequential(enn.CausalTemporalPool(3, 1, "max"))
+    step = edge3d.to_step(pool, (2, 4, 4))
+    assert isinstance(step, StepModule)
+
+
+@pytest.fixture(scope="module")
+def r3d(tmp_path_factory) -> tuple[nn.Module, Path]:
+    model = randomize(zoo.build("r3d18-causal", width=0.125, num_classes=5), seed=3)
+    return model, export_artifact(model, tmp_path_factory.mktemp("mr"), "r3d", frame_size=SIZE)
+
+
+def test_r3d18_causal_stages_equal_clip_in_pytorch(r3d) -> None:
+    model, _ = r3d
+    step = edge3d.to_step(model, (3, SIZE, SIZE))
+    assert step.periods == [1, 2, 4, 8]
+    # conv1 and the projection skip of each rate-changing block share one buffer
+    assert [b.layers for b in step.buffers][0] == ("layer2.0.conv1", "layer2.0.downsample.0")
+    assert_fresh_equal(step, model, torch.randn(2, 3, 35, SIZE, SIZE))
+
+
+def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
+    model, art = r3d
+    clip = torch.randn(1, 3, 40, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    s = Session(art)
+    fresh, outs = [], []
+    for t in range(clip.shape[2]):
+        y, is_fresh = s.step_fresh(clip[0, :, t].numpy())
+        if is_fresh:
+            fresh.append(t)
+            outs.append(y)
+        elif outs:
+            assert np.array_equal(y, outs[-1])  # between outputs the newest one is repeated
+    assert fresh == [7, 15, 23, 31, 39]
+    got = np.stack(outs, axis=1)
+    scale = max(1.0, float(np.abs(ref).max()))
+    assert np.abs(got - ref).max() <= 1e-4 * scale
+    summary = s.stage_summary()
+    assert [r["runs"] for r in summary["stages"]] == [40, 20, 10, 5]
+    assert summary["amortised_ms_per_frame"] > 0
+    assert s.cache_bytes == sum(s.state_breakdown.values()) > sum(summary["buffer_bytes"].values()) > 0
+
+
+def test_r3d18_causal_manifest_and_graphs(r3d) -> None:
+    _, art = r3d
+    m = json.loads((art / "manifest.json").read_text())
+    assert [st["rate"] for st in m["stages"]] == [1, 2, 4, 8]
+    assert [st["inputs"][0]["name"] for st in m["stages"]] == ["frame", "buffer.layer2.0.conv1",
+                                                             "buffer.layer3.0.conv1", "buffer.layer4.0.conv1"]
+    assert [b["bytes"] for b in m["buffers"]] == [4 * 2 * 8 * 8 * 8, 4 * 2 * 16 * 4 * 4, 4 * 2 * 32 * 2 * 2]
+    assert m["state_bytes"] >= sum(b["bytes"] for b in m["buffers"])
+    for st in m["stages"]:
+        g = onnx.shape_inference.infer_shapes(onnx.load(str(art / st["file"]))).graph
+        ranks = [len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.input, *g.output]]
+        assert max(ranks) <= 4, f"rank-5 tensor in {st['file']}"
+        # upstream layers are dead code and dropped: each stage holds only its own two blocks
+        convs = sum(n.op_type == "Conv" for n in g.node)
+        assert convs == 5, (st["file"], convs)
+
+
+class SkipAcrossRate(nn.Module):
+    """A residual whose skip crosses a temporal stride without a strided layer."""
+
+    steps_without_time_axis = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = enn.CausalConv3d(3, 4, (2, 3, 3), padding=1)
+        self.block = Block()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(self.stem(x))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = enn.CausalConv3d(4, 4, (2, 1, 1), stride=(2, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + x
+
+
+class BroadcastBypass(nn.Module):
+    """Clip mode broadcasts, so only the stage check can see that the skip bypasses the stride."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = enn.CausalTemporalPool(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) + x[:, :, -1:]
+
+
+class Unchained(nn.Module):
+    """Two paths: strides 2·2 and 3 give periods 1, 2, 3, 4; the second stride 2 skips the period-3 stage."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a1 = enn.CausalTemporalPool(2, 2)
+        self.a2 = enn.CausalTemporalPool(2, 2)
+        self.b = enn.CausalTemporalPool(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a2(self.a1(x)) + self.b(x)[:, :, :1]
+
+
+@pytest.mark.parametrize("model, fragment", [
+    (SkipAcrossRate(), "block: the clip forward fails"),
+    (BroadcastBypass(), "BroadcastBypass: its output mixes frames from before the rate change"),
+    (Unchained(), "a2: temporal stride 2 takes frames of period 2 to period 4, skipping the stage that runs every 3"),
+])
+def test_unsupported_rate_changes_fail_at_export_with_the_path(model: nn.Module, fragment: str,
+                                                               tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelError, match=fragment):
+        export_artifact(model, tmp_path, "bad", frame_size=8)
+    assert not list(tmp_path.iterdir())

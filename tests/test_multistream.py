@@ -1,0 +1,173 @@
+"""Many streams in one Session: batched calls must equal separate sessions, bit for bit, and a
+rejected call must leave every stream's state untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from edge3d.runtime import Session
+
+STREAMS = 4
+FRAMES = 36
+
+
+def _frames(seed: int, t: int, n: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((t, n, 3, 32, 32)).astype(np.float32)
+
+
+def _states_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact: Path) -> None:
+    """Full calls, shuffled subsets and a mid-stream reset of one stream, against one Session per stream."""
+    rng = np.random.default_rng(1)
+    frames = _frames(0, FRAMES, STREAMS)
+    batched = Session(stream_artifact, streams=STREAMS)
+    single = [Session(stream_artifact) for _ in range(STREAMS)]
+    stepped = np.zeros(STREAMS, int)
+    worst = 0.0
+    for t in range(FRAMES):
+        if t % 3 == 0:
+            ids = np.arange(STREAMS)  # everyone, in order: the ping-pong path
+        else:
+            k = int(rng.integers(1, STREAMS + 1))
+            ids = rng.permutation(STREAMS)[:k]  # a shuffled subset (k == STREAMS: a permutation)
+        if t == FRAMES // 2:
+            batched.reset(2)
+            single[2].reset()
+        got = batched.step_batch(frames[t, ids], ids.tolist())
+        want = np.stack([single[i].step(frames[t, i]) for i in ids])
+        assert got.shape == want.shape
+        worst = max(worst, float(np.abs(got - want).max()))
+        stepped[ids] += 1
+    assert (stepped >= FRAMES // 3).all()
+    assert worst <= 1e-5, f"batched outputs differ from separate sessions by {worst}"
+    # and the states themselves, row by row
+    state = batched.get_state()
+    for i, s in enumerate(single):
+        for name, rows in state.items():
+            np.testing.assert_allclose(rows[i], s.get_state()[name][0], atol=1e-5)
+
+
+def test_reset_changes_only_that_stream(stream_artifact: Path) -> None:
+    frames = _frames(2, 4, STREAMS)
+    s = Session(stream_artifact, streams=STREAMS)
+    for t in range(4):
+        s.step_batch(frames[t])
+    before = s.get_state()
+    s.reset(1)
+    after = s.get_state()
+    fresh = Session(stream_artifact, streams=STREAMS).get_state()
+    for name in before:
+        assert not np.array_equal(before[name][1], fresh[name][1]) or not before[name][1].any()
+        np.testing.assert_array_equal(after[name][1], fresh[name][1])
+        for i in (0, 2, 3):
+            np.testing.assert_array_equal(after[name][i], before[name][i])
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "wrong_shape", "wrong_dtype", "unknown_id", "negative_id",
+                                  "duplicate_id", "bool_id", "float_id", "too_few_frames"])
+def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case: str) -> None:
+    frames = _frames(3, 3, STREAMS)
+    s = Session(stream_artifact, streams=STREAMS)
+    s.step_batch(frames[0])
+    s.step_batch(frames[1, :2], [3, 0])  # staging buffers exist, states differ per stream
+    before = s.get_state()
+    good = [frames[2, i] for i in range(3)]
+    bad_frame = frames[2, 0].copy()
+    ids: list = [2, 0, 1]
+    batch = list(good)
+    if case == "nan":
+        bad_frame[1, 5, 5] = np.nan
+        batch[2] = bad_frame  # the last frame is bad: the first two were already preprocessed
+    elif case == "inf":
+        bad_frame[0, 0, 0] = np.inf
+        batch[1] = bad_frame
+    elif case == "wrong_shape":
+        batch[2] = bad_frame[:, :16]
+    elif case == "wrong_dtype":
+        batch[2] = bad_frame.astype(np.int32)
+    elif case == "unknown_id":
+        ids = [2, 0, STREAMS]
+    elif case == "negative_id":
+        ids = [2, -1, 1]
+    elif case == "duplicate_id":
+        ids = [2, 0, 2]
+    elif case == "bool_id":
+        ids = [True, False, True]
+    elif case == "float_id":
+        ids = [2.0, 0.0, 1.0]
+    elif case == "too_few_frames":
+        batch = batch[:2]
+    with pytest.raises(ValueError):
+        s.step_batch(batch, ids)
+    assert _states_equal(before, s.get_state()), f"a rejected batch ({case}) changed a stream's state"
+    # the session still works, and gives what a session that never saw the bad call gives
+    twin = Session(stream_artifact, streams=STREAMS)
+    twin.set_state(before)
+    np.testing.assert_array_equal(s.step_batch(good, [2, 0, 1]), twin.step_batch(good, [2, 0, 1]))
+
+
+def test_rejected_single_step_leaves_state_unchanged(stream_artifact: Path) -> None:
+    s = Session(stream_artifact, streams=2)
+    s.step_batch(_frames(4, 1, 2)[0])
+    before = s.get_state()
+    for bad_stream in (2, -1, True, 1.0):
+        with pytest.raises(ValueError):
+            s.step(_frames(5, 1, 1)[0, 0], bad_stream)
+    assert _states_equal(before, s.get_state())
+
+
+def test_many_subset_sizes_share_one_staging_buffer(stream_artifact: Path) -> None:
+    """Staging rows follow the largest subset so far, not the sum over the subset sizes used."""
+    s = Session(stream_artifact, streams=6)
+    twin = [Session(stream_artifact) for _ in range(6)]
+    frames = _frames(6, 1, 6)[0]
+    largest = 0
+    for k in (2, 1, 4, 3, 2, 5):
+        ids = list(range(k))[::-1]
+        got = s.step_batch(frames[ids], ids)
+        np.testing.assert_allclose(got, np.stack([twin[i].step(frames[i]) for i in ids]), atol=1e-5)
+        largest = max(largest, k)
+        staging = s._backend._staging
+        assert staging is not None
+        assert {a.shape[0] for half in staging for a in half.values()} == {largest}
+
+
+def test_measure_streams_report(stream_artifact: Path) -> None:
+    """The benchmark runs end to end and its figures hang together (not their values: timing here is noisy)."""
+    from edge3d.bench_streams import measure_streams
+
+    r = measure_streams(stream_artifact, [1, 3], frames=3, threads=1, rss_repeats=1)
+    assert [row["streams"] for row in r["rows"]] == [1, 3]
+    s = Session(stream_artifact)
+    assert r["state_bytes_per_stream"] == s.cache_bytes == sum(st["bytes"] for st in s.manifest["states"])
+    for row in r["rows"]:
+        n = row["streams"]
+        assert row["batched_fps"] == pytest.approx(1e3 * n / row["batched_ms_per_call"])
+        assert row["separate_fps"] == pytest.approx(1e3 * n / row["separate_ms_per_round"])
+        assert 0 < row["gather_scatter_ms"] and 0 < row["gather_scatter_share"] < 1
+        assert row["rss_batched_bytes"] > 10e6 and row["rss_separate_bytes"] > 10e6
+    three = r["rows"][1]
+    # a separate session carries its own weights and ONNX Runtime session; a batched stream does not
+    assert three["rss_per_extra_session"] > three["rss_per_extra_batched_stream"]
+    assert "rss_per_extra_batched_stream" not in r["rows"][0]
+
+
+def test_cli_bench_streams_json(stream_artifact: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    res = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "2", "--frames", "2",
+                                   "--no-rss", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert report["rows"][0]["streams"] == 2 and "rss_batched_bytes" not in report["rows"][0]
+    bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
+    assert bad.exit_code == 2
