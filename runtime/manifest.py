@@ -6,7 +6,9 @@ mismatched artifact fails here, at load, and never in the middle of a stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,23 @@ def state_bytes(m: dict[str, Any], dtypes: dict[str, str] | None = None) -> dict
             n *= int(d)
         out[s["name"]] = n * DTYPE_BYTES[dtype]
     return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Rewrite manifest.json atomically (used when precisions or engines are added).
+
+    It lives here, numpy-free and torch-free, because engines are added on the device, where only
+    the runtime is installed.
+    """
+    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, Path(folder) / MANIFEST)
