@@ -1,0 +1,160 @@
+"""``edge3d bench``: the performance contract, measured as ratios within one process run.
+
+Timings on shared machines are noisy, so every figure is a median over many frames and the
+report's value is in the ratios between measurements taken side by side.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _median_ms(fn, frames: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(frames):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(ts))
+
+
+def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of an n×n float32 MatMul run by ONNX Runtime: the CPU's practical peak here."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                          [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ms = _median_ms(lambda: sess.run(None, {"a": a, "b": a}), reps, warmup=2)
+    return 2 * n**3 / (ms * 1e-3) / 1e9
+
+
+def _window_session(model, frame_size: int, window: int, folder: Path):
+    """ONNX of the clip model over a fixed window: what sliding-window inference runs per frame."""
+    import logging
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    clip = torch.zeros(1, 3, window, frame_size, frame_size)
+    path = folder / "window.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (clip,), str(path), input_names=["clip"], output_names=["scores"],
+                          opset_version=18, dynamo=True, verbose=False)
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), clip.numpy()
+
+
+def run_bench(target: str, *, classes: int | None = None, size: int | None = None, width: float | None = None,
+              head: str | None = None, frames: int = 100, window: int = 16, streams: list[int] | None = None,
+              log: Any = None) -> dict[str, Any]:
+    """Measure the step graph against the alternatives a user has; see README "Benchmarks"."""
+    from .runtime import Session
+    from .runtime.manifest import load_manifest
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log.print(msg)
+
+    results: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    rng = np.random.default_rng(0)
+    is_artifact = (Path(target) / "manifest.json").is_file()
+    with tempfile.TemporaryDirectory(prefix="edge3d-bench-") as tmp:
+        folder = Path(tmp)
+        model = None
+        if is_artifact:
+            artifact = Path(target)
+        else:
+            import torch
+
+            from .exporters.onnx import export_artifact
+            from .models import build_model
+
+            torch.manual_seed(0)
+            model = build_model(target, num_classes=classes, frame_size=size, width=width, head=head)
+            size = size or getattr(model, "frame_size", 112)
+            say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
+            artifact = export_artifact(model, folder, "lowered", frame_size=size)
+            naive = export_artifact(model, folder, "conv3d", frame_size=size, lower=False)
+        manifest = load_manifest(artifact)
+        f = manifest["frame"]
+        shape = (f["channels"], f["height"], f["width"])
+        clip_frames = rng.standard_normal((frames + 8, *shape), dtype=np.float32)
+        it = iter(range(10**9))
+
+        def next_frame() -> np.ndarray:
+            return clip_frames[next(it) % len(clip_frames)]
+
+        say("timing Session.step...")
+        sess = Session(artifact)
+        results["step_ms"] = _median_ms(lambda: sess.step(next_frame()), frames)
+
+        # The bare onnxruntime call on the same graph and inputs (states from the session).
+        backend = sess._backend
+        feeds = {"frame": clip_frames[:1]}
+        feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
+                                                       strict=True)})
+        results["bare_ort_ms"] = _median_ms(lambda: backend.run_bare(feeds), frames)
+        ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
+
+        macs = manifest["macs_per_frame"]
+        results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
+        say("timing a 2048×2048 MatMul for reference...")
+        results["matmul_gflops"] = matmul_gflops()
+        ratios["step_gflops_vs_matmul"] = results["step_gflops"] / results["matmul_gflops"]
+
+        if model is not None:
+            import torch
+
+            say("timing the Conv3d step graph...")
+            sess3d = Session(naive)
+            results["conv3d_step_ms"] = _median_ms(lambda: sess3d.step(next_frame()), frames)
+            ratios["lowered_vs_conv3d_speedup"] = results["conv3d_step_ms"] / results["step_ms"]
+
+            say(f"timing the {window}-frame sliding window...")
+            wsess, clip = _window_session(model, size, window, folder)
+            results["window_ms_per_output_frame"] = _median_ms(lambda: wsess.run(None, {"clip": clip}),
+                                                               max(10, frames // 4), warmup=2)
+            ratios["step_vs_window_speedup"] = results["window_ms_per_output_frame"] / results["step_ms"]
+
+            say("timing the PyTorch eager step loop...")
+            from .convert import to_step
+
+            step = to_step(model, shape)
+            states = step.initial_states(1)
+            tframes = torch.from_numpy(clip_frames)
+
+            def eager() -> None:
+                nonlocal states
+                with torch.no_grad():
+                    _, *states = step(tframes[next(it) % len(tframes)][None], *states)
+
+            results["torch_eager_step_ms"] = _median_ms(eager, max(20, frames // 2))
+            ratios["exported_vs_eager_speedup"] = results["torch_eager_step_ms"] / results["step_ms"]
+        report: dict[str, Any] = {
+            "target": target, "frame": list(shape), "macs_per_frame": macs,
+            "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "window": window,
+            "results": results, "ratios": ratios,
+        }
+        if streams:
+            from .bench_streams import measure_streams
+
+            report["streams"] = measure_streams(artifact, streams, frames)
+        sess.close()
+    return report

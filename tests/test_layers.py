@@ -1,0 +1,175 @@
+"""Streaming equals offline for randomly configured layers, plus the errors for what can't stream."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import assert_close_every_frame, randomize, stream
+from torch import nn
+
+import edge3d
+from edge3d import nn as enn
+from edge3d.convert import UnsupportedModelError
+
+
+def random_conv(rng: random.Random) -> tuple[nn.Module, int]:
+    cin = rng.choice([2, 4, 6])
+    groups = rng.choice([1, 2, cin])
+    cout = groups * rng.choice([1, 2, 3])
+    kt, dt = rng.choice([1, 2, 3, 4]), rng.choice([1, 2, 3])
+    k = rng.choice([1, 3])
+    return enn.CausalConv3d(cin, cout, (kt, k, k), stride=(1, rng.choice([1, 2]), 1), padding=k // 2,
+                            dilation=(dt, 1, 1), groups=groups, bias=rng.random() < 0.5), cin
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_causal_conv_streams_like_clip(seed: int) -> None:
+    rng = random.Random(seed)
+    layer, cin = random_conv(rng)
+    model = randomize(nn.Sequential(layer, nn.ReLU(), enn.CausalConv3d(layer.out_channels, 3, (2, 3, 3),
+                                                                           padding=1)), seed)
+    clip = torch.randn(2, cin, 26, 9, 8)
+    with torch.no_grad():
+        ref = model(clip)
+    step = edge3d.to_step(model, (cin, 9, 8))
+    assert_close_every_frame(stream(step, clip), ref)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_stack_of_every_layer_family(seed: int) -> None:
+    rng = random.Random(seed)
+    c = rng.choice([8, 16])
+    model = nn.Sequential(
+        enn.CausalConv3d(3, c, (rng.choice([1, 2, 3]), 3, 3), padding=1),
+        enn.BatchNorm3d(c), nn.ReLU(),
+        enn.TemporalShift(rng.choice([1 / 8, 1 / 4, 1 / 2])),
+        enn.CausalTemporalAggregation(c, rng.choice([2, 3])),
+        enn.RecurrentConv(c, c, 3, stride=rng.choice([1, 2]), padding=1),
+        enn.RunningMean(),
+        enn.SpatialMaxPool3d(3, 2, 1),
+    )
+    randomize(model, seed)
+    clip = torch.randn(2, 3, 24, 12, 12)
+    with torch.no_grad():
+        ref = model(clip)
+    assert_close_every_frame(stream(edge3d.to_step(model, (3, 12, 12)), clip), ref)
+
+
+class Features(nn.Module):
+    """A custom model with forward code written for clip tensors (time on axis 2)."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        self.conv = enn.CausalConv3d(3, 6, (3, 3, 3), padding=1)
+        self.history = enn.FrameHistory(4)
+        self.rnn = enn.LSTMHead(24, 10, 2) if head == "lstm" else enn.GRUHead(24, 10, 3)
+        self.mean = enn.RunningMean()
+        self.fc = nn.Linear(10, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.conv(x)).mean(dim=(3, 4))  # (N, C, T)
+        h = self.mean(self.rnn(self.history(f)))
+        return self.fc(h.transpose(1, 2)).transpose(1, 2)  # (N, K, T)
+
+
+@pytest.mark.parametrize("head", ["lstm", "gru"])
+def test_custom_clip_forward_code_streams(head: str) -> None:
+    model = randomize(Features(head), 3)
+    clip = torch.randn(3, 3, 30, 8, 8)
+    with torch.no_grad():
+        ref = model(clip)
+    step = edge3d.to_step(model, (3, 8, 8))
+    assert step.keep_time
+    assert_close_every_frame(stream(step, clip), ref)
+    kinds = {s.name: s.kind for s in step.state_specs}
+    assert kinds["mean.sum"] == "accumulator" and kinds["rnn.h0"] == "recurrent"
+    assert kinds["conv.cache"] == "ring" and step.state_specs[0].input_history
+
+
+def test_running_mean_keeps_all_axes_but_time() -> None:
+    rm = enn.RunningMean()
+    for shape in [(2, 3, 7), (2, 3, 7, 4), (2, 3, 7, 4, 5)]:
+        x = torch.randn(shape)
+        y = rm(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y[:, :, 3], x[:, :, :4].mean(dim=2))
+
+
+def test_initial_state_equals_zero_padding() -> None:
+    conv = randomize(nn.Sequential(enn.CausalConv3d(2, 3, (3, 1, 1), dilation=(2, 1, 1))))
+    clip = torch.randn(1, 2, 5, 2, 2)
+    padded = torch.cat([torch.zeros(1, 2, 4, 2, 2), clip], dim=2)
+    ref = nn.functional.conv3d(padded, conv[0].weight, conv[0].bias, dilation=(2, 1, 1))
+    torch.testing.assert_close(conv(clip), ref)
+
+
+def test_state_specs_bytes_and_initial_states() -> None:
+    step = edge3d.to_step(nn.Sequential(enn.CausalConv3d(4, 4, (3, 3, 3), padding=1)), (4, 10, 6))
+    (spec,) = step.state_specs
+    assert spec.shape == (8, 10, 6) and spec.bytes == 8 * 10 * 6 * 4
+    (s0,) = step.initial_states(5)
+    assert s0.shape == (5, 8, 10, 6) and float(s0.abs().sum()) == 0.0
+
+
+def test_causality_of_layers() -> None:
+    model = randomize(nn.Sequential(enn.CausalConv3d(3, 4, (3, 3, 3), padding=1), enn.TemporalShift(),
+                                    enn.RecurrentConv(4, 4, 3, padding=1), enn.RunningMean()))
+    a = torch.randn(1, 3, 20, 6, 6)
+    b = a.clone()
+    b[:, :, 11:] = torch.randn_like(b[:, :, 11:])
+    with torch.no_grad():
+        ya, yb = model(a), model(b)
+    torch.testing.assert_close(ya[:, :, :11], yb[:, :, :11])
+    assert (ya[:, :, 11:] - yb[:, :, 11:]).abs().max() > 1e-3
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Identity(), inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+@pytest.mark.parametrize(
+    "inner, fragment",
+    [
+        (nn.Conv3d(3, 3, (3, 3, 3), padding=1), "block.1: torch.nn.Conv3d with temporal kernel 3"),
+        (nn.MaxPool3d((2, 2, 2)), "block.1: MaxPool3d pools over time"),
+        (nn.AdaptiveAvgPool3d(1), "block.1: AdaptiveAvgPool3d averages over the whole clip"),
+    ],
+)
+def test_unsupported_layers_name_the_module_path(inner: nn.Module, fragment: str) -> None:
+    with pytest.raises(UnsupportedModelError, match=fragment.replace("(", r"\(")):
+        edge3d.to_step(Wrapped(inner), (3, 8, 8))
+
+
+def test_temporal_stride_and_future_padding_rejected() -> None:
+    with pytest.raises(ValueError, match="temporal stride 2 is not supported"):
+        enn.CausalConv3d(3, 3, 3, stride=(2, 1, 1))
+    with pytest.raises(ValueError, match="would look into the future"):
+        enn.CausalConv3d(3, 3, 3, padding=(1, 1, 1))
+
+
+def test_layer_called_twice_is_rejected() -> None:
+    conv = enn.CausalConv3d(3, 3, (2, 1, 1))
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = conv
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(self.conv(x))
+
+    with pytest.raises(ValueError, match="conv: a streaming layer was called twice"):
+        edge3d.to_step(Twice(), (3, 4, 4))
+
+
+def test_wrong_number_of_states() -> None:
+    step = edge3d.to_step(nn.Sequential(enn.CausalConv3d(3, 3, (2, 1, 1))), (3, 4, 4))
+    with pytest.raises(ValueError, match="expects 1 state tensors"):
+        step(torch.zeros(1, 3, 4, 4))

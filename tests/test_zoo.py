@@ -1,0 +1,94 @@
+"""Zoo models: streaming equals offline at every frame, causality, and the papers' figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY, assert_close_every_frame, randomize, stream, tiny_zoo_cases
+from typer.testing import CliRunner
+
+import edge3d
+from edge3d import zoo
+from edge3d.cli import app
+
+
+@pytest.mark.parametrize("name, opts", tiny_zoo_cases(), ids=lambda v: v if isinstance(v, str) else v["head"])
+def test_zoo_streaming_equals_clip(name: str, opts: dict) -> None:
+    model = randomize(zoo.build(name, **TINY, **opts), seed=len(name))
+    clip = torch.randn(2, 3, 24, 40, 40)
+    with torch.no_grad():
+        ref = model(clip)
+    assert ref.shape == (2, 5, 24)
+    assert_close_every_frame(stream(edge3d.to_step(model, (3, 40, 40)), clip), ref)
+
+
+@pytest.mark.parametrize("name", ["d-resnet18", "rcn-resnet18", "tsm-resnet18", "tam-resnet18"])
+def test_zoo_causality(name: str) -> None:
+    model = randomize(zoo.build(name, **TINY), seed=1)
+    a = torch.randn(1, 3, 20, 32, 32)
+    b = a.clone()
+    b[:, :, 12:] = torch.randn_like(b[:, :, 12:])
+    with torch.no_grad():
+        ya, yb = model(a), model(b)
+    torch.testing.assert_close(ya[:, :, :12], yb[:, :, :12])
+    assert (ya[:, :, 12:] - yb[:, :, 12:]).abs().max() > 1e-4
+
+
+# Table 4 of the Dissected 3D-CNN paper (Kinetics-600, 112×112, FP32, MB = 1e6 bytes).
+D3D = {
+    "d-resnet18": (20.66e6, 31.05e6, 0.97e6, 0.94e6, 747e6),
+    "d-resnet50": (40.81e6, 51.20e6, 1.95e6, 1.92e6, 1654e6),
+    "d-resnet101": (69.83e6, 80.22e6, 2.81e6, 2.78e6, 3077e6),
+}
+
+
+@pytest.mark.parametrize("name", list(D3D))
+def test_d3d_table4(name: str) -> None:
+    p_fc, p_lstm, cache_fc, cache_backbone, macs = D3D[name]
+    report = edge3d.inspect(zoo.build(name, num_classes=600), 112)
+    assert abs(report["params"] - p_fc) <= 0.005 * p_fc
+    lstm_params = sum(p.numel() for p in zoo.build(name, num_classes=600, head="lstm").parameters())
+    assert abs(lstm_params - p_lstm) <= 0.005 * p_lstm
+    # The paper rounds to two decimals of MB.
+    assert round(report["state_bytes"] / 1e6, 2) == pytest.approx(cache_fc / 1e6)
+    backbone = sum(s["bytes"] for s in report["states"] if not s["input_history"] and not s["layer"].startswith("head"))
+    assert round(backbone / 1e6, 2) == pytest.approx(cache_backbone / 1e6)
+    assert report["input_history_bytes"] == 2 * 3 * 112 * 112 * 4  # conv1's two previous frames
+    assert abs(report["macs_per_frame"] - macs) <= 0.02 * macs
+
+
+def test_rcn_resnet18_params_table2() -> None:
+    n = sum(p.numel() for p in zoo.build("rcn-resnet18", num_classes=400).parameters())
+    assert abs(n - 12.8e6) <= 0.02 * 12.8e6
+
+
+def test_import_edge3d_does_not_import_torch() -> None:
+    code = "import sys, edge3d, edge3d.runtime; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_cli_zoo_and_inspect_json() -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["zoo"])
+    assert res.exit_code == 0
+    for name in ("d-resnet18", "rcn-resnet18", "vov3d-l"):
+        assert name in res.output
+    res = runner.invoke(app, ["inspect", "d-resnet18", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert {"params", "macs_per_frame", "state_bytes", "input_history_bytes", "states"} <= set(report)
+    assert report["params"] == 20655896
+    assert all({"name", "shape", "dtype", "kind", "bytes"} <= set(s) for s in report["states"])
+
+
+def test_cli_bad_model_and_head() -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect", "no-such-model"])
+    assert res.exit_code == 2 and "unknown model 'no-such-model'" in res.output
+    res = runner.invoke(app, ["inspect", "tsm-resnet18", "--head", "transformer"])
+    assert res.exit_code == 2 and "has no head 'transformer'" in res.output
