@@ -27,6 +27,12 @@ def state_io_names(state_name: str) -> tuple[str, str]:
     return f"state_in.{state_name}", f"state_out.{state_name}"
 
 
+def io_names(m: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The graph inputs and outputs a manifest promises: frame + every state_in.*, output + every state_out.*."""
+    return ({"frame"} | {state_io_names(s["name"])[0] for s in m["states"]},
+            {"output"} | {state_io_names(s["name"])[1] for s in m["states"]})
+
+
 def resolve_artifact(path: str | Path) -> Path:
     """Accept the artifact folder, its manifest.json, or one of its ONNX files."""
     p = Path(path)
