@@ -72,6 +72,12 @@ def simplify(src: Path, dst: Path) -> None:
     so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst))
+    # Folding leaves value_info behind for tensors no node produces any more (e.g. the 5-D
+    # weights before they were reshaped to 2-D kernels); drop them so the graph says only true things.
+    produced = {o for n in model.graph.node for o in n.output}
+    live = [v for v in model.graph.value_info if v.name in produced]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(live)
     used = {n.domain for n in model.graph.node}
     keep = [o for o in model.opset_import if o.domain in used or o.domain in ("", "ai.onnx")]
     del model.opset_import[:]

@@ -1,0 +1,287 @@
+"""Exported artifact equals PyTorch, 2-D lowering, the torch-free runtime, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import TINY, randomize, tiny_zoo_cases
+from edge3d.exporters.onnx import export_artifact
+from edge3d.runtime import ArtifactError, Session
+from typer.testing import CliRunner
+
+from edge3d import zoo
+from edge3d.cli import app
+
+SIZE = 40
+
+
+def session_outputs(session: Session, clip: torch.Tensor) -> np.ndarray:
+    """Normalised float frames (1, 3, T, H, W) through Session.step; (K, T)."""
+    return np.stack([session.step(clip[0, :, t].numpy()) for t in range(clip.shape[2])], axis=1)
+
+
+def assert_matches(out: np.ndarray, ref: np.ndarray) -> None:
+    scale = max(1.0, float(np.abs(ref).max()))
+    err = np.abs(out - ref).max(axis=0)
+    assert (err <= 1e-4 * scale).all(), f"per-frame max error {err.max()} (scale {scale})"
+
+
+@pytest.fixture(scope="module")
+def tiny_artifact(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    model = randomize(zoo.build("d-resnet18", **TINY), seed=5)
+    return export_artifact(model, tmp_path_factory.mktemp("art"), "tiny", frame_size=SIZE), model
+
+
+@pytest.mark.parametrize("name, opts", tiny_zoo_cases(), ids=lambda v: v if isinstance(v, str) else v["head"])
+def test_every_zoo_artifact_matches_pytorch_over_64_frames(name: str, opts: dict, tmp_path: Path) -> None:
+    model = randomize(zoo.build(name, **TINY, **opts), seed=7)
+    art = export_artifact(model, tmp_path, "m", frame_size=SIZE)
+    clip = torch.randn(1, 3, 64, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    assert_matches(session_outputs(Session(art), clip), ref)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(art / "model.fp32.onnx")))
+    ops = {n.op_type for n in graph.graph.node}
+    for node in graph.graph.node:
+        if node.op_type in ("Conv", "MaxPool", "AveragePool"):
+            w = next((i for i in graph.graph.initializer if i.name == node.input[-1 if node.op_type != "Conv" else 1]),
+                     None)
+            assert w is None or len(w.dims) <= 4, f"{node.name} is a 3-D {node.op_type}"
+    ranks = [len(v.type.tensor_type.shape.dim) for v in [*graph.graph.value_info, *graph.graph.input,
+                                                           *graph.graph.output]]
+    assert ranks and max(ranks) <= 4, f"rank-5 tensor in the step graph of {name} (ops {sorted(ops)})"
+
+
+@pytest.mark.slow
+def test_full_size_d_resnet18_artifact(tmp_path: Path) -> None:
+    _full_size(tmp_path)
+
+
+def test_full_size_d_resnet18_artifact_ci(tmp_path: Path) -> None:
+    _full_size(tmp_path, frames=64)
+
+
+def _full_size(tmp_path: Path, frames: int = 128) -> None:
+    model = randomize(zoo.build("d-resnet18", num_classes=600), seed=2, scale=0.05)
+    art = export_artifact(model, tmp_path, "d18", frame_size=112)
+    clip = torch.randn(1, 3, frames, 112, 112)
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    assert_matches(session_outputs(Session(art), clip), ref)
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["state_bytes"] == 966656 and m["params"] == 20655896
+
+
+def test_no_lower_keeps_conv3d(tiny_artifact, tmp_path: Path) -> None:
+    _, model = tiny_artifact
+    art = export_artifact(model, tmp_path, "naive", frame_size=SIZE, lower=False)
+    graph = onnx.load(str(art / "model.fp32.onnx"))
+    conv_ranks = {len(i.dims) for i in graph.graph.initializer if i.name in
+                  {n.input[1] for n in graph.graph.node if n.op_type == "Conv"}}
+    assert 5 in conv_ranks
+    clip = torch.randn(1, 3, 20, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    assert_matches(session_outputs(Session(art), clip), ref)
+
+
+def test_manifest_and_metadata(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["lowered"] is True
+    assert m["states"][0]["input_history"] and m["states"][0]["shape"][0] == "N"
+    proto = onnx.load(str(art / "model.fp32.onnx"))
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}["edge3d.manifest"])
+    assert [s["name"] for s in meta["states"]] == [s["name"] for s in m["states"]]
+    names_in = [i.name for i in proto.graph.input]
+    assert names_in[0] == "frame" and all(n.startswith("state_in.") for n in names_in[1:])
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic stream axis
+    assert "BatchNormalization" not in {n.op_type for n in proto.graph.node}  # folded into convs
+
+
+def test_snapshot_restore_is_bit_identical(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, (30, 50, 60, 3), dtype=np.uint8)
+    a = Session(art)
+    for f in frames[:10]:
+        a.step(f)
+    snap = a.get_state()
+    rest = np.stack([a.step(f) for f in frames[10:]])
+    b = Session(art)
+    b.set_state(snap)
+    again = np.stack([b.step(f) for f in frames[10:]])
+    assert np.array_equal(rest, again)
+    assert any(np.abs(v).sum() > 0 for v in snap.values())
+
+
+def test_ping_pong_buffers_are_distinct_and_reused(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    s = Session(art)
+    plan = s._backend._full
+    before = {n: (plan.states[0][n].ctypes.data, plan.states[1][n].ctypes.data) for n in plan.states[0]}
+    for n in plan.states[0]:
+        assert not np.shares_memory(plan.states[0][n], plan.states[1][n])
+    for _ in range(5):
+        s.step(np.zeros((3, SIZE, SIZE), np.float32))
+    after = {n: (plan.states[0][n].ctypes.data, plan.states[1][n].ctypes.data) for n in plan.states[0]}
+    assert before == after
+    assert s.cache_bytes == sum(s.state_breakdown.values()) > 0
+    assert s.stats.summary()["frames"] == 5
+
+
+def test_multi_stream_equals_single_sessions(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    rng = np.random.default_rng(1)
+    frames = rng.standard_normal((12, 3, 3, SIZE, SIZE)).astype(np.float32)
+    multi = Session(art, streams=3)
+    singles = [Session(art) for _ in range(3)]
+    for t in range(12):
+        ids = [2, 0] if t % 3 == 1 else [0, 1, 2]
+        out = multi.step_batch([frames[t, i] for i in ids], ids)
+        ref = np.stack([singles[i].step(frames[t, i]) for i in ids])
+        np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad input
+BAD_FRAMES = [
+    (np.zeros((SIZE, SIZE, 4), np.uint8), "expected H×W×3"),
+    (np.zeros((SIZE, SIZE), np.uint8), "expected H×W×3"),
+    (np.zeros((3, SIZE + 1, SIZE), np.float32), "expected normalised"),
+    (np.zeros((3, SIZE, SIZE), np.int32), "dtype int32 is not supported"),
+    (np.full((3, SIZE, SIZE), np.nan, np.float32), "NaN or Inf"),
+    (np.full((3, SIZE, SIZE), np.inf, np.float32), "NaN or Inf"),
+]
+
+
+@pytest.mark.parametrize("frame, message", BAD_FRAMES)
+def test_rejected_frame_leaves_state_unchanged(tiny_artifact, frame: np.ndarray, message: str) -> None:
+    art, _ = tiny_artifact
+    s = Session(art, streams=2)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        s.step_batch(list(rng.standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)))
+    before = s.get_state()
+    with pytest.raises(ValueError, match=message):
+        s.step(frame, stream=1)
+    with pytest.raises(ValueError, match=message):
+        s.step_batch([np.zeros((3, SIZE, SIZE), np.float32), frame], [0, 1])
+    after = s.get_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_unknown_stream_id(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    s = Session(art, streams=2)
+    s.step(np.ones((3, SIZE, SIZE), np.float32), stream=1)
+    before = s.get_state()
+    with pytest.raises(ValueError, match="stream id 2 is out of range"):
+        s.step(np.zeros((3, SIZE, SIZE), np.float32), stream=2)
+    with pytest.raises(ValueError, match="repeat a stream"):
+        s.step_batch([np.zeros((3, SIZE, SIZE), np.float32)] * 2, [1, 1])
+    assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
+
+
+def _copy(art: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / art.name
+    shutil.copytree(art, dst)
+    return dst
+
+
+def test_artifact_missing_file(tiny_artifact, tmp_path: Path) -> None:
+    art = _copy(tiny_artifact[0], tmp_path)
+    (art / "model.fp32.onnx").unlink()
+    with pytest.raises(ArtifactError, match="lacks model.fp32.onnx"):
+        Session(art)
+    (art / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        Session(art)
+
+
+def test_truncated_onnx_fails_at_load(tiny_artifact, tmp_path: Path) -> None:
+    art = _copy(tiny_artifact[0], tmp_path)
+    data = (art / "model.fp32.onnx").read_bytes()
+    (art / "model.fp32.onnx").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        Session(art)
+
+
+def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> None:
+    art = _copy(tiny_artifact[0], tmp_path)
+    other = export_artifact(randomize(zoo.build("tsm-resnet18", **TINY)), tmp_path / "o", "other", frame_size=SIZE)
+    shutil.copy(other / "manifest.json", art / "manifest.json")
+    with pytest.raises(ArtifactError, match="different model"):
+        Session(art)
+    m = json.loads((other / "manifest.json").read_text())
+    m["format_version"] = 99
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        Session(other)
+
+
+def test_checkpoint_mismatch(tmp_path: Path) -> None:
+    torch.save(zoo.build("d-resnet18", width=0.25, num_classes=5).state_dict(), tmp_path / "ck.pt")
+    res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5",
+                                   "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "does not match d-resnet18" in res.output and "shape mismatches" in res.output
+    assert not (tmp_path / "out" / "d-resnet18.edge3d").exists()
+
+
+def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["run", str(tmp_path / "missing.edge3d"), "--source", "synthetic"])
+    assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_runtime_imports_without_torch(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch' or name.startswith('torch.'):\n"
+        "            raise ImportError('torch is blocked in this test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import numpy as np\n"
+        "from edge3d.runtime import Session\n"
+        f"s = Session({str(art)!r})\n"
+        f"print(s.step(np.zeros(({SIZE}, {SIZE}, 3), np.uint8)).shape, 'torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "False"
+
+
+def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "48",
+                              "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "d-resnet18.edge3d"
+    res = runner.invoke(app, ["inspect", str(art)])
+    assert res.exit_code == 0 and "layer1.0.conv1.cache" in res.output and "model.fp32.onnx" in res.output
+    video = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(tmp_path / "p.jsonl")])
+    assert res.exit_code == 0, res.output
+    assert "ms/frame p50" in res.output and "cache memory per stream" in res.output
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(lines) == 20 and {"frame", "top", "class", "score", "ms"} <= set(lines[0])
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic:3", "--frames", "12"])
+    assert res.exit_code == 0, res.output
+    assert "per-frame accuracy" in res.output
+    res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")])
+    assert res.exit_code == 2 and "neither a file" in res.output
