@@ -411,6 +411,24 @@ def triton(
     console.print(f"  tritonserver --model-repository={repo.resolve()}", soft_wrap=True, highlight=False)
 
 
+# --------------------------------------------------------------------------- build
+@app.command()
+@friendly
+def build(
+    artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
+    profile: Annotated[str | None, typer.Option("--profile", help="Precisions to build, comma separated (default: all).")] = None,
+    streams: Annotated[int, typer.Option("--streams", help="Most streams (batch size) the engines accept.")] = 8,
+    dla: Annotated[int | None, typer.Option("--dla", help="DLA core to build for, with GPU fallback (Jetson).")] = None,
+    workspace: Annotated[int, typer.Option("--workspace", help="Builder workspace limit in MiB.")] = 1024,
+) -> None:
+    """Build strongly typed TensorRT engines on this device, one per precision's ONNX graph."""
+    from .exporters.tensorrt import build_engines
+
+    built = build_engines(artifact, _split(profile) or None, streams=streams, dla=dla, workspace_mb=workspace,
+                          console=console)
+    console.print(f"wrote {len(built)} engine(s) into [bold]{artifact}[/]; `edge3d run {artifact} --backend tensorrt`")
+
+
 # --------------------------------------------------------------------------- compare
 @app.command()
 @friendly

@@ -28,7 +28,8 @@ from torch import nn
 from .. import __version__
 from ..accounting import count_macs, dtype_name
 from ..convert import StepModule, to_step
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, state_io_names
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, file_sha256, state_io_names
+from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
 
 OPSET = 18
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -42,14 +43,6 @@ def source_hash(model: nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return "sha256:" + h.hexdigest()[:32]
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
@@ -205,11 +198,3 @@ def export_artifact(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    """Rewrite manifest.json atomically (used when precisions or engines are added)."""
-    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, folder / MANIFEST)

@@ -6,7 +6,9 @@ mismatched artifact fails here, at load, and never in the middle of a stream.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,12 @@ class ArtifactError(ValueError):
 
 def state_io_names(state_name: str) -> tuple[str, str]:
     return f"state_in.{state_name}", f"state_out.{state_name}"
+
+
+def io_names(m: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """The graph inputs and outputs a manifest promises: frame + every state_in.*, output + every state_out.*."""
+    return ({"frame"} | {state_io_names(s["name"])[0] for s in m["states"]},
+            {"output"} | {state_io_names(s["name"])[1] for s in m["states"]})
 
 
 def resolve_artifact(path: str | Path) -> Path:
@@ -88,3 +96,23 @@ def state_bytes(m: dict[str, Any], dtypes: dict[str, str] | None = None) -> dict
             n *= int(d)
         out[s["name"]] = n * DTYPE_BYTES[dtype]
     return out
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Rewrite manifest.json atomically (used when precisions or engines are added).
+
+    It lives here, numpy-free and torch-free, because engines are added on the device, where only
+    the runtime is installed.
+    """
+    data = {k: v for k, v in manifest.items() if not k.startswith("_")}
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, Path(folder) / MANIFEST)

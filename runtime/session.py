@@ -44,22 +44,25 @@ class Stats:
 
 
 def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str:
+    """TensorRT where it can run (package, pycuda, a GPU, an engine for the profile), else ONNX Runtime.
+
+    ``auto`` falls back silently, because the same app runs on a laptop and on the Jetson; an
+    explicit ``tensorrt`` fails here, at load, with the reason, never mid-stream.
+    """
     if requested not in ("auto", "onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {requested!r}; choose auto, onnxruntime or tensorrt.")
+    from .backend.trt import gpu_available, has_engine
+
     have = backends.available()
-    engines = manifest.get("engines", {})
     if requested == "tensorrt":
-        if "tensorrt" not in have:
+        if "tensorrt" not in have or not gpu_available():
             raise ArtifactError(
                 "backend 'tensorrt' needs the tensorrt and pycuda packages and an NVIDIA GPU, which are not "
-                "installed here; use backend='onnxruntime' or install edge3d[tensorrt] on the device."
+                "available here; use backend='onnxruntime', or run on a device with TensorRT and pycuda installed."
             )
         return "tensorrt"
-    if requested == "auto" and "tensorrt" in have and profile in engines:
-        from .backend.trt import gpu_available
-
-        if gpu_available():
-            return "tensorrt"
+    if requested == "auto" and "tensorrt" in have and has_engine(manifest, profile) and gpu_available():
+        return "tensorrt"
     if "onnxruntime" not in have:
         raise ArtifactError("no runtime backend is installed; pip install onnxruntime (or edge3d[tensorrt]).")
     return "onnxruntime"

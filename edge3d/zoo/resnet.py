@@ -190,16 +190,17 @@ class StreamingResNet(nn.Module):
 
 
 def d_resnet(depth: int, *, num_classes: int = 400, frame_size: int = 112, width: float = 1.0,
-             head: str = "fc") -> StreamingResNet:
+             head: str = "fc", history: int = 16) -> StreamingResNet:
     """Dissected 3D ResNet (Köpüklü et al., Table 1): conv1 3×7×7 over the current and two
     previous frames, temporal kernel 2 in the basic block's first conv / the bottleneck's
-    middle conv, no temporal downsampling, type-A shortcuts for 18 and type-B for 50/101."""
+    middle conv, no temporal downsampling, type-A shortcuts for 18 and type-B for 50/101.
+    ``history`` is the number of frames the fc head sees (16 in the paper)."""
     if depth == 18:
         return StreamingResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=width, stem_kt=3,
-                               block_kt=2, shortcut="A", head=head, frame_size=frame_size)
+                               block_kt=2, shortcut="A", head=head, history=history, frame_size=frame_size)
     layers = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3]}[depth]
     return StreamingResNet(Bottleneck, layers, num_classes=num_classes, width=width, stem_kt=3, block_kt=2,
-                           shortcut="B", conv_last=512, head=head, frame_size=frame_size)
+                           shortcut="B", conv_last=512, head=head, history=history, frame_size=frame_size)
 
 
 def rcn_resnet18(*, num_classes: int = 400, frame_size: int = 112, width: float = 1.0,
@@ -213,12 +214,12 @@ def rcn_resnet18(*, num_classes: int = 400, frame_size: int = 112, width: float 
 
 
 def tsm_resnet18(*, num_classes: int = 400, frame_size: int = 112, width: float = 1.0,
-                 head: str = "fc") -> StreamingResNet:
+                 head: str = "fc", history: int | None = None) -> StreamingResNet:
     """Online TSM on a 2D ResNet-18: 1/8 of the channels shifted from the previous frame at the
-    start of every residual branch."""
+    start of every residual branch. ``history``: frames the fc head sees (default 1)."""
     return StreamingResNet(BasicBlock, [2, 2, 2, 2], num_classes=num_classes, width=width, stem_kt=1,
                            block_kt=1, shortcut="B", temporal=lambda c: TemporalShift(1 / 8), head=head,
-                           history=1 if head == "fc" else 16, frame_size=frame_size)
+                           history=history or (1 if head == "fc" else 16), frame_size=frame_size)
 
 
 def tam_resnet18(*, num_classes: int = 400, frame_size: int = 112, width: float = 1.0,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import METADATA_KEY, ArtifactError, precision_entry, state_io_names
+from ..manifest import METADATA_KEY, ArtifactError, io_names, precision_entry, state_io_names
 from .base import Backend
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
@@ -53,8 +53,7 @@ def check_graph_against_manifest(sess: Any, manifest: dict[str, Any], path: Path
             )
     inputs = {i.name: i for i in sess.get_inputs()}
     outputs = {o.name: o for o in sess.get_outputs()}
-    expected_in = {"frame"} | {state_io_names(s["name"])[0] for s in manifest["states"]}
-    expected_out = {"output"} | {state_io_names(s["name"])[1] for s in manifest["states"]}
+    expected_in, expected_out = io_names(manifest)
     if set(inputs) != expected_in or set(outputs) != expected_out:
         missing = sorted((expected_in - set(inputs)) | (expected_out - set(outputs)))
         extra = sorted((set(inputs) - expected_in) | (set(outputs) - expected_out))

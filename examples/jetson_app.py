@@ -1,0 +1,155 @@
+"""A camera app that embeds the edge3d runtime: what a Jetson deployment looks like.
+
+    python examples/jetson_app.py out/d-resnet18.edge3d --source csi:0 --profile fp16
+    python examples/jetson_app.py ARTIFACT --source camera:0
+    python examples/jetson_app.py ARTIFACT --source "v4l2src device=/dev/video0 ! videoconvert ! appsink"
+    python examples/jetson_app.py ARTIFACT --source synthetic --backend onnxruntime --frames 100 --headless
+
+It needs only the runtime (``pip install edge3d`` without the export extra), OpenCV, and on the
+device TensorRT + pycuda for ``--backend tensorrt``. Every frame goes through ``Session.step``:
+the model sees one frame at a time and carries its temporal state itself, so the app holds no clip
+buffer. The top class and the model's ms/frame are drawn on the frame; ``--headless`` skips the
+window (over SSH, in a service) and stats are printed every ``--log-every`` frames either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+
+import numpy as np
+from edge3d.runtime import Session
+
+
+def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
+    """The usual GStreamer pipeline for a Jetson CSI camera (nvarguscamerasrc), ending in BGR for OpenCV."""
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
+            f"framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR "
+            "! appsink drop=true max-buffers=1")
+
+
+def _gstreamer(pipeline: str) -> Iterator[tuple[np.ndarray, None]]:
+    import cv2
+
+    cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
+    if not cap.isOpened():
+        raise ValueError(f"OpenCV cannot open the GStreamer pipeline (is it built with GStreamer?): {pipeline}")
+
+    def frames() -> Iterator[tuple[np.ndarray, None]]:
+        try:
+            while True:
+                ok, bgr = cap.read()
+                if not ok:
+                    return
+                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+        finally:
+            cap.release()
+
+    return frames()
+
+
+def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720,
+                fps: int = 30) -> Iterator[tuple[np.ndarray, int | None]]:
+    """RGB uint8 frames (and labels where the source knows them) from any supported source.
+
+    ``csi:N`` and GStreamer pipelines (anything containing ``!``) are opened here; files, folders,
+    ``camera:N`` and ``synthetic[:SEED]`` by ``edge3d.sources.open_source``, as in ``edge3d run``.
+    """
+    if spec.startswith("csi:"):
+        return _gstreamer(csi_pipeline(int(spec.split(":", 1)[1]), width, height, fps))
+    if "!" in spec:
+        return _gstreamer(spec)
+    from edge3d.sources import open_source
+
+    # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
+    return open_source(spec, frame_size=max(frame_size, 112) if spec.startswith("synthetic") else frame_size)
+
+
+def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
+    """A BGR copy of the frame with the top class and the model's ms/frame drawn on it."""
+    import cv2
+
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    scale = max(0.4, bgr.shape[0] / 480)
+    for i, line in enumerate((text, f"{ms:.2f} ms/frame")):
+        y = int((24 + 28 * i) * scale)
+        cv2.putText(bgr, line, (8, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), 3, cv2.LINE_AA)
+        cv2.putText(bgr, line, (8, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (255, 255, 255), 1, cv2.LINE_AA)
+    return bgr
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Stream a camera through an edge3d artifact and show the top class.")
+    p.add_argument("artifact", help="artifact folder written by `edge3d export`")
+    p.add_argument("--source", default="csi:0",
+                   help="csi:N | camera:N | FILE.mp4 | FOLDER | synthetic[:SEED] | a GStreamer pipeline ending in appsink")
+    p.add_argument("--profile", default="fp32", help="precision to run (fp32, fp16, int8, ...)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
+    p.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")
+    p.add_argument("--headless", action="store_true", help="no window; only the logged stats")
+    p.add_argument("--log-every", type=int, default=30, help="print stats every N frames")
+    p.add_argument("--width", type=int, default=1280, help="CSI capture width")
+    p.add_argument("--height", type=int, default=720, help="CSI capture height")
+    p.add_argument("--fps", type=int, default=30, help="CSI capture frame rate")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.frames is not None and args.frames < 1:
+        print(f"error: --frames must be at least 1, got {args.frames}.", file=sys.stderr)
+        return 2
+    try:
+        session = Session(args.artifact, profile=args.profile, backend=args.backend)
+        frames = open_frames(args.source, session.manifest["frame"]["height"], args.width, args.height, args.fps)
+    except ValueError as e:  # bad artifact, profile, backend or source: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
+          f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
+    window = "edge3d"
+    n = correct = labelled = 0
+    t_start = time.perf_counter()
+    try:
+        for rgb, label in frames:
+            y = session.step(rgb)
+            idx, name, score = session.top(y)
+            ms = session.stats.ms[-1]
+            n += 1
+            if label is not None:
+                labelled += 1
+                correct += int(idx == label)
+            if not args.headless:
+                import cv2
+
+                cv2.imshow(window, overlay(rgb, f"{name} {score:.2f}", ms))
+                if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                    break
+            if n % args.log_every == 0:
+                s = session.stats.summary()
+                print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
+                      f"app {n / (time.perf_counter() - t_start):.1f} fps; top {name} ({score:.2f})", flush=True)
+            if args.frames is not None and n >= args.frames:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+        if not args.headless:
+            import cv2
+
+            cv2.destroyAllWindows()
+    if n == 0:
+        print(f"error: source {args.source!r} gave no frames; check the camera, file or pipeline.", file=sys.stderr)
+        return 2
+    s = session.stats.summary()
+    acc = f", per-frame accuracy {100 * correct / labelled:.1f}%" if labelled else ""
+    print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
+          f"app {n / (time.perf_counter() - t_start):.1f} fps{acc}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
