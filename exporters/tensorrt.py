@@ -108,6 +108,12 @@ def build_options(manifest: dict[str, Any], profile: str, *, streams: int = 8, d
     if dla is not None and dla < 0:
         raise ValueError(f"--dla must be a DLA core index (0, 1, ...), got {dla}.")
     entry = precision_entry(manifest, profile)
+    backends = (entry.get("spec") or {}).get("backends", ["tensorrt"])
+    if "tensorrt" not in backends:
+        raise ValueError(
+            f"precision {profile!r} does not target TensorRT (its profile lists {', '.join(backends)}; e.g. "
+            "int8-cpu's uint8 activations); build engines from a precision whose profile lists tensorrt, such as int8."
+        )
     return BuildOptions(profile=profile, onnx=entry["file"], engine=f"model.{profile}.engine",
                         shapes=profile_shapes(manifest, streams), streams=streams, workspace_mb=workspace_mb,
                         dla_core=dla)
@@ -307,13 +313,19 @@ def build_engine(folder: Path, opts: BuildOptions, console: Any = None) -> dict[
                         sha256=file_sha256(folder / opts.engine), dla_used=dla_used)
 
 
+def targets_tensorrt(manifest: dict[str, Any]) -> list[str]:
+    """The precisions whose profile lists TensorRT among its backends (all, for entries without a spec)."""
+    return [p for p, e in manifest["precisions"].items()
+            if "tensorrt" in (e.get("spec") or {}).get("backends", ["tensorrt"])]
+
+
 def build_engines(path: str | Path, profiles: list[str] | None = None, *, streams: int = 8, dla: int | None = None,
                   workspace_mb: int = DEFAULT_WORKSPACE_MB, console: Any = None) -> list[Path]:
-    """Build ``model.<profile>.engine`` for each profile (default: every precision) and record it."""
+    """Build ``model.<profile>.engine`` for each profile (default: every precision targeting TensorRT)."""
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
     options = [build_options(manifest, p, streams=streams, dla=dla, workspace_mb=workspace_mb)
-               for p in (profiles or list(manifest["precisions"]))]
+               for p in (profiles or targets_tensorrt(manifest))]
     if not tensorrt_ready():
         raise ValueError(
             "building TensorRT engines needs the tensorrt and pycuda packages and an NVIDIA GPU, which this "
