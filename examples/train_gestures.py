@@ -72,6 +72,9 @@ def main() -> None:
     ap.add_argument("--heldout-streams", type=int, default=6, help="held-out seeds 1..N")
     ap.add_argument("--heldout-frames", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--refresh", type=int, default=0,
+                    help="every N steps replace one training stream by a stream from a new seed (0: never); "
+                         "a fixed pool of streams is memorised instead of generalising")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -95,7 +98,13 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     warm = 2  # frames at a clip start without context; a mid-gesture start is unknowable there
     t1 = time.time()
+    next_seed = TRAIN_SEED0 + args.train_streams
     for step in range(1, args.steps + 1):
+        if args.refresh and step % args.refresh == 0:
+            f, lab = render(next_seed, args.stream_frames, size)
+            slot = next_seed % frames.shape[0]
+            frames[slot], labels[slot] = f, torch.from_numpy(lab)
+            next_seed += 1
         model.train()
         s = rng.integers(0, frames.shape[0], args.batch)
         o = rng.integers(0, frames.shape[1] - args.clip + 1, args.batch)

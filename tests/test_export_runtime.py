@@ -40,7 +40,7 @@ def tiny_artifact(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return export_artifact(model, tmp_path_factory.mktemp("art"), "tiny", frame_size=SIZE), model
 
 
-@pytest.mark.parametrize("name, opts", tiny_zoo_cases(), ids=lambda v: v if isinstance(v, str) else v["head"])
+@pytest.mark.parametrize("name, opts", tiny_zoo_cases(slow_exports=True))
 def test_every_zoo_artifact_matches_pytorch_over_64_frames(name: str, opts: dict, tmp_path: Path) -> None:
     model = randomize(zoo.build(name, **TINY, **opts), seed=7)
     art = export_artifact(model, tmp_path, "m", frame_size=SIZE)

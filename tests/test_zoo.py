@@ -16,7 +16,7 @@ from edge3d import zoo
 from edge3d.cli import app
 
 
-@pytest.mark.parametrize("name, opts", tiny_zoo_cases(), ids=lambda v: v if isinstance(v, str) else v["head"])
+@pytest.mark.parametrize("name, opts", tiny_zoo_cases())
 def test_zoo_streaming_equals_clip(name: str, opts: dict) -> None:
     model = randomize(zoo.build(name, **TINY, **opts), seed=len(name))
     clip = torch.randn(2, 3, 24, 40, 40)
