@@ -43,18 +43,14 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
 
 def _window_session(model, frame_size: int, window: int, folder: Path):
     """ONNX of the clip model over a fixed window: what sliding-window inference runs per frame."""
-    import logging
-    import warnings
-
     import onnxruntime as ort
     import torch
 
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from .exporters.onnx import quiet
+
     clip = torch.zeros(1, 3, window, frame_size, frame_size)
     path = folder / "window.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         torch.onnx.export(model.eval(), (clip,), str(path), input_names=["clip"], output_names=["scores"],
                           opset_version=18, dynamo=True, verbose=False)
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), clip.numpy()

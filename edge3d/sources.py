@@ -27,7 +27,8 @@ def _cv2():
     return cv2
 
 
-def _capture(cap, what: str) -> Iterator[tuple[np.ndarray, None]]:
+def capture_frames(cap) -> Iterator[tuple[np.ndarray, None]]:
+    """RGB frames from an opened ``cv2.VideoCapture`` until it ends; releases it either way."""
     cv2 = _cv2()
     try:
         while True:
@@ -53,7 +54,7 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
         cap = _cv2().VideoCapture(int(index))
         if not cap.isOpened():
             raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
-        return _capture(cap, spec)
+        return capture_frames(cap)
     path = Path(spec)
     if path.is_dir():
         videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
@@ -68,7 +69,7 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
     cap = _cv2().VideoCapture(str(path))
     if not cap.isOpened():
         raise ValueError(f"video {path} cannot be opened by OpenCV; check the file and its codec.")
-    return _capture(cap, spec)
+    return capture_frames(cap)
 
 
 def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:

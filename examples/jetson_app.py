@@ -37,17 +37,9 @@ def _gstreamer(pipeline: str) -> Iterator[tuple[np.ndarray, None]]:
     if not cap.isOpened():
         raise ValueError(f"OpenCV cannot open the GStreamer pipeline (is it built with GStreamer?): {pipeline}")
 
-    def frames() -> Iterator[tuple[np.ndarray, None]]:
-        try:
-            while True:
-                ok, bgr = cap.read()
-                if not ok:
-                    return
-                yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
-        finally:
-            cap.release()
+    from edge3d.sources import capture_frames
 
-    return frames()
+    return capture_frames(cap)
 
 
 def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720,

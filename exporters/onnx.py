@@ -9,6 +9,7 @@ manifest goes both to ``manifest.json`` and into the ONNX ``metadata_props``, so
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,16 @@ def source_hash(model: nn.Module) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch.onnx/torch.export logging and warnings: users should see our progress, not theirs."""
+    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
 def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
     specs = step.state_specs
     frame = torch.zeros(1, *step.frame_shape)
@@ -53,10 +65,7 @@ def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
     outputs = ["output"] + [state_io_names(s.name)[1] for s in specs]
     batch = torch.export.Dim("streams", min=1, max=4096)
     dynamic = ({0: batch}, tuple({0: batch} for _ in specs))
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet():
         torch.onnx.export(step, (frame, *states), str(path), input_names=inputs, output_names=outputs,
                           dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
                           external_data=False)
@@ -107,9 +116,30 @@ def weight_bytes(path: Path) -> int:
                    for t in model.graph.initializer))
 
 
+def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *, model_info: dict[str, Any],
+                    classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
+                    output_shape: tuple[int, ...]) -> dict[str, Any]:
+    """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
+    c, h, w = frame_shape
+    return {
+        "format_version": FORMAT_VERSION,
+        "edge3d_version": __version__,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": {**model_info, "source_hash": source_hash(model),
+                  "params": sum(p.numel() for p in model.parameters())},
+        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
+                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
+                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
+        "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
+                   "kind": "logits", "classes": classes},
+        "precisions": {},
+        "engines": {},
+    }
+
+
 def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
                    mean: tuple[float, ...], std: tuple[float, ...], lowered: bool) -> dict[str, Any]:
-    c, h, w = step.frame_shape
     with torch.no_grad():
         out = step(torch.zeros(1, *step.frame_shape), *step.initial_states(1))[0]
     states = []
@@ -119,25 +149,14 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
                        "dtype": dtype_name(s.dtype), "init": s.init, "kind": s.kind, "layer": s.layer,
                        "bytes": s.bytes, "input_history": s.input_history})
     return {
-        "format_version": FORMAT_VERSION,
-        "edge3d_version": __version__,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {**model_info, "source_hash": source_hash(step.model),
-                  "params": sum(p.numel() for p in step.model.parameters())},
-        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
-                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
-        "output": {"name": "output", "shape": ["N", *out.shape[1:]], "dtype": "float32",
-                   "kind": "logits", "classes": classes},
+        **manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
+                          mean=mean, std=std, output_shape=tuple(out.shape[1:])),
         "states": states,
         "macs_per_frame": count_macs(step),
         "params": sum(p.numel() for p in step.model.parameters()),
         "state_bytes": sum(s["bytes"] for s in states if not s["input_history"]),
         "input_history_bytes": sum(s["bytes"] for s in states if s["input_history"]),
         "lowered": lowered,
-        "precisions": {},
-        "engines": {},
     }
 
 

@@ -9,56 +9,19 @@ here makes sure no stage still takes the frame or any node of an earlier stage's
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
-import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
-from .. import __version__
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, state_io_names
+from ..runtime.manifest import MANIFEST, state_io_names
 from ..staged import Stage, StagedStepModule
-from .onnx import file_sha256, set_metadata, simplify, source_hash, weight_bytes
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """Silence the exporter's logging and warnings (as ``onnx._quiet_export`` does)."""
-    for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-def build_manifest_base(step: StagedStepModule, name: str, *, model_info: dict[str, Any],
-                        classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                        output_shape: tuple[int, ...]) -> dict[str, Any]:
-    c, h, w = step.frame_shape
-    return {
-        "format_version": FORMAT_VERSION,
-        "edge3d_version": __version__,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "model": {**model_info, "source_hash": source_hash(step.model),
-                  "params": sum(p.numel() for p in step.model.parameters())},
-        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
-                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
-        "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
-                   "kind": "logits", "classes": classes},
-        "precisions": {},
-        "engines": {},
-    }
+from .onnx import file_sha256, manifest_header, quiet, set_metadata, simplify, weight_bytes
 
 
 def _export_stage(stage: Stage, path: Path, opset: int) -> None:
@@ -103,8 +66,8 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
         with torch.no_grad():
             last = step.stages[-1]
             out = last(*last.example_inputs(1), *last.initial_states(1))[0]
-        manifest = build_manifest_base(step, name, model_info=model_info, classes=classes,
-                                       mean=mean, std=std, output_shape=tuple(out.shape[1:]))
+        manifest = manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
+                                   mean=mean, std=std, output_shape=tuple(out.shape[1:]))
         manifest.update({
             "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
                         **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}
