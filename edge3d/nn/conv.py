@@ -144,20 +144,10 @@ class CausalConv3d(StreamingModule):
     def forward_window(self, window: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One output from the last s input frames (channel-stacked, oldest first) and the cache."""
         kt, dt, s = self.kernel_size[0], self.dilation[0], self.temporal_stride
-        st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
         h = self.window_history
         c = window.shape[1] // s
         full = torch.cat([state[0], window], dim=1) if h else window
-        idx = window_taps(kt, dt, s, h)
-        taps = [full[:, j * c:(j + 1) * c] for j in idx]
-        if self.groups == 1:
-            stacked = full[:, idx[0] * c:(idx[-1] + 1) * c] if dt == 1 else torch.cat(taps, dim=1)
-            w2d = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
-            y = F.conv2d(stacked, w2d, self.bias, st, pd, dl)
-        else:
-            y = F.conv2d(taps[0], self.weight[:, :, 0], self.bias, st, pd, dl, self.groups)
-            for i in range(1, kt):
-                y = y + F.conv2d(taps[i], self.weight[:, :, i], None, st, pd, dl, self.groups)
+        y = self._conv_frames(full, window_taps(kt, dt, s, h), c)
         return (y, full[:, s * c:]) if h else (y,)
 
     def state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
@@ -169,22 +159,31 @@ class CausalConv3d(StreamingModule):
 
     def forward_step(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
         kt, dt = self.kernel_size[0], self.dilation[0]
-        st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
         if self.history == 0:
-            return (F.conv2d(x, self.weight[:, :, 0], self.bias, st, pd, dl, self.groups),)
+            return (self._conv_frames(x, [0], x.shape[1]),)
         (cache,) = state
         c = x.shape[1]
         full = torch.cat([cache, x], dim=1)
-        taps = [full[:, i * dt * c:(i * dt + 1) * c] for i in range(kt)]
+        return self._conv_frames(full, [i * dt for i in range(kt)], c), full[:, c:]
+
+    def _conv_frames(self, full: torch.Tensor, idx: list[int], c: int) -> torch.Tensor:
+        """The conv output from frames ``idx`` (one per temporal tap) of channel-stacked ``full``.
+
+        groups == 1: one Conv2d with the kernel reshaped time-major over the stacked taps (a
+        contiguous slice when the taps are adjacent); grouped: one grouped Conv2d per tap, summed.
+        """
+        st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
+        taps = [full[:, j * c:(j + 1) * c] for j in idx]
         if self.groups == 1:
-            stacked = full if dt == 1 else torch.cat(taps, dim=1)
+            adjacent = all(b - a == 1 for a, b in zip(idx, idx[1:], strict=False))
+            stacked = full[:, idx[0] * c:(idx[-1] + 1) * c] if adjacent else torch.cat(taps, dim=1)
+            kt = len(idx)
             w2d = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
-            y = F.conv2d(stacked, w2d, self.bias, st, pd, dl)
-        else:
-            y = F.conv2d(taps[0], self.weight[:, :, 0], self.bias, st, pd, dl, self.groups)
-            for i in range(1, kt):
-                y = y + F.conv2d(taps[i], self.weight[:, :, i], None, st, pd, dl, self.groups)
-        return y, full[:, c:]
+            return F.conv2d(stacked, w2d, self.bias, st, pd, dl)
+        y = F.conv2d(taps[0], self.weight[:, :, 0], self.bias, st, pd, dl, self.groups)
+        for i in range(1, len(taps)):
+            y = y + F.conv2d(taps[i], self.weight[:, :, i], None, st, pd, dl, self.groups)
+        return y
 
     def _step_in_context(self, x, state, ctx: StepContext):  # type: ignore[override]
         if ctx.lower or self.history == 0:
