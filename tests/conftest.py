@@ -49,16 +49,15 @@ TINY = {"width": 0.125, "num_classes": 5}
 
 
 def tiny_zoo_cases(slow_exports: bool = False) -> list:
-    """Every zoo model family and head. With ``slow_exports`` the largest graphs (VoV3D-L, the
-    101-layer ResNet) are marked slow: their export takes minutes and adds no layer family that
-    VoV3D-M, D-ResNet-50 and the D-ResNet-18 GRU head do not already cover in CI."""
+    """Every zoo model family and head. With ``slow_exports`` the largest graph (VoV3D-L) is marked
+    slow: its export takes minutes and adds no layer family that VoV3D-M does not cover in CI."""
     slow = [pytest.mark.slow] if slow_exports else []
     cases = [pytest.param(n, {"head": "fc"}, id=f"{n}-fc") for n in
              ("d-resnet18", "d-resnet50", "rcn-resnet18", "tsm-resnet18", "tam-resnet18", "vov3d-m")]
     cases += [pytest.param("vov3d-l", {"head": "fc"}, id="vov3d-l-fc", marks=slow),
               pytest.param("d-resnet18", {"head": "lstm"}, id="d-resnet18-lstm"),
               pytest.param("d-resnet18", {"head": "gru"}, id="d-resnet18-gru"),
-              pytest.param("d-resnet101", {"head": "gru"}, id="d-resnet101-gru", marks=slow)]
+              pytest.param("d-resnet101", {"head": "gru"}, id="d-resnet101-gru")]
     return cases
 
 

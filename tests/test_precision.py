@@ -336,10 +336,9 @@ def test_agreement_and_bounded_drift_500_frames(kind: str, dresnet: Path, statef
     _check_agreement(_agreement(dresnet if kind == "dresnet" else stateful, 500))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dresnet", "stateful"])
 def test_agreement_and_bounded_drift_2000_frames(kind: str, dresnet: Path, stateful: Path) -> None:
-    """The same over 2,000 frames (``pytest -m slow``)."""
+    """The same over 2,000 frames, as the issue asks (about 20 s for both models)."""
     _check_agreement(_agreement(dresnet if kind == "dresnet" else stateful, 2000), slope=True)
 
 
