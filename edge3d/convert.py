@@ -61,6 +61,26 @@ def check_streamable(model: nn.Module) -> None:
                 )
 
 
+def collect_specs(model: nn.Module, names: dict[nn.Module, str], ctx: StepContext, sees_frame: bool = True
+                  ) -> tuple[list[StreamingModule], list[int], list[StateSpec]]:
+    """The stateful layers a discovery run met, in module order, with their named state specs.
+
+    Layers fed the raw frame keep "input history" (frames, not intermediate features), which the
+    D3D paper counts separately from the cache; ``sees_frame=False`` where no input is a frame.
+    """
+    order = {m: i for i, (_, m) in enumerate(model.named_modules())}
+    layers, counts, specs = [], [], []
+    for m in sorted(ctx.specs, key=order.__getitem__):
+        own = ctx.specs[m]
+        if not own:
+            continue
+        path = names[m]
+        layers.append(m)
+        counts.append(len(own))
+        specs += [s.renamed(f"{path}.{s.name}", path, sees_frame and m in ctx.saw_frame) for s in own]
+    return layers, counts, specs
+
+
 class StepModule(nn.Module):
     """``forward(frame, *states) -> (output, *new_states)``: one frame of a streaming model.
 
@@ -86,9 +106,6 @@ class StepModule(nn.Module):
             keep_time = not getattr(model, "steps_without_time_axis", False)
         self.keep_time, self.lower, self.output_time_axis = keep_time, lower, output_time_axis
         self._names = {m: (p or type(model).__name__) for p, m in model.named_modules()}
-        self._layers: list[StreamingModule] = []
-        self._specs: list[StateSpec] = []
-        self._counts: list[int] = []
         self._discover()
 
     def _discover(self) -> None:
@@ -98,18 +115,7 @@ class StepModule(nn.Module):
         with torch.no_grad(), stepping(ctx):
             out = self.model(ctx.frame)
         self._check_output(out)
-        order = {m: i for i, (_, m) in enumerate(self.model.named_modules())}
-        for m in sorted(ctx.specs, key=order.__getitem__):
-            specs = ctx.specs[m]
-            if not specs:
-                continue
-            path = self._names[m]
-            # Layers fed the raw frame keep "input history" (frames, not intermediate features),
-            # which the D3D paper counts separately from the cache.
-            sees_frame = m in ctx.saw_frame
-            self._layers.append(m)
-            self._counts.append(len(specs))
-            self._specs += [s.renamed(f"{path}.{s.name}", path, sees_frame) for s in specs]
+        self._layers, self._counts, self._specs = collect_specs(self.model, self._names, ctx)
 
     def _check_output(self, out: object) -> None:
         if not isinstance(out, torch.Tensor):

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .convert import collect_specs
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
 
 
@@ -185,16 +186,10 @@ class ModelStage(Stage):
     def discover(self) -> list[tuple[list[nn.Module], torch.Tensor]]:
         """Record this stage's states; return its feeds grouped by the tensor they read."""
         ctx = self._run(self.example_inputs(1), None)
-        order = {m: i for i, (_, m) in enumerate(self.model.named_modules())}
-        for m in sorted(ctx.specs, key=order.__getitem__):
-            specs = ctx.specs[m]
-            if not specs:
-                continue
-            path = self._names[m]
-            sees = self.index == 0 and m in ctx.saw_frame
-            self._layers.append(m)
-            self._counts.append(len(specs))
-            self.specs += [s.renamed(f"{path}.{s.name}", path, sees) for s in specs]
+        layers, counts, specs = collect_specs(self.model, self._names, ctx, sees_frame=self.index == 0)
+        self._layers += layers
+        self._counts += counts
+        self.specs += specs
         groups: list[tuple[list[nn.Module], torch.Tensor]] = []
         for m, x in ctx.feeds:
             for mods, t in groups:

@@ -160,6 +160,28 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
     }
 
 
+@contextlib.contextmanager
+def artifact_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Assemble ``out_dir/<name>.edge3d`` in a temporary folder and move it into place at the end.
+
+    Yields (folder, manifest dict to fill). A failed export leaves neither a half-written
+    artifact nor the temporary folder behind, and an existing artifact is replaced only on success.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / f"{name}.edge3d"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    manifest: dict[str, Any] = {}
+    try:
+        yield tmp, manifest
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def export_artifact(
     model: nn.Module,
     out_dir: str | Path,
@@ -190,17 +212,14 @@ def export_artifact(
 
         return export_staged(step, out_dir, name, model_info=model_info or {"name": name}, classes=classes,
                              mean=mean, std=std, opset=opset)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{name}.edge3d"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    try:
+    with artifact_folder(out_dir, name) as (tmp, manifest):
         raw = tmp / "raw.onnx"
         _quiet_export(step, raw, opset)
         onnx_path = tmp / "model.fp32.onnx"
         simplify(raw, onnx_path)
         raw.unlink()
-        manifest = build_manifest(step, name, model_info=model_info or {"name": name}, classes=classes,
-                                  mean=mean, std=std, lowered=lower)
+        manifest.update(build_manifest(step, name, model_info=model_info or {"name": name}, classes=classes,
+                                       mean=mean, std=std, lowered=lower))
         manifest["precisions"]["fp32"] = {
             "file": onnx_path.name, "profile": "fp32",
             "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},
@@ -209,11 +228,4 @@ def export_artifact(
         onnx.checker.check_model(str(onnx_path), full_check=True)
         manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
         manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return out_dir / f"{name}.edge3d"

@@ -9,19 +9,15 @@ here makes sure no stage still takes the frame or any node of an earlier stage's
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
-from ..runtime.manifest import MANIFEST, state_io_names
+from ..runtime.manifest import state_io_names
 from ..staged import Stage, StagedStepModule
-from .onnx import file_sha256, manifest_header, quiet, set_metadata, simplify, weight_bytes
+from .onnx import artifact_folder, file_sha256, manifest_header, quiet, set_metadata, simplify, weight_bytes
 
 
 def _export_stage(stage: Stage, path: Path, opset: int) -> None:
@@ -51,10 +47,7 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
                   classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...], opset: int) -> Path:
     """Write ``out_dir/<name>.edge3d/`` with ``stage<k>.fp32.onnx`` per stage and the manifest."""
     report = step.report()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / f"{name}.edge3d"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
-    try:
+    with artifact_folder(out_dir, name) as (tmp, manifest):
         files = []
         for st in step.stages:
             raw = tmp / f"raw{st.index}.onnx"
@@ -66,8 +59,8 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
         with torch.no_grad():
             last = step.stages[-1]
             out = last(*last.example_inputs(1), *last.initial_states(1))[0]
-        manifest = manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
-                                   mean=mean, std=std, output_shape=tuple(out.shape[1:]))
+        manifest.update(manifest_header(step.model, step.frame_shape, name, model_info=model_info,
+                                        classes=classes, mean=mean, std=std, output_shape=tuple(out.shape[1:])))
         manifest.update({
             "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
                         **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}
@@ -102,11 +95,4 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             onnx.checker.check_model(str(path), full_check=True)
         manifest["precisions"]["fp32"]["weight_bytes"] = sum(weight_bytes(p) for p in files)
         manifest["precisions"]["fp32"]["sha256"] = [file_sha256(p) for p in files]
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return out_dir / f"{name}.edge3d"
