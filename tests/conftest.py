@@ -48,6 +48,31 @@ def assert_close_every_frame(streamed, clip_out, tol: float = 1e-4) -> None:
 TINY = {"width": 0.125, "num_classes": 5}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The CI box is small and shared: one intra-op thread is faster than two oversubscribed."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def dresnet(tmp_path_factory):
+    """A tiny trained-looking d-resnet18 artifact with every precision (tests/precision_helpers.py)."""
+    from precision_helpers import built_artifact
+
+    return built_artifact("dresnet", tmp_path_factory.getbasetemp() / "precision-artifacts")
+
+
+@pytest.fixture(scope="session")
+def stateful(tmp_path_factory):
+    """A conv + GRU + RunningMean artifact with every precision (tests/precision_helpers.py)."""
+    from precision_helpers import built_artifact
+
+    return built_artifact("stateful", tmp_path_factory.getbasetemp() / "precision-artifacts")
+
+
 def tiny_zoo_cases(slow_exports: bool = False) -> list:
     """Every zoo model family and head. With ``slow_exports`` the largest graph (VoV3D-L) is marked
     slow: its export takes minutes and adds no layer family that VoV3D-M does not cover in CI."""

@@ -16,14 +16,9 @@ pytest.importorskip("torch")
 from edge3d.exporters.precision import add_precisions  # noqa: E402
 from edge3d.runtime import Session  # noqa: E402
 from edge3d.runtime.manifest import load_manifest  # noqa: E402
-from precision_helpers import built_artifact, pattern_stream, write_video  # noqa: E402
+from precision_helpers import pattern_stream, write_video  # noqa: E402
 
 from edge3d.compare import cast_states, compare, drift_trend  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def stateful(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_artifact("stateful", tmp_path_factory.getbasetemp() / "precision-artifacts")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from edge3d.staged import StagedStepModule
 SIZE = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box is small and shared: one intra-op thread is faster than oversubscribed two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def assert_fresh_equal(step: StagedStepModule, model: nn.Module, clip: torch.Tensor, tol: float = 1e-4) -> None:

@@ -22,17 +22,7 @@ from edge3d.exporters.precision import add_precisions, resolve_profiles  # noqa:
 from edge3d.profiles import builtin_names, load_profile  # noqa: E402
 from edge3d.runtime import ArtifactError, Session  # noqa: E402
 from edge3d.runtime.manifest import METADATA_KEY, load_manifest  # noqa: E402
-from precision_helpers import CALIB_FRAMES, built_artifact, pattern_stream, running_mean_net, write_video  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def dresnet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_artifact("dresnet", tmp_path_factory.getbasetemp() / "precision-artifacts")
-
-
-@pytest.fixture(scope="module")
-def stateful(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return built_artifact("stateful", tmp_path_factory.getbasetemp() / "precision-artifacts")
+from precision_helpers import CALIB_FRAMES, pattern_stream, running_mean_net, write_video  # noqa: E402
 
 
 def _write(tmp_path: Path, text: str, name: str = "p.toml") -> Path:

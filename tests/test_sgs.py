@@ -22,12 +22,7 @@ from edge3d.nn.sgs import SimilarityGuidedSampling, compaction
 SIZE, K = 32, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
