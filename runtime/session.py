@@ -86,14 +86,18 @@ class Session:
 
     def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
                  threads: int | None = None) -> None:
+        self._open(path, profile, streams)
+        self.backend_name = _pick_backend(backend, self.manifest, profile)
+        options = {"threads": threads} if self.backend_name == "onnxruntime" else {}
+        self._backend = backends.create(self.backend_name, self.manifest, profile, streams, **options)
+
+    def _open(self, path: str | Path, profile: str, streams: int) -> None:
+        """What every session has, whatever schedules its graphs: manifest, precision, preprocessing, stats."""
         if not isinstance(streams, int) or streams < 1:
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.manifest = load_manifest(path)
         self.profile = profile
         self.precision = precision_entry(self.manifest, profile)
-        self.backend_name = _pick_backend(backend, self.manifest, profile)
-        options = {"threads": threads} if self.backend_name == "onnxruntime" else {}
-        self._backend = backends.create(self.backend_name, self.manifest, profile, streams, **options)
         self.streams = streams
         self.pre = FramePreprocessor(self.manifest["frame"])
         self.stats = Stats()

@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import ArtifactError, load_manifest, precision_entry, state_io_names
-from .preprocess import FramePreprocessor
-from .session import Session, Stats
+from .manifest import ArtifactError, state_io_names
+from .session import Session
 
 
 class StagedSession(Session):
@@ -31,22 +30,14 @@ class StagedSession(Session):
                  threads: int | None = None) -> None:
         from .backend.onnxrt import _load_session
 
-        if not isinstance(streams, int) or streams < 1:
-            raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
                                 "use backend='onnxruntime'.")
-        self.manifest = load_manifest(path)
-        self.profile = profile
-        self.precision = precision_entry(self.manifest, profile)
+        self._open(path, profile, streams)
         if "files" not in self.precision:
             raise ArtifactError(f"the {profile!r} precision of this multi-rate artifact lists no per-stage files; "
                                 "re-export it.")
         self.backend_name = "onnxruntime"
-        self.streams = streams
-        self.pre = FramePreprocessor(self.manifest["frame"])
-        self.stats = Stats()
-        self.classes: list[str] | None = self.manifest["output"].get("classes")
         folder = Path(self.manifest["_folder"])
         self._stages = self.manifest["stages"]
         self._specs = {s["name"]: s for s in self.manifest["states"]}
