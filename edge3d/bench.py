@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .bench_streams import _interleave
+
 
 def _median_ms(fn, frames: int, warmup: int = 5) -> float:
     for _ in range(warmup):
@@ -23,23 +25,6 @@ def _median_ms(fn, frames: int, warmup: int = 5) -> float:
         fn()
         ts.append((time.perf_counter() - t0) * 1e3)
     return float(np.median(ts))
-
-
-def _interleaved_ms(a, b, frames: int, warmup: int = 5) -> tuple[float, float]:
-    """Medians of two callables timed alternately, call by call."""
-    for _ in range(warmup):
-        a()
-        b()
-    ta, tb = [], []
-    for _ in range(frames):
-        t0 = time.perf_counter()
-        a()
-        t1 = time.perf_counter()
-        b()
-        t2 = time.perf_counter()
-        ta.append((t1 - t0) * 1e3)
-        tb.append((t2 - t1) * 1e3)
-    return float(np.median(ta)), float(np.median(tb))
 
 
 def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
@@ -122,8 +107,12 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
         feeds = {"frame": clip_frames[:1]}
         feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
                                                        strict=True)})
-        results["step_ms"], results["bare_ort_ms"] = _interleaved_ms(
-            lambda: sess.step(next_frame()), lambda: backend.run_bare(feeds), frames)
+        for _ in range(5):  # warm-up
+            sess.step(next_frame())
+            backend.run_bare(feeds)
+        timed = _interleave({"step": lambda _: sess.step(next_frame()), "bare": lambda _: backend.run_bare(feeds)},
+                            frames)
+        results["step_ms"], results["bare_ort_ms"] = timed["step"][0], timed["bare"][0]
         ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
 
         macs = manifest["macs_per_frame"]

@@ -6,6 +6,7 @@ frame source...) into one red sentence and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -17,6 +18,8 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from .runtime.manifest import format_bytes
 
 app = typer.Typer(
     help="Export causal video networks as per-frame step graphs with explicit state, and stream them.",
@@ -83,10 +86,6 @@ def zoo() -> None:
 
 
 # --------------------------------------------------------------------------- inspect
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 @app.command()
 @friendly
 def inspect(
@@ -109,8 +108,8 @@ def inspect(
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
         for name, p in m["precisions"].items():
-            prec.add_row(name, p["file"], _fmt_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
-                         _fmt_bytes(p.get("weight_bytes", 0)))
+            prec.add_row(name, p["file"], format_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
+                         format_bytes(p.get("weight_bytes", 0)))
         console.print(prec)
         _print_stages(m.get("stages", []), m.get("buffers", []))
         return
@@ -154,8 +153,8 @@ def _print_report(name: str, params: int, macs: int, state: int, history: int, s
     summary = Table(title=f"{name}", show_header=False)
     summary.add_row("parameters", f"{params / 1e6:.2f} M")
     summary.add_row("MACs per frame", f"{macs / 1e6:.1f} M")
-    summary.add_row("state (intermediate caches)", _fmt_bytes(state))
-    summary.add_row("input-frame history", _fmt_bytes(history))
+    summary.add_row("state (intermediate caches)", format_bytes(state))
+    summary.add_row("input-frame history", format_bytes(history))
     console.print(summary)
     table = Table(title="states (per stream)")
     for col in ("name", "shape", "dtype", "kind", "bytes"):
@@ -278,7 +277,7 @@ def run(
                 if not quiet and (n % 4 == 0 or n == 1):
                     s = session.stats.summary()
                     live.update(f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
-                                f"cache {_fmt_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
+                                f"cache {format_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
                 if frames is not None and n >= frames:
                     break
     finally:
@@ -292,14 +291,14 @@ def run(
     table.add_row("frames", str(n))
     table.add_row("ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
     table.add_row("fps (step only)", f"{s['fps']:.1f}")
-    table.add_row("cache memory per stream", _fmt_bytes(session.cache_bytes))
+    table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {profile}")
     if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:
             table.add_row(f"stage {r['stage']} (every {r['rate']} frames)", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
         table.add_row("amortised ms/frame", f"{ss['amortised_ms_per_frame']:.2f}")
-        table.add_row("buffers per stream", _fmt_bytes(sum(ss["buffer_bytes"].values())))
+        table.add_row("buffers per stream", format_bytes(sum(ss["buffer_bytes"].values())))
         if "bins_used" in ss:
             b = ss["bins_used"]
             table.add_row("SGS bins used", f"mean {b['mean']:.2f} (min {b['min']}, max {b['max']}) over {b['chunks']} chunks")
@@ -366,24 +365,18 @@ def bench_streams(
         counts = [int(s) for s in _split(streams)]
     except ValueError:
         raise ValueError(f"--streams {streams!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
-    with console.status("measuring streams...") if not as_json else _nullcontext():
+    with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
         report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
-                        f"{profile}, state {_fmt_bytes(report['state_bytes_per_stream'])} per stream")
+                        f"{profile}, state {format_bytes(report['state_bytes_per_stream'])} per stream")
     for col in HEADERS:
         table.add_column(col, justify="right")
     for row in format_rows(report):
         table.add_row(*row)
     console.print(table)
-
-
-def _nullcontext() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- triton

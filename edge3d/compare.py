@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from .runtime import Session
-from .runtime.manifest import load_manifest, precision_entry, state_io_names
+from .runtime.manifest import format_bytes, load_manifest, precision_entry, state_io_names
 from .sources import split_item, streams_of
 
 REFERENCE = "fp32"
@@ -316,10 +316,6 @@ def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latenci
     return ["drift.png", "latency.png"]
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
-
-
 METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
            "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
            "accuracy"]
@@ -335,7 +331,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     for r in report["profiles"].values():
         tf, fr = r["teacher_forced"], r["free_running"]
         cols.append([
-            f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", _fmt_bytes(r["cache_bytes"]), _fmt_bytes(r["weight_bytes"]),
+            f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", format_bytes(r["cache_bytes"]), format_bytes(r["weight_bytes"]),
             f"{tf['max_abs_err']:.3g}", f"{tf['mean_abs_err']:.3g}", f"{fr['end_abs_err']:.3g}",
             f"{fr['end_cosine']:.5f}", f"{fr['worst_abs_err']:.3g} @ {fr['worst_frame']}",
             f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})", f"{100 * r['top1_agreement']:.2f}%",

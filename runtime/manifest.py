@@ -116,3 +116,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     tmp = Path(folder) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def format_bytes(n: float) -> str:
+    """Bytes for people: kB below 100 kB, else MB (10^6 B, as the D3D paper counts cache)."""
+    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -285,3 +285,23 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert "per-frame accuracy" in res.output
     res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")])
     assert res.exit_code == 2 and "neither a file" in res.output
+
+
+def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
+    """Timings are not asserted (shared machines); the report's structure and MAC count are."""
+    import edge3d
+
+    out = tmp_path / "bench.json"
+    res = CliRunner().invoke(app, ["bench", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
+                                   "--frames", "5", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"step_ms", "bare_ort_ms", "step_gflops", "matmul_gflops", "conv3d_step_ms",
+                                      "window_ms_per_output_frame", "torch_eager_step_ms"}
+    assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul", "lowered_vs_conv3d_speedup",
+                                     "step_vs_window_speedup", "exported_vs_eager_speedup"}
+    assert all(v > 0 for v in report["results"].values())
+    expected = edge3d.inspect(zoo.build("d-resnet18", width=0.125, num_classes=5), 32)["macs_per_frame"]
+    assert report["macs_per_frame"] == expected
+    r = report["results"]
+    assert report["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(r["conv3d_step_ms"] / r["step_ms"])
