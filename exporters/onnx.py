@@ -101,12 +101,17 @@ def simplify(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst))
 
 
-def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
-    model = onnx.load(str(path))
+def embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any]) -> None:
+    """Store the manifest in ``metadata_props`` so a bare .onnx still describes its states."""
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
     model.producer_name, model.producer_version = "edge3d", __version__
+
+
+def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
+    model = onnx.load(str(path))
+    embed_manifest(model, manifest)
     onnx.save(model, str(path))
 
 

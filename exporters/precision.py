@@ -21,8 +21,8 @@ import onnx
 
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
-from ..runtime.manifest import METADATA_KEY, load_manifest, resolve_artifact
-from .onnx import file_sha256, weight_bytes, write_manifest
+from ..runtime.manifest import load_manifest, resolve_artifact
+from .onnx import embed_manifest, file_sha256, weight_bytes, write_manifest
 
 _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                 onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8"}
@@ -43,14 +43,9 @@ def graph_io_dtypes(model: onnx.ModelProto) -> dict[str, str]:
 
 def _embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any], entry: dict[str, Any]) -> None:
     """Store the manifest (with this precision's entry) in ``metadata_props``, as the FP32 file does."""
-    from .. import __version__
-
     inner = {k: v for k, v in manifest.items() if k not in ("precisions", "engines") and not k.startswith("_")}
     inner["precision"] = {k: v for k, v in entry.items() if k != "sha256"}
-    del model.metadata_props[:]
-    prop = model.metadata_props.add()
-    prop.key, prop.value = METADATA_KEY, json.dumps(inner, sort_keys=True)
-    model.producer_name, model.producer_version = "edge3d", __version__
+    embed_manifest(model, inner)
 
 
 def _progress(console: Any, total: int, label: str):
