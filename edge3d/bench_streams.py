@@ -96,11 +96,13 @@ def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[s
     return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
 
 
-def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None) -> dict[str, float]:
+def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None,
+                max_batch: int | None = None) -> dict[str, float]:
     """Throughput and gather/scatter cost for N streams, in this process."""
     from .runtime import Session
 
-    batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads)
+    batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
+                      max_batch=max_batch)
     separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
     shape = batched._backend.frame_shape
     data = _frames(shape, n)
@@ -118,10 +120,12 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
         batched.step_batch(data[i % DISTINCT_FRAMES][perm], perm)
 
     backend = batched._backend
+    chunk = backend.max_batch or n
 
     def gather_scatter(_: int) -> None:
-        backend.gather(perm)
-        backend.scatter(perm)
+        for a in range(0, n, chunk):  # as a call moves them: at most one chunk of rows at a time
+            backend.gather(perm[a:a + chunk])
+            backend.scatter(perm[a:a + chunk])
 
     for i in range(WARMUP_CALLS):
         for fn in (batched_call, separate_round, subset_call, gather_scatter):
@@ -154,12 +158,14 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     }
 
 
-def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
+def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | None,
+              max_batch: int | None = None) -> dict[str, int]:
     """Runs in a fresh process: RSS after creating, and after warming, N batched streams or N sessions."""
     from .runtime import Session
 
     if mode == "batched":
-        sessions = [Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads)]
+        sessions = [Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
+                            max_batch=max_batch)]
     else:
         sessions = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
     _trim_heap()
@@ -177,12 +183,13 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
     return {"rss_bytes": _rss_bytes(), "rss_created_bytes": created}
 
 
-def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | None) -> dict[str, int]:
+def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | None,
+               max_batch: int | None = None) -> dict[str, int]:
     root = str(Path(__file__).resolve().parent.parent)  # this checkout, whatever else is installed
     code = ("import sys, json; sys.path.insert(0, sys.argv[1]); import numpy, onnxruntime, edge3d.runtime; "
             "from edge3d.bench_streams import rss_child; a = sys.argv; "
-            "print(json.dumps(rss_child(a[2], a[3], int(a[4]), a[5], int(a[6]) or None)))")
-    args = [root, str(artifact), mode, str(n), profile, str(threads or 0)]
+            "print(json.dumps(rss_child(a[2], a[3], int(a[4]), a[5], int(a[6]) or None, int(a[7]) or None)))")
+    args = [root, str(artifact), mode, str(n), profile, str(threads or 0), str(max_batch or 0)]
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -191,7 +198,7 @@ def _run_child(artifact: Path, mode: str, n: int, profile: str, threads: int | N
 
 
 def _rss_points(artifact: Path, streams: list[int], profile: str, threads: int | None,
-                repeats: int) -> dict[tuple[str, int], dict[str, int]]:
+                repeats: int, max_batch: int | None = None) -> dict[tuple[str, int], dict[str, int]]:
     """Median RSS figures per (mode, N); N=1 is always measured as the baseline."""
     out = {}
     for mode in ("batched", "separate"):
@@ -199,14 +206,19 @@ def _rss_points(artifact: Path, streams: list[int], profile: str, threads: int |
             if mode == "separate" and n == 1:
                 out[(mode, 1)] = out[("batched", 1)]  # one session with one stream either way
                 continue
-            runs = [_run_child(artifact, mode, n, profile, threads) for _ in range(repeats)]
+            runs = [_run_child(artifact, mode, n, profile, threads, max_batch if mode == "batched" else None)
+                    for _ in range(repeats)]
             out[(mode, n)] = {k: int(statistics.median(r[k] for r in runs)) for k in runs[0]}
     return out
 
 
 def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, *, profile: str = "fp32",
-                    threads: int | None = None, rss: bool = True, rss_repeats: int = 3) -> dict[str, Any]:
+                    threads: int | None = None, rss: bool = True, rss_repeats: int = 3,
+                    max_batch: int | None = None) -> dict[str, Any]:
     """Batched vs separate sessions for every N in ``streams``: throughput, gather/scatter, memory.
+
+    ``max_batch`` runs the batched session in chunks (``Session(max_batch=...)``), the
+    memory-lean scheme for many streams; None steps all N in one ping-pong call.
 
     ``frames`` is the number of timed calls per mode and N (each batched call steps N frames).
     Returns a JSON-able dict: ``rows`` (one per N), the per-stream byte counts the memory
@@ -229,10 +241,11 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     probe.close()
     rows = []
     for n in streams:
-        rows.append({"streams": n, **_time_point(artifact, n, frames, profile, threads)})
+        rows.append({"streams": n, **_time_point(artifact, n, frames, profile, threads, max_batch)})
     if rss:
-        points = _rss_points(artifact, streams, profile, threads, rss_repeats)
+        points = _rss_points(artifact, streams, profile, threads, rss_repeats, max_batch)
         base = points[("batched", 1)]
+        measured = sorted({1, *streams})
         for row in rows:
             n = row["streams"]
             batched, separate = points[("batched", n)], points[("separate", n)]
@@ -247,6 +260,11 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
                 row["rss_per_extra_batched_stream_before_steps"] = (
                     (batched["rss_created_bytes"] - base["rss_created_bytes"]) / (n - 1))
                 row["rss_per_extra_session"] = (separate["rss_bytes"] - base["rss_bytes"]) / (n - 1)
+                # the slope from the next smaller N: what one more stream costs at this size, without
+                # the fixed cost of the first chunk (its staging rows and activations) spread over it
+                prev = measured[measured.index(n) - 1]
+                row["rss_per_extra_batched_stream_marginal"] = (
+                    (batched["rss_bytes"] - points[("batched", prev)]["rss_bytes"]) / (n - prev))
     return {
         "artifact": str(artifact),
         "model": manifest.get("name"),
@@ -254,13 +272,15 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "profile": profile,
         "backend": "onnxruntime",
         "threads": threads,
+        "max_batch": max_batch,
         "cpu_count": os.cpu_count(),
         "timed_calls": frames,
         "state_bytes_per_stream": state_bytes,
         "state_bytes_without_input_history": manifest.get("state_bytes"),
         # What the runtime itself allocates per batched stream: two state sets (ping-pong), one
-        # frame row and one output row. A subset call adds two more state sets (staging).
-        "runtime_buffer_bytes_per_stream": 2 * state_bytes + frame_bytes + output_bytes,
+        # frame row and one output row. A subset call adds two more state sets (staging). With
+        # max_batch, one state set per stream; the staging pair is fixed at max_batch rows.
+        "runtime_buffer_bytes_per_stream": (1 if max_batch else 2) * state_bytes + frame_bytes + output_bytes,
         "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
         "rows": rows,
         "method": {
@@ -272,7 +292,8 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
                               "call of all N streams (gather, run, scatter) over the in-order call, interleaved",
             "rss": f"fresh child process per point, median of {rss_repeats}; /proc/self/statm after "
                    f"{WARMUP_CALLS} warm-up full calls and malloc_trim(0) (*_before_steps: after creating the "
-                   "session(s), before any call); per extra stream = (RSS(N) - RSS(1)) / (N - 1)",
+                   "session(s), before any call); per extra stream = (RSS(N) - RSS(1)) / (N - 1); marginal = "
+                   "(RSS(N) - RSS(M)) / (N - M) with M the next smaller N measured",
         },
     }
 
@@ -290,9 +311,10 @@ def format_rows(report: dict[str, Any]) -> list[list[str]]:
     return [[str(r["streams"]), f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}",
              f"{r['batched_over_separate']:.2f}x", f"{r['batched_over_separate_cpu']:.2f}x",
              f"{r['batched_ms_per_call']:.1f}", f"{100 * r['gather_scatter_share']:.1f}%",
-             mb(r, "rss_per_extra_batched_stream", True), mb(r, "rss_per_extra_batched_stream_before_steps", True),
+             mb(r, "rss_per_extra_batched_stream", True), mb(r, "rss_per_extra_batched_stream_marginal", True),
+             mb(r, "rss_per_extra_batched_stream_before_steps", True),
              mb(r, "rss_per_extra_session")] for r in report["rows"]]
 
 
 HEADERS = ["N", "fps batched", "fps separate", "gain", "gain CPU", "ms/call", "gather+scatter",
-           "RSS/extra stream (x state)", "before 1st step", "RSS/extra session"]
+           "RSS/extra stream (x state)", "marginal", "before 1st step", "RSS/extra session"]

@@ -356,6 +356,9 @@ def bench_streams(
     profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
     threads: Annotated[int | None, typer.Option("--threads", help="ONNX Runtime intra-op threads.")] = None,
     no_rss: Annotated[bool, typer.Option("--no-rss", help="Skip the memory measurement (child processes).")] = False,
+    max_batch: Annotated[int | None, typer.Option(
+        "--max-batch", help="Step the batched session in chunks of at most this many streams "
+                            "(Session(max_batch=...)): about one state's bytes per extra stream.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
 ) -> None:
     """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
@@ -366,12 +369,14 @@ def bench_streams(
     except ValueError:
         raise ValueError(f"--streams {streams!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
     with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
-        report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss)
+        report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss,
+                                 max_batch=max_batch)
     if as_json:
         print(json.dumps(report, indent=2))
         return
     table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
-                        f"{profile}, state {format_bytes(report['state_bytes_per_stream'])} per stream")
+                        f"{profile}, state {format_bytes(report['state_bytes_per_stream'])} per stream"
+                        + (f", chunks of {max_batch}" if max_batch else ""))
     for col in HEADERS:
         table.add_column(col, justify="right")
     for row in format_rows(report):

@@ -74,6 +74,9 @@ class Session:
     ``Session(path, profile="fp32", backend="auto", streams=1)``. ``step(frame)`` takes an
     H×W×3 uint8 RGB image (resized and normalised from the manifest) or a normalised
     3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
+    ``max_batch`` (ONNX Runtime) runs calls over many streams in chunks of at most that many
+    rows, so each extra stream costs about its state bytes instead of two state sets plus
+    activations (see ``runtime/backend/onnxrt.py``); leave it None for a few streams.
     """
 
     def __new__(cls, path: str | Path, *args: Any, **kwargs: Any) -> Session:
@@ -85,10 +88,15 @@ class Session:
         return super().__new__(cls)
 
     def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_batch: int | None = None) -> None:
         self._open(path, profile, streams)
         self.backend_name = _pick_backend(backend, self.manifest, profile)
-        options = {"threads": threads} if self.backend_name == "onnxruntime" else {}
+        options: dict[str, Any] = {}
+        if self.backend_name == "onnxruntime":
+            options = {"threads": threads, "max_batch": max_batch}
+        elif max_batch is not None:
+            raise ValueError("max_batch (stepping many streams in chunks) is an ONNX Runtime option; on TensorRT "
+                             "build the engine for the streams you need (`edge3d build --streams N`) instead.")
         self._backend = backends.create(self.backend_name, self.manifest, profile, streams, **options)
 
     def _open(self, path: str | Path, profile: str, streams: int) -> None:

@@ -27,9 +27,12 @@ class StagedSession(Session):
     """A :class:`Session` over an artifact whose manifest has ``stages`` (see the module doc)."""
 
     def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, max_batch: int | None = None) -> None:
         from .backend.onnxrt import _load_session
 
+        if max_batch is not None:
+            raise ValueError("max_batch is not supported for multi-rate artifacts (all streams share one phase); "
+                             "leave it out.")
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
                                 "use backend='onnxruntime'.")

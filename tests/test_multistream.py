@@ -21,11 +21,13 @@ def _states_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact: Path) -> None:
-    """Full calls, shuffled subsets and a mid-stream reset of one stream, against one Session per stream."""
+@pytest.mark.parametrize("max_batch", [None, 3, 1])
+def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact: Path, max_batch) -> None:
+    """Full calls, shuffled subsets and a mid-stream reset of one stream, against one Session per stream;
+    also when calls run in chunks of ``max_batch`` rows (3 of 4 streams: a full chunk and a partial one)."""
     rng = np.random.default_rng(1)
     frames = _frames(0, FRAMES, STREAMS)
-    batched = Session(stream_artifact, streams=STREAMS)
+    batched = Session(stream_artifact, streams=STREAMS, max_batch=max_batch)
     single = [Session(stream_artifact) for _ in range(STREAMS)]
     stepped = np.zeros(STREAMS, int)
     worst = 0.0
@@ -68,11 +70,12 @@ def test_reset_changes_only_that_stream(stream_artifact: Path) -> None:
             np.testing.assert_array_equal(after[name][i], before[name][i])
 
 
+@pytest.mark.parametrize("max_batch", [None, 2])
 @pytest.mark.parametrize("case", ["nan", "inf", "wrong_shape", "wrong_dtype", "unknown_id", "negative_id",
                                   "duplicate_id", "bool_id", "float_id", "too_few_frames"])
-def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case: str) -> None:
+def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case: str, max_batch) -> None:
     frames = _frames(3, 3, STREAMS)
-    s = Session(stream_artifact, streams=STREAMS)
+    s = Session(stream_artifact, streams=STREAMS, max_batch=max_batch)
     s.step_batch(frames[0])
     s.step_batch(frames[1, :2], [3, 0])  # staging buffers exist, states differ per stream
     before = s.get_state()
@@ -121,6 +124,26 @@ def test_rejected_single_step_leaves_state_unchanged(stream_artifact: Path) -> N
     assert _states_equal(before, s.get_state())
 
 
+def test_max_batch_keeps_one_state_set_and_bounded_staging(stream_artifact: Path) -> None:
+    """Chunked sessions hold each stream's state once; staging stays max_batch rows however many streams."""
+    plain = Session(stream_artifact, streams=8)
+    chunked = Session(stream_artifact, streams=8, max_batch=2)
+    frames = _frames(7, 3, 8)
+    for t in range(3):
+        np.testing.assert_array_equal(chunked.step_batch(frames[t]), plain.step_batch(frames[t]))
+    assert len(plain._backend._full.states) == 2 and len(chunked._backend._full.states) == 1
+    staging = chunked._backend._staging
+    assert staging is not None and {a.shape[0] for half in staging for a in half.values()} == {2}
+    # max_batch >= streams changes nothing: one ping-pong call, as without it
+    assert Session(stream_artifact, streams=2, max_batch=4)._backend.max_batch is None
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True])
+def test_bad_max_batch_is_rejected(stream_artifact: Path, bad) -> None:
+    with pytest.raises(ValueError, match="max_batch"):
+        Session(stream_artifact, streams=4, max_batch=bad)
+
+
 def test_many_subset_sizes_share_one_staging_buffer(stream_artifact: Path) -> None:
     """Staging rows follow the largest subset so far, not the sum over the subset sizes used."""
     s = Session(stream_artifact, streams=6)
@@ -155,6 +178,8 @@ def test_measure_streams_report(stream_artifact: Path) -> None:
     # a separate session carries its own weights and ONNX Runtime session; a batched stream does not
     assert three["rss_per_extra_session"] > three["rss_per_extra_batched_stream"]
     assert "rss_per_extra_batched_stream" not in r["rows"][0]
+    # with N = 1 and 3 measured, the slope from the next smaller N is the average over the extra streams
+    assert three["rss_per_extra_batched_stream_marginal"] == pytest.approx(three["rss_per_extra_batched_stream"])
 
 
 def test_cli_bench_streams_json(stream_artifact: Path) -> None:
@@ -169,5 +194,13 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["rows"][0]["streams"] == 2 and "rss_batched_bytes" not in report["rows"][0]
+    res = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "3", "--frames", "2",
+                                   "--no-rss", "--json", "--max-batch", "2"])
+    assert res.exit_code == 0, res.output
+    chunked = json.loads(res.output)
+    state = chunked["state_bytes_per_stream"]
+    assert chunked["max_batch"] == 2 and report["max_batch"] is None
+    # one state set per stream instead of the ping-pong pair
+    assert report["runtime_buffer_bytes_per_stream"] - chunked["runtime_buffer_bytes_per_stream"] == state
     bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
     assert bad.exit_code == 2

@@ -4,6 +4,15 @@ Two bindings are made once, one per parity: parity p reads states from buffer p 
 them to buffer 1-p, so a step allocates no state tensor and never binds one buffer as both
 input and output. Stepping a subset of streams gathers their rows into staging buffers and
 scatters the new rows back only after the run succeeded, so a failed run changes no state.
+
+With ``max_batch`` B smaller than the stream count (a server with many cameras), the
+ping-pong pair would double every stream's state and ONNX Runtime's activations would grow
+with N. Instead the streams' states live in one set, and every call runs in chunks of at
+most B rows through the fixed staging pair (gather, run, scatter): memory per extra stream is
+its state plus a frame and an output row, and activations stay those of a B-row batch.
+The price is two row copies per stream and step (a few percent of a step, see
+``edge3d bench-streams``). A chunk that fails leaves its own streams unchanged, but chunks
+that ran before it keep their new state.
 """
 
 from __future__ import annotations
@@ -115,14 +124,23 @@ class _Plan:
                  states: list[dict[str, np.ndarray]]) -> None:
         self.frame, self.output = frame, output
         self.states = states  # states[p][name]: the set read at parity p
-        self.bindings = [_bind(sess, frame, output, states[p], states[1 - p]) for p in (0, 1)]
+        # Chunked sessions keep one state set and no full-call binding (see the module docstring).
+        self.bindings = [_bind(sess, frame, output, states[p], states[1 - p]) for p in (0, 1)] \
+            if len(states) == 2 else []
 
 
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: dict[str, Any], profile: str, streams: int, threads: int | None = None) -> None:
+    def __init__(self, manifest: dict[str, Any], profile: str, streams: int, threads: int | None = None,
+                 max_batch: int | None = None) -> None:
         super().__init__(manifest, profile, streams)
+        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                      or max_batch < 1):
+            raise ValueError(f"max_batch must be a positive integer (or None for all streams in one call), "
+                             f"got {max_batch!r}.")
+        # Chunking only pays when it caps something: with B >= N one ping-pong call is cheaper.
+        self.max_batch = max_batch if max_batch is not None and max_batch < streams else None
         entry = precision_entry(manifest, profile)
         self.path = Path(manifest["_folder"]) / entry["file"]
         self.sess = _load_session(self.path, threads)
@@ -143,13 +161,13 @@ class OnnxRuntimeBackend(Backend):
         # rows): each call writes its frame rows before running and copies its output rows after.
         self._full = _Plan(self.sess, np.zeros((streams, *self.frame_shape), self.frame_dtype),
                            np.zeros((streams, *self.output_shape), self.output_dtype),
-                           [self._initial_set(streams) for _ in (0, 1)])
+                           [self._initial_set(streams) for _ in range(1 if self.max_batch else 2)])
         self._parity = 0
         # Subset calls gather rows into one staging pair, made on first use and sized for the
         # largest subset so far; each subset size k binds its k leading rows, so memory stays
         # 2 x (largest subset) rows however many different subset sizes a caller uses.
         self._staging: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
-        self._subsets: dict[int, Any] = {}
+        self._subsets: dict[tuple[int, int], Any] = {}
 
     def _initial_set(self, k: int) -> dict[str, np.ndarray]:
         out = {}
@@ -174,23 +192,28 @@ class OnnxRuntimeBackend(Backend):
         return self._full.states[self._parity]
 
     def step_all(self, frames: np.ndarray) -> np.ndarray:
+        if self.max_batch:
+            return self.step_rows(frames, np.arange(self.streams))
         if frames.ctypes.data != self._full.frame.ctypes.data:
             self._full.frame[...] = frames
         self.sess.run_with_iobinding(self._full.bindings[self._parity])
         self._parity ^= 1
         return self._full.output.copy()
 
-    def _subset_binding(self, k: int) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    def _subset_binding(self, k: int, offset: int = 0) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The binding of a k-row call whose frames and outputs sit at rows offset.. of the full buffers."""
         if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
             # Grow-only: sized for the largest subset seen, so a caller that steps a few
             # streams at a time never pays for staging rows of all of them.
             self._staging = (self._initial_set(k), self._initial_set(k))
             self._subsets.clear()
         src, dst = self._staging
-        if k not in self._subsets:
-            self._subsets[k] = _bind(self.sess, self._full.frame[:k], self._full.output[:k],
-                                     {n: a[:k] for n, a in src.items()}, {n: a[:k] for n, a in dst.items()})
-        return self._subsets[k], src, dst
+        key = (k, offset)
+        if key not in self._subsets:
+            rows = slice(offset, offset + k)
+            self._subsets[key] = _bind(self.sess, self._full.frame[rows], self._full.output[rows],
+                                       {n: a[:k] for n, a in src.items()}, {n: a[:k] for n, a in dst.items()})
+        return self._subsets[key], src, dst
 
     def gather(self, rows: np.ndarray) -> None:
         """Copy the current state rows of ``rows`` into the leading rows of the staging inputs."""
@@ -208,12 +231,15 @@ class OnnxRuntimeBackend(Backend):
 
     def step_rows(self, frames: np.ndarray, rows: np.ndarray) -> np.ndarray:
         k = len(rows)
-        binding, _, _ = self._subset_binding(k)
         if frames.ctypes.data != self._full.frame.ctypes.data:  # not already staged by the Session
             self._full.frame[:k] = frames
-        self.gather(rows)
-        self.sess.run_with_iobinding(binding)  # if this raises, no stream's state has changed
-        self.scatter(rows)
+        chunk = self.max_batch or k
+        for a in range(0, k, chunk):
+            part = rows[a:a + chunk]
+            binding, _, _ = self._subset_binding(len(part), a)
+            self.gather(part)
+            self.sess.run_with_iobinding(binding)  # if this raises, this chunk's states are unchanged
+            self.scatter(part)
         return self._full.output[:k].copy()
 
     def reset_rows(self, rows: np.ndarray) -> None:
