@@ -136,6 +136,21 @@ def test_make_clip_rejects_bad_input() -> None:
         g.make_clip(rng, 1, 4, 64, background=np.zeros((32, 32, 3)))
 
 
+def test_make_stream_on_a_given_background() -> None:
+    """The training curriculum's plain scenes: the given background replaces the random one."""
+    grey = np.full((64, 64, 3), 128.0)
+    frames, labels = g.make_stream(3, 160, 64, background=grey)
+    median = np.median(frames.astype(np.float32), axis=0)  # objects move on, noise averages out
+    assert np.mean(np.abs(median - 128.0).max(-1) < 8) > 0.9
+    random_scene, _ = g.make_stream(3, 160, 64)
+    assert np.mean(np.abs(np.median(random_scene.astype(np.float32), axis=0) - 128.0).max(-1) < 8) < 0.5
+    with pytest.raises(ValueError, match="background"):
+        g.make_stream(3, 10, 64, background=np.zeros((32, 32, 3)))
+    bg = g.make_background(np.random.default_rng(1), 64)
+    assert bg.shape == (64, 64, 3) and bg.dtype == np.float32 and 0 <= bg.min() and bg.max() <= 255
+    assert not np.array_equal(bg, g.make_background(np.random.default_rng(2), 64))
+
+
 def test_make_stream_is_deterministic_per_seed() -> None:
     f1, l1 = g.make_stream(7, 200, 64)
     f2, l2 = g.make_stream(7, 200, 64)

@@ -44,6 +44,7 @@ __all__ = [
     "SEGMENT_FRAMES",
     "make_clip",
     "make_stream",
+    "make_background",
     "iter_stream",
     "gesture_segments",
     "parse_source",
@@ -77,7 +78,7 @@ _REF_SIZE = 112.0
 _RADIUS = (8.0, 36.0)  # object radius (its extent in local units is <= 1)
 _SWIPE_SPEED = (2.5, 4.5)  # px / frame
 _SWIPE_SKEW_DEG = 15.0  # off-axis wobble of a swipe's direction
-_ROT_SPEED_DEG = (8.0, 15.0)  # deg / frame
+_ROT_SPEED_DEG = (12.0, 20.0)  # deg / frame: slower turns of small objects are sub-pixel at 48 px
 _ZOOM_RATE = (0.05, 0.07)  # log-radius change / frame
 _ZOOM_MAX_LOG = 1.1  # most log-radius change in one gesture (x3), so still >= 5 %/frame
 # Hand tremor at rest: half of the rests are still, the others jitter by up to 0.5 px per axis
@@ -192,16 +193,26 @@ def _smooth_texture(rng: np.random.Generator, size: int, amplitude: float) -> np
     return np.einsum("yi,ijc,xj->yxc", m, coarse, m)
 
 
+def make_background(rng: np.random.Generator, frame_size: int = 112) -> np.ndarray:
+    """A random static scene as streams use it: a colour gradient plus low-frequency texture.
+
+    Public so that a training curriculum can start from a plain background and blend this one
+    in (see ``examples/train_gestures.py``). Returns float32 [H, W, 3] in 0..255.
+    """
+    size = frame_size
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    ang = rng.uniform(0.0, 2.0 * math.pi)
+    t = (xx - 0.5) * math.cos(ang) + (yy - 0.5) * math.sin(ang)
+    t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
+    c0 = rng.uniform(40.0, 215.0, 3)
+    c1 = np.clip(c0 + rng.uniform(-60.0, 60.0, 3), 0.0, 255.0)
+    bg = c0 + (c1 - c0) * t[..., None] + _smooth_texture(rng, size, 10.0)
+    return np.clip(bg, 0.0, 255.0).astype(np.float32)
+
+
 def _make_scene(rng: np.random.Generator, size: int, background: np.ndarray | None = None) -> _Scene:
     if background is None:
-        yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
-        ang = rng.uniform(0.0, 2.0 * math.pi)
-        t = (xx - 0.5) * math.cos(ang) + (yy - 0.5) * math.sin(ang)
-        t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-        c0 = rng.uniform(40.0, 215.0, 3)
-        c1 = np.clip(c0 + rng.uniform(-60.0, 60.0, 3), 0.0, 255.0)
-        bg = c0 + (c1 - c0) * t[..., None] + _smooth_texture(rng, size, 10.0)
-        bg = np.clip(bg, 0.0, 255.0).astype(np.float32)
+        bg = make_background(rng, size)
     else:
         bg = np.asarray(background, dtype=np.float32)
         if bg.shape != (size, size, 3):
@@ -429,10 +440,10 @@ def make_clip(
 class _Stream:
     """Plans segments on demand and renders them; chunk size never changes what comes out."""
 
-    def __init__(self, seed: int, frame_size: int) -> None:
+    def __init__(self, seed: int, frame_size: int, background: np.ndarray | None = None) -> None:
         self.rng = np.random.default_rng(seed)
         self.size = frame_size
-        self.scene = _make_scene(self.rng, frame_size)
+        self.scene = _make_scene(self.rng, frame_size, background)
         self.noise_rng = np.random.default_rng(int(self.rng.integers(2**63)))
         self.app = _sample_appearance(self.rng, self.scene.samples)
         self.pose, _ = _rest_pose(self.rng, NO_GESTURE, 1, frame_size)
@@ -499,15 +510,18 @@ def iter_stream(seed: int, frame_size: int = 112, chunk: int = 256) -> Iterator[
             yield frame, int(label)
 
 
-def make_stream(seed: int, n_frames: int, frame_size: int = 112) -> tuple[np.ndarray, np.ndarray]:
+def make_stream(
+    seed: int, n_frames: int, frame_size: int = 112, background: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """A continuous stream: gaps of "no_gesture" (SEGMENT_FRAMES) alternate with gestures.
 
     Returns frames uint8 [T, H, W, 3] and per-frame labels int64 [T]; the last segment is cut
     wherever ``n_frames`` ends. Same frames as the first ``n_frames`` of ``iter_stream(seed)``.
+    ``background`` ([H, W, 3]) replaces the random static scene, as in ``make_clip``.
     """
     if n_frames < 0:
         raise ValueError(f"n_frames must be >= 0, got {n_frames}.")
-    return _Stream(seed, frame_size).take(n_frames)
+    return _Stream(seed, frame_size, background).take(n_frames)
 
 
 def gesture_segments(labels: np.ndarray) -> list[tuple[int, int, int]]:
