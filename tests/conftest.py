@@ -45,6 +45,17 @@ def assert_close_every_frame(streamed, clip_out, tol: float = 1e-4) -> None:
     assert (err <= tol * scale).all(), f"max error per frame {err}, scale {scale}"
 
 
+def assert_causal(model: torch.nn.Module, clip: torch.Tensor, t: int, min_change: float) -> None:
+    """Outputs before frame ``t`` ignore frames from ``t`` on, and later outputs do depend on them
+    (by more than ``min_change``), so the check cannot pass on a model that ignores its input."""
+    changed = clip.clone()
+    changed[:, :, t:] = torch.randn_like(changed[:, :, t:])
+    with torch.no_grad():
+        ya, yb = model(clip), model(changed)
+    torch.testing.assert_close(ya[:, :, :t], yb[:, :, :t])
+    assert (ya[:, :, t:] - yb[:, :, t:]).abs().max() > min_change
+
+
 TINY = {"width": 0.125, "num_classes": 5}
 
 
