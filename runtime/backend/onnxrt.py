@@ -200,31 +200,35 @@ class OnnxRuntimeBackend(Backend):
         self._parity ^= 1
         return self._full.output.copy()
 
-    def _subset_binding(self, k: int, offset: int = 0) -> tuple[Any, dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The binding of a k-row call whose frames and outputs sit at rows offset.. of the full buffers."""
+    def _staging_for(self, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The staging pair, grown (never shrunk) to at least k rows."""
         if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
             # Grow-only: sized for the largest subset seen, so a caller that steps a few
             # streams at a time never pays for staging rows of all of them.
             self._staging = (self._initial_set(k), self._initial_set(k))
             self._subsets.clear()
-        src, dst = self._staging
+        return self._staging
+
+    def _subset_binding(self, k: int, offset: int = 0) -> Any:
+        """The binding of a k-row call whose frames and outputs sit at rows offset.. of the full buffers."""
+        src, dst = self._staging_for(k)
         key = (k, offset)
         if key not in self._subsets:
             rows = slice(offset, offset + k)
             self._subsets[key] = _bind(self.sess, self._full.frame[rows], self._full.output[rows],
                                        {n: a[:k] for n, a in src.items()}, {n: a[:k] for n, a in dst.items()})
-        return self._subsets[key], src, dst
+        return self._subsets[key]
 
     def gather(self, rows: np.ndarray) -> None:
         """Copy the current state rows of ``rows`` into the leading rows of the staging inputs."""
-        _, src, _ = self._subset_binding(len(rows))
+        src, _ = self._staging_for(len(rows))
         cur = self._current
         for n in self.state_names:
             np.take(cur[n], rows, axis=0, out=src[n][: len(rows)])
 
     def scatter(self, rows: np.ndarray) -> None:
         """Copy the new state rows from the staging outputs back to the streams in ``rows``."""
-        _, _, dst = self._subset_binding(len(rows))
+        _, dst = self._staging_for(len(rows))
         cur = self._current
         for n in self.state_names:
             cur[n][rows] = dst[n][: len(rows)]
@@ -236,7 +240,7 @@ class OnnxRuntimeBackend(Backend):
         chunk = self.max_batch or k
         for a in range(0, k, chunk):
             part = rows[a:a + chunk]
-            binding, _, _ = self._subset_binding(len(part), a)
+            binding = self._subset_binding(len(part), a)
             self.gather(part)
             self.sess.run_with_iobinding(binding)  # if this raises, this chunk's states are unchanged
             self.scatter(part)
