@@ -8,27 +8,42 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .bench_streams import _interleave
+
+def _in_rounds(groups: list[tuple[dict[str, Callable[[], Any]], int]], rounds: int,
+               warmup: int = 3, pause_s: float = 0.2) -> dict[str, float]:
+    """Median ms per measurement, taking every group in turn, ``rounds`` times over.
+
+    On a shared machine a slow spell lasts seconds; timing one measurement after another lets a
+    spell land on one of them alone and skew its ratio to the others by 20-40% (seen here).
+    Taking a block of each in every round spreads a spell over all of them. Within a group the
+    functions alternate call by call (for ratios that must be tight, e.g. Session vs bare call).
+    A pause and warm-up calls before each block let the previous block's ONNX Runtime or
+    OpenMP pool threads stop spinning and refill the caches (the first calls after a switch took
+    1.5-3× as long here), so no measurement pays for its neighbour.
+    """
+    times: dict[str, list[float]] = {name: [] for group, _ in groups for name in group}
+    for _ in range(rounds):
+        for group, calls in groups:
+            time.sleep(pause_s)
+            for fn in group.values():
+                for _ in range(warmup):
+                    fn()
+            for _ in range(calls):
+                for name, fn in group.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def _median_ms(fn, frames: int, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(frames):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(ts))
-
-
-def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
-    """GFLOP/s of an n×n float32 MatMul run by ONNX Runtime: the CPU's practical peak here."""
+def _matmul_call(n: int = 2048) -> Callable[[], Any]:
+    """An n×n float32 MatMul in ONNX Runtime: the CPU's practical peak, as a yardstick for the step."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -39,8 +54,7 @@ def matmul_gflops(n: int = 2048, reps: int = 10) -> float:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    ms = _median_ms(lambda: sess.run(None, {"a": a, "b": a}), reps, warmup=2)
-    return 2 * n**3 / (ms * 1e-3) / 1e9
+    return lambda: sess.run(None, {"a": a, "b": a})
 
 
 def _window_session(model, frame_size: int, window: int, folder: Path):
@@ -60,7 +74,7 @@ def _window_session(model, frame_size: int, window: int, folder: Path):
 
 def run_bench(target: str, *, classes: int | None = None, size: int | None = None, width: float | None = None,
               head: str | None = None, frames: int = 100, window: int = 16, streams: list[int] | None = None,
-              log: Any = None) -> dict[str, Any]:
+              rounds: int = 5, log: Any = None) -> dict[str, Any]:
     """Measure the step graph against the alternatives a user has; see README "Benchmarks"."""
     from .runtime import Session
     from .runtime.manifest import load_manifest
@@ -99,45 +113,26 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
         def next_frame() -> np.ndarray:
             return clip_frames[next(it) % len(clip_frames)]
 
-        say("timing Session.step against a bare onnxruntime call, call by call...")
         sess = Session(artifact)
         # The bare call runs the same graph (same InferenceSession, so the same thread pool)
-        # on the same inputs; alternating the two keeps machine noise out of their ratio.
+        # on the same inputs; alternating the two call by call keeps noise out of their ratio.
         backend = sess._backend
         feeds = {"frame": clip_frames[:1]}
         feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
                                                        strict=True)})
-        for _ in range(5):  # warm-up
-            sess.step(next_frame())
-            backend.run_bare(feeds)
-        timed = _interleave({"step": lambda _: sess.step(next_frame()), "bare": lambda _: backend.run_bare(feeds)},
-                            frames)
-        results["step_ms"], results["bare_ort_ms"] = timed["step"][0], timed["bare"][0]
-        ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
-
-        macs = manifest["macs_per_frame"]
-        results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
-        say("timing a 2048×2048 MatMul for reference...")
-        results["matmul_gflops"] = matmul_gflops()
-        ratios["step_gflops_vs_matmul"] = results["step_gflops"] / results["matmul_gflops"]
-
+        per_round = max(1, frames // rounds)
+        groups: list[tuple[dict[str, Callable[[], Any]], int]] = [
+            ({"step": lambda: sess.step(next_frame()), "bare": lambda: backend.run_bare(feeds)}, per_round),
+            ({"matmul": _matmul_call()}, 2),
+        ]
         if model is not None:
             import torch
 
-            say("timing the Conv3d step graph...")
-            sess3d = Session(naive)
-            results["conv3d_step_ms"] = _median_ms(lambda: sess3d.step(next_frame()), frames)
-            ratios["lowered_vs_conv3d_speedup"] = results["conv3d_step_ms"] / results["step_ms"]
-
-            say(f"timing the {window}-frame sliding window...")
-            wsess, clip = _window_session(model, size, window, folder)
-            results["window_ms_per_output_frame"] = _median_ms(lambda: wsess.run(None, {"clip": clip}),
-                                                               max(10, frames // 4), warmup=2)
-            ratios["step_vs_window_speedup"] = results["window_ms_per_output_frame"] / results["step_ms"]
-
-            say("timing the PyTorch eager step loop...")
             from .convert import to_step
 
+            say(f"exporting the {window}-frame sliding window...")
+            sess3d = Session(naive)
+            wsess, clip = _window_session(model, size, window, folder)
             step = to_step(model, shape)
             states = step.initial_states(1)
             tframes = torch.from_numpy(clip_frames)
@@ -147,11 +142,28 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
                 with torch.no_grad():
                     _, *states = step(tframes[next(it) % len(tframes)][None], *states)
 
-            results["torch_eager_step_ms"] = _median_ms(eager, max(20, frames // 2))
+            groups += [({"conv3d": lambda: sess3d.step(next_frame())}, per_round),
+                       ({"window": lambda: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)),
+                       ({"eager": eager}, max(4, frames // 2 // rounds))]
+        say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
+        ms = _in_rounds(groups, rounds)
+
+        results["step_ms"], results["bare_ort_ms"] = ms["step"], ms["bare"]
+        ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
+        macs = manifest["macs_per_frame"]
+        results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
+        results["matmul_gflops"] = 2 * 2048**3 / (ms["matmul"] * 1e-3) / 1e9
+        ratios["step_gflops_vs_matmul"] = results["step_gflops"] / results["matmul_gflops"]
+        if model is not None:
+            results["conv3d_step_ms"] = ms["conv3d"]
+            ratios["lowered_vs_conv3d_speedup"] = results["conv3d_step_ms"] / results["step_ms"]
+            results["window_ms_per_output_frame"] = ms["window"]
+            ratios["step_vs_window_speedup"] = results["window_ms_per_output_frame"] / results["step_ms"]
+            results["torch_eager_step_ms"] = ms["eager"]
             ratios["exported_vs_eager_speedup"] = results["torch_eager_step_ms"] / results["step_ms"]
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
-            "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "window": window,
+            "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
             "results": results, "ratios": ratios,
         }
         if streams:

@@ -317,6 +317,8 @@ def bench(
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
     window: Annotated[int, typer.Option("--window", help="Sliding-window clip length to compare with.")] = 16,
+    rounds: Annotated[int, typer.Option("--rounds", help="Take the measurements in turn this many times, so a "
+                                        "slow spell of a shared machine hits all of them.")] = 5,
     streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the JSON report here.")] = None,
@@ -325,7 +327,7 @@ def bench(
     from .bench import run_bench
 
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                       window=window, streams=[int(s) for s in _split(streams)], log=None if as_json else console)
+                       window=window, rounds=rounds, streams=[int(s) for s in _split(streams)], log=None if as_json else console)
     text = json.dumps(report, indent=2)
     if json_out:
         Path(json_out).write_text(text)

@@ -287,15 +287,33 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "neither a file" in res.output
 
 
+def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every group gets a block in every round (warm-up first, pairs call by call), and each
+    measurement's figure is the median of its own timed calls only."""
+    from edge3d import bench
+
+    calls: list[str] = []
+    clock = iter(np.arange(0.0, 1e6, 1.0))  # each perf_counter() call advances 1 s
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append("pause"))
+    groups = [({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2),
+              ({"w": lambda: calls.append("w")}, 1)]
+    ms = bench._in_rounds(groups, rounds=2, warmup=1)
+    one_round = ["pause", "a", "b", "a", "b", "a", "b", "pause", "w", "w"]
+    assert calls == one_round * 2
+    assert ms == {"a": 1000.0, "b": 1000.0, "w": 1000.0}  # 1 s between the clock reads around a call, in ms
+
+
 def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
     """Timings are not asserted (shared machines); the report's structure and MAC count are."""
     import edge3d
 
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
-                                   "--frames", "5", "--json-out", str(out)])
+                                   "--frames", "5", "--rounds", "2", "--json-out", str(out)])
     assert res.exit_code == 0, res.output
     report = json.loads(out.read_text())
+    assert report["rounds"] == 2
     assert set(report["results"]) == {"step_ms", "bare_ort_ms", "step_gflops", "matmul_gflops", "conv3d_step_ms",
                                       "window_ms_per_output_frame", "torch_eager_step_ms"}
     assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul", "lowered_vs_conv3d_speedup",
