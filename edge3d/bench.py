@@ -79,6 +79,11 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
     from .runtime import Session
     from .runtime.manifest import load_manifest
 
+    for name, value in (("--frames", frames), ("--rounds", rounds), ("--window", window)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1 (got {value}); the defaults are 100 frames, 5 rounds, "
+                             "a 16-frame window.")
+
     def say(msg: str) -> None:
         if log is not None:
             log.print(msg)

@@ -304,6 +304,12 @@ def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.Mon
     assert ms == {"a": 1000.0, "b": 1000.0, "w": 1000.0}  # 1 s between the clock reads around a call, in ms
 
 
+@pytest.mark.parametrize("flag", ["--rounds", "--frames", "--window"])
+def test_cli_bench_rejects_zero_counts(flag: str) -> None:
+    res = CliRunner().invoke(app, ["bench", "d-resnet18", "--width", "0.125", "--size", "32", flag, "0"])
+    assert res.exit_code == 2 and f"{flag} must be at least 1" in res.output
+
+
 def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
     """Timings are not asserted (shared machines); the report's structure and MAC count are."""
     import edge3d
