@@ -304,6 +304,24 @@ def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.Mon
     assert ms == {"a": 1000.0, "b": 1000.0, "w": 1000.0}  # 1 s between the clock reads around a call, in ms
 
 
+def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) -> None:
+    """Given an exported folder there is no PyTorch model to build a window or eager loop from:
+    the step, the bare call and the MatMul yardstick are reported, nothing is made up."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
+                              "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", str(tmp_path / "d-resnet18.edge3d"), "--frames", "4", "--rounds", "2",
+                              "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"step_ms", "bare_ort_ms", "step_gflops", "matmul_gflops"}
+    assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul"}
+    r = report["results"]
+    assert r["step_gflops"] == pytest.approx(2 * report["macs_per_frame"] / (r["step_ms"] * 1e-3) / 1e9)
+
+
 @pytest.mark.parametrize("flag", ["--rounds", "--frames", "--window"])
 def test_cli_bench_rejects_zero_counts(flag: str) -> None:
     res = CliRunner().invoke(app, ["bench", "d-resnet18", "--width", "0.125", "--size", "32", flag, "0"])
