@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
+from .bench_streams import interleaved_times
 
-def _in_rounds(groups: list[tuple[dict[str, Callable[[], Any]], int]], rounds: int,
+MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
+
+
+def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds: int,
                warmup: int = 3, pause_s: float = 0.2) -> dict[str, float]:
-    """Median ms per measurement, taking every group in turn, ``rounds`` times over.
+    """Median wall ms per measurement, taking every group in turn, ``rounds`` times over.
 
     On a shared machine a slow spell lasts seconds; timing one measurement after another lets a
     spell land on one of them alone and skew its ratio to the others by 20-40% (seen here).
@@ -32,17 +36,15 @@ def _in_rounds(groups: list[tuple[dict[str, Callable[[], Any]], int]], rounds: i
         for group, calls in groups:
             time.sleep(pause_s)
             for fn in group.values():
-                for _ in range(warmup):
-                    fn()
-            for _ in range(calls):
-                for name, fn in group.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[name].append((time.perf_counter() - t0) * 1e3)
+                for i in range(warmup):
+                    fn(i)
+            wall, _cpu = interleaved_times(group, calls)
+            for name, ms in wall.items():
+                times[name] += ms
     return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def _matmul_call(n: int = 2048) -> Callable[[], Any]:
+def _matmul_call(n: int = MATMUL_N) -> Callable[[int], Any]:
     """An n×n float32 MatMul in ONNX Runtime: the CPU's practical peak, as a yardstick for the step."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -54,7 +56,7 @@ def _matmul_call(n: int = 2048) -> Callable[[], Any]:
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
-    return lambda: sess.run(None, {"a": a, "b": a})
+    return lambda _: sess.run(None, {"a": a, "b": a})
 
 
 def _window_session(model, frame_size: int, window: int, folder: Path):
@@ -126,8 +128,8 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
         feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
                                                        strict=True)})
         per_round = max(1, frames // rounds)
-        groups: list[tuple[dict[str, Callable[[], Any]], int]] = [
-            ({"step": lambda: sess.step(next_frame()), "bare": lambda: backend.run_bare(feeds)}, per_round),
+        groups: list[tuple[dict[str, Callable[[int], Any]], int]] = [
+            ({"step": lambda _: sess.step(next_frame()), "bare": lambda _: backend.run_bare(feeds)}, per_round),
             ({"matmul": _matmul_call()}, 2),
         ]
         if model is not None:
@@ -142,13 +144,13 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
             states = step.initial_states(1)
             tframes = torch.from_numpy(clip_frames)
 
-            def eager() -> None:
+            def eager(_: int) -> None:
                 nonlocal states
                 with torch.no_grad():
                     _, *states = step(tframes[next(it) % len(tframes)][None], *states)
 
-            groups += [({"conv3d": lambda: sess3d.step(next_frame())}, per_round),
-                       ({"window": lambda: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)),
+            groups += [({"conv3d": lambda _: sess3d.step(next_frame())}, per_round),
+                       ({"window": lambda _: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)),
                        ({"eager": eager}, max(4, frames // 2 // rounds))]
         say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
         ms = _in_rounds(groups, rounds)
@@ -157,7 +159,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
         ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
         macs = manifest["macs_per_frame"]
         results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
-        results["matmul_gflops"] = 2 * 2048**3 / (ms["matmul"] * 1e-3) / 1e9
+        results["matmul_gflops"] = 2 * MATMUL_N**3 / (ms["matmul"] * 1e-3) / 1e9
         ratios["step_gflops_vs_matmul"] = results["step_gflops"] / results["matmul_gflops"]
         if model is not None:
             results["conv3d_step_ms"] = ms["conv3d"]

@@ -74,14 +74,15 @@ def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.nda
     return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
 
 
-def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[str, tuple[float, float]]:
-    """Median wall ms and median process-CPU ms per function, calling them in turn ``calls`` times.
+def interleaved_times(fns: dict[str, Any], calls: int, pause_s: float = 0.0
+                      ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall ms and process-CPU ms of every call, calling the functions in turn ``calls`` times.
 
     Interleaving call by call makes a slow spell on a shared machine hit every mode alike. CPU
     time (all threads of this process) still counts only the work done when other jobs hold
     the cores, which wall time does not. ``pause_s`` before each timed call lets ONNX Runtime's
     pool threads, which spin for a while after a run, go idle so the next call does not pay for
-    the previous one's spin.
+    the previous one's spin. Each function is called with the call's index.
     """
     wall: dict[str, list[float]] = {m: [] for m in fns}
     cpu: dict[str, list[float]] = {m: [] for m in fns}
@@ -93,6 +94,12 @@ def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[s
             fn(i)
             wall[mode].append((time.perf_counter() - t0) * 1e3)
             cpu[mode].append((time.process_time() - c0) * 1e3)
+    return wall, cpu
+
+
+def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[str, tuple[float, float]]:
+    """Median wall ms and median process-CPU ms per function (see ``interleaved_times``)."""
+    wall, cpu = interleaved_times(fns, calls, pause_s)
     return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in fns}
 
 

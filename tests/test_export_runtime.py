@@ -296,8 +296,8 @@ def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.Mon
     clock = iter(np.arange(0.0, 1e6, 1.0))  # each perf_counter() call advances 1 s
     monkeypatch.setattr(bench.time, "perf_counter", lambda: next(clock))
     monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append("pause"))
-    groups = [({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 2),
-              ({"w": lambda: calls.append("w")}, 1)]
+    groups = [({"a": lambda _: calls.append("a"), "b": lambda _: calls.append("b")}, 2),
+              ({"w": lambda _: calls.append("w")}, 1)]
     ms = bench._in_rounds(groups, rounds=2, warmup=1)
     one_round = ["pause", "a", "b", "a", "b", "a", "b", "pause", "w", "w"]
     assert calls == one_round * 2
