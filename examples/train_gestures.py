@@ -133,7 +133,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    args.steps = args.steps or STREAM_STEPS[args.model]
+    if args.steps is None:
+        args.steps = STREAM_STEPS[args.model]
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
