@@ -75,6 +75,11 @@ class FramePreprocessor:
                 f"float frame has shape {frame.shape}; expected normalised {(c, h, w)} "
                 f"(or pass an H×W×{c} uint8 image to have it resized and normalised)."
             )
-        if not np.isfinite(frame).all():
-            raise ValueError("frame contains NaN or Inf; pass finite values (the stream's state is unchanged).")
-        out[...] = frame
+        # Check the copy, not the caller's array: the check then sees what the graph will see, so a
+        # float64 value beyond the float32 range (finite before the cast, inf after it) is rejected
+        # instead of reaching the state. ``out`` holds no state; the next call overwrites it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            np.copyto(out, frame, casting="unsafe")
+        if not np.isfinite(out).all():
+            raise ValueError(f"frame contains NaN or Inf, or values beyond the {out.dtype} range; pass finite "
+                             "values (the stream's state is unchanged).")

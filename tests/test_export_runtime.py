@@ -159,6 +159,7 @@ BAD_FRAMES = [
     (np.zeros((3, SIZE, SIZE), np.int32), "dtype int32 is not supported"),
     (np.full((3, SIZE, SIZE), np.nan, np.float32), "NaN or Inf"),
     (np.full((3, SIZE, SIZE), np.inf, np.float32), "NaN or Inf"),
+    (np.full((3, SIZE, SIZE), 1e300, np.float64), "beyond the float32 range"),  # finite, but inf in the graph
 ]
 
 
