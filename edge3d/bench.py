@@ -20,8 +20,10 @@ MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 
 
 def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds: int,
-               warmup: int = 3, pause_s: float = 0.2) -> dict[str, float]:
-    """Median wall ms per measurement, taking every group in turn, ``rounds`` times over.
+               warmup: int = 3, pause_s: float = 0.2) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Median wall ms per measurement over all its timed calls, and the median of each round alone.
+
+    Every group is taken in turn, ``rounds`` times over.
 
     On a shared machine a slow spell lasts seconds; timing one measurement after another lets a
     spell land on one of them alone and skew its ratio to the others by 20-40% (seen here).
@@ -32,7 +34,9 @@ def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds
     1.5-3× as long here), so no measurement pays for its neighbour.
     """
     times: dict[str, list[float]] = {name: [] for group, _ in groups for name in group}
+    per_round: list[dict[str, float]] = []
     for _ in range(rounds):
+        this_round: dict[str, float] = {}
         for group, calls in groups:
             time.sleep(pause_s)
             for fn in group.values():
@@ -41,7 +45,21 @@ def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds
             wall, _cpu = interleaved_times(group, calls)
             for name, ms in wall.items():
                 times[name] += ms
-    return {name: float(np.median(ts)) for name, ts in times.items()}
+                this_round[name] = float(np.median(ms))
+        per_round.append(this_round)
+    return {name: float(np.median(ts)) for name, ts in times.items()}, per_round
+
+
+def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
+    """The contract's ratios from one set of timings (all calls, or one round's)."""
+    step = ms["step"]
+    ratios = {"session_overhead_pct": 100.0 * (step / ms["bare"] - 1.0),
+              "step_gflops_vs_matmul": (2 * macs / step) / (2 * MATMUL_N**3 / ms["matmul"])}
+    for name, key in (("lowered_vs_conv3d_speedup", "conv3d"), ("step_vs_window_speedup", "window"),
+                      ("exported_vs_eager_speedup", "eager")):
+        if key in ms:
+            ratios[name] = ms[key] / step
+    return ratios
 
 
 def _matmul_call(n: int = MATMUL_N) -> Callable[[int], Any]:
@@ -91,7 +109,6 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
             log.print(msg)
 
     results: dict[str, float] = {}
-    ratios: dict[str, float] = {}
     rng = np.random.default_rng(0)
     is_artifact = (Path(target) / "manifest.json").is_file()
     with tempfile.TemporaryDirectory(prefix="edge3d-bench-") as tmp:
@@ -153,25 +170,26 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
                        ({"window": lambda _: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)),
                        ({"eager": eager}, max(4, frames // 2 // rounds))]
         say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
-        ms = _in_rounds(groups, rounds)
+        ms, per_round = _in_rounds(groups, rounds)
 
-        results["step_ms"], results["bare_ort_ms"] = ms["step"], ms["bare"]
-        ratios["session_overhead_pct"] = 100.0 * (results["step_ms"] / results["bare_ort_ms"] - 1.0)
         macs = manifest["macs_per_frame"]
+        results["step_ms"], results["bare_ort_ms"] = ms["step"], ms["bare"]
         results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
         results["matmul_gflops"] = 2 * MATMUL_N**3 / (ms["matmul"] * 1e-3) / 1e9
-        ratios["step_gflops_vs_matmul"] = results["step_gflops"] / results["matmul_gflops"]
-        if model is not None:
-            results["conv3d_step_ms"] = ms["conv3d"]
-            ratios["lowered_vs_conv3d_speedup"] = results["conv3d_step_ms"] / results["step_ms"]
-            results["window_ms_per_output_frame"] = ms["window"]
-            ratios["step_vs_window_speedup"] = results["window_ms_per_output_frame"] / results["step_ms"]
-            results["torch_eager_step_ms"] = ms["eager"]
-            ratios["exported_vs_eager_speedup"] = results["torch_eager_step_ms"] / results["step_ms"]
+        for name, key in (("conv3d_step_ms", "conv3d"), ("window_ms_per_output_frame", "window"),
+                          ("torch_eager_step_ms", "eager")):
+            if key in ms:
+                results[name] = ms[key]
+        ratios = _ratios(ms, macs)
+        # Each ratio again from each round's own timings: how far one run's figure can be
+        # trusted on this machine (a target inside the range is not reliably met).
+        by_round = [_ratios(r, macs) for r in per_round]
+        ratio_range = {k: [min(r[k] for r in by_round), max(r[k] for r in by_round)] for k in ratios}
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
-            "results": results, "ratios": ratios,
+            "results": results, "ratios": ratios, "ratio_range_over_rounds": ratio_range,
+            "ms_by_round": per_round,
         }
         if streams:
             from .bench_streams import measure_streams

@@ -343,8 +343,10 @@ def bench(
     ratios = Table(title="ratios (higher is better for edge3d)")
     ratios.add_column("ratio")
     ratios.add_column("value", justify="right")
+    ratios.add_column(f"range over the {report['rounds']} rounds", justify="right")
     for k, v in report["ratios"].items():
-        ratios.add_row(k, f"{v:.2f}")
+        lo, hi = report["ratio_range_over_rounds"][k]
+        ratios.add_row(k, f"{v:.2f}", f"{lo:.2f}–{hi:.2f}")
     console.print(ratios)
 
 

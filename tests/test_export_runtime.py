@@ -299,10 +299,45 @@ def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.Mon
     monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append("pause"))
     groups = [({"a": lambda _: calls.append("a"), "b": lambda _: calls.append("b")}, 2),
               ({"w": lambda _: calls.append("w")}, 1)]
-    ms = bench._in_rounds(groups, rounds=2, warmup=1)
+    ms, per_round = bench._in_rounds(groups, rounds=2, warmup=1)
     one_round = ["pause", "a", "b", "a", "b", "a", "b", "pause", "w", "w"]
     assert calls == one_round * 2
     assert ms == {"a": 1000.0, "b": 1000.0, "w": 1000.0}  # 1 s between the clock reads around a call, in ms
+    assert per_round == [ms, ms]
+
+
+def test_bench_reports_each_rounds_medians_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow round shows in that round's medians (and so in the ratios' range), not in the others'."""
+    from edge3d import bench
+
+    now = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
+    rnd = [0]
+    cost = {"step": [2.0, 4.0], "bare": [2.0, 2.0], "matmul": [1.0, 1.0], "window": [40.0, 40.0]}
+
+    def call(name: str):
+        def fn(_: int) -> None:
+            now[0] += cost[name][rnd[0]]
+            if name == "window":  # the last group of a round
+                calls[0] += 1
+                if calls[0] % 2 == 0:
+                    rnd[0] = min(rnd[0] + 1, 1)
+        return fn
+
+    calls = [0]
+    groups = [({"step": call("step"), "bare": call("bare")}, 3), ({"matmul": call("matmul")}, 1),
+              ({"window": call("window")}, 1)]  # window: 1 warm-up + 1 timed call per round
+    ms, per_round = bench._in_rounds(groups, rounds=2, warmup=1)
+    assert [r["step"] for r in per_round] == [2000.0, 4000.0]
+    assert [r["bare"] for r in per_round] == [2000.0, 2000.0]
+    assert ms["step"] == 3000.0  # the median of 2, 2, 2, 4, 4, 4 s
+    by_round = [bench._ratios(r, macs=10**9) for r in per_round]
+    assert [r["step_vs_window_speedup"] for r in by_round] == [20.0, 10.0]
+    assert [r["session_overhead_pct"] for r in by_round] == [0.0, 100.0]
+    assert "lowered_vs_conv3d_speedup" not in by_round[0]  # not measured, not reported
+    # 2e9 FLOP in 2 s against 2·2048³ FLOP in 1 s
+    assert by_round[0]["step_gflops_vs_matmul"] == pytest.approx(1e9 / (2 * 2048**3))
 
 
 def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) -> None:
@@ -343,6 +378,8 @@ def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
                                       "window_ms_per_output_frame", "torch_eager_step_ms"}
     assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul", "lowered_vs_conv3d_speedup",
                                      "step_vs_window_speedup", "exported_vs_eager_speedup"}
+    assert set(report["ratio_range_over_rounds"]) == set(report["ratios"])
+    assert all(lo <= hi for lo, hi in report["ratio_range_over_rounds"].values())
     assert all(v > 0 for v in report["results"].values())
     expected = edge3d.inspect(zoo.build("d-resnet18", width=0.125, num_classes=5), 32)["macs_per_frame"]
     assert report["macs_per_frame"] == expected
