@@ -20,8 +20,8 @@ MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 
 
 def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds: int,
-               warmup: int = 3, pause_s: float = 0.2) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Median wall ms per measurement over all its timed calls, and the median of each round alone.
+               warmup: int = 3, pause_s: float = 0.2) -> list[dict[str, list[float]]]:
+    """Wall ms of every timed call, round by round: ``[round][measurement] -> [ms, ...]``.
 
     Every group is taken in turn, ``rounds`` times over.
 
@@ -33,25 +33,22 @@ def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds
     OpenMP pool threads stop spinning and refill the caches (the first calls after a switch took
     1.5-3× as long here), so no measurement pays for its neighbour.
     """
-    times: dict[str, list[float]] = {name: [] for group, _ in groups for name in group}
-    per_round: list[dict[str, float]] = []
+    per_round: list[dict[str, list[float]]] = []
     for _ in range(rounds):
-        this_round: dict[str, float] = {}
+        this_round: dict[str, list[float]] = {}
         for group, calls in groups:
             time.sleep(pause_s)
             for fn in group.values():
                 for i in range(warmup):
                     fn(i)
             wall, _cpu = interleaved_times(group, calls)
-            for name, ms in wall.items():
-                times[name] += ms
-                this_round[name] = float(np.median(ms))
+            this_round.update(wall)
         per_round.append(this_round)
-    return {name: float(np.median(ts)) for name, ts in times.items()}, per_round
+    return per_round
 
 
 def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
-    """The contract's ratios from one set of timings (all calls, or one round's)."""
+    """The contract's ratios from one set of median timings (one round's)."""
     step = ms["step"]
     ratios = {"session_overhead_pct": 100.0 * (step / ms["bare"] - 1.0),
               "step_gflops_vs_matmul": (2 * macs / step) / (2 * MATMUL_N**3 / ms["matmul"])}
@@ -60,6 +57,77 @@ def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
         if key in ms:
             ratios[name] = ms[key] / step
     return ratios
+
+
+def _paired_overhead_pct(step: list[float], bare: list[float]) -> float:
+    """Session overhead from each Session call against the bare call right after it.
+
+    The two alternate call by call, so each pair shares the machine's state of that moment;
+    the median of the pairs' ratios ignores how the machine's speed moved between pairs, which
+    a ratio of two medians does not (a 1% overhead read as 3.6% here when rounds ran at
+    different speeds and the two medians fell in different rounds).
+    """
+    return 100.0 * (float(np.median(np.asarray(step) / np.asarray(bare))) - 1.0)
+
+
+def _summarise(per_round: list[dict[str, list[float]]], macs: int
+               ) -> tuple[dict[str, float], list[dict[str, float]], dict[str, float], dict[str, list[float]]]:
+    """Pooled median ms, each round's median ms, the ratios, and each ratio's range over the rounds.
+
+    A ratio is taken within each round (its measurements seconds apart) and the report gives the
+    median over the rounds: the machine's speed moves between rounds far more than within one,
+    and a ratio of pooled medians can pair one measurement's fast round with another's slow one.
+    """
+    names = list(per_round[0])
+    ms = {n: float(np.median(np.concatenate([r[n] for r in per_round]))) for n in names}
+    round_ms = [{n: float(np.median(r[n])) for n in names} for r in per_round]
+    by_round = []
+    for r, med in zip(per_round, round_ms, strict=True):
+        ratios = _ratios(med, macs)
+        ratios["session_overhead_pct"] = _paired_overhead_pct(r["step"], r["bare"])
+        by_round.append(ratios)
+    ratios = {k: float(np.median([r[k] for r in by_round])) for k in by_round[0]}
+    ratios["session_overhead_pct"] = _paired_overhead_pct(
+        [t for r in per_round for t in r["step"]], [t for r in per_round for t in r["bare"]])
+    ranges = {k: [min(r[k] for r in by_round), max(r[k] for r in by_round)] for k in ratios}
+    return ms, round_ms, ratios, ranges
+
+
+def host_info() -> dict[str, Any]:
+    """The machine and library versions a report was measured with.
+
+    The ratios depend on the host: the step is bound by FMA throughput and memory bandwidth,
+    PyTorch's eager loop mostly by per-op overhead, so the same code gave 3.1-3.5x over eager on
+    one 2-core host and 1.9-2.3x on another. A figure is only comparable to one from the same host.
+    """
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "cpu MHz") and key not in cpu:
+                cpu[key] = value.strip()
+    except OSError:  # not Linux
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else None,
+        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
+        "logical_cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__, "numpy": np.__version__,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["torch"] = version("torch")
+    except Exception:  # torch is optional: a runtime-only install benches artifacts without it
+        info["torch"] = None
+    return info
 
 
 def _matmul_call(n: int = MATMUL_N) -> Callable[[int], Any]:
@@ -170,9 +238,8 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
                        ({"window": lambda _: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)),
                        ({"eager": eager}, max(4, frames // 2 // rounds))]
         say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
-        ms, per_round = _in_rounds(groups, rounds)
-
         macs = manifest["macs_per_frame"]
+        ms, round_ms, ratios, ratio_range = _summarise(_in_rounds(groups, rounds), macs)
         results["step_ms"], results["bare_ort_ms"] = ms["step"], ms["bare"]
         results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
         results["matmul_gflops"] = 2 * MATMUL_N**3 / (ms["matmul"] * 1e-3) / 1e9
@@ -180,16 +247,11 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
                           ("torch_eager_step_ms", "eager")):
             if key in ms:
                 results[name] = ms[key]
-        ratios = _ratios(ms, macs)
-        # Each ratio again from each round's own timings: how far one run's figure can be
-        # trusted on this machine (a target inside the range is not reliably met).
-        by_round = [_ratios(r, macs) for r in per_round]
-        ratio_range = {k: [min(r[k] for r in by_round), max(r[k] for r in by_round)] for k in ratios}
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
             "results": results, "ratios": ratios, "ratio_range_over_rounds": ratio_range,
-            "ms_by_round": per_round,
+            "ms_by_round": round_ms, "host": host_info(),
         }
         if streams:
             from .bench_streams import measure_streams

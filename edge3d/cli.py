@@ -334,6 +334,10 @@ def bench(
     if as_json:
         print(text)
         return
+    h = report["host"]
+    console.print(f"host: {h['cpu']} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
+                  + (f", torch {h['torch']}" if h.get("torch") else "")
+                  + "; compare ratios only with runs on the same host.")
     table = Table(title=f"edge3d bench: {target}")
     table.add_column("measurement")
     table.add_column("value", justify="right")

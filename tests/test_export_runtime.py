@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -288,9 +289,9 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "neither a file" in res.output
 
 
-def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bench_rounds_interleave_blocks_and_keep_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every group gets a block in every round (warm-up first, pairs call by call), and each
-    measurement's figure is the median of its own timed calls only."""
+    round keeps its own timed calls only, warm-ups left out."""
     from edge3d import bench
 
     calls: list[str] = []
@@ -299,45 +300,54 @@ def test_bench_rounds_interleave_blocks_and_take_medians(monkeypatch: pytest.Mon
     monkeypatch.setattr(bench.time, "sleep", lambda s: calls.append("pause"))
     groups = [({"a": lambda _: calls.append("a"), "b": lambda _: calls.append("b")}, 2),
               ({"w": lambda _: calls.append("w")}, 1)]
-    ms, per_round = bench._in_rounds(groups, rounds=2, warmup=1)
+    per_round = bench._in_rounds(groups, rounds=2, warmup=1)
     one_round = ["pause", "a", "b", "a", "b", "a", "b", "pause", "w", "w"]
     assert calls == one_round * 2
-    assert ms == {"a": 1000.0, "b": 1000.0, "w": 1000.0}  # 1 s between the clock reads around a call, in ms
-    assert per_round == [ms, ms]
+    # 1 s between the clock reads around a call, in ms; two timed calls of a and b, one of w
+    assert per_round == [{"a": [1000.0, 1000.0], "b": [1000.0, 1000.0], "w": [1000.0]}] * 2
 
 
-def test_bench_reports_each_rounds_medians_and_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A slow round shows in that round's medians (and so in the ratios' range), not in the others'."""
+def _round(step: list[float], bare: list[float], window: float) -> dict[str, list[float]]:
+    return {"step": step, "bare": bare, "matmul": [1.0], "window": [window]}
+
+
+def test_bench_takes_each_ratio_within_a_round_and_reports_the_median_round() -> None:
+    """Rounds at different machine speeds: each ratio is taken within a round (its measurements
+    seconds apart) and the report gives the median round and the range. Pooled medians would
+    pair the step's median round with the window's slowest one here."""
     from edge3d import bench
 
-    now = [0.0]
-    monkeypatch.setattr(bench.time, "perf_counter", lambda: now[0])
-    monkeypatch.setattr(bench.time, "sleep", lambda s: None)
-    rnd = [0]
-    cost = {"step": [2.0, 4.0], "bare": [2.0, 2.0], "matmul": [1.0, 1.0], "window": [40.0, 40.0]}
+    per_round = [_round([10.0] * 3, [10.0] * 3, 150.0),   # 15×
+                 _round([12.0] * 3, [12.0] * 3, 240.0),   # 20×
+                 _round([14.0] * 3, [14.0] * 3, 238.0)]   # 17×
+    ms, round_ms, ratios, ranges = bench._summarise(per_round, macs=10**9)
+    assert ms["step"] == 12.0 and ms["window"] == 238.0  # the pooled medians (238/12 = 19.8×)
+    assert [r["window"] for r in round_ms] == [150.0, 240.0, 238.0]
+    assert ratios["step_vs_window_speedup"] == pytest.approx(17.0)
+    assert ranges["step_vs_window_speedup"] == pytest.approx([15.0, 20.0])
+    # 2e9 FLOP in the median round's 12 ms against 2·2048³ FLOP in 1 ms
+    assert ratios["step_gflops_vs_matmul"] == pytest.approx(2e9 / 12 / (2 * 2048**3))
+    assert "lowered_vs_conv3d_speedup" not in ratios  # not measured, not reported
 
-    def call(name: str):
-        def fn(_: int) -> None:
-            now[0] += cost[name][rnd[0]]
-            if name == "window":  # the last group of a round
-                calls[0] += 1
-                if calls[0] % 2 == 0:
-                    rnd[0] = min(rnd[0] + 1, 1)
-        return fn
 
-    calls = [0]
-    groups = [({"step": call("step"), "bare": call("bare")}, 3), ({"matmul": call("matmul")}, 1),
-              ({"window": call("window")}, 1)]  # window: 1 warm-up + 1 timed call per round
-    ms, per_round = bench._in_rounds(groups, rounds=2, warmup=1)
-    assert [r["step"] for r in per_round] == [2000.0, 4000.0]
-    assert [r["bare"] for r in per_round] == [2000.0, 2000.0]
-    assert ms["step"] == 3000.0  # the median of 2, 2, 2, 4, 4, 4 s
-    by_round = [bench._ratios(r, macs=10**9) for r in per_round]
-    assert [r["step_vs_window_speedup"] for r in by_round] == [20.0, 10.0]
-    assert [r["session_overhead_pct"] for r in by_round] == [0.0, 100.0]
-    assert "lowered_vs_conv3d_speedup" not in by_round[0]  # not measured, not reported
-    # 2e9 FLOP in 2 s against 2·2048³ FLOP in 1 s
-    assert by_round[0]["step_gflops_vs_matmul"] == pytest.approx(1e9 / (2 * 2048**3))
+def test_bench_session_overhead_comes_from_paired_calls() -> None:
+    """The overhead pairs each Session call with the bare call beside it, over all rounds and
+    within each; the two medians here (12 ms and 11 ms) would claim 9%."""
+    from edge3d import bench
+
+    per_round = [_round([10.1, 10.1, 12.0], [10.0, 10.0, 11.0], 100.0),
+                 _round([12.12, 12.12, 14.0], [12.0, 12.0, 11.0], 100.0)]
+    _, _, ratios, ranges = bench._summarise(per_round, macs=10**9)
+    assert ratios["session_overhead_pct"] == pytest.approx(1.0)
+    assert ranges["session_overhead_pct"] == pytest.approx([1.0, 1.0])
+
+
+def test_session_overhead_is_the_median_of_paired_calls() -> None:
+    """Each Session call is compared with the bare call beside it; a ratio of the two medians
+    would read 0% here although the median pair is 10% slower."""
+    from edge3d import bench
+
+    assert bench._paired_overhead_pct([2, 4, 6, 3], [1, 4, 5, 3]) == pytest.approx(10.0)
 
 
 def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) -> None:
@@ -380,8 +390,14 @@ def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
                                      "step_vs_window_speedup", "exported_vs_eager_speedup"}
     assert set(report["ratio_range_over_rounds"]) == set(report["ratios"])
     assert all(lo <= hi for lo, hi in report["ratio_range_over_rounds"].values())
+    import onnxruntime
+
+    assert report["host"]["onnxruntime"] == onnxruntime.__version__
+    assert report["host"]["logical_cpus"] == os.cpu_count() and report["host"]["cpu"]
     assert all(v > 0 for v in report["results"].values())
     expected = edge3d.inspect(zoo.build("d-resnet18", width=0.125, num_classes=5), 32)["macs_per_frame"]
     assert report["macs_per_frame"] == expected
-    r = report["results"]
-    assert report["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(r["conv3d_step_ms"] / r["step_ms"])
+    by_round = report["ms_by_round"]
+    assert len(by_round) == 2
+    assert report["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(
+        float(np.median([r["conv3d"] / r["step"] for r in by_round])))
