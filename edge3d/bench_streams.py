@@ -231,6 +231,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     Returns a JSON-able dict: ``rows`` (one per N), the per-stream byte counts the memory
     figures are compared with, and ``method`` (how each number was measured).
     """
+    from .bench import host_info  # bench imports this module, so not at the top
     from .runtime import Session
     from .runtime.manifest import resolve_artifact
 
@@ -281,6 +282,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "threads": threads,
         "max_batch": max_batch,
         "cpu_count": os.cpu_count(),
+        "host": host_info(),
         "timed_calls": frames,
         "state_bytes_per_stream": state_bytes,
         "state_bytes_without_input_history": manifest.get("state_bytes"),

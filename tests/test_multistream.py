@@ -194,6 +194,7 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
     assert report["rows"][0]["streams"] == 2 and "rss_batched_bytes" not in report["rows"][0]
+    assert report["host"]["logical_cpus"] == report["cpu_count"] and report["host"]["onnxruntime"]
     res = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "3", "--frames", "2",
                                    "--no-rss", "--json", "--max-batch", "2"])
     assert res.exit_code == 0, res.output
