@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .bench_streams import interleaved_times
+from .bench_streams import host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 
@@ -87,43 +87,6 @@ def _summarise(per_round: list[dict[str, list[float]]], macs: int
         [t for r in per_round for t in r["step"]], [t for r in per_round for t in r["bare"]])
     ranges = {k: [min(r[k] for r in by_round), max(r[k] for r in by_round)] for k in ratios}
     return ms, round_ms, ratios, ranges
-
-
-def host_info() -> dict[str, Any]:
-    """The machine and library versions a report was measured with.
-
-    The ratios depend on the host: the step is bound by FMA throughput and memory bandwidth,
-    PyTorch's eager loop mostly by per-op overhead, so the same code gave 3.1-3.5x over eager on
-    one 2-core host and 1.9-2.3x on another. A figure is only comparable to one from the same host.
-    """
-    import os
-    import platform
-
-    import onnxruntime as ort
-
-    cpu: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "cpu MHz") and key not in cpu:
-                cpu[key] = value.strip()
-    except OSError:  # not Linux
-        pass
-    info: dict[str, Any] = {
-        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
-        "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else None,
-        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
-        "logical_cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
-        "onnxruntime": ort.__version__, "numpy": np.__version__,
-    }
-    try:
-        from importlib.metadata import version
-
-        info["torch"] = version("torch")
-    except Exception:  # torch is optional: a runtime-only install benches artifacts without it
-        info["torch"] = None
-    return info
 
 
 def _matmul_call(n: int = MATMUL_N) -> Callable[[int], Any]:

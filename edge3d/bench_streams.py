@@ -74,6 +74,42 @@ def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.nda
     return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
 
 
+def host_info() -> dict[str, Any]:
+    """The machine and library versions a report was measured with.
+
+    The ratios depend on the host: the step is bound by FMA throughput and memory bandwidth,
+    PyTorch's eager loop mostly by per-op overhead, so the same code gave 3.1-3.5x over eager on
+    one 2-core host and 1.9-2.3x on another. A figure is only comparable to one from the same host.
+    """
+    import platform
+
+    import onnxruntime as ort
+
+    cpu: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "cpu MHz") and key not in cpu:
+                cpu[key] = value.strip()
+    except OSError:  # not Linux
+        pass
+    info: dict[str, Any] = {
+        "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else None,
+        "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
+        "logical_cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
+        "onnxruntime": ort.__version__, "numpy": np.__version__,
+    }
+    try:
+        from importlib.metadata import version
+
+        info["torch"] = version("torch")
+    except Exception:  # torch is optional: a runtime-only install benches artifacts without it
+        info["torch"] = None
+    return info
+
+
 def interleaved_times(fns: dict[str, Any], calls: int, pause_s: float = 0.0
                       ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall ms and process-CPU ms of every call, calling the functions in turn ``calls`` times.
@@ -231,7 +267,6 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     Returns a JSON-able dict: ``rows`` (one per N), the per-stream byte counts the memory
     figures are compared with, and ``method`` (how each number was measured).
     """
-    from .bench import host_info  # bench imports this module, so not at the top
     from .runtime import Session
     from .runtime.manifest import resolve_artifact
 
