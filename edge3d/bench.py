@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from .bench_streams import host_info, interleaved_times
 
@@ -58,7 +59,7 @@ def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
     return ratios
 
 
-def _paired_overhead_pct(step: list[float], bare: list[float]) -> float:
+def _paired_overhead_pct(step: npt.ArrayLike, bare: npt.ArrayLike) -> float:
     """Session overhead from each Session call against the bare call right after it.
 
     The two alternate call by call, so each pair shares the machine's state of that moment;
@@ -78,13 +79,14 @@ def _summarise(per_round: list[dict[str, list[float]]], macs: int
     and a ratio of pooled medians can pair one measurement's fast round with another's slow one.
     """
     names = list(per_round[0])
-    ms = {n: float(np.median(np.concatenate([r[n] for r in per_round]))) for n in names}
+    pooled = {n: np.concatenate([r[n] for r in per_round]) for n in names}
+    ms = {n: float(np.median(t)) for n, t in pooled.items()}
     round_ms = [{n: float(np.median(r[n])) for n in names} for r in per_round]
     by_round = [{"session_overhead_pct": _paired_overhead_pct(r["step"], r["bare"]), **_ratios(med, macs)}
                 for r, med in zip(per_round, round_ms, strict=True)]
-    ratios = {k: float(np.median([r[k] for r in by_round])) for k in by_round[0]}
-    ratios["session_overhead_pct"] = _paired_overhead_pct(
-        [t for r in per_round for t in r["step"]], [t for r in per_round for t in r["bare"]])
+    # The overhead's own figure pairs every call of every round; the others are the median round's.
+    ratios = {"session_overhead_pct": _paired_overhead_pct(pooled["step"], pooled["bare"]),
+              **{k: float(np.median([r[k] for r in by_round])) for k in by_round[0] if k != "session_overhead_pct"}}
     ranges = {k: [min(r[k] for r in by_round), max(r[k] for r in by_round)] for k in ratios}
     return ms, round_ms, ratios, ranges
 
