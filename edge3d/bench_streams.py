@@ -101,11 +101,11 @@ def host_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "numpy": np.__version__,
     }
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
+    try:
         info["torch"] = version("torch")
-    except Exception:  # torch is optional: a runtime-only install benches artifacts without it
+    except PackageNotFoundError:  # torch is optional: a runtime-only install benches artifacts without it
         info["torch"] = None
     return info
 
