@@ -7,6 +7,7 @@ only for files and cameras, so the synthetic source works without the ``video`` 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,13 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 
 
 def _cv2():
+    """OpenCV, with its own warnings and FFmpeg's turned down to errors and silence.
+
+    A camera that is not there or a file that is not a video otherwise prints two or three lines
+    of OpenCV and FFmpeg internals before the one sentence the CLI gives; a user who wants them
+    back sets ``OPENCV_LOG_LEVEL`` or ``OPENCV_FFMPEG_LOGLEVEL``, which are left as they are.
+    """
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET, read when a capture opens
     try:
         import cv2
     except ImportError as e:
@@ -24,6 +32,8 @@ def _cv2():
             "reading video files and cameras needs OpenCV; pip install 'edge3d[video]' "
             "(or use --source synthetic)."
         ) from e
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     return cv2
 
 

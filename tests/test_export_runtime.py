@@ -243,6 +243,22 @@ def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
+def test_cli_unreadable_video_and_missing_camera_say_one_sentence(tiny_artifact, tmp_path: Path) -> None:
+    """OpenCV and FFmpeg write to the process's stderr directly, so only a subprocess sees whether
+    their own warnings come before the CLI's sentence."""
+    pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    for source, says in ((str(bad), "cannot be opened by OpenCV"), ("camera:97", "camera 97 cannot be opened")):
+        out = subprocess.run([sys.executable, "-m", "edge3d.cli", "run", str(art), "--source", source],
+                             capture_output=True, text=True, env=env, timeout=120)
+        lines = [x for x in (out.stdout + out.stderr).splitlines() if x.strip()]
+        assert out.returncode == 2, out.stderr
+        assert len(lines) == 1 and says in lines[0], lines
+
+
 def test_runtime_imports_without_torch(tiny_artifact) -> None:
     art, _ = tiny_artifact
     code = (
