@@ -171,6 +171,19 @@ def _split(csv: str | None) -> list[str]:
     return [p.strip() for p in (csv or "").split(",") if p.strip()]
 
 
+def _stream_counts(csv: str | None) -> list[int]:
+    try:
+        return [int(s) for s in _split(csv)]
+    except ValueError:
+        raise ValueError(f"--streams {csv!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
+
+
+def _json_target(path: Path | None) -> None:
+    """Fail before a benchmark of a minute or more, not after it, when its report cannot be written."""
+    if path is not None and not path.parent.is_dir():
+        raise ValueError(f"--json-out {path}: folder {path.parent} does not exist; create it or pick another path.")
+
+
 @app.command()
 @friendly
 def export(
@@ -256,7 +269,12 @@ def run(
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
     it = open_source(source, frame_size=max(size, 112) if source.startswith("synthetic") else size)
-    sink = open(output, "w") if output else None
+    try:
+        sink = open(output, "w") if output else None
+    except OSError as e:
+        session.close()
+        raise ValueError(f"cannot write --output {output} ({e.strerror}); "
+                         "pass a file in an existing folder you can write to.") from e
     correct = labelled = n = 0
     try:
         with Live(console=console, refresh_per_second=8, transient=True) as live:
@@ -326,11 +344,16 @@ def bench(
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
     from .bench import run_bench
 
+    _json_target(json_out)
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                       window=window, rounds=rounds, streams=[int(s) for s in _split(streams)], log=None if as_json else console)
+                       window=window, rounds=rounds, streams=_stream_counts(streams), log=None if as_json else console)
     text = json.dumps(report, indent=2)
     if json_out:
-        Path(json_out).write_text(text)
+        try:
+            json_out.write_text(text)
+        except OSError as e:
+            raise ValueError(f"cannot write --json-out {json_out} ({e.strerror}); the report follows on stdout "
+                             f"instead:\n{text}") from e
     if as_json:
         print(text)
         return
@@ -373,10 +396,7 @@ def bench_streams(
     """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
     from .bench_streams import HEADERS, format_rows, measure_streams
 
-    try:
-        counts = [int(s) for s in _split(streams)]
-    except ValueError:
-        raise ValueError(f"--streams {streams!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
+    counts = _stream_counts(streams)
     with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
         report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss,
                                  max_batch=max_batch)

@@ -79,10 +79,12 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
 
 def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:
     if profile not in m["precisions"]:
-        raise ArtifactError(
-            f"the artifact has no {profile!r} precision (it has {', '.join(m['precisions'])}); "
-            f"add it with `edge3d export ... --profile {profile}`."
-        )
+        from ..profiles import builtin_names
+
+        known = builtin_names()
+        fix = (f"add it with `edge3d export ... --profile {profile}`" if profile in known else
+               f"pick one of those, or export one of the profiles {', '.join(known)} or a profile .toml")
+        raise ArtifactError(f"the artifact has no {profile!r} precision (it has {', '.join(m['precisions'])}); {fix}.")
     return m["precisions"][profile]
 
 

@@ -238,6 +238,37 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "d-resnet18.edge3d").exists()
 
 
+@pytest.mark.parametrize(("option", "value"), [("--size", "0"), ("--width", "-1"), ("--width", "nan"),
+                                               ("--classes", "0")])
+def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: str, value: str) -> None:
+    res = CliRunner().invoke(app, ["export", "d-resnet18", option, value, "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and f"{option} must be positive" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Path) -> None:
+    art, _ = tiny_artifact
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(art), "--frames", "3", "--output", str(tmp_path / "no" / "p.jsonl")])
+    assert res.exit_code == 2 and "cannot write --output" in res.output and "Errno" not in res.output
+    # both checks come before the benchmark starts: nothing is exported or timed
+    res = runner.invoke(app, ["bench", str(art), "--json-out", str(tmp_path / "no" / "b.json")])
+    assert res.exit_code == 2 and f"folder {tmp_path / 'no'} does not exist" in res.output
+    for verb in ("bench", "bench-streams"):
+        res = runner.invoke(app, [verb, str(art), "--streams", "2,x"])
+        assert res.exit_code == 2 and "must be comma-separated integers" in res.output, res.output
+    assert not (tmp_path / "no").exists()
+
+
+def test_missing_precision_names_the_fix(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    with pytest.raises(ArtifactError, match="add it with `edge3d export ... --profile int8`"):
+        Session(art, profile="int8")
+    with pytest.raises(ArtifactError, match="pick one of those.*int8-cpu") as e:
+        Session(art, profile="fp64")
+    assert "--profile fp64" not in str(e.value)
+
+
 def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["run", str(tmp_path / "missing.edge3d"), "--source", "synthetic"])
     assert res.exit_code == 2 and "does not exist" in res.output
