@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -42,8 +43,13 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError) as e:
+        except ValueError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as e:  # a path the command had to read or write; its own checks missed it
+            where = f" {e.filename}" if e.filename else ""
+            err_console.print(f"[bold red]error:[/] cannot use{where} ({e.strerror or e}); check the path and that "
+                              "you may read and write there.", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -53,8 +59,23 @@ def friendly(fn: F) -> F:
 
 
 def _is_artifact(target: str) -> bool:
+    """An artifact folder or its manifest; a folder that is neither is an error, not a model name."""
     p = Path(target)
-    return (p / "manifest.json").is_file() or (p.is_file() and p.name == "manifest.json")
+    if (p / "manifest.json").is_file() or (p.is_file() and p.name == "manifest.json"):
+        return True
+    from .runtime.manifest import artifacts_in, resolve_artifact
+
+    # A bare word may be a zoo name that happens to match a local folder; a path, or a folder holding
+    # artifacts (`-o out` writes out/NAME.edge3d), is meant as an artifact.
+    if p.is_dir() and (artifacts_in(p) or os.sep in target or "/" in target or target.startswith(".")):
+        resolve_artifact(p)  # raises, naming the artifacts inside p if there are any
+    return False
+
+
+def _out_folder(path: Path, flag: str) -> Path:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; pass a folder to write into.")
+    return path
 
 
 def _load(model: str, classes: int | None, size: int | None, width: float | None, head: str | None,
@@ -181,7 +202,7 @@ def _stream_counts(csv: str | None) -> list[int]:
 def _json_target(path: Path | None) -> None:
     """Fail before a benchmark of a minute or more, not after it, when its report cannot be written."""
     if path is not None and not path.parent.is_dir():
-        raise ValueError(f"--json-out {path}: folder {path.parent} does not exist; create it or pick another path.")
+        raise ValueError(f"--json-out {path}: {path.parent} is not a folder; create it or pick another path.")
 
 
 @app.command()
@@ -204,6 +225,7 @@ def export(
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines)."""
     from .exporters.onnx import export_artifact
 
+    _out_folder(out, "-o")
     profiles = _split(profile) or ["fp32"]
     if target not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
@@ -345,6 +367,7 @@ def bench(
     from .bench import run_bench
 
     _json_target(json_out)
+    _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
                        window=window, rounds=rounds, streams=_stream_counts(streams), log=None if as_json else console)
     text = json.dumps(report, indent=2)
@@ -432,6 +455,7 @@ def triton(
     """Write a Triton model repository: the ONNX graph (and any TensorRT engines) with implicit state."""
     from .exporters.triton import write_repository
 
+    _out_folder(out, "-o")
     repo = write_repository(artifact, out, max_batch, console=console, model_name=name, instances=instances,
                             profile=profile, max_sequences=max_sequences, idle_seconds=idle_seconds, kind=kind)
     console.print(f"wrote Triton model repository [bold]{repo}[/]; serve it with")
@@ -477,6 +501,7 @@ def compare(
     from .compare import table_rows
     from .runtime.manifest import load_manifest
 
+    _out_folder(out, "--out")
     names = _split(profiles) or list(load_manifest(artifact)["precisions"])
     if "fp32" not in names:
         names.insert(0, "fp32")

@@ -43,8 +43,19 @@ def resolve_artifact(path: str | Path) -> Path:
     if not p.exists():
         raise ArtifactError(f"artifact {p} does not exist; create it with `edge3d export MODEL -o DIR`.")
     if not (p / MANIFEST).is_file():
-        raise ArtifactError(f"{p} has no {MANIFEST}; point to a folder written by `edge3d export`.")
+        inside = artifacts_in(p)
+        fix = (f"point to one of the artifacts in it: {', '.join(map(str, inside))}" if inside
+               else "point to a folder written by `edge3d export`")
+        raise ArtifactError(f"{p} has no {MANIFEST}; {fix}.")
     return p
+
+
+def artifacts_in(folder: Path) -> list[Path]:
+    """Artifact folders directly inside ``folder``: `edge3d export -o out` writes ``out/NAME.edge3d``,
+    and ``out`` is the path a user most often passes by mistake."""
+    if not folder.is_dir():
+        return []
+    return sorted(q for q in folder.iterdir() if (q / MANIFEST).is_file())
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

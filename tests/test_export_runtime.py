@@ -253,11 +253,53 @@ def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Pa
     assert res.exit_code == 2 and "cannot write --output" in res.output and "Errno" not in res.output
     # both checks come before the benchmark starts: nothing is exported or timed
     res = runner.invoke(app, ["bench", str(art), "--json-out", str(tmp_path / "no" / "b.json")])
-    assert res.exit_code == 2 and f"folder {tmp_path / 'no'} does not exist" in res.output
+    assert res.exit_code == 2 and f"{tmp_path / 'no'} is not a folder" in res.output
     for verb in ("bench", "bench-streams"):
         res = runner.invoke(app, [verb, str(art), "--streams", "2,x"])
         assert res.exit_code == 2 and "must be comma-separated integers" in res.output, res.output
     assert not (tmp_path / "no").exists()
+
+
+def test_cli_output_folder_that_is_a_file_and_a_folder_of_artifacts(tiny_artifact, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    art, _ = tiny_artifact
+    runner = CliRunner()
+    a_file = tmp_path / "afile"
+    a_file.write_text("keep me")
+    for args in (["export", "d-resnet18", "--width", "0.125", "-o", str(a_file)],
+                 ["triton", str(art), "-o", str(a_file)],
+                 ["compare", str(art), "--out", str(a_file), "--frames", "4"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and f"{a_file} is a file; pass a folder" in res.output, (args, res.output)
+    assert a_file.read_text() == "keep me"
+    # the folder given to `export -o` instead of the artifact inside it: the error names the artifact
+    holder = tmp_path / "out"
+    holder.mkdir()
+    shutil.copytree(art, holder / "tiny.edge3d")
+    for verb in ("run", "inspect", "bench"):
+        res = runner.invoke(app, [verb, str(holder)])
+        assert res.exit_code == 2 and f"point to one of the artifacts in it: {holder / 'tiny.edge3d'}" in res.output
+    # a bare zoo name is still a model when a folder of that name (holding no artifact) is in the cwd
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d-resnet18").mkdir()
+    res = runner.invoke(app, ["inspect", "d-resnet18", "--width", "0.125", "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)["macs_per_frame"] > 0
+
+
+def test_cli_reports_an_os_error_as_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from edge3d.cli import friendly
+
+    @friendly
+    def writes() -> None:
+        raise PermissionError(13, "Permission denied", "/data/report.json")
+
+    with pytest.raises(typer.Exit) as e:
+        writes()
+    assert e.value.exit_code == 2
+    said = " ".join(capsys.readouterr().err.split())
+    assert said.startswith("error: cannot use /data/report.json (Permission denied)") and "Traceback" not in said
 
 
 def test_missing_precision_names_the_fix(tiny_artifact) -> None:
