@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,8 @@ class Session:
         return self._backend.read_states()
 
     def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+        if not isinstance(snapshot, Mapping):
+            raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
         dtypes = self._backend.state_dtypes()
         for s in self.manifest["states"]:
             name = s["name"]

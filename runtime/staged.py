@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +89,8 @@ class StagedSession(Session):
         return snap
 
     def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+        if not isinstance(snapshot, Mapping):
+            raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
         current = self.get_state()
         for n, a in current.items():
             if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:

@@ -124,6 +124,29 @@ def test_snapshot_restore_is_bit_identical(tiny_artifact) -> None:
     assert any(np.abs(v).sum() > 0 for v in snap.values())
 
 
+def test_bad_snapshot_is_rejected_and_leaves_the_state(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    s = Session(art, streams=2)
+    rng = np.random.default_rng(1)
+    for f in rng.integers(0, 255, (5, 2, 40, 40, 3), dtype=np.uint8):
+        s.step_batch(f, [0, 1])
+    before = s.get_state()
+    first, last = s.manifest["states"][0]["name"], s.manifest["states"][-1]["name"]
+    assert first != last and before[first].any()
+    wrong_shape = {**before, last: before[last][:1]}
+    wrong_dtype = {**before, last: before[last].astype(np.float64)}
+    missing = {k: v for k, v in before.items() if k != last}
+    zeroed_first = {k: (np.zeros_like(v) if k == first else v) for k, v in before.items()}
+    for bad, says in ((None, "snapshot is a NoneType"), ([1, 2], "snapshot is a list"),
+                      ({**wrong_shape, first: zeroed_first[first]}, "expected float32"),
+                      ({**wrong_dtype, first: zeroed_first[first]}, "is float64"),
+                      ({**missing, first: zeroed_first[first]}, f"lacks state {last!r}")):
+        with pytest.raises(ValueError, match=says):
+            s.set_state(bad)
+        after = s.get_state()  # the valid first state of a bad snapshot was not written either
+        assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
 def test_ping_pong_buffers_are_distinct_and_reused(tiny_artifact) -> None:
     art, _ = tiny_artifact
     s = Session(art)
