@@ -22,13 +22,32 @@ from rich.table import Table
 
 from .runtime.manifest import format_bytes
 
-app = typer.Typer(
-    help="Export causal video networks as per-frame step graphs with explicit state, and stream them.",
+app = typer.Typer(  # the help text is _main's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _version(value: bool) -> None:
+    """What a bug report needs: this edge3d, the artifact format it reads and writes, its runtime."""
+    if not value:
+        return
+    import onnxruntime
+
+    from . import __version__
+    from .runtime.manifest import FORMAT_VERSION
+
+    console.print(f"edge3d {__version__} (artifact format_version {FORMAT_VERSION}), onnxruntime "
+                  f"{onnxruntime.__version__}, Python {sys.version.split()[0]}", highlight=False)
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the versions and exit.")] = False) -> None:
+    """Export causal video networks as per-frame step graphs with explicit state, and stream them."""
 
 Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
 Size = Annotated[int | None, typer.Option("--size", help="Frame size (square) the model runs at.")]

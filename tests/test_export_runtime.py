@@ -513,3 +513,13 @@ def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
     assert len(by_round) == 2
     assert report["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(
         float(np.median([r["conv3d"] / r["step"] for r in by_round])))
+
+
+def test_cli_version_matches_the_installed_package_and_the_artifact_format(tiny_artifact) -> None:
+    from importlib.metadata import version
+
+    art, _ = tiny_artifact
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0
+    fmt = json.loads((art / "manifest.json").read_text())["format_version"]
+    assert res.output.startswith(f"edge3d {version('edge3d')} (artifact format_version {fmt})")
