@@ -394,8 +394,9 @@ def bench(
         try:
             json_out.write_text(text)
         except OSError as e:
-            raise ValueError(f"cannot write --json-out {json_out} ({e.strerror}); the report follows on stdout "
-                             f"instead:\n{text}") from e
+            print(text)  # a run of a minute or more is not lost to a folder that went away meanwhile
+            raise ValueError(f"cannot write --json-out {json_out} ({e.strerror}); the report is printed above "
+                             "instead.") from e
     if as_json:
         print(text)
         return

@@ -69,6 +69,12 @@ def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str
     return "onnxruntime"
 
 
+def require_mapping(snapshot: Any) -> None:
+    """A snapshot is what get_state() returned; anything else fails before a state is touched."""
+    if not isinstance(snapshot, Mapping):
+        raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
+
+
 class Session:
     """Stream frames through an exported artifact.
 
@@ -181,8 +187,7 @@ class Session:
         return self._backend.read_states()
 
     def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
-        if not isinstance(snapshot, Mapping):
-            raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
+        require_mapping(snapshot)
         dtypes = self._backend.state_dtypes()
         for s in self.manifest["states"]:
             name = s["name"]

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .manifest import ArtifactError, state_io_names
-from .session import Session
+from .session import Session, require_mapping
 
 
 class StagedSession(Session):
@@ -89,8 +88,7 @@ class StagedSession(Session):
         return snap
 
     def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
-        if not isinstance(snapshot, Mapping):
-            raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
+        require_mapping(snapshot)
         current = self.get_state()
         for n, a in current.items():
             if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:

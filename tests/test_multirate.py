@@ -129,6 +129,12 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     assert [r["runs"] for r in summary["stages"]] == [40, 20, 10, 5]
     assert summary["amortised_ms_per_frame"] > 0
     assert s.cache_bytes == sum(s.state_breakdown.values()) > sum(summary["buffer_bytes"].values()) > 0
+    snap = s.get_state()
+    for bad, says in ((None, "snapshot is a NoneType"), ({}, "snapshot lacks state")):
+        with pytest.raises(ValueError, match=says):
+            s.set_state(bad)
+    after = s.get_state()
+    assert snap.keys() == after.keys() and all(np.array_equal(snap[k], after[k]) for k in snap)
 
 
 def test_r3d18_causal_manifest_and_graphs(r3d) -> None:
