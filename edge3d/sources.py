@@ -67,19 +67,31 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
         return capture_frames(cap)
     path = Path(spec)
     if path.is_dir():
-        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-        if not videos:
-            raise ValueError(f"folder {path} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
-        return (item for v in videos for item in open_source(str(v), frame_size))
+        return (item for v in _videos_in(path) for item in capture_frames(_open_video(v)))
     if not path.is_file():
         raise ValueError(
             f"source {spec!r} is neither a file, a folder, camera:INDEX nor synthetic[:SEED]; "
             "pass one of those."
         )
+    return capture_frames(_open_video(path))
+
+
+def _open_video(path: Path, fix: str = "check the file and its codec"):
     cap = _cv2().VideoCapture(str(path))
     if not cap.isOpened():
-        raise ValueError(f"video {path} cannot be opened by OpenCV; check the file and its codec.")
-    return capture_frames(cap)
+        raise ValueError(f"video {path} cannot be opened by OpenCV; {fix}.")
+    return cap
+
+
+def _videos_in(folder: Path) -> list[Path]:
+    """The folder's videos, each opened once here so that a broken one fails before any frame is
+    streamed, not halfway through the folder with half a predictions file written."""
+    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    if not videos:
+        raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
+    for v in videos:
+        _open_video(v, "check the file and its codec, or move it out of the folder").release()
+    return videos
 
 
 def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
@@ -91,10 +103,7 @@ def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterat
     """
     path = Path(spec)
     if not spec.startswith(("synthetic", "camera:")) and path.is_dir():
-        videos = sorted(p for p in path.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-        if not videos:
-            raise ValueError(f"folder {path} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
-        for v in videos:
+        for v in _videos_in(path):
             yield str(v), open_source(str(v), frame_size)
         return
     yield spec, open_source(spec, frame_size)

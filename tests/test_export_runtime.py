@@ -401,6 +401,25 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "neither a file" in res.output
 
 
+def test_cli_run_folder_with_a_broken_video_fails_before_any_frame(tiny_artifact, tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    writer = cv2.VideoWriter(str(folder / "a.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    for _ in range(6):
+        writer.write(np.full((48, 64, 3), 90, np.uint8))
+    writer.release()
+    (folder / "b.mp4").write_bytes(b"not a video")
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(folder), "--output", str(preds)])
+    assert res.exit_code == 2 and f"video {folder / 'b.mp4'} cannot be opened" in res.output
+    assert not preds.exists()  # a.mp4 was not streamed first
+    (folder / "b.mp4").unlink()
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(folder), "--output", str(preds)])
+    assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 6
+
+
 def test_bench_rounds_interleave_blocks_and_keep_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every group gets a block in every round (warm-up first, pairs call by call), and each
     round keeps its own timed calls only, warm-ups left out."""
