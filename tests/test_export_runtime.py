@@ -274,7 +274,7 @@ def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Pa
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(art), "--frames", "3", "--output", str(tmp_path / "no" / "p.jsonl")])
     assert res.exit_code == 2 and "cannot write --output" in res.output and "Errno" not in res.output
-    # both checks come before the benchmark starts: nothing is exported or timed
+    # the report's folder is checked before the benchmark starts, not after a minute of timing
     res = runner.invoke(app, ["bench", str(art), "--json-out", str(tmp_path / "no" / "b.json")])
     assert res.exit_code == 2 and f"{tmp_path / 'no'} is not a folder" in res.output
     for verb in ("bench", "bench-streams"):
