@@ -8,6 +8,7 @@ switch to their step implementation while the context is active.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -113,7 +114,12 @@ class StepModule(nn.Module):
         frame = torch.zeros(1, *self.frame_shape)
         ctx.frame = frame.unsqueeze(2) if self.keep_time else frame
         with torch.no_grad(), stepping(ctx):
-            out = self.model(ctx.frame)
+            try:
+                out = self.model(ctx.frame)
+            except RuntimeError as e:
+                if ctx.new_states:  # a streaming layer ran: the fault is inside the model, not its input
+                    raise
+                raise frame_shape_error(self.model, self.frame_shape, str(e)) from e
         self._check_output(out)
         self._layers, self._counts, self._specs = collect_specs(self.model, self._names, ctx)
 
@@ -129,9 +135,14 @@ class StepModule(nn.Module):
         return list(self._specs)
 
     def initial_states(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
+        if not (isinstance(batch, numbers.Integral) and batch > 0):
+            raise ValueError(f"batch must be a positive number of streams, got {batch!r}.")
         return tuple(s.initial(batch) for s in self._specs)
 
     def forward(self, frame: torch.Tensor, *states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if frame.dim() != 4 or tuple(frame.shape[1:]) != self.frame_shape:
+            raise ValueError(f"frame has shape {tuple(frame.shape)}; this step takes (N, "
+                             f"{', '.join(map(str, self.frame_shape))}), the frame_shape given to to_step.")
         if len(states) != len(self._specs):
             raise ValueError(
                 f"step expects {len(self._specs)} state tensors after the frame, got {len(states)}; "
@@ -169,6 +180,11 @@ def to_step(
     A model that changes its frame rate (temporal strides, similarity-guided sampling) gets a
     :class:`edge3d.staged.StagedStepModule` instead: one pure step function per rate.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"to_step needs a torch.nn.Module, got {type(model).__name__}.")
+    if len(frame_shape) != 3 or not all(isinstance(v, numbers.Integral) and v > 0 for v in frame_shape):
+        raise ValueError(f"frame_shape must be (C, H, W) with positive sizes, got {tuple(frame_shape)}; "
+                         "e.g. (3, 112, 112).")
     from .staged import is_multirate
 
     if is_multirate(model):
@@ -183,3 +199,11 @@ def to_step(
 
         return StagedStepModule(model, frame_shape, keep_time, lower)  # type: ignore[return-value]
     return StepModule(model, frame_shape, keep_time, lower, output_time_axis)
+
+
+def frame_shape_error(model: nn.Module, frame_shape: Sequence[int], detail: str) -> ValueError:
+    """The model failed on its very first layers: the frame shape, not the model, is what to fix."""
+    first = detail.strip().splitlines()[0] if detail.strip() else "it failed"
+    return ValueError(f"{type(model).__name__} cannot run on frames of shape {tuple(frame_shape)} ({first}); "
+                      "pass the (C, H, W) the model takes: its input channels, and a size its downsampling "
+                      "allows.")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import inspect as pyinspect
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,11 @@ from torch import nn
 def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | None = None,
                 width: float | None = None, head: str | None = None) -> nn.Module:
     """A zoo name, or ``package.module:factory`` called with the options it accepts."""
-    for flag, value in (("--classes", num_classes), ("--size", frame_size), ("--width", width)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{flag} must be positive, got {value}; leave it out for the model's default.")
-    options = {"num_classes": num_classes, "frame_size": frame_size, "width": width, "head": head}
-    if ":" not in spec:
-        from . import zoo
+    from . import zoo
 
+    options = {"num_classes": num_classes, "frame_size": frame_size, "width": width, "head": head}
+    zoo.check_options(options)
+    if ":" not in spec:
         return zoo.build(spec, **options)
     module_name, _, attr = spec.partition(":")
     try:

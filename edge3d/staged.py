@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import collect_specs
+from .convert import collect_specs, frame_shape_error
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
 
 
@@ -433,6 +433,8 @@ def discover_rates(model: nn.Module, frame_shape: Sequence[int], keep_time: bool
     except Exception as e:
         where = names.get(stack[-1], type(model).__name__) if stack else type(model).__name__
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        if not seen:  # no streaming layer has run yet: the input itself does not fit the model
+            raise frame_shape_error(model, frame_shape, f"{where}: {first}") from e
         raise _error(f"{where}: the clip forward fails on {T} frames ({first}); a path probably crosses a rate "
                      "change without a strided layer (e.g. a residual skip around a temporal stride).") from e
     finally:

@@ -265,7 +265,7 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
                                                ("--classes", "0")])
 def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: str, value: str) -> None:
     res = CliRunner().invoke(app, ["export", "d-resnet18", option, value, "-o", str(tmp_path / "out")])
-    assert res.exit_code == 2 and f"{option} must be positive" in res.output
+    assert res.exit_code == 2 and f"({option}) must be positive" in res.output
     assert not (tmp_path / "out").exists()
 
 

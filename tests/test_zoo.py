@@ -86,3 +86,42 @@ def test_cli_bad_model_and_head() -> None:
     assert res.exit_code == 2 and "unknown model 'no-such-model'" in res.output
     res = runner.invoke(app, ["inspect", "tsm-resnet18", "--head", "transformer"])
     assert res.exit_code == 2 and "has no head 'transformer'" in res.output
+
+
+def test_build_rejects_bad_options_by_name() -> None:
+    for bad, says in (({"num_classes": 0}, r"num_classes \(--classes\) must be positive, got 0"),
+                      ({"width": -1.0}, r"width \(--width\) must be positive"),
+                      ({"frame_size": float("inf")}, r"frame_size \(--size\) must be positive"),
+                      ({"dropout": 0.5}, "d-resnet18 takes no option 'dropout'; it takes .*num_classes")):
+        with pytest.raises(ValueError, match=says):
+            zoo.build("d-resnet18", **bad)
+    def params(**options: object) -> int:
+        return sum(p.numel() for p in zoo.build("d-resnet18", width=0.125, num_classes=5, **options).parameters())
+
+    assert params() - params(history=4) == (16 - 4) * 64 * 5  # an option the factory does take still passes
+
+
+@pytest.mark.parametrize("name", ["d-resnet18", "tsm-resnet18", "rcn-resnet18", "r3d18-causal", "sgs-resnet18",
+                                  "vov3d-m"])
+def test_to_step_names_a_frame_shape_the_model_cannot_take(name: str) -> None:
+    model = zoo.build(name, **TINY)
+    with pytest.raises(ValueError, match=r"cannot run on frames of shape \(1, 32, 32\).*input channels"):
+        edge3d.to_step(model, (1, 32, 32))
+    for shape in ((3, 32), (3, 0, 32), (3, 32.0, 32)):
+        with pytest.raises(ValueError, match="frame_shape must be \\(C, H, W\\) with positive sizes"):
+            edge3d.to_step(model, shape)
+
+
+def test_step_rejects_a_frame_of_another_shape_and_an_empty_batch() -> None:
+    model = zoo.build("d-resnet18", width=0.125, num_classes=5)
+    with pytest.raises(ValueError, match="needs a torch.nn.Module, got str"):
+        edge3d.to_step("d-resnet18", (3, 32, 32))  # type: ignore[arg-type]
+    step = edge3d.to_step(model, (3, 32, 32))
+    states = step.initial_states(2)
+    for frame in (torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 1, 32, 32), torch.zeros(2, 1, 32, 32)):
+        with pytest.raises(ValueError, match=r"this step takes \(N, 3, 32, 32\)"):
+            step(frame, *states)
+    with pytest.raises(ValueError, match="batch must be a positive number of streams, got 0"):
+        step.initial_states(0)
+    out, *_ = step(torch.zeros(2, 3, 32, 32), *states)
+    assert out.shape == (2, 5)

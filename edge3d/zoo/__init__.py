@@ -7,6 +7,8 @@ model whose output is (N, num_classes, T): one prediction per frame.
 from __future__ import annotations
 
 import importlib
+import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,12 +72,32 @@ def get(name: str) -> ZooEntry:
     return ZOO[name]
 
 
+# the size options every zoo factory takes, and the CLI flag that sets each
+SIZE_OPTIONS = {"num_classes": "--classes", "frame_size": "--size", "width": "--width"}
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """Reject a size option that is not positive before a model is built: a width of -1 or zero
+    classes would otherwise build, and a frame size of 0 silently becomes the default."""
+    for key, flag in SIZE_OPTIONS.items():
+        value = options.get(key)
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{key} ({flag}) must be positive, got {value}; leave it out for the model's default.")
+
+
 def build(name: str, **options: Any) -> Any:
     """Build a zoo model; ``None`` options fall back to the entry's defaults."""
     entry = get(name)
+    check_options(options)
     kwargs = dict(entry.defaults)
     kwargs.update({k: v for k, v in options.items() if v is not None})
     if "head" in kwargs and kwargs["head"] not in entry.heads:
         raise ValueError(f"{name} has no head {kwargs['head']!r}; choose one of {', '.join(entry.heads)}")
     module, func = entry.factory.split(":")
-    return getattr(importlib.import_module(module), func)(**kwargs)
+    factory = getattr(importlib.import_module(module), func)
+    params = inspect.signature(factory).parameters.values()
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(takes))
+    if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
+        raise ValueError(f"{name} takes no option {unknown[0]!r}; it takes {', '.join(takes)}.")
+    return factory(**kwargs)
