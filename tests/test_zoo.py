@@ -125,3 +125,13 @@ def test_step_rejects_a_frame_of_another_shape_and_an_empty_batch() -> None:
         step.initial_states(0)
     out, *_ = step(torch.zeros(2, 3, 32, 32), *states)
     assert out.shape == (2, 5)
+
+
+def test_to_step_names_a_frame_too_small_for_an_unpadded_conv() -> None:
+    from edge3d.nn import CausalConv3d
+
+    model = torch.nn.Sequential(CausalConv3d(3, 4, (2, 5, 5)))
+    with pytest.raises(ValueError, match=r"cannot run on frames of shape \(3, 3, 3\) \(Calculated padded"):
+        edge3d.to_step(model, (3, 3, 3))
+    step = edge3d.to_step(model, (3, 5, 5))  # the smallest frame the 5×5 kernel fits
+    assert step(torch.zeros(1, 3, 5, 5), *step.initial_states(1))[0].shape == (1, 4, 1, 1)
