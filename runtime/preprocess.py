@@ -55,7 +55,7 @@ class FramePreprocessor:
             raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}.")
         c, h, w = self.shape
         if frame.dtype == np.uint8:
-            if frame.ndim != 3 or frame.shape[2] != c:
+            if frame.ndim != 3 or frame.shape[2] != c or 0 in frame.shape:
                 raise ValueError(
                     f"uint8 frame has shape {frame.shape}; expected H×W×{c} (RGB), any size "
                     "(it is resized), or a normalised float32 array of shape "

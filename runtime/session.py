@@ -6,6 +6,7 @@ on a Jetson installs edge3d without the export extra and runs only this.
 
 from __future__ import annotations
 
+import numbers
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -104,16 +105,16 @@ class Session:
         elif max_batch is not None:
             raise ValueError("max_batch (stepping many streams in chunks) is an ONNX Runtime option; on TensorRT "
                              "build the engine for the streams you need (`edge3d build --streams N`) instead.")
-        self._backend = backends.create(self.backend_name, self.manifest, profile, streams, **options)
+        self._backend = backends.create(self.backend_name, self.manifest, profile, self.streams, **options)
 
     def _open(self, path: str | Path, profile: str, streams: int) -> None:
         """What every session has, whatever schedules its graphs: manifest, precision, preprocessing, stats."""
-        if not isinstance(streams, int) or streams < 1:
+        if isinstance(streams, bool) or not isinstance(streams, numbers.Integral) or streams < 1:
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.manifest = load_manifest(path)
         self.profile = profile
         self.precision = precision_entry(self.manifest, profile)
-        self.streams = streams
+        self.streams = int(streams)
         self.pre = FramePreprocessor(self.manifest["frame"])
         self.stats = Stats()
         self.classes: list[str] | None = self.manifest["output"].get("classes")

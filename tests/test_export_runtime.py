@@ -179,6 +179,7 @@ def test_multi_stream_equals_single_sessions(tiny_artifact) -> None:
 BAD_FRAMES = [
     (np.zeros((SIZE, SIZE, 4), np.uint8), "expected H×W×3"),
     (np.zeros((SIZE, SIZE), np.uint8), "expected H×W×3"),
+    (np.zeros((0, SIZE, 3), np.uint8), "expected H×W×3"),  # nothing to resize
     (np.zeros((3, SIZE + 1, SIZE), np.float32), "expected normalised"),
     (np.zeros((3, SIZE, SIZE), np.int32), "dtype int32 is not supported"),
     (np.full((3, SIZE, SIZE), np.nan, np.float32), "NaN or Inf"),
@@ -201,6 +202,18 @@ def test_rejected_frame_leaves_state_unchanged(tiny_artifact, frame: np.ndarray,
         s.step_batch([np.zeros((3, SIZE, SIZE), np.float32), frame], [0, 1])
     after = s.get_state()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_session_options_are_checked_and_numpy_integers_accepted(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            Session(art, threads=bad)
+    with pytest.raises(ValueError, match="streams must be a positive integer, got True"):
+        Session(art, streams=True)
+    s = Session(art, streams=np.int64(2), threads=np.int32(1))  # e.g. read from an array or a config
+    assert s.streams == 2 and type(s.streams) is int
+    assert s.step_batch([np.zeros((3, SIZE, SIZE), np.float32)] * 2).shape[0] == 2
 
 
 def test_unknown_stream_id(tiny_artifact) -> None:

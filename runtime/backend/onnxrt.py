@@ -18,6 +18,7 @@ that ran before it keep their new state.
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 def _load_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, or None (no --threads) for ONNX Runtime's default; "
+                         f"got {threads!r}.")
     if not path.is_file():
         raise ArtifactError(f"the artifact lacks {path.name} ({path}); re-export it with `edge3d export`.")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
-        so.intra_op_num_threads = threads
+        so.intra_op_num_threads = int(threads)
     so.log_severity_level = 3
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
