@@ -317,6 +317,7 @@ def run(
         raise ValueError(f"cannot write --output {output} ({e.strerror}); "
                          "pass a file in an existing folder you can write to.") from e
     correct = labelled = n = 0
+    interrupted = False
     try:
         with Live(console=console, refresh_per_second=8, transient=True) as live:
             for frame, label in it:
@@ -339,14 +340,18 @@ def run(
                                 f"cache {format_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
                 if frames is not None and n >= frames:
                     break
+    except KeyboardInterrupt:  # Ctrl-C is how a camera run ends: the summary is still wanted
+        interrupted = True
     finally:
         if sink:
             sink.close()
         session.close()
     if n == 0:
+        if interrupted:
+            raise KeyboardInterrupt
         raise ValueError(f"source {source!r} gave no frames; check the file or camera.")
     s = session.stats.summary()
-    table = Table(title=f"edge3d run: {artifact}", show_header=False)
+    table = Table(title=f"edge3d run: {artifact}" + (" (interrupted)" if interrupted else ""), show_header=False)
     table.add_row("frames", str(n))
     table.add_row("ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
     table.add_row("fps (step only)", f"{s['fps']:.1f}")
@@ -366,6 +371,8 @@ def run(
     if output:
         table.add_row("predictions", str(output))
     console.print(table)
+    if interrupted:
+        raise typer.Exit(130)
 
 
 # --------------------------------------------------------------------------- bench

@@ -555,3 +555,23 @@ def test_cli_version_matches_the_installed_package_and_the_artifact_format(tiny_
     assert res.exit_code == 0
     fmt = json.loads((art / "manifest.json").read_text())["format_version"]
     assert res.output.startswith(f"edge3d {version('edge3d')} (artifact format_version {fmt})")
+
+
+def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifact, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C is how a camera run ends; the user still wants the table, and exit code 130."""
+    from edge3d import sources
+
+    art, _ = tiny_artifact
+
+    def camera_then_ctrl_c(spec: str, frame_size: int = 112):
+        for _ in range(7):
+            yield np.full((48, 64, 3), 128, np.uint8), None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sources, "open_source", camera_then_ctrl_c)
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:0", "--output", str(preds)])
+    assert res.exit_code == 130
+    assert "(interrupted)" in res.output and "ms/frame p50" in res.output
+    assert len(preds.read_text().splitlines()) == 7
