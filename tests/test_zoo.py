@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY, assert_causal, assert_close_every_frame, randomize, stream, tiny_zoo_cases
@@ -96,9 +97,11 @@ def test_build_rejects_bad_options_by_name() -> None:
         with pytest.raises(ValueError, match=says):
             zoo.build("d-resnet18", **bad)
     def params(**options: object) -> int:
-        return sum(p.numel() for p in zoo.build("d-resnet18", width=0.125, num_classes=5, **options).parameters())
+        model = zoo.build("d-resnet18", **{"width": 0.125, "num_classes": 5, **options})
+        return sum(p.numel() for p in model.parameters())
 
     assert params() - params(history=4) == (16 - 4) * 64 * 5  # an option the factory does take still passes
+    assert params(num_classes=np.int64(5)) == params()  # a count read from an array is a count
 
 
 @pytest.mark.parametrize("name", ["d-resnet18", "tsm-resnet18", "rcn-resnet18", "r3d18-causal", "sgs-resnet18",

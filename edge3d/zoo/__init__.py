@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,7 +82,7 @@ def check_options(options: dict[str, Any]) -> None:
     classes would otherwise build, and a frame size of 0 silently becomes the default."""
     for key, flag in SIZE_OPTIONS.items():
         value = options.get(key)
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
             raise ValueError(f"{key} ({flag}) must be positive, got {value}; leave it out for the model's default.")
 
 
