@@ -91,10 +91,9 @@ def _is_artifact(target: str) -> bool:
     return False
 
 
-def _out_folder(path: Path, flag: str) -> Path:
+def _out_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; pass a folder to write into.")
-    return path
 
 
 def _load(model: str, classes: int | None, size: int | None, width: float | None, head: str | None,
@@ -218,10 +217,12 @@ def _stream_counts(csv: str | None) -> list[int]:
         raise ValueError(f"--streams {csv!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
 
 
-def _json_target(path: Path | None) -> None:
-    """Fail before a benchmark of a minute or more, not after it, when its report cannot be written."""
+def _output_file(path: Path | None, flag: str) -> None:
+    """Fail before the work (a minute of benchmark, a whole video), not after it, when its output
+    file has no folder to go into; other OSErrors on writing are `friendly`'s one sentence."""
     if path is not None and not path.parent.is_dir():
-        raise ValueError(f"--json-out {path}: {path.parent} is not a folder; create it or pick another path.")
+        raise ValueError(f"cannot write {flag} {path}: {path.parent} is not a folder; create it or pick "
+                         "another path.")
 
 
 @app.command()
@@ -303,6 +304,7 @@ def run(
     from .runtime import Session
     from .sources import open_source
 
+    _output_file(output, "--output")
     session = Session(artifact, profile=profile, backend=backend)
     size = session.manifest["frame"]["height"]
     if frames is None and source.startswith("synthetic"):
@@ -310,12 +312,7 @@ def run(
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
     it = open_source(source, frame_size=max(size, 112) if source.startswith("synthetic") else size)
-    try:
-        sink = open(output, "w") if output else None
-    except OSError as e:
-        session.close()
-        raise ValueError(f"cannot write --output {output} ({e.strerror}); "
-                         "pass a file in an existing folder you can write to.") from e
+    sink = open(output, "w") if output else None
     correct = labelled = n = 0
     interrupted = False
     try:
@@ -392,7 +389,7 @@ def bench(
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
     from .bench import run_bench
 
-    _json_target(json_out)
+    _output_file(json_out, "--json-out")
     _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
                        window=window, rounds=rounds, streams=_stream_counts(streams), log=None if as_json else console)

@@ -16,9 +16,9 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     from . import zoo
 
     options = {"num_classes": num_classes, "frame_size": frame_size, "width": width, "head": head}
-    zoo.check_options(options)
     if ":" not in spec:
-        return zoo.build(spec, **options)
+        return zoo.build(spec, **options)  # checks the options itself
+    zoo.check_options(options)
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
