@@ -243,17 +243,25 @@ def export(
     triton_repo: Annotated[Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")] = None,
 ) -> None:
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines)."""
-    from .exporters.onnx import export_artifact
+    from .exporters.onnx import check_artifact_name, export_artifact
+    from .exporters.tensorrt import check_build_flags
 
+    # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
     _out_folder(out, "-o")
+    if triton_repo is not None:
+        _out_folder(triton_repo, "--triton-repo")
+    art_name = name or model.split(":")[-1]
+    check_artifact_name(art_name)
+    check_build_flags(streams, dla)
     profiles = _split(profile) or ["fp32"]
     if target not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
     extra = [p for p in profiles if p != "fp32"]
     if extra:
-        from .exporters.precision import resolve_profiles
+        from .exporters.precision import check_calib_frames, resolve_profiles
 
-        resolved = resolve_profiles(extra)  # fail on a bad profile before the slow export
+        check_calib_frames(calib_frames)
+        resolved = resolve_profiles(extra)
         if any(p.kind == "int8" for p in resolved):
             from .exporters.calibration import check_calib_source, default_calib_source
 
@@ -264,7 +272,6 @@ def export(
                                        {"num_classes": classes, "frame_size": size, "width": width,
                                         "head": head}.items() if v is not None},
             "checkpoint": str(checkpoint) if checkpoint else None}
-    art_name = name or model.split(":")[-1]
     with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,

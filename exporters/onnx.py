@@ -30,7 +30,7 @@ from torch import nn
 from .. import __version__
 from ..accounting import count_macs, dtype_name
 from ..convert import StepModule, to_step
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, file_sha256, state_io_names
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, NAME, file_sha256, state_io_names
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
 
 OPSET = 18
@@ -165,6 +165,14 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
     }
 
 
+def check_artifact_name(name: str) -> None:
+    """Fail before the export on a name that would write outside ``out_dir`` (``../x``) or that Triton
+    could not serve, rather than with an OS error about a temporary folder."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise ValueError(f"artifact name {name!r} is not a plain name; pass --name with letters, digits, '_', '-' "
+                         "or '.', starting with a letter or digit.")
+
+
 @contextlib.contextmanager
 def artifact_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Assemble ``out_dir/<name>.edge3d`` in a temporary folder and move it into place at the end.
@@ -206,6 +214,7 @@ def export_artifact(
     The artifact is assembled in a temporary folder and moved into place at the end, so a
     failed export never leaves a half-written artifact behind.
     """
+    check_artifact_name(name)
     h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))

@@ -67,6 +67,12 @@ def _calib_key(p: Profile) -> str:
     return json.dumps(d, sort_keys=True)
 
 
+def check_calib_frames(calib_frames: int | None) -> None:
+    """Its own function so that `edge3d export` checks it before writing the FP32 artifact."""
+    if calib_frames is not None and calib_frames < 1:
+        raise ValueError(f"--calib-frames must be at least 1, got {calib_frames}.")
+
+
 def add_precisions(
     path: str | Path,
     names: list[str] | tuple[str, ...],
@@ -90,8 +96,7 @@ def add_precisions(
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
     profiles = resolve_profiles(list(names))
-    if calib_frames is not None and calib_frames < 1:
-        raise ValueError(f"--calib-frames must be at least 1, got {calib_frames}.")
+    check_calib_frames(calib_frames)
     fp32_path = folder / manifest["precisions"]["fp32"]["file"]
     entries: dict[str, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix=".precision.", dir=folder))

@@ -98,15 +98,20 @@ def profile_shapes(manifest: dict[str, Any], streams: int) -> dict[str, tuple[Sh
     return {name: ((1, *dims), (streams, *dims), (streams, *dims)) for name, dims in per_stream.items()}
 
 
-def build_options(manifest: dict[str, Any], profile: str, *, streams: int = 8, dla: int | None = None,
-                  workspace_mb: int = DEFAULT_WORKSPACE_MB) -> BuildOptions:
-    """Map a precision profile of the artifact to the options of its engine build."""
-    if not isinstance(streams, int) or streams < 1:
+def check_build_flags(streams: int = 8, dla: int | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB) -> None:
+    """Checked on their own so that `edge3d export --target tensorrt` fails before the slow export."""
+    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
         raise ValueError(f"--streams must be a positive integer, got {streams!r}.")
     if workspace_mb < 1:
         raise ValueError(f"--workspace must be at least 1 MiB, got {workspace_mb}.")
     if dla is not None and dla < 0:
         raise ValueError(f"--dla must be a DLA core index (0, 1, ...), got {dla}.")
+
+
+def build_options(manifest: dict[str, Any], profile: str, *, streams: int = 8, dla: int | None = None,
+                  workspace_mb: int = DEFAULT_WORKSPACE_MB) -> BuildOptions:
+    """Map a precision profile of the artifact to the options of its engine build."""
+    check_build_flags(streams, dla, workspace_mb)
     entry = precision_entry(manifest, profile)
     backends = (entry.get("spec") or {}).get("backends", ["tensorrt"])
     if "tensorrt" not in backends:

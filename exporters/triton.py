@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..runtime.manifest import ArtifactError, load_manifest, precision_entry, state_io_names
+from ..runtime.manifest import NAME, ArtifactError, load_manifest, precision_entry, state_io_names
 
 # manifest / numpy dtype name -> Triton data type
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -38,7 +37,6 @@ TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_IN
 CONTROL_INPUTS = {"sequence_start": "CONTROL_SEQUENCE_START", "sequence_end": "CONTROL_SEQUENCE_END",
                   "sequence_ready": "CONTROL_SEQUENCE_READY", "sequence_id": "CONTROL_SEQUENCE_CORRID"}
 KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MANIFEST_COPY = "edge3d_manifest.json"
 
 STRATEGY_NOTE = """\
@@ -225,7 +223,7 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, max_batch: int,
     manifest = load_manifest(artifact)
     folder = Path(manifest["_folder"])
     name = model_name or manifest["name"] + ("" if profile == "fp32" else f"_{profile}")
-    if not MODEL_NAME.match(name):
+    if not NAME.match(name):
         raise ValueError(f"model name {name!r} is not a valid Triton model folder name; pass --name with letters, "
                          "digits, '_', '-' or '.'.")
     repo = Path(repo_dir)

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA_KEY = "edge3d.manifest"
+# An artifact is the folder <name>.edge3d and, by default, the Triton model <name>: one plain name that
+# both accept.
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int32": 4, "int64": 8}
 

@@ -22,6 +22,7 @@ from edge3d import zoo
 from edge3d.cli import app
 
 SIZE = 40
+TINY_FLAGS = ["--width", "0.125", "--size", "32", "--classes", "3"]
 
 
 def session_outputs(session: Session, clip: torch.Tensor) -> np.ndarray:
@@ -279,6 +280,33 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
 def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: str, value: str) -> None:
     res = CliRunner().invoke(app, ["export", "d-resnet18", option, value, "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and f"({option}) must be positive" in res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--profile", "int8", "--calib-frames", "0"], "--calib-frames must be at least 1"),
+    (["--streams", "0"], "--streams must be a positive integer"),
+    (["--target", "tensorrt", "--dla", "-1"], "--dla must be a DLA core index"),
+    (["--name", "../escaped"], "'../escaped' is not a plain name"),
+    (["--name", "a b"], "'a b' is not a plain name"),
+    (["--triton-repo", "FILE"], "--triton-repo"),
+])
+def test_cli_export_checks_every_flag_before_writing(tmp_path: Path, flags: list[str], message: str) -> None:
+    """These used to fail only after the FP32 artifact was written (or, for --streams and --dla with
+    the ONNX target, not at all; for a name with a path in it, with an OS error about a temporary folder)."""
+    (tmp_path / "FILE").write_text("x")
+    flags = [str(tmp_path / f) if f == "FILE" else f for f in flags]
+    res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, *flags, "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Errno" not in res.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_export_artifact_rejects_a_name_that_is_not_a_plain_name(tiny_artifact, tmp_path: Path) -> None:
+    _, model = tiny_artifact
+    for bad in ("", "..", "sub/name", ".hidden"):
+        with pytest.raises(ValueError, match="is not a plain name"):
+            export_artifact(model, tmp_path / "out", bad, frame_size=SIZE)
     assert not (tmp_path / "out").exists()
 
 

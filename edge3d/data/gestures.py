@@ -555,5 +555,5 @@ def parse_source(spec: str) -> int | None:
     if head == "synthetic" and sep and tail.isascii() and tail.isdigit():
         return int(tail)
     raise ValueError(
-        f"Bad synthetic source {spec!r}: expected 'synthetic' or 'synthetic:SEED' with SEED a non-negative integer."
+        f"bad synthetic source {spec!r}: expected 'synthetic' or 'synthetic:SEED' with SEED a non-negative integer."
     )

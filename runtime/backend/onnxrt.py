@@ -35,7 +35,7 @@ def _load_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, or None (no --threads) for ONNX Runtime's default; "
+        raise ValueError(f"threads must be a positive integer (or None for ONNX Runtime's default); "
                          f"got {threads!r}.")
     if not path.is_file():
         raise ArtifactError(f"the artifact lacks {path.name} ({path}); re-export it with `edge3d export`.")
