@@ -10,6 +10,7 @@ can tell exactly what ran.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import shutil
 import tempfile
@@ -30,8 +31,12 @@ _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "fl
 __all__ = ["add_precisions", "load_profile", "resolve_profiles"]
 
 
-def resolve_profiles(names: list[str] | tuple[str, ...]) -> list[Profile]:
-    """Load every profile named (built-in name or TOML path); ValueError on the first bad one."""
+def resolve_profiles(names: str | list[str] | tuple[str, ...]) -> list[Profile]:
+    """Load every profile named (built-in name or TOML path); ValueError on the first bad one.
+
+    A string is one name or a comma-separated list, as on the command line, never its letters."""
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
     return _resolve(names)
 
 
@@ -69,13 +74,14 @@ def _calib_key(p: Profile) -> str:
 
 def check_calib_frames(calib_frames: int | None) -> None:
     """Its own function so that `edge3d export` checks it before writing the FP32 artifact."""
-    if calib_frames is not None and calib_frames < 1:
-        raise ValueError(f"--calib-frames must be at least 1, got {calib_frames}.")
+    if calib_frames is not None and (isinstance(calib_frames, bool) or not isinstance(calib_frames, numbers.Integral)
+                                     or calib_frames < 1):
+        raise ValueError(f"--calib-frames must be an integer of at least 1, got {calib_frames!r}.")
 
 
 def add_precisions(
     path: str | Path,
-    names: list[str] | tuple[str, ...],
+    names: str | list[str] | tuple[str, ...],
     *,
     calib_source: str | Iterable[Any] | None = None,
     calib_frames: int | None = None,
@@ -95,7 +101,7 @@ def add_precisions(
 
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
-    profiles = resolve_profiles(list(names))
+    profiles = resolve_profiles(names)
     check_calib_frames(calib_frames)
     fp32_path = folder / manifest["precisions"]["fp32"]["file"]
     entries: dict[str, dict[str, Any]] = {}
@@ -117,7 +123,7 @@ def add_precisions(
                 key = _calib_key(p)
                 if key not in qdq_cache:
                     source = calib_source if calib_source is not None else default_calib_source()
-                    frames = calib_frames or p.calibration.frames
+                    frames = int(calib_frames) if calib_frames else p.calibration.frames
                     progress, advance = _progress(console, frames, f"calibrating {p.name} ({p.calibration.method})")
                     reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance)
                     qdq = tmp / f"qdq.{len(qdq_cache)}.onnx"

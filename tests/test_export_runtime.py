@@ -284,7 +284,7 @@ def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: s
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--profile", "int8", "--calib-frames", "0"], "--calib-frames must be at least 1"),
+    (["--profile", "int8", "--calib-frames", "0"], "--calib-frames must be an integer of at least 1"),
     (["--streams", "0"], "--streams must be a positive integer"),
     (["--target", "tensorrt", "--dla", "-1"], "--dla must be a DLA core index"),
     (["--name", "../escaped"], "'../escaped' is not a plain name"),

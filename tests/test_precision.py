@@ -56,6 +56,8 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     assert (p.name, p.kind, p.keep_op_types, p.calibration.method, p.calibration.frames) == \
         ("mine", "int8", ("Gemm",), "percentile", 32)
     assert [q.name for q in resolve_profiles(["fp16", str(path)])] == ["fp16", "mine"]
+    # a string is the command line's comma-separated list, not a sequence of one-letter names
+    assert [q.name for q in resolve_profiles(f"fp16, {path}")] == ["fp16", "mine"]
 
 
 @pytest.mark.parametrize("text, words", [
@@ -95,6 +97,14 @@ def test_cli_rejects_bad_profiles_before_exporting(tmp_path: Path) -> None:
         assert words in r.output
         assert "Traceback" not in r.output
     assert not list(tmp_path.glob("*.edge3d"))
+
+
+@pytest.mark.parametrize("frames", [0, 2.5, True, "8"])
+def test_calibration_frames_must_be_a_positive_integer(dresnet: Path, frames: object) -> None:
+    before = sorted(p.name for p in dresnet.iterdir())
+    with pytest.raises(ValueError, match="--calib-frames must be an integer of at least 1"):
+        add_precisions(dresnet, "int8", calib_frames=frames)
+    assert sorted(p.name for p in dresnet.iterdir()) == before
 
 
 def test_calibration_source_without_frames(tmp_path: Path, dresnet: Path) -> None:

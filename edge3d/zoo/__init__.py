@@ -69,7 +69,7 @@ def _load_optional() -> None:
 def get(name: str) -> ZooEntry:
     _load_optional()
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass package.module:factory")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass package.module:factory.")
     return ZOO[name]
 
 
