@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .profiles import split_names
 from .runtime.manifest import format_bytes
 
 app = typer.Typer(  # the help text is _main's docstring
@@ -206,13 +207,9 @@ def _print_report(name: str, params: int, macs: int, state: int, history: int, s
 
 
 # --------------------------------------------------------------------------- export
-def _split(csv: str | None) -> list[str]:
-    return [p.strip() for p in (csv or "").split(",") if p.strip()]
-
-
 def _stream_counts(csv: str | None) -> list[int]:
     try:
-        return [int(s) for s in _split(csv)]
+        return [int(s) for s in split_names(csv)]
     except ValueError:
         raise ValueError(f"--streams {csv!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
 
@@ -253,7 +250,7 @@ def export(
     art_name = name or model.split(":")[-1]
     check_artifact_name(art_name)
     check_build_flags(streams, dla)
-    profiles = _split(profile) or ["fp32"]
+    profiles = split_names(profile) or ["fp32"]
     if target not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
     extra = [p for p in profiles if p != "fp32"]
@@ -506,7 +503,7 @@ def build(
     """Build strongly typed TensorRT engines on this device, one per precision's ONNX graph."""
     from .exporters.tensorrt import build_engines
 
-    built = build_engines(artifact, _split(profile) or None, streams=streams, dla=dla, workspace_mb=workspace,
+    built = build_engines(artifact, split_names(profile) or None, streams=streams, dla=dla, workspace_mb=workspace,
                           console=console)
     console.print(f"wrote {len(built)} engine(s) into [bold]{artifact}[/]; `edge3d run {artifact} --backend tensorrt`")
 
@@ -533,7 +530,7 @@ def compare(
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "--out")
-    names = _split(profiles) or list(load_manifest(artifact)["precisions"])
+    names = split_names(profiles) or list(load_manifest(artifact)["precisions"])
     if "fp32" not in names:
         names.insert(0, "fp32")
     if source is None:

@@ -16,12 +16,14 @@ the source has labels, accuracy.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .profiles import split_names
 from .runtime import Session
 from .runtime.manifest import format_bytes, load_manifest, precision_entry, state_io_names
 from .sources import split_item, streams_of
@@ -96,7 +98,7 @@ class _Recorder:
 
 def compare(
     artifact: str | Path,
-    profiles: list[str] | tuple[str, ...],
+    profiles: str | list[str] | tuple[str, ...],
     source: str | Iterable[Any],
     frames: int,
     *,
@@ -116,8 +118,11 @@ def compare(
     report.md, drift.png and latency.png (and Polygraphy input files if asked).
     ``progress(n)`` is called once per frame.
     """
-    if frames < 1:
-        raise ValueError(f"--frames must be at least 1, got {frames}.")
+    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
+        raise ValueError(f"--frames must be an integer of at least 1, got {frames!r}.")
+    if save_polygraphy_inputs and (isinstance(polygraphy_frames, bool)
+                                   or not isinstance(polygraphy_frames, numbers.Integral) or polygraphy_frames < 1):
+        raise ValueError(f"polygraphy_frames must be an integer of at least 1, got {polygraphy_frames!r}.")
     if save_polygraphy_inputs:
         import importlib.util
 
@@ -125,7 +130,7 @@ def compare(
             raise ValueError("--save-polygraphy-inputs needs polygraphy; pip install polygraphy "
                              "(or edge3d[tensorrt]).")
     manifest = load_manifest(artifact)
-    names = list(dict.fromkeys(profiles))
+    names = list(dict.fromkeys(split_names(profiles)))
     if not names:
         raise ValueError("no profiles to compare; pass e.g. --profiles fp32,fp16,int8.")
     for p in names:

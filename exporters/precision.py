@@ -34,9 +34,7 @@ __all__ = ["add_precisions", "load_profile", "resolve_profiles"]
 def resolve_profiles(names: str | list[str] | tuple[str, ...]) -> list[Profile]:
     """Load every profile named (built-in name or TOML path); ValueError on the first bad one.
 
-    A string is one name or a comma-separated list, as on the command line, never its letters."""
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    A string is one name or a comma-separated list, as on the command line."""
     return _resolve(names)
 
 

@@ -11,6 +11,7 @@ This module is stdlib only (``tomllib``): loading a profile needs neither torch 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,8 +186,19 @@ def parse_profile(data: dict[str, Any], where: str = "profile") -> Profile:
                    backends, calibration, where)
 
 
-def resolve_profiles(names: list[str] | tuple[str, ...]) -> list[Profile]:
+def split_names(names: str | Iterable[str] | None) -> list[str]:
+    """A list of names from the command line's comma-separated form or from a sequence: a plain
+    string passed from Python must mean its comma-separated names, never its letters."""
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [n.strip() for n in names.split(",") if n.strip()]
+    return [str(n) for n in names]
+
+
+def resolve_profiles(names: str | Iterable[str]) -> list[Profile]:
     """Load every named profile, failing on the first bad one before any slow work starts."""
+    names = split_names(names)
     profiles = [load_profile(n) for n in names]
     seen: dict[str, str] = {}
     for p, n in zip(profiles, names, strict=True):

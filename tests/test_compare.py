@@ -75,6 +75,12 @@ def test_teacher_forced_error_is_zero_for_an_identical_graph(tmp_path: Path, sta
     assert report["labelled"] and 0.0 <= int8["accuracy"] <= 1.0
 
 
+@pytest.mark.parametrize("frames", [2.5, True, "10"])
+def test_compare_frames_must_be_an_integer(stateful: Path, frames: object) -> None:
+    with pytest.raises(ValueError, match="--frames must be an integer of at least 1"):
+        compare(stateful, ["fp32", "int8"], "synthetic", frames)
+
+
 def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, stateful: Path, video: Path) -> None:
     out = tmp_path / "cmp"
     report = compare(stateful, ["fp32", "fp16", "int8", "int8-lowmem"], str(video), 80, out_dir=out, threads=1,
@@ -141,7 +147,7 @@ def test_cli_compare(tmp_path: Path, stateful: Path, video: Path) -> None:
     for args, words in (
         (["--profiles", "fp32,int4", "--source", str(video)], "has no 'int4' precision"),
         (["--profiles", "fp32,int8", "--source", str(empty)], "holds no video files"),
-        (["--profiles", "fp32,int8", "--source", str(video), "--frames", "0"], "--frames must be at least 1"),
+        (["--profiles", "fp32,int8", "--source", str(video), "--frames", "0"], "--frames must be an integer of at least 1"),
     ):
         r = runner.invoke(app, ["compare", str(stateful), *args, "--out", str(tmp_path / "x")], terminal_width=250)
         assert r.exit_code == 2, r.output
@@ -153,10 +159,11 @@ def test_compare_needs_no_torch(stateful: Path, video: Path, tmp_path: Path) -> 
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from edge3d.compare import compare\n"
-        f"r = compare({str(stateful)!r}, ['fp32', 'int8'], {str(video)!r}, 10, out_dir={str(tmp_path)!r})\n"
-        "print(r['frames'])\n"
+        f"r = compare({str(stateful)!r}, 'fp32, int8', {str(video)!r}, 10, out_dir={str(tmp_path)!r})\n"
+        "print(r['frames'], *r['profiles'])\n"
     )
     env_path = str(Path(__file__).resolve().parents[1])
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
-    assert r.returncode == 0 and r.stdout.strip() == "10", r.stderr[-2000:]
+    # the profiles given as one string are its comma-separated names, not its letters
+    assert r.returncode == 0 and r.stdout.strip() == "10 fp32 int8", r.stderr[-2000:]
