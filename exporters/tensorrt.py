@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..profiles import split_names
 from ..runtime.manifest import (
     ArtifactError,
     file_sha256,
@@ -324,13 +325,13 @@ def targets_tensorrt(manifest: dict[str, Any]) -> list[str]:
             if "tensorrt" in (e.get("spec") or {}).get("backends", ["tensorrt"])]
 
 
-def build_engines(path: str | Path, profiles: list[str] | None = None, *, streams: int = 8, dla: int | None = None,
+def build_engines(path: str | Path, profiles: str | list[str] | None = None, *, streams: int = 8, dla: int | None = None,
                   workspace_mb: int = DEFAULT_WORKSPACE_MB, console: Any = None) -> list[Path]:
     """Build ``model.<profile>.engine`` for each profile (default: every precision targeting TensorRT)."""
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
     options = [build_options(manifest, p, streams=streams, dla=dla, workspace_mb=workspace_mb)
-               for p in (profiles or targets_tensorrt(manifest))]
+               for p in (split_names(profiles) or targets_tensorrt(manifest))]
     if not tensorrt_ready():
         raise ValueError(
             "building TensorRT engines needs the tensorrt and pycuda packages and an NVIDIA GPU, which this "
@@ -345,7 +346,7 @@ def build_engines(path: str | Path, profiles: list[str] | None = None, *, stream
     return built
 
 
-def build_or_script(path: str | Path, profiles: list[str], *, streams: int = 8, dla: int | None = None,
+def build_or_script(path: str | Path, profiles: str | list[str], *, streams: int = 8, dla: int | None = None,
                     workspace_mb: int = DEFAULT_WORKSPACE_MB, console: Any = None) -> list[Path]:
     """Build the engines here if TensorRT and a GPU exist; always write ``build_engines.sh``.
 
@@ -354,6 +355,7 @@ def build_or_script(path: str | Path, profiles: list[str], *, streams: int = 8, 
     """
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
+    profiles = split_names(profiles)
     options = [build_options(manifest, p, streams=streams, dla=dla, workspace_mb=workspace_mb) for p in profiles]
     script = write_script(folder, manifest, options)
     if tensorrt_ready():

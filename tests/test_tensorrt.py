@@ -197,6 +197,17 @@ def test_script_has_one_build_per_precision_from_its_onnx(three_precisions):
     assert "--stronglyTyped" in text and "--strongly-typed" in text  # only in the 10.x branch, see below
 
 
+def test_build_or_script_takes_profiles_as_one_comma_separated_string(three_precisions, tmp_path):
+    if trtx.tensorrt_ready():
+        pytest.skip("TensorRT is installed here, so build_or_script would build engines")
+    folder = shutil.copytree(three_precisions, tmp_path / "art.edge3d")
+    (folder / trtx.SCRIPT).unlink(missing_ok=True)
+    written = trtx.build_or_script(folder, "fp32, fp16", streams=2)
+    text = (folder / trtx.SCRIPT).read_text()
+    assert written == [folder / trtx.SCRIPT]
+    assert [p for p in ("fp32", "fp16", "int8") if f"--onnx=model.{p}.onnx" in text] == ["fp32", "fp16"]
+
+
 STUB = """#!/usr/bin/env bash
 if [ "${1:-}" = --help ]; then echo "&&&& RUNNING TensorRT.trtexec [TensorRT v$FAKE_TRT] # trtexec --help"; exit 0; fi
 echo "---" >> "$STUB_LOG"; printf '%s\\n' "$@" >> "$STUB_LOG"
