@@ -306,7 +306,7 @@ def run(
     from rich.live import Live
 
     from .runtime import Session
-    from .sources import open_source
+    from .sources import open_streams, source_frame_size
 
     _output_file(output, "--output")
     session = Session(artifact, profile=profile, backend=backend)
@@ -315,13 +315,25 @@ def run(
         frames = 300
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
-    it = open_source(source, frame_size=max(size, 112) if source.startswith("synthetic") else size)
+    streams = open_streams(source, frame_size=source_frame_size(source, size))
     sink = open(output, "w") if output else None
-    correct = labelled = n = 0
+    correct = labelled = n = videos = 0
     interrupted = False
+
+    def frames_of_every_video():
+        # Each video of a folder is its own clip: it starts from the initial state, as in compare and
+        # calibration, rather than from the last frames of the video before it.
+        nonlocal videos
+        for name, items in streams:
+            if videos:
+                session.reset()
+            videos += 1
+            for frame, label in items:
+                yield (name if name != source else None), frame, label
+
     try:
         with Live(console=console, refresh_per_second=8, transient=True) as live:
-            for frame, label in it:
+            for video, frame, label in frames_of_every_video():
                 t0 = time.perf_counter()
                 y = session.step(frame)
                 ms = (time.perf_counter() - t0) * 1e3
@@ -331,6 +343,8 @@ def run(
                     correct += int(idx == label)
                 if sink:
                     rec = {"frame": n, "top": idx, "class": cls, "score": round(score, 5), "ms": round(ms, 3)}
+                    if video is not None:
+                        rec["video"] = video
                     if label is not None:
                         rec["label"] = label
                     sink.write(json.dumps(rec) + "\n")
@@ -353,7 +367,7 @@ def run(
         raise ValueError(f"source {source!r} gave no frames; check the file or camera.")
     s = session.stats.summary()
     table = Table(title=f"edge3d run: {artifact}" + (" (interrupted)" if interrupted else ""), show_header=False)
-    table.add_row("frames", str(n))
+    table.add_row("frames", str(n) + (f" from {videos} videos, each from the initial state" if videos > 1 else ""))
     table.add_row("ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
     table.add_row("fps (step only)", f"{s['fps']:.1f}")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))

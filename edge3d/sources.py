@@ -97,16 +97,17 @@ def _videos_in(folder: Path) -> list[Path]:
 def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
     """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
 
-    A folder of videos is several streams: a stateful model must start each video from its
-    initial state (calibration and comparison reset between them), whereas ``open_source``
-    concatenates them for display. Every other source is a single stream.
+    A folder of videos is several streams, each named by its file: a stateful model must start
+    each video from its initial state (`edge3d run`, calibration and comparison reset between
+    them), whereas ``open_source`` concatenates them. Every other source is a single stream
+    named ``spec``. A bad source raises here, not at the first frame; each video of a folder is
+    opened only when its turn comes, so a folder of many videos holds one capture at a time.
     """
     path = Path(spec)
     if not spec.startswith(("synthetic", "camera:")) and path.is_dir():
-        for v in _videos_in(path):
-            yield str(v), open_source(str(v), frame_size)
-        return
-    yield spec, open_source(spec, frame_size)
+        videos = _videos_in(path)
+        return ((str(v), open_source(str(v), frame_size)) for v in videos)
+    return iter([(spec, open_source(spec, frame_size))])
 
 
 def source_frame_size(spec: str, model_size: int) -> int:

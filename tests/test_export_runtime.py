@@ -461,6 +461,33 @@ def test_cli_run_folder_with_a_broken_video_fails_before_any_frame(tiny_artifact
     assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 6
 
 
+def test_cli_run_starts_each_video_of_a_folder_from_the_initial_state(tiny_artifact, tmp_path: Path) -> None:
+    """The second video's predictions in a folder run equal those of running it alone: no state
+    leaks from the end of one clip into the start of the next."""
+    cv2 = pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for name in ("a.mp4", "b.mp4"):
+        writer = cv2.VideoWriter(str(folder / name), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+        for _ in range(8):
+            writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+        writer.release()
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(art), "--source", str(folder), "--output", str(tmp_path / "all.jsonl")],
+                        terminal_width=200)
+    assert res.exit_code == 0 and "16 from 2 videos" in res.output, res.output
+    res = runner.invoke(app, ["run", str(art), "--source", str(folder / "b.mp4"), "--output", str(tmp_path / "b.jsonl")])
+    assert res.exit_code == 0, res.output
+    both = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in both] == list(range(16))
+    assert [r["video"] for r in both] == [str(folder / "a.mp4")] * 8 + [str(folder / "b.mp4")] * 8
+    assert "video" not in alone[0]
+    assert [(r["top"], r["score"]) for r in both[8:]] == [(r["top"], r["score"]) for r in alone]
+
+
 def test_bench_rounds_interleave_blocks_and_keep_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every group gets a block in every round (warm-up first, pairs call by call), and each
     round keeps its own timed calls only, warm-ups left out."""
