@@ -47,16 +47,18 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
     """RGB uint8 frames (and labels where the source knows them) from any supported source.
 
     ``csi:N`` and GStreamer pipelines (anything containing ``!``) are opened here; files, folders,
-    ``camera:N`` and ``synthetic[:SEED]`` by ``edge3d.sources.open_source``, as in ``edge3d run``.
+    ``camera:N`` and ``synthetic[:SEED]`` by ``edge3d.sources.open_source``. This is a display loop,
+    so a folder plays back to back as one stream, without the reset between videos that
+    ``edge3d run`` does.
     """
     if spec.startswith("csi:"):
         return _gstreamer(csi_pipeline(int(spec.split(":", 1)[1]), width, height, fps))
     if "!" in spec:
         return _gstreamer(spec)
-    from edge3d.sources import open_source
+    from edge3d.sources import open_source, source_frame_size
 
     # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
-    return open_source(spec, frame_size=max(frame_size, 112) if spec.startswith("synthetic") else frame_size)
+    return open_source(spec, frame_size=source_frame_size(spec, frame_size))
 
 
 def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
