@@ -33,8 +33,33 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     return model
 
 
+# Training scripts commonly save {"state_dict": ...} (Lightning), {"model_state_dict": ..., "optimizer_state_dict":
+# ...} (the PyTorch tutorials) or {"model": ...}; the weights are the same state_dict one level down.
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
+# nn.DataParallel and DistributedDataParallel save every key under "module.".
+WRAPPER_PREFIX = "module."
+
+
+def _unwrap(state: Any) -> Any:
+    for key in WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _strip_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    keys = [k for k in state if isinstance(k, str)]
+    if (keys and len(keys) == len(state) and all(k.startswith(WRAPPER_PREFIX) for k in keys)
+            and not any(k.startswith(WRAPPER_PREFIX) for k in own)):
+        return {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
-    """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix."""
+    """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix.
+
+    A training checkpoint that wraps the state_dict (``WRAPPER_KEYS``) or a DataParallel one
+    (every key under ``module.``) is accepted as it is, since that is what most users have."""
     import torch
 
     path = Path(path)
@@ -45,13 +70,18 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read by torch.load ({type(e).__name__}); "
                          "save it with torch.save(model.state_dict(), path).") from e
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    state = _unwrap(state)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")
     own = model.state_dict()
+    state = _strip_prefix(state, own)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    not_tensors = [k for k in own if k in state and not isinstance(state[k], torch.Tensor)]
+    if not_tensors:
+        k = not_tensors[0]
+        raise ValueError(f"checkpoint {path} holds a {type(state[k]).__name__} for {k!r}, not a tensor; "
+                         "save it with torch.save(model.state_dict(), path).")
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
         parts = []

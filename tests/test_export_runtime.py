@@ -275,6 +275,34 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "d-resnet18.edge3d").exists()
 
 
+@pytest.mark.parametrize("wrap", [
+    lambda sd: {"epoch": 3, "state_dict": sd},
+    lambda sd: {"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_state_dict": {}},
+    lambda sd: {f"module.{k}": v for k, v in sd.items()},
+], ids=["lightning", "tutorial-dataparallel", "dataparallel"])
+def test_training_checkpoints_load_as_saved(tmp_path: Path, wrap) -> None:
+    from edge3d.models import load_checkpoint
+
+    trained = randomize(zoo.build("d-resnet18", **TINY), seed=11)
+    torch.save(wrap(trained.state_dict()), tmp_path / "ck.pt")
+    fresh = zoo.build("d-resnet18", **TINY)
+    load_checkpoint(fresh, tmp_path / "ck.pt")
+    for k, v in trained.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_checkpoint_with_a_value_that_is_not_a_tensor(tmp_path: Path) -> None:
+    from edge3d.models import load_checkpoint
+
+    model = zoo.build("d-resnet18", **TINY)
+    sd = dict(model.state_dict())
+    key = next(iter(sd))
+    sd[key] = 1.5
+    torch.save(sd, tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match=f"holds a float for '{key}', not a tensor"):
+        load_checkpoint(model, tmp_path / "ck.pt")
+
+
 @pytest.mark.parametrize(("option", "value"), [("--size", "0"), ("--width", "-1"), ("--width", "nan"),
                                                ("--classes", "0")])
 def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: str, value: str) -> None:
