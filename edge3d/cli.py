@@ -306,7 +306,7 @@ def run(
     from rich.live import Live
 
     from .runtime import Session
-    from .sources import open_streams, source_frame_size
+    from .sources import labels_apply, open_streams, source_frame_size
 
     _output_file(output, "--output")
     session = Session(artifact, profile=profile, backend=backend)
@@ -316,6 +316,7 @@ def run(
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
     streams = open_streams(source, frame_size=source_frame_size(source, size))
+    keep_labels = labels_apply(source, session.manifest)
     sink = open(output, "w") if output else None
     correct = labelled = n = videos = 0
     interrupted = False
@@ -329,7 +330,7 @@ def run(
                 session.reset()
             videos += 1
             for frame, label in items:
-                yield (name if name != source else None), frame, label
+                yield (name if name != source else None), frame, (label if keep_labels else None)
 
     try:
         with Live(console=console, refresh_per_second=8, transient=True) as live:

@@ -26,7 +26,7 @@ import numpy as np
 from .profiles import split_names
 from .runtime import Session
 from .runtime.manifest import format_bytes, load_manifest, precision_entry, state_io_names
-from .sources import split_item, streams_of
+from .sources import labels_apply, split_item, streams_of
 
 REFERENCE = "fp32"
 
@@ -146,6 +146,7 @@ def compare(
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
     description, streams = streams_of(source, int(manifest["frame"]["height"]))
+    keep_labels = labels_apply(source, manifest)
     pick = {int((i + 1) * frames / max(polygraphy_frames, 1)) - 1 for i in range(polygraphy_frames)}
     recorded: list[dict[str, np.ndarray]] = []
     boundaries: list[int] = []
@@ -167,7 +168,7 @@ def compare(
                 y = ref.step(buf).astype(np.float32)
                 out_scale = max(out_scale, float(np.abs(y).max()))
                 ref_top.append(int(y.argmax()))
-                labels.append(label)
+                labels.append(label if keep_labels else None)
                 for p in others:
                     r = rec[p]
                     yf = free[p].step(buf).astype(np.float32)

@@ -127,6 +127,17 @@ def streams_of(source: str | Path | Iterable[Any], model_size: int) -> tuple[str
     return "frames from Python", [("frames", source)]
 
 
+def labels_apply(source: Any, manifest: dict[str, Any]) -> bool:
+    """Whether a source's labels are the model's classes. The synthetic source labels each frame
+    with a gesture class index, which says nothing about a model with other classes: an untrained
+    5-class D-ResNet would be scored against them. Labels from Python frames are the caller's own."""
+    if not (isinstance(source, (str, Path)) and str(source).startswith("synthetic")):
+        return True
+    from .data import gestures
+
+    return list((manifest.get("output") or {}).get("classes") or []) == list(gestures.classes)
+
+
 def split_item(item: Any) -> tuple[np.ndarray, int | None]:
     """A source item is a frame or a ``(frame, label)`` pair."""
     if isinstance(item, tuple) and len(item) == 2:

@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
+    from edge3d.sources import labels_apply
+
+    keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
     window = "edge3d"
     n = correct = labelled = 0
     t_start = time.perf_counter()
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             idx, name, score = session.top(y)
             ms = session.stats.ms[-1]
             n += 1
-            if label is not None:
+            if label is not None and keep_labels:
                 labelled += 1
                 correct += int(idx == label)
             if not args.headless:

@@ -75,6 +75,13 @@ def test_teacher_forced_error_is_zero_for_an_identical_graph(tmp_path: Path, sta
     assert report["labelled"] and 0.0 <= int8["accuracy"] <= 1.0
 
 
+def test_compare_scores_synthetic_labels_only_for_a_gesture_model(stateful: Path) -> None:
+    """The synthetic source labels frames with gesture classes; this artifact has other classes."""
+    report = compare(stateful, ["fp32", "int8"], "synthetic:2", 12, plots=False)
+    assert report["frames"] == 12 and not report["labelled"]
+    assert all("accuracy" not in row for row in report["profiles"].values())
+
+
 @pytest.mark.parametrize("frames", [2.5, True, "10"])
 def test_compare_frames_must_be_an_integer(stateful: Path, frames: object) -> None:
     with pytest.raises(ValueError, match="--frames must be an integer of at least 1"):

@@ -126,11 +126,12 @@ def test_cli_run_synthetic(artifact, tmp_path):
                                       "--output", str(preds)])
     assert result.exit_code == 0, result.output
     assert "ms/frame" in result.output and "cache memory per stream" in result.output
+    assert "per-frame accuracy" in result.output  # the gesture model is scored against the source's labels
     lines = preds.read_text().splitlines()
     assert len(lines) == 100
     for i, line in enumerate(lines):
         rec = json.loads(line)
-        assert {"frame", "top", "class", "score", "ms"} <= set(rec)
+        assert {"frame", "top", "class", "score", "ms", "label"} <= set(rec)
         assert rec["frame"] == i and rec["class"] == gestures.classes[rec["top"]]
 
 

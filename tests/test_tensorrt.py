@@ -395,7 +395,8 @@ def test_jetson_app_runs_headless_on_the_synthetic_source(artifact):
     pytest.importorskip("edge3d.data.gestures")
     proc = _app(str(artifact), "--source", "synthetic", "--backend", "onnxruntime", "--frames", "100", "--headless")
     assert proc.returncode == 0, proc.stderr
-    assert "done: 100 frames" in proc.stdout and "per-frame accuracy" in proc.stdout
+    # the synthetic labels are gesture classes; this artifact's classes are not, so there is no accuracy
+    assert "done: 100 frames" in proc.stdout and "per-frame accuracy" not in proc.stdout
 
 
 def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
