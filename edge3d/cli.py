@@ -247,8 +247,8 @@ def export(
     _out_folder(out, "-o")
     if triton_repo is not None:
         _out_folder(triton_repo, "--triton-repo")
-    art_name = name or model.split(":")[-1]
-    check_artifact_name(art_name)
+    if name is not None:  # the default (a zoo name or a factory's) is checked with the model
+        check_artifact_name(name)
     check_build_flags(streams, dla)
     profiles = split_names(profile) or ["fp32"]
     if target not in ("onnx", "tensorrt"):
@@ -269,6 +269,7 @@ def export(
                                        {"num_classes": classes, "frame_size": size, "width": width,
                                         "head": head}.items() if v is not None},
             "checkpoint": str(checkpoint) if checkpoint else None}
+    art_name = name or model.split(":")[-1]
     with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,

@@ -205,5 +205,5 @@ def frame_shape_error(model: nn.Module, frame_shape: Sequence[int], detail: str)
     """The model failed on its very first layers: the frame shape, not the model, is what to fix."""
     first = detail.strip().splitlines()[0] if detail.strip() else "it failed"
     return ValueError(f"{type(model).__name__} cannot run on frames of shape {tuple(frame_shape)} ({first}); "
-                      "pass the (C, H, W) the model takes: its input channels, and a size its downsampling "
-                      "allows.")
+                      "edge3d calls the model on (N, C, T, H, W) clips of such frames, so pass the (C, H, W) it "
+                      "takes: its input channels, and a size its downsampling allows.")

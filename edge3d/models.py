@@ -20,14 +20,22 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
         return zoo.build(spec, **options)  # checks the options itself
     zoo.check_options(options)
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {spec!r} is neither a zoo name nor package.module:factory; pass e.g. "
+                         "mypackage.models:build.")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
-    params = pyinspect.signature(factory).parameters
-    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    kwargs = {k: v for k, v in options.items() if v is not None and (accepts_any or k in params)}
-    model = factory(**kwargs)
+    if not callable(factory):
+        raise ValueError(f"{spec} is not callable ({type(factory).__name__}); point it at a function that builds "
+                         "the model.")
+    kwargs = _factory_kwargs(spec, factory, options)
+    try:
+        model = factory(**kwargs)
+    except Exception as e:  # the user's own code: its message, not edge3d's traceback
+        raise ValueError(f"{spec} raised {type(e).__name__} while building the model ({e}); call it from Python "
+                         "to see the traceback.") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
@@ -97,6 +105,28 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
             "this model with the same --classes/--width/--head."
         )
     model.load_state_dict(state)
+
+
+def _factory_kwargs(spec: str, factory: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The options a user factory takes. An option given but not taken is an error, as for the zoo,
+    except ``frame_size``: it also sets the export's frame shape, which any model needs."""
+    from .zoo import SIZE_OPTIONS
+
+    flags = {**SIZE_OPTIONS, "head": "--head"}
+    params = pyinspect.signature(factory).parameters
+    accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    given = {k: v for k, v in options.items() if v is not None}
+    for k in given:
+        if not accepts_any and k not in params and k != "frame_size":
+            raise ValueError(f"{spec} takes no {k} option, so {flags[k]} would be ignored; drop {flags[k]}, or add "
+                             f"a {k} parameter to the factory.")
+    kwargs = {k: v for k, v in given.items() if accepts_any or k in params}
+    needed = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs
+              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if needed:
+        raise ValueError(f"{spec} needs an argument {needed[0]!r} that edge3d cannot pass; give it a default "
+                         "(edge3d passes only num_classes, frame_size, width and head, from the flags).")
+    return kwargs
 
 
 def model_options(model: nn.Module, **given: Any) -> dict[str, Any]:

@@ -1,0 +1,105 @@
+"""MODEL as ``package.module:factory``: a user's own causal model through `edge3d export`, and the
+mistakes a user makes with a factory, each one sentence."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import randomize
+from edge3d.runtime import Session
+from typer.testing import CliRunner
+
+from edge3d.cli import app
+
+USER_MODELS = '''
+import torch
+from torch import nn
+from edge3d.nn import CausalConv3d
+
+
+class Tiny(nn.Module):
+    def __init__(self, num_classes=4, width=1.0):
+        super().__init__()
+        c = max(1, int(8 * width))
+        self.conv = CausalConv3d(3, c, 3, padding=1)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4))
+        return self.fc(y.transpose(1, 2)).transpose(1, 2)
+
+
+def build(num_classes=4, width=1.0):
+    return Tiny(num_classes, width)
+
+
+def boom():
+    raise RuntimeError("kaboom")
+
+
+def needs(depth):
+    return Tiny()
+
+
+def not_module():
+    return 3
+
+
+def flat(num_classes=4):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+not_callable = 5
+'''
+
+
+@pytest.fixture(scope="module")
+def user_module(tmp_path_factory) -> str:
+    """A module of factories importable by name, as a user's package would be."""
+    folder = tmp_path_factory.mktemp("user")
+    name = f"user_models_{uuid.uuid4().hex[:8]}"
+    (folder / f"{name}.py").write_text(USER_MODELS)
+    sys.path.insert(0, str(folder))
+    yield name
+    sys.path.remove(str(folder))
+    sys.modules.pop(name, None)
+
+
+def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_module: str, tmp_path: Path) -> None:
+    module = __import__(user_module)
+    model = randomize(module.build(num_classes=3, width=0.5), seed=4).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    res = CliRunner().invoke(app, ["export", f"{user_module}:build", "--classes", "3", "--width", "0.5",
+                                   "--size", "24", "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    session = Session(tmp_path / "build.edge3d")
+    clip = torch.randn(1, 3, 40, 24, 24, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    out = np.stack([session.step(clip[0, :, t].numpy()) for t in range(40)], axis=1)
+    assert out.shape == ref.shape == (3, 40)
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize(("factory", "flags", "message"), [
+    ("boom", [], "raised RuntimeError while building the model (kaboom)"),
+    ("needs", [], "needs an argument 'depth' that edge3d cannot pass"),
+    ("not_callable", [], "is not callable (int)"),
+    ("not_module", [], "returned int, not a torch.nn.Module"),
+    ("", [], "is neither a zoo name nor package.module:factory"),
+    ("build", ["--head", "lstm"], "takes no head option, so --head would be ignored"),
+    ("flat", [], "edge3d calls the model on (N, C, T, H, W) clips"),
+    ("missing", [], "has no attribute 'missing'"),
+])
+def test_factory_mistakes_are_one_sentence(user_module: str, tmp_path: Path, factory: str, flags: list[str],
+                                           message: str) -> None:
+    res = CliRunner().invoke(app, ["export", f"{user_module}:{factory}", "--size", "24", *flags,
+                                   "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
