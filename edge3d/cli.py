@@ -115,13 +115,18 @@ def zoo() -> None:
     """List the model zoo."""
     from . import zoo as z
 
-    table = Table(title="edge3d model zoo")
-    for col in ("name", "model", "paper", "heads", "defaults"):
-        table.add_column(col)
-    for name in z.names():
-        e = z.ZOO[name]
-        table.add_row(name, e.summary, e.paper, ", ".join(e.heads),
-                      ", ".join(f"{k}={v}" for k, v in e.defaults.items()))
+    # At 80 columns (CI logs, a Jetson console) rich would cut the paper and defaults short with an
+    # ellipsis: names stay whole, the rest wraps, one default per line.
+    rows = [(name, z.ZOO[name].summary, z.ZOO[name].paper, ", ".join(z.ZOO[name].heads),
+             [f"{k}={v}" for k, v in z.ZOO[name].defaults.items()]) for name in z.names()]
+    table = Table(title="edge3d model zoo", show_lines=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("model", overflow="fold", ratio=3)
+    table.add_column("paper", overflow="fold", ratio=2)
+    table.add_column("heads", overflow="fold")
+    table.add_column("defaults", no_wrap=True, min_width=max(len(d) for r in rows for d in r[4] or [""]))
+    for name, summary, paper, heads, defaults in rows:
+        table.add_row(name, summary, paper, heads, "\n".join(defaults))
     console.print(table)
 
 

@@ -69,10 +69,14 @@ def test_import_edge3d_does_not_import_torch() -> None:
 
 def test_cli_zoo_and_inspect_json() -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["zoo"])
+    res = runner.invoke(app, ["zoo"], terminal_width=80)
     assert res.exit_code == 0
-    for name in ("d-resnet18", "rcn-resnet18", "vov3d-l"):
-        assert name in res.output
+    # at 80 columns nothing is cut short: every name and every default is printed whole
+    assert "…" not in res.output
+    for name in zoo.names():
+        assert f"│ {name} " in res.output
+        for k, v in zoo.ZOO[name].defaults.items():
+            assert f"{k}={v}" in res.output, (name, k)
     res = runner.invoke(app, ["inspect", "d-resnet18", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)
