@@ -268,13 +268,14 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     figures are compared with, and ``method`` (how each number was measured).
     """
     from .runtime import Session
-    from .runtime.manifest import resolve_artifact
+    from .runtime.manifest import load_manifest, require_single_graph, resolve_artifact
 
     if not streams or any(not isinstance(n, int) or n < 1 for n in streams):
         raise ValueError(f"streams must be positive integers, e.g. 1,2,4,8; got {streams!r}.")
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}.")
     artifact = resolve_artifact(artifact_path)
+    require_single_graph(load_manifest(artifact), "bench-streams")
     probe = Session(artifact, profile=profile, backend="onnxruntime", threads=threads)
     be = probe._backend
     state_bytes = probe.cache_bytes

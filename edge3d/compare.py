@@ -25,7 +25,13 @@ import numpy as np
 
 from .profiles import split_names
 from .runtime import Session
-from .runtime.manifest import format_bytes, load_manifest, precision_entry, state_io_names
+from .runtime.manifest import (
+    format_bytes,
+    load_manifest,
+    precision_entry,
+    require_single_graph,
+    state_io_names,
+)
 from .sources import labels_apply, split_item, streams_of
 
 REFERENCE = "fp32"
@@ -130,6 +136,7 @@ def compare(
             raise ValueError("--save-polygraphy-inputs needs polygraphy; pip install polygraphy "
                              "(or edge3d[tensorrt]).")
     manifest = load_manifest(artifact)
+    require_single_graph(manifest, "compare")
     names = list(dict.fromkeys(split_names(profiles)))
     if not names:
         raise ValueError("no profiles to compare; pass e.g. --profiles fp32,fp16,int8.")

@@ -22,7 +22,7 @@ import onnx
 
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
-from ..runtime.manifest import load_manifest, resolve_artifact
+from ..runtime.manifest import load_manifest, require_single_graph, resolve_artifact
 from .onnx import embed_manifest, file_sha256, weight_bytes, write_manifest
 
 _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -99,6 +99,7 @@ def add_precisions(
 
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
+    require_single_graph(manifest, "a precision other than fp32")
     profiles = resolve_profiles(names)
     check_calib_frames(calib_frames)
     fp32_path = folder / manifest["precisions"]["fp32"]["file"]

@@ -26,6 +26,7 @@ from ..runtime.manifest import (
     file_sha256,
     load_manifest,
     precision_entry,
+    require_single_graph,
     resolve_artifact,
     state_io_names,
     write_manifest,
@@ -330,6 +331,7 @@ def build_engines(path: str | Path, profiles: str | list[str] | None = None, *, 
     """Build ``model.<profile>.engine`` for each profile (default: every precision targeting TensorRT)."""
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
+    require_single_graph(manifest, "a TensorRT engine")
     options = [build_options(manifest, p, streams=streams, dla=dla, workspace_mb=workspace_mb)
                for p in (split_names(profiles) or targets_tensorrt(manifest))]
     if not tensorrt_ready():
@@ -355,6 +357,7 @@ def build_or_script(path: str | Path, profiles: str | list[str], *, streams: int
     """
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
+    require_single_graph(manifest, "a TensorRT engine")
     profiles = split_names(profiles)
     options = [build_options(manifest, p, streams=streams, dla=dla, workspace_mb=workspace_mb) for p in profiles]
     script = write_script(folder, manifest, options)

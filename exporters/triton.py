@@ -26,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from .. import __version__
-from ..runtime.manifest import NAME, ArtifactError, load_manifest, precision_entry, state_io_names
+from ..runtime.manifest import (
+    NAME,
+    ArtifactError,
+    load_manifest,
+    precision_entry,
+    require_single_graph,
+    state_io_names,
+)
 
 # manifest / numpy dtype name -> Triton data type
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8", "uint8": "TYPE_UINT8",
@@ -221,6 +228,7 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, max_batch: int,
     if not idle_seconds > 0:
         raise ValueError(f"idle_seconds must be positive, got {idle_seconds!r}.")
     manifest = load_manifest(artifact)
+    require_single_graph(manifest, "a Triton model repository")
     folder = Path(manifest["_folder"])
     name = model_name or manifest["name"] + ("" if profile == "fp32" else f"_{profile}")
     if not NAME.match(name):

@@ -27,6 +27,19 @@ class ArtifactError(ValueError):
     """The artifact cannot be used; the message says what is wrong and how to fix it."""
 
 
+def multirate_message(name: str, what: str) -> str:
+    return (f"{name} is a multi-rate model (one graph per stage), and {what} takes single-graph artifacts only; "
+            "multi-rate artifacts run FP32 on ONNX Runtime, with `edge3d run` or Session (see docs/multirate.md).")
+
+
+def require_single_graph(manifest: dict[str, Any], what: str) -> None:
+    """Multi-rate artifacts (manifest "stages") run FP32 on ONNX Runtime only: precisions, TensorRT,
+    Triton and the multi-stream benchmark each take one graph with one set of states, and would
+    otherwise fail deep inside on the first stage's graph."""
+    if "stages" in manifest:
+        raise ArtifactError(multirate_message(str(manifest.get("name", "the artifact")), what))
+
+
 def state_io_names(state_name: str) -> tuple[str, str]:
     return f"state_in.{state_name}", f"state_out.{state_name}"
 

@@ -211,3 +211,33 @@ def test_unsupported_rate_changes_fail_at_export_with_the_path(model: nn.Module,
     with pytest.raises(UnsupportedModelError, match=fragment):
         export_artifact(model, tmp_path, "bad", frame_size=8)
     assert not list(tmp_path.iterdir())
+
+
+def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tmp_path: Path) -> None:
+    """Precisions, TensorRT, Triton, compare and both benchmarks take one graph; on a staged artifact
+    each used to fail deep inside (a KeyError, an AttributeError, a wrong build script)."""
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    _, art = r3d
+    before = sorted(p.name for p in art.iterdir())
+    runner = CliRunner()
+    for args in (["triton", str(art), "-o", str(tmp_path / "repo")], ["compare", str(art), "--out", str(tmp_path / "c")],
+                 ["bench-streams", str(art), "--streams", "1", "--frames", "2", "--no-rss"], ["build", str(art)],
+                 ["bench", str(art), "--frames", "2", "--rounds", "1"]):
+        res = runner.invoke(app, args, terminal_width=400)
+        assert res.exit_code == 2, (args, res.output)
+        assert "r3d is a multi-rate model" in res.output and "docs/multirate.md" in res.output, (args, res.output)
+    with pytest.raises(ValueError, match="r3d is a multi-rate model"):
+        from edge3d.exporters.precision import add_precisions
+
+        add_precisions(art, "fp16")
+    assert sorted(p.name for p in art.iterdir()) == before
+    assert not any(tmp_path.iterdir())
+    # export checks before writing the FP32 stages, for every flag that needs one graph
+    for flags in (["--profile", "fp16"], ["--target", "tensorrt"], ["--triton-repo", str(tmp_path / "repo")]):
+        res = runner.invoke(app, ["export", "r3d18-causal", "--width", "0.125", "--size", "32", *flags,
+                                  "-o", str(tmp_path / "out")], terminal_width=400)
+        assert res.exit_code == 2 and "r3d18-causal is a multi-rate model" in res.output, (flags, res.output)
+    assert not any(tmp_path.iterdir())
