@@ -107,6 +107,7 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
 
 def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:
     if profile not in m["precisions"]:
+        require_single_graph(m, "a precision other than fp32")  # the usual fix, exporting it, cannot work
         from ..profiles import builtin_names
 
         known = builtin_names()

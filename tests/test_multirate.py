@@ -233,6 +233,8 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
         from edge3d.exporters.precision import add_precisions
 
         add_precisions(art, "fp16")
+    with pytest.raises(ValueError, match="r3d is a multi-rate model"):  # not "export it with --profile fp16"
+        Session(art, profile="fp16")
     assert sorted(p.name for p in art.iterdir()) == before
     assert not any(tmp_path.iterdir())
     # export checks before writing the FP32 stages, for every flag that needs one graph
