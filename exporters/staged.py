@@ -34,11 +34,14 @@ def _export_stage(stage: Stage, path: Path, opset: int) -> None:
 
 
 def _io(values: list[Any]) -> list[dict[str, Any]]:
-    """Name, shape (batch axis "N") and dtype of graph inputs or outputs."""
+    """Name, shape and dtype of graph inputs or outputs. The batch axis is "N" where the graph
+    leaves it free, else its fixed size (an SGS stage is traced at batch 1)."""
     out = []
     for v in values:
         t = v.type.tensor_type
-        out.append({"name": v.name, "shape": ["N", *[d.dim_value for d in t.shape.dim[1:]]],
+        d0 = t.shape.dim[0]
+        batch: str | int = "N" if d0.dim_param or not d0.HasField("dim_value") else int(d0.dim_value)
+        out.append({"name": v.name, "shape": [batch, *[d.dim_value for d in t.shape.dim[1:]]],
                     "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name})
     return out
 

@@ -8,6 +8,8 @@ must agree on static chunks (one bin), all-different chunks (all bins), all-zero
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,9 @@ def test_sgs_artifact_equals_dynamic_reference_and_reports_bins(model, tmp_path)
     assert bins == bins_ref and bins[1] == 1
     assert np.abs(np.stack(outs, 1) - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     assert s.stage_summary()["bins_used"]["chunks"] == 3
+    # The SGS stage is traced at batch 1: the manifest says so (it said "N"), and a session for more
+    # streams is refused when it opens, not with an ONNX Runtime dimension error at the first chunk.
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert [i["shape"][0] for st in manifest["stages"] for i in st["inputs"]] == ["N", 1]
+    with pytest.raises(ValueError, match="takes a batch of exactly 1 .* open one Session per stream"):
+        Session(art, streams=2)
