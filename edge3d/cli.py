@@ -121,8 +121,8 @@ def zoo() -> None:
              [f"{k}={v}" for k, v in z.ZOO[name].defaults.items()]) for name in z.names()]
     table = Table(title="edge3d model zoo", show_lines=True)
     table.add_column("name", no_wrap=True)
-    table.add_column("model", overflow="fold", ratio=3)
-    table.add_column("paper", overflow="fold", ratio=2)
+    table.add_column("model", overflow="fold")
+    table.add_column("paper", overflow="fold")
     table.add_column("heads", overflow="fold")
     table.add_column("defaults", no_wrap=True, min_width=max(len(d) for r in rows for d in r[4] or [""]))
     for name, summary, paper, heads, defaults in rows:
