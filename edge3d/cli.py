@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .profiles import split_names
-from .runtime.manifest import format_bytes
+from .runtime.manifest import format_bytes, json_safe
 
 app = typer.Typer(  # the help text is _main's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -317,6 +317,7 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", help="No live line, summary only.")] = False,
 ) -> None:
     """Stream a video, camera or the synthetic gesture source through an artifact."""
+    import numpy as np
     from rich.live import Live
 
     from .runtime import Session
@@ -332,7 +333,8 @@ def run(
     streams = open_streams(source, frame_size=source_frame_size(source, size))
     keep_labels = labels_apply(source, session.manifest)
     sink = open(output, "w") if output else None
-    correct = labelled = n = videos = 0
+    correct = labelled = n = videos = nonfinite = 0
+    first_nonfinite: int | None = None
     interrupted = False
 
     def frames_of_every_video():
@@ -353,6 +355,9 @@ def run(
                 y = session.step(frame)
                 ms = (time.perf_counter() - t0) * 1e3
                 idx, cls, score = session.top(y)
+                if not np.isfinite(y).all():
+                    nonfinite += 1
+                    first_nonfinite = n if first_nonfinite is None else first_nonfinite
                 if label is not None:
                     labelled += 1
                     correct += int(idx == label)
@@ -362,7 +367,7 @@ def run(
                         rec["video"] = video
                     if label is not None:
                         rec["label"] = label
-                    sink.write(json.dumps(rec) + "\n")
+                    sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
                 n += 1
                 if not quiet and (n % 4 == 0 or n == 1):
                     s = session.stats.summary()
@@ -396,6 +401,10 @@ def run(
         if "bins_used" in ss:
             b = ss["bins_used"]
             table.add_row("SGS bins used", f"mean {b['mean']:.2f} (min {b['min']}, max {b['max']}) over {b['chunks']} chunks")
+    if nonfinite:  # e.g. a state overflowing float16: say it here, not only as nulls in the JSONL
+        table.add_row("[bold red]outputs not finite[/]",
+                      f"[bold red]{nonfinite} frames, from frame {first_nonfinite}; `edge3d compare` says which "
+                      "state overflowed[/]")
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
     if output:
@@ -426,7 +435,7 @@ def bench(
     _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
                        window=window, rounds=rounds, streams=_stream_counts(streams), log=None if as_json else console)
-    text = json.dumps(report, indent=2)
+    text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
         try:
             json_out.write_text(text)
@@ -481,7 +490,7 @@ def bench_streams(
         report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss,
                                  max_batch=max_batch)
     if as_json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         return
     table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
                         f"{profile}, state {format_bytes(report['state_bytes_per_stream'])} per stream"
@@ -555,7 +564,7 @@ def compare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .compare import compare as run_compare
-    from .compare import table_rows
+    from .compare import nonfinite_notes, table_rows
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "--out")
@@ -584,6 +593,8 @@ def compare(
     console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
                   "mean drift, in brackets with the TF growth divided out (about 1 when bounded).")
+    for note in nonfinite_notes(report):
+        console.print(f"[bold red]{note}[/]")
     console.print(f"wrote [bold]{out / 'report.json'}[/], report.md, " + ", ".join(report.get("plots", [])))
     for p, f in report.get("polygraphy_inputs", {}).items():
         console.print(f"  polygraphy run {Path(report['artifact']) / ('model.' + p + '.onnx')} --onnxrt "

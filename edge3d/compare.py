@@ -27,6 +27,7 @@ from .profiles import split_names
 from .runtime import Session
 from .runtime.manifest import (
     format_bytes,
+    json_safe,
     load_manifest,
     precision_entry,
     require_single_graph,
@@ -49,7 +50,8 @@ def cast_states(states: dict[str, np.ndarray], entry: dict[str, Any], dtypes: di
             v = np.rint(a / float(q["scale"])) + int(q.get("zero_point", 0))
             out[name] = np.clip(v, info.min, info.max).astype(dt)
         else:
-            out[name] = a.astype(dt)
+            with np.errstate(over="ignore"):  # a state beyond float16's range becomes inf, as in the graph
+                out[name] = a.astype(dt)
     return out
 
 
@@ -58,7 +60,8 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0:
         return 1.0 if na == nb else 0.0
-    return float(a @ b / (na * nb))
+    with np.errstate(invalid="ignore", over="ignore"):  # a non-finite output gives NaN, reported as such
+        return float(a @ b / (na * nb))
 
 
 def drift_trend(err: np.ndarray, per_step: np.ndarray | None = None) -> dict[str, float]:
@@ -100,6 +103,39 @@ class _Recorder:
         self.free_top: list[int] = []
         self.tf_err: list[float] = []
         self.tf_top: list[int] = []
+        self.nonfinite: dict[str, Any] | None = None  # the first frame whose free-running output is not finite
+
+
+FLOAT16_MAX = 65504.0
+
+
+def _nonfinite_cause(frame: int, sess: Session, ref: Session) -> dict[str, Any]:
+    """Where a profile's output first stopped being finite: the state that holds inf/NaN, and how
+    large the FP32 reference's states were then (an unbounded recurrence overflows float16)."""
+    states = sess.get_state()
+    bad = next((k for k, v in states.items() if not np.isfinite(np.asarray(v, np.float32)).all()), None)
+    ref_max = max((float(np.abs(v).max()) for v in ref.get_state().values()), default=0.0)
+    return {"frame": frame, "state": bad, "reference_max_abs_state": ref_max}
+
+
+def nonfinite_notes(report: dict[str, Any]) -> list[str]:
+    """One sentence per profile whose output went inf/NaN, saying where and the likely reason."""
+    notes = []
+    for p, row in report["profiles"].items():
+        nf = row["free_running"].get("first_nonfinite")
+        if not nf:
+            continue
+        where = f", where state {nf['state']} overflowed" if nf["state"] else ""
+        text = (f"{p}: the output is not finite from frame {nf['frame']}{where}; the FP32 reference's largest "
+                f"state was {nf['reference_max_abs_state']:.3g} then")
+        if nf["reference_max_abs_state"] > FLOAT16_MAX and "float16" in row["state_dtypes"]:
+            text += (f", beyond float16's largest value ({FLOAT16_MAX:.0f}): the model's state grows without "
+                     "bound (untrained, or an unstable recurrence), so bound it or train it before using this "
+                     "precision.")
+        else:
+            text += "."
+        notes.append(text)
+    return notes
 
 
 def compare(
@@ -182,6 +218,8 @@ def compare(
                     r.free_err.append(float(np.abs(yf - y).max()))
                     r.free_cos.append(_cosine(yf, y))
                     r.free_top.append(int(yf.argmax()))
+                    if r.nonfinite is None and not np.isfinite(yf).all():
+                        r.nonfinite = _nonfinite_cause(n, free[p], ref)
                     forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
                     yt = forced[p].step(buf).astype(np.float32)
                     r.tf_err.append(float(np.abs(yt - y).max()))
@@ -212,7 +250,7 @@ def compare(
                 report["plots_skipped"] = "matplotlib is not installed (pip install 'edge3d[plots]')"
         np.savez_compressed(out / "series.npz", **{f"{p}.{k}": np.asarray(getattr(rec[p], k)) for p in others
                                                   for k in ("free_err", "free_cos", "tf_err")})
-        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False))
         (out / "report.md").write_text(markdown(report))
     return report
 
@@ -238,7 +276,8 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
             row.update({"teacher_forced": {"max_abs_err": 0.0, "mean_abs_err": 0.0, "top1_agreement": 1.0},
                         "free_running": {"end_abs_err": 0.0, "end_cosine": 1.0, "worst_abs_err": 0.0,
                                          "worst_frame": 0, "min_cosine": 1.0, "mean_abs_err": 0.0,
-                                         "growth": 1.0, "slope_per_1k": 0.0, "growth_vs_step": 1.0},
+                                         "growth": 1.0, "slope_per_1k": 0.0, "growth_vs_step": 1.0,
+                                         "first_nonfinite": None},
                         "top1_agreement": 1.0})
         else:
             r = rec[p]
@@ -251,7 +290,7 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
                 "free_running": {"end_abs_err": float(fe[-1]), "end_cosine": float(fc[-1]),
                                  "worst_abs_err": float(fe[worst]), "worst_frame": worst,
                                  "min_cosine": float(fc.min()), "mean_abs_err": float(fe.mean()),
-                                 **drift_trend(fe, te)},
+                                 **drift_trend(fe, te), "first_nonfinite": r.nonfinite},
                 "top1_agreement": float((top == ref_top_a).mean()),
             })
         if has_labels:
@@ -331,7 +370,7 @@ def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latenci
 
 METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
            "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
-           "accuracy"]
+           "accuracy", "not finite from frame"]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -349,6 +388,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             f"{fr['end_cosine']:.5f}", f"{fr['worst_abs_err']:.3g} @ {fr['worst_frame']}",
             f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})", f"{100 * r['top1_agreement']:.2f}%",
             f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-",
+            str(fr["first_nonfinite"]["frame"]) if fr.get("first_nonfinite") else "-",
         ])
     return [[m, *[c[i] for c in cols]] for i, m in enumerate(METRICS)]
 
@@ -363,6 +403,8 @@ def markdown(report: dict[str, Any]) -> str:
              "brackets the same divided by the teacher-forced growth (content divided out).", "",
              "| metric | " + " | ".join(report["profiles"]) + " |", "|---|" + "---:|" * len(report["profiles"])]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
+    if nonfinite_notes(report):
+        lines += [""] + nonfinite_notes(report)
     if report.get("plots"):
         lines += [""] + [f"![{p}]({p})" for p in report["plots"]]
     if report.get("polygraphy_inputs"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -147,6 +148,18 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     tmp = Path(folder) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def json_safe(obj: Any) -> Any:
+    """NaN and ±inf as null: Python's json writes bare NaN/Infinity, which jq, JavaScript and most
+    other JSON readers reject (an overflowing float16 profile puts them in reports and predictions)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def format_bytes(n: float) -> str:

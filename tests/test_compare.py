@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 from edge3d.exporters.precision import add_precisions  # noqa: E402
 from edge3d.runtime import Session  # noqa: E402
@@ -174,3 +174,60 @@ def test_compare_needs_no_torch(stateful: Path, video: Path, tmp_path: Path) -> 
                        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"})
     # the profiles given as one string are its comma-separated names, not its letters
     assert r.returncode == 0 and r.stdout.strip() == "10 fp32 int8", r.stderr[-2000:]
+
+
+class _Doubling(torch.nn.Module):
+    """A recurrence that doubles its state every frame: FP32 holds it for hundreds of frames, float16
+    overflows (> 65504) within about twenty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from edge3d.nn import RecurrentConv
+
+        self.rc = RecurrentConv(3, 4, 1)
+        with torch.no_grad():
+            self.rc.hh.weight.copy_(2 * torch.eye(4).view(4, 4, 1, 1))
+            self.rc.xh.weight.fill_(1.0)
+        self.fc = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.rc(x).mean(dim=(3, 4))
+        return self.fc(y.transpose(1, 2)).transpose(1, 2)
+
+
+def test_compare_and_run_say_where_float16_overflows(tmp_path: Path) -> None:
+    from edge3d.exporters.onnx import export_artifact
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    torch.manual_seed(0)
+    art = export_artifact(_Doubling().eval(), tmp_path, "doubling", frame_size=8)
+    add_precisions(art, "fp16")
+    frames = [np.full((8, 8, 3), 200, np.uint8)] * 30
+    report = compare(art, "fp32,fp16", frames, 30, out_dir=tmp_path / "c", plots=False)
+    nf = report["profiles"]["fp16"]["free_running"]["first_nonfinite"]
+    # The state is c·(2^(t+1) − 1) with c the per-frame input term: float16 holds it up to 65504.
+    with Session(art) as s:
+        states = [float(np.abs(s.get_state()["rc.hidden"]).max()) for _ in frames if s.step(frames[0]) is not None]
+    expected = next(t for t, v in enumerate(states) if v > 65504)
+    assert nf["frame"] == expected and nf["state"] == "rc.hidden", nf
+    assert nf["reference_max_abs_state"] == pytest.approx(states[expected], rel=1e-6)
+    assert report["profiles"]["fp32"]["free_running"]["first_nonfinite"] is None
+    text = (tmp_path / "c" / "report.md").read_text()
+    assert f"fp16: the output is not finite from frame {expected}, where state rc.hidden overflowed" in text
+    assert "beyond float16's largest value (65504)" in text
+    # report.json is strict JSON: NaN/inf became null
+    strict = json.loads((tmp_path / "c" / "report.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
+    assert strict["profiles"]["fp16"]["free_running"]["end_abs_err"] is None
+    # `edge3d run` on the fp16 profile says so in its summary, and its JSONL stays strict JSON
+    video = write_video(tmp_path / "flat.mp4", frames)
+    res = CliRunner().invoke(app, ["run", str(art), "--profile", "fp16", "--source", str(video),
+                                   "--output", str(tmp_path / "p.jsonl")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert f"{30 - expected} frames, from frame {expected}" in res.output
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"JSONL holds {c}"))
+             for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert all(x["score"] is not None for x in lines[:expected])
+    assert any(x["score"] is None for x in lines[expected:])  # NaN scores are null, not a bare NaN
