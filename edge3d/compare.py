@@ -16,7 +16,6 @@ the source has labels, accuracy.
 from __future__ import annotations
 
 import json
-import numbers
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from .profiles import split_names
 from .runtime import Session
 from .runtime.manifest import (
     format_bytes,
+    is_positive_int,
     json_safe,
     load_manifest,
     precision_entry,
@@ -160,10 +160,9 @@ def compare(
     report.md, drift.png and latency.png (and Polygraphy input files if asked).
     ``progress(n)`` is called once per frame.
     """
-    if isinstance(frames, bool) or not isinstance(frames, numbers.Integral) or frames < 1:
+    if not is_positive_int(frames):
         raise ValueError(f"--frames must be an integer of at least 1, got {frames!r}.")
-    if save_polygraphy_inputs and (isinstance(polygraphy_frames, bool)
-                                   or not isinstance(polygraphy_frames, numbers.Integral) or polygraphy_frames < 1):
+    if save_polygraphy_inputs and not is_positive_int(polygraphy_frames):
         raise ValueError(f"polygraphy_frames must be an integer of at least 1, got {polygraphy_frames!r}.")
     if save_polygraphy_inputs:
         import importlib.util

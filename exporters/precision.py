@@ -10,7 +10,6 @@ can tell exactly what ran.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import shutil
 import tempfile
@@ -22,7 +21,7 @@ import onnx
 
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
-from ..runtime.manifest import load_manifest, require_single_graph, resolve_artifact
+from ..runtime.manifest import is_positive_int, load_manifest, require_single_graph, resolve_artifact
 from .onnx import embed_manifest, file_sha256, weight_bytes, write_manifest
 
 _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -72,8 +71,7 @@ def _calib_key(p: Profile) -> str:
 
 def check_calib_frames(calib_frames: int | None) -> None:
     """Its own function so that `edge3d export` checks it before writing the FP32 artifact."""
-    if calib_frames is not None and (isinstance(calib_frames, bool) or not isinstance(calib_frames, numbers.Integral)
-                                     or calib_frames < 1):
+    if calib_frames is not None and not is_positive_int(calib_frames):
         raise ValueError(f"--calib-frames must be an integer of at least 1, got {calib_frames!r}.")
 
 

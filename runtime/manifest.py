@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -148,6 +149,12 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     tmp = Path(folder) / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(data, indent=2))
     os.replace(tmp, Path(folder) / MANIFEST)
+
+
+def is_positive_int(v: object) -> bool:
+    """A count of streams, frames or threads: an int or NumPy integer of at least 1, never a bool
+    (True is an int to Python, and 2.5 or "8" would fail later inside ONNX Runtime or a loop)."""
+    return not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1
 
 
 def json_safe(obj: Any) -> Any:

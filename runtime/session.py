@@ -6,7 +6,6 @@ on a Jetson installs edge3d without the export extra and runs only this.
 
 from __future__ import annotations
 
-import numbers
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import backend as backends
-from .manifest import ArtifactError, load_manifest, precision_entry
+from .manifest import ArtifactError, is_positive_int, load_manifest, precision_entry
 from .preprocess import FramePreprocessor
 
 
@@ -109,7 +108,7 @@ class Session:
 
     def _open(self, path: str | Path, profile: str, streams: int) -> None:
         """What every session has, whatever schedules its graphs: manifest, precision, preprocessing, stats."""
-        if isinstance(streams, bool) or not isinstance(streams, numbers.Integral) or streams < 1:
+        if not is_positive_int(streams):
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.manifest = load_manifest(path)
         self.profile = profile

@@ -18,13 +18,12 @@ that ran before it keep their new state.
 from __future__ import annotations
 
 import json
-import numbers
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..manifest import METADATA_KEY, ArtifactError, io_names, precision_entry, state_io_names
+from ..manifest import METADATA_KEY, ArtifactError, io_names, is_positive_int, precision_entry, state_io_names
 from .base import Backend
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
@@ -34,7 +33,7 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 def _load_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1):
+    if threads is not None and not is_positive_int(threads):
         raise ValueError(f"threads must be a positive integer (or None for ONNX Runtime's default); "
                          f"got {threads!r}.")
     if not path.is_file():
