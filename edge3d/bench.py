@@ -126,7 +126,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
               rounds: int = 5, log: Any = None) -> dict[str, Any]:
     """Measure the step graph against the alternatives a user has; see README "Benchmarks"."""
     from .runtime import Session
-    from .runtime.manifest import load_manifest, multirate_message, require_single_graph
+    from .runtime.manifest import load_manifest, require_single_graph
 
     for name, value in (("--frames", frames), ("--rounds", rounds), ("--window", window)):
         if value < 1:
@@ -153,10 +153,9 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
 
             torch.manual_seed(0)
             model = build_model(target, num_classes=classes, frame_size=size, width=width, head=head)
-            from .staged import is_multirate
+            from .staged import require_single_rate
 
-            if is_multirate(model):  # before two exports, not after
-                raise ValueError(multirate_message(target, "bench"))
+            require_single_rate(model, target, "bench")  # before two exports, not after
             size = size or getattr(model, "frame_size", 112)
             say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
             artifact = export_artifact(model, folder, "lowered", frame_size=size)

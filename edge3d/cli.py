@@ -273,11 +273,9 @@ def export(
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
                              ("--triton-repo", triton_repo is not None)) if on]
     if wants:  # before the FP32 stages are written, not after
-        from .runtime.manifest import multirate_message
-        from .staged import is_multirate
+        from .staged import require_single_rate
 
-        if is_multirate(m):
-            raise ValueError(multirate_message(model, " with ".join(wants)))
+        require_single_rate(m, model, " with ".join(wants))
     info = {"name": model, "options": {k: v for k, v in
                                        {"num_classes": classes, "frame_size": size, "width": width,
                                         "head": head}.items() if v is not None},

@@ -61,6 +61,14 @@ def is_multirate(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def require_single_rate(model: nn.Module, name: str, what: str) -> None:
+    """The model-side twin of ``runtime.manifest.require_single_graph``: refuse before exporting."""
+    if is_multirate(model):
+        from .runtime.manifest import multirate_message
+
+        raise ValueError(multirate_message(name, what))
+
+
 @dataclass(frozen=True)
 class BufferSpec:
     """The last ``stride`` outputs of stage ``from_stage`` that strided layers of ``to_stage`` read."""
