@@ -117,16 +117,16 @@ def zoo() -> None:
 
     # At 80 columns (CI logs, a Jetson console) rich would cut the paper and defaults short with an
     # ellipsis: names stay whole, the rest wraps, one default per line.
-    rows = [(name, z.ZOO[name].summary, z.ZOO[name].paper, ", ".join(z.ZOO[name].heads),
-             [f"{k}={v}" for k, v in z.ZOO[name].defaults.items()]) for name in z.names()]
+    defaults = {name: [f"{k}={v}" for k, v in z.ZOO[name].defaults.items()] for name in z.names()}
     table = Table(title="edge3d model zoo", show_lines=True)
     table.add_column("name", no_wrap=True)
     table.add_column("model", overflow="fold")
     table.add_column("paper", overflow="fold")
     table.add_column("heads", overflow="fold")
-    table.add_column("defaults", no_wrap=True, min_width=max(len(d) for r in rows for d in r[4] or [""]))
-    for name, summary, paper, heads, defaults in rows:
-        table.add_row(name, summary, paper, heads, "\n".join(defaults))
+    table.add_column("defaults", no_wrap=True, min_width=max((len(d) for ds in defaults.values() for d in ds), default=0))
+    for name, ds in defaults.items():
+        e = z.ZOO[name]
+        table.add_row(name, e.summary, e.paper, ", ".join(e.heads), "\n".join(ds))
     console.print(table)
 
 
@@ -355,7 +355,8 @@ def run(
                 idx, cls, score = session.top(y)
                 if not np.isfinite(y).all():
                     nonfinite += 1
-                    first_nonfinite = n if first_nonfinite is None else first_nonfinite
+                    if first_nonfinite is None:
+                        first_nonfinite = n
                 if label is not None:
                     labelled += 1
                     correct += int(idx == label)

@@ -402,8 +402,9 @@ def markdown(report: dict[str, Any]) -> str:
              "brackets the same divided by the teacher-forced growth (content divided out).", "",
              "| metric | " + " | ".join(report["profiles"]) + " |", "|---|" + "---:|" * len(report["profiles"])]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
-    if nonfinite_notes(report):
-        lines += [""] + nonfinite_notes(report)
+    notes = nonfinite_notes(report)
+    if notes:
+        lines += ["", *notes]
     if report.get("plots"):
         lines += [""] + [f"![{p}]({p})" for p in report["plots"]]
     if report.get("polygraphy_inputs"):

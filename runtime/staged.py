@@ -54,9 +54,10 @@ class StagedSession(Session):
             if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
                 raise ArtifactError(f"{file} does not match stage {st['index']} of manifest.json; re-export the "
                                     "artifact instead of mixing files.")
-            fixed = [(i.name, i.shape[0]) for i in sess.get_inputs() if isinstance(i.shape[0], int)]
-            if any(b != streams for _, b in fixed):
-                name, b = next((n, b) for n, b in fixed if b != streams)
+            fixed = next(((i.name, i.shape[0]) for i in sess.get_inputs()
+                          if isinstance(i.shape[0], int) and i.shape[0] != streams), None)
+            if fixed:
+                name, b = fixed
                 raise ValueError(f"stage {st['index']} of this artifact takes a batch of exactly {b} ({name}), as an "
                                  f"SGS stage does, so one session cannot hold {streams} streams; open one Session "
                                  "per stream.")
