@@ -563,7 +563,7 @@ def compare(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from .compare import compare as run_compare
-    from .compare import nonfinite_notes, table_rows
+    from .compare import report_notes, table_rows
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "--out")
@@ -592,7 +592,7 @@ def compare(
     console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
                   "mean drift, in brackets with the TF growth divided out (about 1 when bounded).")
-    for note in nonfinite_notes(report):
+    for note in report_notes(report):
         console.print(f"[bold red]{note}[/]")
     console.print(f"wrote [bold]{out / 'report.json'}[/], report.md, " + ", ".join(report.get("plots", [])))
     for p, f in report.get("polygraphy_inputs", {}).items():

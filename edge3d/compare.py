@@ -118,9 +118,44 @@ def _nonfinite_cause(frame: int, sess: Session, ref: Session) -> dict[str, Any]:
     return {"frame": frame, "state": bad, "reference_max_abs_state": ref_max}
 
 
-def nonfinite_notes(report: dict[str, Any]) -> list[str]:
-    """One sentence per profile whose output went inf/NaN, saying where and the likely reason."""
+STATE_GROWTH_LIMIT = 10.0
+
+
+def reference_state_growth(largest: list[float], starts: list[int]) -> dict[str, float] | None:
+    """How much the FP32 reference's largest state grew within its longest stream: the mean of the
+    last quarter's per-frame maxima over the second quarter's (the first is left out, as a cache
+    fills from zeros there).
+
+    A trained model's states are bounded, so this stays near 1 (0.9-1.3 for the zoo models,
+    trained or not); an unstable recurrence grows by orders of magnitude (untrained RCN-ResNet-18:
+    1.7e5 over 400 frames). Then every profile's error grows with the reference and its drift says
+    more about the model than about the precision; ``growth_vs_step`` even reads as bounded, since
+    the teacher-forced error grows alike. Running sums (``accumulator`` states) grow by design and
+    are left out by the caller.
+    """
+    bounds = [*starts, len(largest)]
+    a, b = max(zip(bounds[:-1], bounds[1:], strict=True), key=lambda ab: ab[1] - ab[0], default=(0, 0))
+    seg = np.asarray(largest[a:b], np.float64)
+    if len(seg) < 8:
+        return None
+    q = len(seg) // 4
+    q2, q4 = float(seg[q:2 * q].mean()), float(seg[3 * q:].mean())
+    if not (q2 > 0 and np.isfinite(q2) and np.isfinite(q4)):
+        return None
+    return {"ratio": q4 / q2, "max_abs": float(seg[3 * q:].max())}
+
+
+def report_notes(report: dict[str, Any]) -> list[str]:
+    """Sentences under the table: a reference whose state grows without bound, then one per profile
+    whose output went inf/NaN, saying where and the likely reason."""
     notes = []
+    growth = report.get("reference_state_growth")
+    if growth and growth["ratio"] > STATE_GROWTH_LIMIT:
+        notes.append(f"{REFERENCE}: the reference's own state grows without bound (its largest value rose "
+                     f"{growth['ratio']:.3g}x from the second to the last quarter of the stream, to "
+                     f"{growth['max_abs']:.3g}; untrained, or an unstable recurrence), so every profile's "
+                     "error grows with it and says more about the model than the precision; train or bound "
+                     "the model before judging a precision by these figures.")
     for p, row in report["profiles"].items():
         nf = row["free_running"].get("first_nonfinite")
         if not nf:
@@ -184,6 +219,8 @@ def compare(
     dtypes = {p: s._backend.state_dtypes() for p, s in forced.items()}
     rec = {p: _Recorder() for p in others}
     ref_top: list[int] = []
+    bounded = [st["name"] for st in manifest["states"] if st.get("kind") != "accumulator"]
+    ref_largest: list[float] = []  # per frame, the reference's largest |state| (running sums apart)
     labels: list[int | None] = []
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
@@ -204,6 +241,7 @@ def compare(
                 frame, label = split_item(item)
                 ref.pre(np.asarray(frame), buf)
                 states = ref.get_state()
+                ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
                 if save_polygraphy_inputs and n in pick:
                     recorded.append({"frame": buf[None].copy(),
                                      **{state_io_names(k)[0]: v for k, v in states.items()}})
@@ -232,6 +270,7 @@ def compare(
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
         report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
                          threads)
+        report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}
     finally:
         for s in [ref, *free.values(), *forced.values()]:
@@ -402,7 +441,7 @@ def markdown(report: dict[str, Any]) -> str:
              "brackets the same divided by the teacher-forced growth (content divided out).", "",
              "| metric | " + " | ".join(report["profiles"]) + " |", "|---|" + "---:|" * len(report["profiles"])]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(report)]
-    notes = nonfinite_notes(report)
+    notes = report_notes(report)
     if notes:
         lines += ["", *notes]
     if report.get("plots"):

@@ -18,7 +18,7 @@ from edge3d.runtime import Session  # noqa: E402
 from edge3d.runtime.manifest import load_manifest  # noqa: E402
 from precision_helpers import pattern_stream, write_video  # noqa: E402
 
-from edge3d.compare import cast_states, compare, drift_trend  # noqa: E402
+from edge3d.compare import cast_states, compare, drift_trend, reference_state_growth  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,16 @@ def test_drift_trend_detects_growth() -> None:
     # content-driven error (the per-step error moves the same way) is not growth
     assert drift_trend(growing, per_step=growing / 3)["growth_vs_step"] == pytest.approx(1.0)
     assert drift_trend(growing, per_step=np.full(2000, 1e-4))["growth_vs_step"] > 1.2
+
+
+def test_reference_state_growth_takes_the_longest_stream() -> None:
+    flat, doubling = [1.0] * 40, [2.0 ** t for t in range(12)]
+    assert reference_state_growth(flat, [0])["ratio"] == pytest.approx(1.0)
+    # quarters of 3 frames: frames 3-5 against 9-11 grow 2^6
+    grown = reference_state_growth(flat[:5] + doubling, [0, 5])
+    assert grown["ratio"] == pytest.approx(64.0) and grown["max_abs"] == 2048.0
+    assert reference_state_growth(doubling[:7], [0]) is None  # too short to have quarters
+    assert reference_state_growth([0.0] * 20, [0]) is None  # stateless: nothing to compare
 
 
 def test_cast_states_matches_the_graph_state_dtypes(stateful: Path) -> None:
@@ -105,6 +115,9 @@ def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, state
     assert saved["profiles"]["int8-lowmem"]["cache_bytes"] < saved["profiles"]["fp16"]["cache_bytes"] \
         < saved["profiles"]["fp32"]["cache_bytes"]
     assert "| int8-lowmem |" in (out / "report.md").read_text()
+    # a bounded reference (the GRU's state; the running mean's sum is left out) raises no growth note
+    assert 0.5 < saved["reference_state_growth"]["ratio"] < 2
+    assert "grows without bound" not in (out / "report.md").read_text()
     assert (out / "drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     from polygraphy.json import load_json
@@ -217,6 +230,12 @@ def test_compare_and_run_say_where_float16_overflows(tmp_path: Path) -> None:
     text = (tmp_path / "c" / "report.md").read_text()
     assert f"fp16: the output is not finite from frame {expected}, where state rc.hidden overflowed" in text
     assert "beyond float16's largest value (65504)" in text
+    # the FP32 reference's own state doubles every frame: the report says its figures are the model's.
+    # compare samples the state going into each frame, states[t - 1]; quarters of 7 frames.
+    growth = report["reference_state_growth"]
+    assert growth["ratio"] == pytest.approx(np.mean(states[20:29]) / np.mean(states[6:13]), rel=1e-5)
+    assert growth["max_abs"] == pytest.approx(states[28], rel=1e-6)
+    assert f"the reference's own state grows without bound (its largest value rose {growth['ratio']:.3g}x" in text
     # report.json is strict JSON: NaN/inf became null
     strict = json.loads((tmp_path / "c" / "report.json").read_text(),
                         parse_constant=lambda c: pytest.fail(f"report.json holds {c}"))
