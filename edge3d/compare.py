@@ -138,29 +138,41 @@ def reference_state_growth(largest: list[float], starts: list[int]) -> dict[str,
     seg = np.asarray(largest[a:b], np.float64)
     if len(seg) < 8:
         return None
+    seg[np.isnan(seg)] = np.inf  # a state that went NaN had overflowed first
     q = len(seg) // 4
     q2, q4 = float(seg[q:2 * q].mean()), float(seg[3 * q:].mean())
-    if not (q2 > 0 and np.isfinite(q2) and np.isfinite(q4)):
+    if not (q2 > 0 and np.isfinite(q2)):
         return None
     return {"ratio": q4 / q2, "max_abs": float(seg[3 * q:].max())}
 
 
 def report_notes(report: dict[str, Any]) -> list[str]:
     """Sentences under the table: a reference whose state grows without bound, then one per profile
-    whose output went inf/NaN, saying where and the likely reason."""
+    whose output went inf/NaN, saying where and the likely reason (the reference's own overflow
+    first, so that a profile is not blamed for it)."""
     notes = []
     growth = report.get("reference_state_growth")
     if growth and growth["ratio"] > STATE_GROWTH_LIMIT:
-        notes.append(f"{REFERENCE}: the reference's own state grows without bound (its largest value rose "
-                     f"{growth['ratio']:.3g}x from the second to the last quarter of the stream, to "
-                     f"{growth['max_abs']:.3g}; untrained, or an unstable recurrence), so every profile's "
-                     "error grows with it and says more about the model than the precision; train or bound "
-                     "the model before judging a precision by these figures.")
+        rose = (f"rose {growth['ratio']:.3g}x from the second to the last quarter of the stream, to "
+                f"{growth['max_abs']:.3g}" if np.isfinite(growth["ratio"]) else "overflowed float32")
+        notes.append(f"{REFERENCE}: the reference's own state grows without bound (its largest value {rose}; "
+                     "untrained, or an unstable recurrence), so every profile's error grows with it and says "
+                     "more about the model than the precision; train or bound the model before judging a "
+                     "precision by these figures.")
+    ref_nf = report.get("reference_first_nonfinite")
+    if ref_nf:
+        where = f", where state {ref_nf['state']} overflowed" if ref_nf["state"] else ""
+        notes.append(f"{REFERENCE}: the reference's own output is not finite from frame {ref_nf['frame']}{where}; "
+                     "no precision can be judged from that frame on.")
     for p, row in report["profiles"].items():
         nf = row["free_running"].get("first_nonfinite")
-        if not nf:
+        if not nf or p == REFERENCE:
             continue
         where = f", where state {nf['state']} overflowed" if nf["state"] else ""
+        if ref_nf and ref_nf["frame"] <= nf["frame"]:
+            notes.append(f"{p}: the output is not finite from frame {nf['frame']}, after the FP32 reference's "
+                         f"(frame {ref_nf['frame']}): the model overflows, not this precision.")
+            continue
         text = (f"{p}: the output is not finite from frame {nf['frame']}{where}; the FP32 reference's largest "
                 f"state was {nf['reference_max_abs_state']:.3g} then")
         if nf["reference_max_abs_state"] > FLOAT16_MAX and "float16" in row["state_dtypes"]:
@@ -221,6 +233,7 @@ def compare(
     ref_top: list[int] = []
     bounded = [st["name"] for st in manifest["states"] if st.get("kind") != "accumulator"]
     ref_largest: list[float] = []  # per frame, the reference's largest |state| (running sums apart)
+    ref_nonfinite: dict[str, Any] | None = None
     labels: list[int | None] = []
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
@@ -246,6 +259,8 @@ def compare(
                     recorded.append({"frame": buf[None].copy(),
                                      **{state_io_names(k)[0]: v for k, v in states.items()}})
                 y = ref.step(buf).astype(np.float32)
+                if ref_nonfinite is None and not np.isfinite(y).all():
+                    ref_nonfinite = _nonfinite_cause(n, ref, ref)
                 out_scale = max(out_scale, float(np.abs(y).max()))
                 ref_top.append(int(y.argmax()))
                 labels.append(label if keep_labels else None)
@@ -271,6 +286,9 @@ def compare(
         report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
                          threads)
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
+        report["reference_first_nonfinite"] = ref_nonfinite
+        if REFERENCE in report["profiles"]:
+            report["profiles"][REFERENCE]["free_running"]["first_nonfinite"] = ref_nonfinite
         latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}
     finally:
         for s in [ref, *free.values(), *forced.values()]:

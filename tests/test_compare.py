@@ -250,3 +250,34 @@ def test_compare_and_run_say_where_float16_overflows(tmp_path: Path) -> None:
              for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert all(x["score"] is not None for x in lines[:expected])
     assert any(x["score"] is None for x in lines[expected:])  # NaN scores are null, not a bare NaN
+
+
+def test_compare_blames_the_model_not_a_profile_when_fp32_itself_overflows(tmp_path: Path) -> None:
+    """The doubling state leaves float32's range after about 125 frames: the reference's output goes
+    inf first, and a profile that follows it must not read as that precision's fault."""
+    from edge3d.exporters.onnx import export_artifact
+
+    from edge3d.compare import report_notes
+
+    art = export_artifact(_Doubling().eval(), tmp_path, "doubling", frame_size=8)
+    copy = tmp_path / "copy.toml"
+    copy.write_text('name = "fp32-copy"\nweight_dtype = "float32"\n')
+    add_precisions(art, [str(copy)])
+    frames = [np.full((8, 8, 3), 200, np.uint8)] * 140
+    with Session(art) as s, np.errstate(all="ignore"):
+        expected = next(t for t, f in enumerate(frames) if not np.isfinite(s.step(f)).all())
+    assert 100 < expected < 140
+    report = compare(art, "fp32,fp32-copy", frames, 140, out_dir=tmp_path / "c", plots=False)
+    assert report["reference_first_nonfinite"]["frame"] == expected
+    assert report["profiles"]["fp32"]["free_running"]["first_nonfinite"]["frame"] == expected
+    text = "\n".join(report_notes(report))
+    assert f"fp32: the reference's own output is not finite from frame {expected}" in text
+    assert f"fp32-copy: the output is not finite from frame {expected}, after the FP32 reference's " \
+           f"(frame {expected}): the model overflows, not this precision." in text
+    assert "its largest value overflowed float32" in text  # growth past float32: no ratio to print
+    saved = json.loads((tmp_path / "c" / "report.json").read_text())
+    assert saved["reference_state_growth"]["ratio"] is None  # infinity, written as null
+    # the Python API may leave FP32 out of the profiles: the reference's overflow is still reported
+    report = compare(art, "fp32-copy", frames, 140, plots=False)
+    assert "fp32" not in report["profiles"] and report["reference_first_nonfinite"]["frame"] == expected
+    assert "after the FP32 reference's" in "\n".join(report_notes(report))
