@@ -59,9 +59,10 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_the_wheel_carries_every_module_and_profile(wheel: Path) -> None:
     names = set(zipfile.ZipFile(wheel).namelist())
-    expected = {f"{pkg.replace('.', '/')}/{f.name}" for pkg, folder in _package_folders().items()
-                for f in folder.iterdir() if f.suffix in (".py", ".toml")}
-    assert "edge3d/runtime/backend/onnxrt.py" in expected and "edge3d/profiles/int8.toml" in expected
+    expected = {f"{pkg.replace('.', '/')}/{f.relative_to(folder).as_posix()}" for pkg, folder in _package_folders().items()
+                for f in folder.rglob("*") if f.suffix in (".py", ".toml", ".pt") and "__pycache__" not in f.parts}
+    assert {"edge3d/runtime/backend/onnxrt.py", "edge3d/profiles/int8.toml",
+            "edge3d/zoo/weights/gestures_d_resnet18.pt"} <= expected
     assert not expected - names, sorted(expected - names)
 
 

@@ -1,8 +1,9 @@
 """Trained gesture models: the zoo's ``gestures`` (D-ResNet-18) and ``gestures-tsm`` (TSM ResNet-18).
 
 Both are small (width 0.25) causal networks trained on the synthetic gesture streams of
-``edge3d.data.gestures`` by ``examples/train_gestures.py``; the checkpoints ship in the git
-checkout under ``examples/checkpoints/``. ``SPECS`` is the single source of the architecture
+``edge3d.data.gestures`` by ``examples/train_gestures.py``; the checkpoints ship inside the package
+(``edge3d/zoo/weights/``, package data), so ``edge3d export gestures`` works from a wheel as from a
+checkout. ``SPECS`` is the single source of the architecture
 and preprocessing that the training script and the factories share, so the exported manifest
 (frame size, mean, std, class names) always matches what the network was trained on.
 """
@@ -19,7 +20,7 @@ from ..data import gestures as data
 from . import ZooEntry, register
 from .resnet import StreamingResNet, d_resnet, tsm_resnet18
 
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "examples" / "checkpoints"
+CHECKPOINTS = Path(__file__).resolve().parent / "weights"
 
 # Normalisation the networks were trained with: (x / 255 - mean) / std per RGB channel.
 FRAME_MEAN = (0.5, 0.5, 0.5)
@@ -58,7 +59,7 @@ def _build(arch: str, zoo_name: str, options: dict[str, Any]) -> StreamingResNet
                              "cannot load its checkpoint; leave the option out.")
     path = CHECKPOINTS / spec["checkpoint"]
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} is missing; it ships with the edge3d git checkout, or recreate "
+        raise ValueError(f"checkpoint {path} is missing; it ships inside the edge3d package (reinstall it), or recreate "
                          f"it with `python3 examples/train_gestures.py --model {arch}`.")
     model = make_network(arch)
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
