@@ -222,6 +222,9 @@ def _stream_counts(csv: str | None) -> list[int]:
 def _output_file(path: Path | None, flag: str) -> None:
     """Fail before the work (a minute of benchmark, a whole video), not after it, when its output
     file has no folder to go into; other OSErrors on writing are `friendly`'s one sentence."""
+    if path is not None and path.is_dir():
+        raise ValueError(f"cannot write {flag} {path}: it is a folder; pass a file path, e.g. "
+                         f"{path / ('preds.jsonl' if flag == '--output' else 'bench.json')}.")
     if path is not None and not path.parent.is_dir():
         raise ValueError(f"cannot write {flag} {path}: {path.parent} is not a folder; create it or pick "
                          "another path.")

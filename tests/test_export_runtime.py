@@ -346,6 +346,12 @@ def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Pa
     # the report's folder is checked before the benchmark starts, not after a minute of timing
     res = runner.invoke(app, ["bench", str(art), "--json-out", str(tmp_path / "no" / "b.json")])
     assert res.exit_code == 2 and f"{tmp_path / 'no'} is not a folder" in res.output
+    # a folder given where a file goes is named as such, before any frame is streamed
+    res = runner.invoke(app, ["run", str(art), "--frames", "3", "--output", str(tmp_path)])
+    assert res.exit_code == 2 and f"--output {tmp_path}: it is a folder; pass a file path, e.g. " \
+        f"{tmp_path / 'preds.jsonl'}." in res.output and "frames" not in res.output.split("error")[0]
+    res = runner.invoke(app, ["bench", str(art), "--json-out", str(tmp_path)])
+    assert res.exit_code == 2 and "it is a folder" in res.output and "exporting" not in res.output
     for verb in ("bench", "bench-streams"):
         res = runner.invoke(app, [verb, str(art), "--streams", "2,x"])
         assert res.exit_code == 2 and "must be comma-separated integers" in res.output, res.output
