@@ -79,9 +79,12 @@ def friendly(fn: F) -> F:
 
 
 def _is_artifact(target: str) -> bool:
-    """An artifact folder or its manifest; a folder that is neither is an error, not a model name."""
+    """An artifact folder, its manifest or one of its ONNX files; a folder that is neither is an error,
+    not a model name."""
     p = Path(target)
     if (p / "manifest.json").is_file() or (p.is_file() and p.name == "manifest.json"):
+        return True
+    if p.is_file() and p.suffix == ".onnx":
         return True
     from .runtime.manifest import artifacts_in, resolve_artifact
 
@@ -134,15 +137,22 @@ def zoo() -> None:
 @app.command()
 @friendly
 def inspect(
-    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, or an artifact folder.")],
+    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, an artifact folder, or an "
+                                          "ONNX file written by `edge3d export` (its manifest is embedded).")],
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
     if _is_artifact(target):
-        from .runtime.manifest import load_manifest, state_bytes
+        from .runtime.manifest import MANIFEST, load_manifest, state_bytes
 
-        m = load_manifest(target)
+        p = Path(target)
+        if p.suffix == ".onnx" and not (p.parent / MANIFEST).is_file():
+            from .runtime.backend.onnxrt import embedded_manifest
+
+            m = embedded_manifest(p)  # a bare .onnx copied out of its artifact folder
+        else:
+            m = load_manifest(target)
         m.pop("_folder", None)
         if as_json:
             print(json.dumps(m, indent=2))
@@ -154,7 +164,7 @@ def inspect(
             prec.add_column(col)
         for name, p in m["precisions"].items():
             prec.add_row(name, p["file"], format_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
-                         format_bytes(p.get("weight_bytes", 0)))
+                         format_bytes(p["weight_bytes"]) if "weight_bytes" in p else "-")
         console.print(prec)
         _print_stages(m.get("stages", []), m.get("buffers", []))
         return

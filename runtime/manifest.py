@@ -58,6 +58,10 @@ def resolve_artifact(path: str | Path) -> Path:
     if p.is_file() and p.name == MANIFEST:
         return p.parent
     if p.is_file() and p.suffix == ".onnx":
+        if not (p.parent / MANIFEST).is_file():
+            raise ArtifactError(f"{p} is an ONNX file outside its artifact folder (no {MANIFEST} beside it); "
+                                "pass the folder written by `edge3d export` (`edge3d inspect` reads the "
+                                "manifest embedded in the file).")
         return p.parent
     if not p.exists():
         raise ArtifactError(f"artifact {p} does not exist; create it with `edge3d export MODEL -o DIR`.")

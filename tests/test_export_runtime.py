@@ -358,6 +358,32 @@ def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Pa
     assert not (tmp_path / "no").exists()
 
 
+def test_inspect_reads_the_manifest_embedded_in_an_onnx_file(stateful: Path, tmp_path: Path) -> None:
+    """A .onnx copied out of its artifact folder still says what it is; run refuses it in one sentence."""
+    folder = json.loads((stateful / "manifest.json").read_text())
+    runner = CliRunner()
+    for profile in ("fp32", "int8"):
+        bare = Path(shutil.copy(stateful / f"model.{profile}.onnx", tmp_path / f"copy.{profile}.onnx"))
+        res = runner.invoke(app, ["inspect", str(bare), "--json"])
+        assert res.exit_code == 0, res.output
+        m = json.loads(res.output)
+        assert m["states"] == folder["states"] and m["name"] == folder["name"]
+        assert list(m["precisions"]) == [profile]
+        assert m["precisions"][profile]["state_dtypes"] == folder["precisions"][profile]["state_dtypes"]
+        res = runner.invoke(app, ["inspect", str(bare)], terminal_width=200)
+        assert res.exit_code == 0 and f"model.{profile}.onnx" in res.output, res.output
+        res = runner.invoke(app, ["run", str(bare), "--source", "synthetic", "--frames", "2"])
+        assert res.exit_code == 2 and "is an ONNX file outside its artifact folder" in res.output, res.output
+    # inside its folder, an ONNX file stands for the artifact
+    res = runner.invoke(app, ["inspect", str(stateful / "model.int8.onnx"), "--json"])
+    assert res.exit_code == 0 and set(json.loads(res.output)["precisions"]) == set(folder["precisions"])
+    plain = onnx.load(str(stateful / "model.fp32.onnx"))
+    del plain.metadata_props[:]
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    res = runner.invoke(app, ["inspect", str(tmp_path / "plain.onnx")])
+    assert res.exit_code == 2 and "no edge3d manifest in its metadata" in res.output, res.output
+
+
 def test_cli_output_folder_that_is_a_file_and_a_folder_of_artifacts(tiny_artifact, tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     art, _ = tiny_artifact

@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from ..manifest import METADATA_KEY, ArtifactError, io_names, is_positive_int, precision_entry, state_io_names
+from ..manifest import (
+    METADATA_KEY,
+    ArtifactError,
+    io_names,
+    is_positive_int,
+    precision_entry,
+    state_io_names,
+    validate_manifest,
+)
 from .base import Backend
 
 _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
@@ -50,6 +58,25 @@ def _load_session(path: Path, threads: int | None):
         raise ArtifactError(
             f"ONNX Runtime cannot load {path.name} ({first}); the file is corrupt or truncated, re-export it."
         ) from e
+
+
+def embedded_manifest(path: Path) -> dict[str, Any]:
+    """The manifest an edge3d ONNX file carries in its metadata, for a .onnx copied out of its
+    artifact folder (`edge3d inspect model.fp16.onnx`): the file still says what its states are."""
+    sess = _load_session(Path(path), None)
+    meta = sess.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in meta:
+        raise ArtifactError(f"{path} has no manifest.json beside it and no edge3d manifest in its metadata; "
+                            "pass an artifact folder written by `edge3d export`, or an ONNX file from one.")
+    manifest = json.loads(meta[METADATA_KEY])
+    # Each file embeds the artifact's manifest without the other files' entries: its own precision's
+    # entry under "precision", or none at all in the FP32 file, whose states are its dtypes.
+    entry = manifest.pop("precision", None) or {
+        "file": "model.fp32.onnx", "profile": "fp32",
+        "state_dtypes": {s.get("name"): s.get("dtype") for s in manifest.get("states", [])}}
+    manifest.setdefault("precisions", {entry.get("profile", "?"): entry})
+    validate_manifest(manifest, f"the manifest in {Path(path).name}")
+    return manifest
 
 
 def check_graph_against_manifest(sess: Any, manifest: dict[str, Any], path: Path) -> None:
