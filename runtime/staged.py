@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import ArtifactError, state_io_names
-from .session import Session, require_mapping
+from .session import Session, require_mapping, serialised
 
 
 class StagedSession(Session):
@@ -79,6 +79,7 @@ class StagedSession(Session):
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
         self.last_fresh = False
 
+    @serialised
     def reset(self, stream: int | None = None) -> None:
         """Back to the initial state. All streams share one phase, so only a full reset exists."""
         if stream is not None and self.streams > 1:
@@ -87,6 +88,7 @@ class StagedSession(Session):
             self._check_stream(stream)
         self._init_all()
 
+    @serialised
     def get_state(self) -> dict[str, np.ndarray]:
         snap = {n: a.copy() for n, a in self._states.items()}
         snap.update({n: a.copy() for n, a in self._buf.items()})
@@ -94,6 +96,7 @@ class StagedSession(Session):
         snap["last_output"] = self._last.copy()
         return snap
 
+    @serialised
     def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
         require_mapping(snapshot)
         current = self.get_state()
@@ -116,6 +119,7 @@ class StagedSession(Session):
         return out
 
     # ------------------------------------------------------------------ stepping
+    @serialised
     def step(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """One frame; returns the newest output (``last_fresh``: produced by this frame)."""
         self._check_stream(stream)
@@ -123,10 +127,12 @@ class StagedSession(Session):
             raise ValueError("multi-rate artifacts step all streams together; use step_batch(frames).")
         return self.step_batch([frame])[0]
 
+    @serialised
     def step_fresh(self, frame: np.ndarray, stream: int = 0) -> tuple[np.ndarray, bool]:
         out = self.step(frame, stream)
         return out, self.last_fresh
 
+    @serialised
     def step_batch(self, frames: Any, stream_ids: Any = None) -> np.ndarray:
         ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
         if ids.ndim != 1 or len(ids) != self.streams or not (ids == np.arange(self.streams)).all():
@@ -208,5 +214,6 @@ class StagedSession(Session):
                                 "chunks": int(b.size)}
         return out
 
+    @serialised
     def close(self) -> None:
         self._sess = []

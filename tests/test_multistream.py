@@ -55,6 +55,49 @@ def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact
             np.testing.assert_allclose(rows[i], s.get_state()[name][0], atol=1e-5)
 
 
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_a_thread_per_stream_on_one_session_equals_separate_sessions(stream_artifact: Path, max_batch) -> None:
+    """A thread per camera, each stepping its own stream id of one shared session (while another
+    thread snapshots the state), must give each stream exactly what a session of its own gives.
+    Unserialised, the threads swapped the shared ping-pong parity and staging buffer under each
+    other and the outputs were wrong by 0.4-0.6."""
+    import threading
+
+    frames = _frames(3, FRAMES * 2, STREAMS)
+    shared = Session(stream_artifact, streams=STREAMS, max_batch=max_batch)
+    got: dict[int, list[np.ndarray]] = {i: [] for i in range(STREAMS)}
+    failures: list[BaseException] = []
+    start = threading.Barrier(STREAMS + 1)
+
+    def camera(i: int) -> None:
+        try:
+            start.wait()
+            for t in range(len(frames)):
+                got[i].append(shared.step(frames[t, i], stream=i))
+        except BaseException as e:  # reported below, not lost in the thread
+            failures.append(e)
+
+    def watcher() -> None:
+        start.wait()
+        for _ in range(50):
+            if any(a.shape[0] != STREAMS for a in shared.get_state().values()):
+                failures.append(AssertionError("a snapshot lost its stream rows"))
+
+    threads = [threading.Thread(target=camera, args=(i,)) for i in range(STREAMS)]
+    threads.append(threading.Thread(target=watcher))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    for i in range(STREAMS):
+        with Session(stream_artifact) as own:
+            want = np.stack([own.step(frames[t, i]) for t in range(len(frames))])
+        worst = float(np.abs(np.stack(got[i]) - want).max())
+        assert worst <= 1e-5, f"stream {i} differs from its own session by {worst}"
+    assert shared.stats.summary()["frames"] == STREAMS * len(frames)
+
+
 def test_reset_changes_only_that_stream(stream_artifact: Path) -> None:
     frames = _frames(2, 4, STREAMS)
     s = Session(stream_artifact, streams=STREAMS)
