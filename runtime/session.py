@@ -86,11 +86,18 @@ def serialised(method: Any) -> Any:
     and read each other's staging, and the outputs were silently wrong (max error 0.4-0.6 on
     d-resnet18). A re-entrant lock costs well under a microsecond against a step of milliseconds;
     for throughput across cameras, batch them with ``step_batch`` or give each its own session.
+    A closed session refuses every call but ``close`` (its buffers and graphs are released).
     """
+    closing = method.__name__ == "close"
 
     @functools.wraps(method)
     def locked(self: Session, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
+            if self._closed:
+                if closing:
+                    return None
+                raise ValueError(f"{method.__name__}() on a closed session; open a new Session to go on "
+                                 "streaming.")
             return method(self, *args, **kwargs)
 
     return locked
@@ -139,6 +146,7 @@ class Session:
         self.pre = FramePreprocessor(self.manifest["frame"])
         self.stats = Stats()
         self._lock = threading.RLock()
+        self._closed = False
         self.classes: list[str] | None = self.manifest["output"].get("classes")
 
     # ----------------------------------------------------------------- stepping
@@ -258,7 +266,9 @@ class Session:
 
     @serialised
     def close(self) -> None:
+        """Release the graphs and state buffers now, not when the object is collected."""
         self._backend.close()
+        self._closed = True
 
     def __enter__(self) -> Session:
         return self

@@ -217,3 +217,4 @@ class StagedSession(Session):
     @serialised
     def close(self) -> None:
         self._sess = []
+        self._closed = True

@@ -456,6 +456,20 @@ def test_cli_unreadable_video_and_missing_camera_say_one_sentence(tiny_artifact,
         assert len(lines) == 1 and says in lines[0], lines
 
 
+def test_a_closed_session_refuses_calls_and_lets_go_of_its_graph(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    frame = np.zeros((SIZE, SIZE, 3), np.uint8)
+    with Session(art, streams=2) as s:
+        s.step(frame, stream=1)
+    assert s._backend.sess is None  # the graph and buffers are released at close, not at collection
+    for name, call in (("step", lambda: s.step(frame)), ("step_batch", lambda: s.step_batch([frame, frame])),
+                       ("reset", s.reset), ("get_state", s.get_state), ("set_state", lambda: s.set_state({}))):
+        with pytest.raises(ValueError, match=rf"^{name}\(\) on a closed session; open a new Session"):
+            call()
+    s.close()  # twice is fine
+    assert s.stats.summary()["frames"] == 1 and s.cache_bytes > 0  # what it measured stays readable
+
+
 def test_runtime_imports_without_torch(tiny_artifact) -> None:
     art, _ = tiny_artifact
     code = (

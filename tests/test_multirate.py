@@ -135,6 +135,9 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
             s.set_state(bad)
     after = s.get_state()
     assert snap.keys() == after.keys() and all(np.array_equal(snap[k], after[k]) for k in snap)
+    s.close()
+    with pytest.raises(ValueError, match=r"step_fresh\(\) on a closed session"):
+        s.step_fresh(clip[0, :, 0].numpy())
 
 
 def test_r3d18_causal_manifest_and_graphs(r3d) -> None:

@@ -292,3 +292,10 @@ class OnnxRuntimeBackend(Backend):
     def run_bare(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A plain ``InferenceSession.run`` on the same graph, for overhead benchmarks."""
         return self.sess.run(None, feeds)
+
+    def close(self) -> None:
+        """Drop the graph, its bindings and every state buffer, so that a server closing a camera's
+        session gets the memory back at once (the Session refuses later calls)."""
+        self.sess = None
+        self._full = None
+        self._staging, self._subsets = None, {}
