@@ -10,6 +10,7 @@ import contextlib
 import functools
 import json
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -537,7 +538,9 @@ def triton(
     repo = write_repository(artifact, out, max_batch, console=console, model_name=name, instances=instances,
                             profile=profile, max_sequences=max_sequences, idle_seconds=idle_seconds, kind=kind)
     console.print(f"wrote Triton model repository [bold]{repo}[/]; serve it with")
-    console.print(f"  tritonserver --model-repository={repo.resolve()}", soft_wrap=True, highlight=False)
+    # printed to be pasted into a shell: quoted where the path has spaces or shell characters
+    console.print(f"  tritonserver --model-repository={shlex.quote(str(repo.resolve()))}", soft_wrap=True,
+                  highlight=False, markup=False)
 
 
 # --------------------------------------------------------------------------- build
@@ -609,8 +612,9 @@ def compare(
         console.print(f"[bold red]{note}[/]")
     console.print(f"wrote [bold]{out / 'report.json'}[/], report.md, " + ", ".join(report.get("plots", [])))
     for p, f in report.get("polygraphy_inputs", {}).items():
-        console.print(f"  polygraphy run {Path(report['artifact']) / ('model.' + p + '.onnx')} --onnxrt "
-                      f"--load-inputs {out / f}", soft_wrap=True, highlight=False)
+        model = shlex.quote(str(Path(report["artifact"]) / f"model.{p}.onnx"))
+        console.print(f"  polygraphy run {model} --onnxrt --load-inputs {shlex.quote(str(out / f))}",
+                      soft_wrap=True, highlight=False, markup=False)
 
 
 def main() -> None:

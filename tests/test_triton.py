@@ -242,11 +242,15 @@ def test_cli_triton(stream_artifact: Path, tmp_path: Path) -> None:
     from edge3d.cli import app
 
     runner = CliRunner()
-    ok = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "repo"), "--max-batch", "6",
-                             "--instances", "3", "--name", "cams"])
+    repo = tmp_path / "my repo"  # the printed command must survive a paste into a shell
+    ok = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(repo), "--max-batch", "6",
+                             "--instances", "3", "--name", "cams"], terminal_width=400)
     assert ok.exit_code == 0, ok.output
-    assert "tritonserver --model-repository=" in ok.output
-    cfg = parse_config(tmp_path / "repo" / "cams")
+    line = next(x for x in ok.output.splitlines() if "tritonserver" in x)
+    import shlex
+
+    assert shlex.split(line) == ["tritonserver", f"--model-repository={repo.resolve()}"]
+    cfg = parse_config(repo / "cams")
     assert cfg.max_batch_size == 6 and cfg.instance_group[0].count == 3
     bad = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "r2"), "--instances", "0"])
     assert bad.exit_code == 2 and "instances" in bad.output
