@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .profiles import split_names
@@ -57,6 +58,14 @@ Width = Annotated[float | None, typer.Option("--width", help="Channel multiplier
 Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
 
 
+# The optional packages a verb may import, and the extra that installs each. A runtime-only install
+# (numpy, onnxruntime, the CLI: what a Jetson gets) has none of them.
+EXTRA_OF = {"torch": "export", "onnx": "export", "onnxscript": "export", "cv2": "video",
+            "matplotlib": "plots", "tritonclient": "triton", "polygraphy": "tensorrt"}
+EXTRA_HOLDS = {"export": "PyTorch and onnx", "video": "OpenCV", "plots": "matplotlib", "triton": "tritonclient",
+               "tensorrt": "polygraphy"}
+
+
 def friendly(fn: F) -> F:
     """Report bad input as one sentence and a non-zero exit instead of a traceback."""
 
@@ -64,12 +73,24 @@ def friendly(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except ModuleNotFoundError as e:
+            package = (e.name or "").split(".")[0]
+            if package not in EXTRA_OF:
+                raise
+            extra = EXTRA_OF[package]
+            first = " (the CPU build of PyTorch first, see the README)" if extra == "export" else ""
+            err_console.print(f"[bold red]error:[/] {fn.__name__.replace('_', '-')} needs {EXTRA_HOLDS[extra]}, "
+                              f"which this installation lacks; pip install {escape(repr(f'edge3d[{extra}]'))}"
+                              f"{first}.", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         except ValueError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escaped: a message such as "pip install 'edge3d[video]'" is text, not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as e:  # a path the command had to read or write; its own checks missed it
             where = f" {e.filename}" if e.filename else ""
-            err_console.print(f"[bold red]error:[/] cannot use{where} ({e.strerror or e}); check the path and that "
+            err_console.print(f"[bold red]error:[/] cannot use{escape(where)} ({escape(str(e.strerror or e))}); "
+                              "check the path and that "
                               "you may read and write there.", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
@@ -300,7 +321,7 @@ def export(
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
                                model_info=info, classes=classes_list,
                                **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
-    console.print(f"wrote [bold]{path}[/] (fp32)")
+    console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     if extra:
         from .exporters.precision import add_precisions
 
@@ -313,7 +334,7 @@ def export(
         from .exporters.triton import write_repository
 
         repo = write_repository(path, triton_repo, max_batch=streams, console=console)
-        console.print(f"wrote Triton model repository [bold]{repo}[/]")
+        console.print(f"wrote Triton model repository [bold]{escape(str(repo))}[/]")
 
 
 # --------------------------------------------------------------------------- run
@@ -537,7 +558,7 @@ def triton(
     _out_folder(out, "-o")
     repo = write_repository(artifact, out, max_batch, console=console, model_name=name, instances=instances,
                             profile=profile, max_sequences=max_sequences, idle_seconds=idle_seconds, kind=kind)
-    console.print(f"wrote Triton model repository [bold]{repo}[/]; serve it with")
+    console.print(f"wrote Triton model repository [bold]{escape(str(repo))}[/]; serve it with")
     # printed to be pasted into a shell: quoted where the path has spaces or shell characters
     console.print(f"  tritonserver --model-repository={shlex.quote(str(repo.resolve()))}", soft_wrap=True,
                   highlight=False, markup=False)
@@ -558,7 +579,8 @@ def build(
 
     built = build_engines(artifact, split_names(profile) or None, streams=streams, dla=dla, workspace_mb=workspace,
                           console=console)
-    console.print(f"wrote {len(built)} engine(s) into [bold]{artifact}[/]; `edge3d run {artifact} --backend tensorrt`")
+    console.print(f"wrote {len(built)} engine(s) into [bold]{escape(str(artifact))}[/]; "
+                  f"`edge3d run {escape(shlex.quote(str(artifact)))} --backend tensorrt`")
 
 
 # --------------------------------------------------------------------------- compare
@@ -609,8 +631,11 @@ def compare(
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
                   "mean drift, in brackets with the TF growth divided out (about 1 when bounded).")
     for note in report_notes(report):
-        console.print(f"[bold red]{note}[/]")
-    console.print(f"wrote [bold]{out / 'report.json'}[/], report.md, " + ", ".join(report.get("plots", [])))
+        console.print(f"[bold red]{escape(note)}[/]")
+    console.print(f"wrote [bold]{escape(str(out / 'report.json'))}[/], "
+                  + ", ".join(["report.md", *report.get("plots", [])]))
+    if report.get("plots_skipped"):
+        console.print(f"no plots: {escape(report['plots_skipped'])}.", highlight=False)
     for p, f in report.get("polygraphy_inputs", {}).items():
         model = shlex.quote(str(Path(report["artifact"]) / f"model.{p}.onnx"))
         console.print(f"  polygraphy run {model} --onnxrt --load-inputs {shlex.quote(str(out / f))}",
