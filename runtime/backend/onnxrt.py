@@ -72,7 +72,7 @@ def embedded_manifest(path: Path) -> dict[str, Any]:
     # Each file embeds the artifact's manifest without the other files' entries: its own precision's
     # entry under "precision", or none at all in the FP32 file, whose states are its dtypes.
     entry = manifest.pop("precision", None) or {
-        "file": "model.fp32.onnx", "profile": "fp32",
+        "file": Path(path).name if "stage" in manifest else "model.fp32.onnx", "profile": "fp32",
         "state_dtypes": {s.get("name"): s.get("dtype") for s in manifest.get("states", [])}}
     manifest.setdefault("precisions", {entry.get("profile", "?"): entry})
     validate_manifest(manifest, f"the manifest in {Path(path).name}")
