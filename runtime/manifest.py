@@ -53,8 +53,9 @@ def io_names(m: dict[str, Any]) -> tuple[set[str], set[str]]:
 
 
 def resolve_artifact(path: str | Path) -> Path:
-    """Accept the artifact folder, its manifest.json, or one of its ONNX files."""
-    p = Path(path)
+    """Accept the artifact folder, its manifest.json, or one of its ONNX files; ``~`` is expanded, as a
+    shell would for the CLI, since apps pass paths such as "~/models/x.edge3d" from their config."""
+    p = Path(path).expanduser()
     if p.is_file() and p.name == MANIFEST:
         return p.parent
     if p.is_file() and p.suffix == ".onnx":

@@ -235,6 +235,13 @@ def _copy(art: Path, tmp_path: Path) -> Path:
     return dst
 
 
+def test_a_home_relative_path_is_expanded(tiny_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    art = _copy(tiny_artifact[0], tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with Session(f"~/{art.name}") as s:
+        assert Path(s.manifest["_folder"]) == art
+
+
 def test_artifact_missing_file(tiny_artifact, tmp_path: Path) -> None:
     art = _copy(tiny_artifact[0], tmp_path)
     (art / "model.fp32.onnx").unlink()
