@@ -131,7 +131,9 @@ def main() -> None:
                     help="test seeds 1..N (the tests' streams), reported once at the end")
     ap.add_argument("--heldout-frames", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where to save the state_dict (default: the zoo's own checkpoint in edge3d/zoo/weights/, "
+                         "which `edge3d export gestures` then uses)")
     args = ap.parse_args()
     if args.steps is None:
         args.steps = STREAM_STEPS[args.model]
