@@ -511,11 +511,21 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     for _ in range(20):
         writer.write(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
     writer.release()
-    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(tmp_path / "p.jsonl")])
+    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(tmp_path / "p.jsonl")],
+                        terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "ms/frame p50" in res.output and "cache memory per stream" in res.output
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and {"frame", "top", "class", "score", "ms"} <= set(lines[0])
+
+    def row(label: str) -> list[float]:
+        line = next(x for x in res.output.splitlines() if label in x)
+        return [float(v) for v in line.split("│")[2].split("/")]
+
+    # the model's time (the graph call) and step()'s with the 64x48 -> 32 px resize, which the JSONL's ms is
+    model, with_resize = row("model ms/frame p50"), row("ms/frame with resize")
+    assert with_resize[0] >= model[0] and with_resize[1] >= model[1]
+    assert with_resize[0] == pytest.approx(np.median([x["ms"] for x in lines]), abs=0.006)
     res = runner.invoke(app, ["run", str(art), "--source", "synthetic:3", "--frames", "12",
                               "--output", str(tmp_path / "s.jsonl")])
     assert res.exit_code == 0, res.output
