@@ -258,7 +258,12 @@ class Session:
 
     def top(self, output: np.ndarray) -> tuple[int, str, float]:
         """Top class of one output vector: (index, name, softmax score)."""
-        o = np.asarray(output, np.float64).reshape(-1)
+        o = np.asarray(output, np.float64)
+        if o.ndim > 1 and o.shape[0] != 1:
+            # an argmax over several streams' outputs at once would name a class of no stream
+            raise ValueError(f"top() takes one stream's output, got shape {o.shape}; for step_batch outputs "
+                             "call it per row: [s.top(row) for row in outputs].")
+        o = o.reshape(-1)
         i = int(o.argmax())
         p = np.exp(o - o.max())
         name = self.classes[i] if self.classes and i < len(self.classes) else str(i)

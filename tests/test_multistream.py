@@ -250,3 +250,16 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert report["runtime_buffer_bytes_per_stream"] - chunked["runtime_buffer_bytes_per_stream"] == state
     bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
     assert bad.exit_code == 2
+
+
+def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None:
+    with Session(stream_artifact, streams=2) as s:
+        logits = np.array([0.0, 2.0, 1.0, -1.0, 0.5])
+        idx, name, score = s.top(logits)
+        p = np.exp(logits) / np.exp(logits).sum()
+        assert idx == 1 and score == pytest.approx(p[1]) and name == (s.classes[1] if s.classes else "1")
+        assert s.top(logits[None])[0] == 1  # a (1, classes) row is one stream
+        outs = s.step_batch(_frames(5, 1, 2)[0])
+        assert [s.top(row)[0] for row in outs] == [int(np.argmax(row)) for row in outs]
+        with pytest.raises(ValueError, match=r"top\(\) takes one stream's output, got shape \(2, 5\)"):
+            s.top(outs)
