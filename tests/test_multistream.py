@@ -58,7 +58,8 @@ def test_batched_equals_separate_sessions_with_subsets_and_reset(stream_artifact
 @pytest.mark.parametrize("max_batch", [None, 2])
 def test_a_thread_per_stream_on_one_session_equals_separate_sessions(stream_artifact: Path, max_batch) -> None:
     """A thread per camera, each stepping its own stream id of one shared session (while another
-    thread snapshots the state), must give each stream exactly what a session of its own gives.
+    thread snapshots the state and reads the latency), must give each stream exactly what a session
+    of its own gives.
     Unserialised, the threads swapped the shared ping-pong parity and staging buffer under each
     other and the outputs were wrong by 0.4-0.6."""
     import threading
@@ -78,10 +79,15 @@ def test_a_thread_per_stream_on_one_session_equals_separate_sessions(stream_arti
             failures.append(e)
 
     def watcher() -> None:
-        start.wait()
-        for _ in range(50):
-            if any(a.shape[0] != STREAMS for a in shared.get_state().values()):
-                failures.append(AssertionError("a snapshot lost its stream rows"))
+        try:
+            start.wait()
+            for _ in range(50):
+                if any(a.shape[0] != STREAMS for a in shared.get_state().values()):
+                    failures.append(AssertionError("a snapshot lost its stream rows"))
+                for _ in range(20):  # a monitoring thread reads the latency while the cameras step
+                    shared.stats.summary()
+        except BaseException as e:
+            failures.append(e)
 
     threads = [threading.Thread(target=camera, args=(i,)) for i in range(STREAMS)]
     threads.append(threading.Thread(target=watcher))
