@@ -81,12 +81,13 @@ def serialised(method: Any) -> Any:
     """One call at a time per session, from any number of threads.
 
     Every stream's state lives in shared buffers with one ping-pong parity, frames are staged in
-    one buffer, and ONNX Runtime releases the GIL while it runs: two threads stepping one session
-    at once (say, a thread per camera, each on its own stream id) would swap the parity twice
-    and read each other's staging: the outputs were silently wrong (max error 0.4-0.6 on
-    d-resnet18), and with ``max_batch`` the process crashed. A re-entrant lock costs well under a microsecond against a step of milliseconds;
-    for throughput across cameras, batch them with ``step_batch`` or give each its own session.
-    A closed session refuses every call but ``close`` (its buffers and graphs are released).
+    one buffer, and ONNX Runtime releases the GIL while it runs. Two threads stepping one session
+    at once (say, a thread per camera, each on its own stream id) swapped the parity under each
+    other and read each other's staging: the outputs were silently wrong (max error 0.4-0.6 on
+    d-resnet18), and with ``max_batch`` the process crashed. A re-entrant lock costs well under a
+    microsecond against a step of milliseconds. For throughput across cameras, batch them with
+    ``step_batch`` or give each its own session. A closed session refuses every call but
+    ``close`` (its buffers and graphs are released).
     """
     closing = method.__name__ == "close"
 
