@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -368,7 +369,7 @@ def run(
     sink = open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
     first_nonfinite: int | None = None
-    call_ms: list[float] = []
+    call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = False
 
     def frames_of_every_video():
