@@ -91,8 +91,8 @@ def friendly(fn: F) -> F:
         except OSError as e:  # a path the command had to read or write; its own checks missed it
             where = f" {e.filename}" if e.filename else ""
             err_console.print(f"[bold red]error:[/] cannot use{escape(where)} ({escape(str(e.strerror or e))}); "
-                              "check the path and that "
-                              "you may read and write there.", highlight=False, soft_wrap=True)
+                              "check the path and that you may read and write there.", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -105,9 +105,7 @@ def _is_artifact(target: str) -> bool:
     """An artifact folder, its manifest or one of its ONNX files; a folder that is neither is an error,
     not a model name."""
     p = Path(target)
-    if (p / "manifest.json").is_file() or (p.is_file() and p.name == "manifest.json"):
-        return True
-    if p.is_file() and p.suffix == ".onnx":
+    if (p / "manifest.json").is_file() or (p.is_file() and (p.name == "manifest.json" or p.suffix == ".onnx")):
         return True
     from .runtime.manifest import artifacts_in, resolve_artifact
 
