@@ -2,7 +2,15 @@
 
 A global average over time needs the future; its causal counterpart is the running mean
 of everything seen so far, kept as a float32 running sum and frame count (accumulators stay
-float32 in every precision profile so that long streams neither overflow nor stall).
+float32 in every precision profile: float16 stops counting at 2,048 frames).
+
+A plain float32 sum is not enough for a camera that runs for days. Each addition rounds to the
+sum's precision, so once the sum is large every new frame is rounded the same way: the running
+mean of a static scene was 0.4-1 % off after 10**6 frames (9 hours at 30 fps) and 9-10 % after
+10**7, and the count stops at 2**24 frames (6.5 days), after which the mean grows without bound.
+Both the sum and the count are therefore compensated (Kahan summation): a second state per
+accumulator carries the low-order part each addition lost and feeds it back into the next one,
+which keeps the mean within a few float32 ulps of the exact mean for any stream length.
 """
 
 from __future__ import annotations
@@ -31,15 +39,33 @@ class RunningMean(StreamingModule):
     def state_specs(self, frame_shape: tuple[int, ...]) -> list[StateSpec]:
         return [
             StateSpec("sum", tuple(frame_shape), kind="accumulator", doc="running sum of inputs"),
+            StateSpec("sum_carry", tuple(frame_shape), kind="accumulator",
+                      doc="what rounding took from the sum, fed back into the next addition"),
             StateSpec("count", (1,), kind="accumulator", doc="frames seen"),
+            StateSpec("count_carry", (1,), kind="accumulator",
+                      doc="what rounding took from the count (non-zero after 2**24 frames)"),
         ]
 
     def forward_step(self, x: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        total, count = state
-        total = total + x.float()
-        count = count + 1.0
+        total, carry, count, count_carry = state
+        total, carry = compensated_add(total, carry, x.float())
+        count, count_carry = compensated_add(count, count_carry, 1.0)
         denom = count.view(count.shape[0], *([1] * (x.dim() - 1)))
-        return (total / denom).to(x.dtype), total, count
+        return (total / denom).to(x.dtype), total, carry, count, count_carry
+
+
+def compensated_add(total: torch.Tensor, carry: torch.Tensor,
+                    x: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step of Kahan summation: returns the new sum and the new carry.
+
+    ``carry`` is minus the part of earlier additions that rounding dropped. The order of the
+    operations is the algorithm: a compiler that reassociates float additions (fast-math)
+    would turn the carry into zero, which is why the exported graph is checked over 10**5
+    frames of ONNX Runtime in the tests.
+    """
+    y = x - carry
+    new_total = total + y
+    return new_total, (new_total - total) - y
 
 
 class BatchNorm3d(nn.BatchNorm3d):
