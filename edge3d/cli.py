@@ -353,7 +353,7 @@ def run(
     from rich.live import Live
 
     from .runtime import Session
-    from .sources import labels_apply, open_streams, source_frame_size
+    from .sources import SourceLost, labels_apply, open_streams, source_frame_size
 
     _output_file(output, "--output")
     session = Session(artifact, profile=profile, backend=backend)
@@ -369,6 +369,7 @@ def run(
     first_nonfinite: int | None = None
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = False
+    lost = ""
 
     def frames_of_every_video():
         # Each video of a folder is its own clip: it starts from the initial state, as in compare and
@@ -412,6 +413,8 @@ def run(
                     break
     except KeyboardInterrupt:  # Ctrl-C is how a camera run ends: the summary is still wanted
         interrupted = True
+    except SourceLost as e:  # an unplugged camera: the summary, then the reason and exit code 1
+        lost = str(e)
     finally:
         if sink:
             sink.close()
@@ -449,6 +452,9 @@ def run(
     console.print(table)
     if interrupted:
         raise typer.Exit(130)
+    if lost:
+        err_console.print(f"[bold red]error:[/] {escape(lost)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------- bench

@@ -37,14 +37,32 @@ def _cv2():
     return cv2
 
 
-def capture_frames(cap) -> Iterator[tuple[np.ndarray, None]]:
-    """RGB frames from an opened ``cv2.VideoCapture`` until it ends; releases it either way."""
+class SourceLost(RuntimeError):
+    """A live source (a camera, a GStreamer pipeline) stopped delivering frames.
+
+    A file ends; a camera does not, so a failed read after the first frames means it was
+    unplugged, lost power or hung. It is not a ValueError: the input was good until then.
+    """
+
+
+def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, None]]:
+    """RGB frames from an opened ``cv2.VideoCapture`` until it ends; releases it either way.
+
+    ``lost`` names a live source (e.g. "camera 0"): when its reads stop after at least one
+    frame, :class:`SourceLost` is raised instead of ending quietly, so that the app or
+    ``edge3d run`` can say so and exit non-zero (a service manager then restarts it). A source
+    that gives no frame at all ends quietly, and the caller reports that it gave none.
+    """
     cv2 = _cv2()
+    n = 0
     try:
         while True:
             ok, bgr = cap.read()
             if not ok:
+                if lost is not None and n:
+                    raise SourceLost(f"{lost} stopped delivering frames after {n} frames; check its connection.")
                 return
+            n += 1
             yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
     finally:
         cap.release()
@@ -64,7 +82,7 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
         cap = _cv2().VideoCapture(int(index))
         if not cap.isOpened():
             raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
-        return capture_frames(cap)
+        return capture_frames(cap, lost=f"camera {index}")
     path = Path(spec)
     if path.is_dir():
         return (item for v in _videos_in(path) for item in capture_frames(_open_video(v)))

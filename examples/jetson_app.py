@@ -39,7 +39,7 @@ def _gstreamer(pipeline: str) -> Iterator[tuple[np.ndarray, None]]:
 
     from edge3d.sources import capture_frames
 
-    return capture_frames(cap)
+    return capture_frames(cap, lost="the GStreamer pipeline")
 
 
 def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720,
@@ -92,9 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.frames is not None and args.frames < 1:
-        print(f"error: --frames must be at least 1, got {args.frames}.", file=sys.stderr)
-        return 2
+    for flag, value in (("--frames", args.frames), ("--log-every", args.log_every)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be at least 1, got {value}.", file=sys.stderr)
+            return 2
     try:
         session = Session(args.artifact, profile=args.profile, backend=args.backend)
         frames = open_frames(args.source, session.manifest["frame"]["height"], args.width, args.height, args.fps)
@@ -103,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
-    from edge3d.sources import labels_apply
+    from edge3d.sources import SourceLost, labels_apply
 
     keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
     window = "edge3d"
     n = correct = labelled = 0
+    lost = ""
     t_start = time.perf_counter()
     try:
         for rgb, label in frames:
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
     except KeyboardInterrupt:
         pass
+    except SourceLost as e:  # a camera that stops is a failure the service manager should see
+        lost = str(e)
     finally:
         session.close()
         if not args.headless:
@@ -145,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     acc = f", per-frame accuracy {100 * correct / labelled:.1f}%" if labelled else ""
     print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
           f"app {n / (time.perf_counter() - t_start):.1f} fps{acc}", flush=True)
+    if lost:
+        print(f"error: {lost}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -706,6 +706,40 @@ def test_cli_version_matches_the_installed_package_and_the_artifact_format(tiny_
     assert res.output.startswith(f"edge3d {version('edge3d')} (artifact format_version {fmt})")
 
 
+def camera_unplugged_after(video: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``cv2.VideoCapture(INDEX)`` open ``video``: a camera whose reads stop when the file ends,
+    as an unplugged camera's do. Everything past the capture (edge3d's reading loop) runs as is."""
+    import cv2
+
+    real = cv2.VideoCapture
+    monkeypatch.setattr(cv2, "VideoCapture", lambda arg, *rest: real(str(video)) if isinstance(arg, int)
+                        else real(arg, *rest))
+
+
+def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file ends; a camera does not. A camera whose reads stop mid-run used to end the run as if
+    it were done (exit 0), so a service manager never restarted it."""
+    cv2 = pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    video = tmp_path / "eleven.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(11):
+        writer.write(np.full((48, 64, 3), 20 * i, np.uint8))
+    writer.release()
+    camera_unplugged_after(video, monkeypatch)
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:3", "--output", str(preds)],
+                             terminal_width=200)
+    assert res.exit_code == 1, res.output
+    assert "ms/frame p50" in res.output and "frames" in res.output
+    assert "camera 3 stopped delivering frames after 11 frames; check its connection." in res.output
+    assert len(preds.read_text().splitlines()) == 11
+    # the same video as a file is simply over: exit 0, no error
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(video)])
+    assert res.exit_code == 0 and "stopped delivering" not in res.output
+
+
 def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifact, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C is how a camera run ends; the user still wants the table, and exit code 130."""

@@ -406,6 +406,25 @@ def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
     assert proc.returncode == 2 and "neither a file" in proc.stderr
 
 
+def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, capsys):
+    """The app as a camera service: a camera that stops delivering frames is an error (exit 1)
+    after the usual closing line, not a clean end."""
+    from test_export_runtime import camera_unplugged_after
+
+    camera_unplugged_after(clip, monkeypatch)
+    sys.path.insert(0, str(APP.parent))
+    try:
+        import jetson_app
+    finally:
+        sys.path.pop(0)
+    code = jetson_app.main([str(artifact), "--source", "camera:0", "--backend", "onnxruntime", "--headless"])
+    out = capsys.readouterr()
+    assert code == 1 and "done: 120 frames" in out.out
+    assert out.err == "error: camera 0 stopped delivering frames after 120 frames; check its connection.\n"
+    assert jetson_app.main([str(artifact), "--source", str(clip), "--backend", "onnxruntime", "--headless",
+                            "--log-every", "0"]) == 2
+
+
 def test_overlay_draws_class_and_latency():
     pytest.importorskip("cv2")
     sys.path.insert(0, str(APP.parent))
