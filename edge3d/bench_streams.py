@@ -74,6 +74,23 @@ def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.nda
     return rng.standard_normal((DISTINCT_FRAMES, streams, *frame_shape), dtype=np.float32)
 
 
+# Where Linux on ARM boards (a Jetson among them) names the board; x86 machines have no such file.
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+
+def board_model() -> str | None:
+    """The board's name from the device tree, e.g. "NVIDIA Jetson Orin Nano Developer Kit".
+
+    ARM CPUs list no "model name" in /proc/cpuinfo, so without it a Jetson's bench report named
+    its host "aarch64", which says nothing about which module (and which clocks) gave the figures.
+    """
+    try:
+        text = DEVICE_TREE_MODEL.read_bytes().decode("utf-8", "replace")
+    except OSError:
+        return None
+    return text.strip("\x00 \n") or None
+
+
 def host_info() -> dict[str, Any]:
     """The machine and library versions a report was measured with.
 
@@ -95,6 +112,7 @@ def host_info() -> dict[str, Any]:
     except OSError:  # not Linux
         pass
     info: dict[str, Any] = {
+        "board": board_model(),
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else None,
         "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,

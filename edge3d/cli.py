@@ -491,7 +491,8 @@ def bench(
         return
     h = report["host"]
     family = f", family/model {h['cpu_family_model']}" if h.get("cpu_family_model") else ""
-    console.print(f"host: {h['cpu']}{family} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
+    board = f"{h['board']}, " if h.get("board") else ""
+    console.print(f"host: {board}{h['cpu']}{family} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
                   + (f", torch {h['torch']}" if h.get("torch") else "")
                   + "; compare ratios only with runs on the same host.")
     table = Table(title=f"edge3d bench: {target}")

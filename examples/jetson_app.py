@@ -5,7 +5,7 @@
     python examples/jetson_app.py ARTIFACT --source "v4l2src device=/dev/video0 ! videoconvert ! appsink"
     python examples/jetson_app.py ARTIFACT --source synthetic --backend onnxruntime --frames 100 --headless
 
-It needs only the runtime (``pip install edge3d`` without the export extra), OpenCV, and on the
+It needs only the runtime (the edge3d wheel without extras, see docs/jetson.md), OpenCV, and on the
 device TensorRT + pycuda for ``--backend tensorrt``. Every frame goes through ``Session.step``:
 the model sees one frame at a time and carries its temporal state itself, so the app holds no clip
 buffer. The top class and the model's ms/frame are drawn on the frame; ``--headless`` skips the

@@ -667,10 +667,15 @@ def test_cli_bench_rejects_zero_counts(flag: str) -> None:
     assert res.exit_code == 2 and f"{flag} must be at least 1" in res.output
 
 
-def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
-    """Timings are not asserted (shared machines); the report's structure and MAC count are."""
+def test_cli_bench_json_reports_every_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Timings are not asserted (shared machines); the report's structure and MAC count are.
+    The host is named by the device tree where there is one, as on a Jetson (a file stands in here)."""
     import edge3d
+    from edge3d import bench_streams
 
+    tree = tmp_path / "model"
+    tree.write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
+    monkeypatch.setattr(bench_streams, "DEVICE_TREE_MODEL", tree)
     out = tmp_path / "bench.json"
     res = CliRunner().invoke(app, ["bench", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
                                    "--frames", "5", "--rounds", "2", "--json-out", str(out)])
@@ -687,6 +692,10 @@ def test_cli_bench_json_reports_every_measurement(tmp_path: Path) -> None:
 
     assert report["host"]["onnxruntime"] == onnxruntime.__version__
     assert report["host"]["logical_cpus"] == os.cpu_count() and report["host"]["cpu"]
+    assert report["host"]["board"] == "NVIDIA Jetson Orin Nano Developer Kit"
+    assert f"host: NVIDIA Jetson Orin Nano Developer Kit, {report['host']['cpu']}" in " ".join(res.output.split())
+    monkeypatch.setattr(bench_streams, "DEVICE_TREE_MODEL", tmp_path / "absent")
+    assert bench_streams.host_info()["board"] is None
     assert all(v > 0 for v in report["results"].values())
     expected = edge3d.inspect(zoo.build("d-resnet18", width=0.125, num_classes=5), 32)["macs_per_frame"]
     assert report["macs_per_frame"] == expected
