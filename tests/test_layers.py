@@ -110,6 +110,33 @@ def test_running_mean_streams_a_long_static_clip_exactly() -> None:
     torch.testing.assert_close(out[0, :, -1, 0, 0], levels, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layer, rank", [
+    (enn.CausalConv3d(2, 3, (3, 1, 1), dilation=(2, 1, 1)), 5),
+    (enn.CausalTemporalAggregation(2, 3), 5),
+    (enn.TemporalShift(1 / 2), 5),
+    (enn.FrameHistory(4), 3),
+    (enn.RunningMean(), 3),
+    (enn.RecurrentConv(2, 2, 1), 5),
+    (enn.GRUHead(2, 3, 1), 3),
+    (enn.LSTMHead(2, 3, 2), 3),
+], ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else None)
+def test_declared_receptive_field_is_what_the_layer_reads(layer: nn.Module, rank: int) -> None:
+    """A change to frame 3 reaches outputs 3 .. 3 + receptive_field - 1 and no later one (every later
+    one if 0). A dilated layer skips frames inside that span, so the span's ends are what is checked.
+    Outputs a layer does not compute from frame 3 are bitwise equal, so any difference counts."""
+    randomize(layer, 1)
+    shape = (1, 2, 16, 3, 3) if rank == 5 else (1, 2, 16)
+    x = torch.randn(shape)
+    bumped = x.clone()
+    bumped[:, :, 3] += 1.0
+    with torch.no_grad():
+        diff = (layer(bumped) - layer(x)).abs().flatten(3 if rank == 5 else 2).amax(dim=(0, 1, -1)) \
+            if rank == 5 else (layer(bumped) - layer(x)).abs().amax(dim=(0, 1))
+    changed = [t for t in range(16) if diff[t] > 0]
+    rf = layer.receptive_field
+    assert changed[0] == 3 and changed[-1] == (15 if rf == 0 else 3 + rf - 1), (rf, changed)
+
+
 def test_initial_state_equals_zero_padding() -> None:
     conv = randomize(nn.Sequential(enn.CausalConv3d(2, 3, (3, 1, 1), dilation=(2, 1, 1))))
     clip = torch.randn(1, 2, 5, 2, 2)

@@ -28,6 +28,8 @@ class RunningMean(StreamingModule):
     Clip (N, C, T, ...) -> (N, C, T, ...) where output t is the mean of inputs 0..t.
     """
 
+    receptive_field = 0  # unbounded: every frame so far
+
     def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             raise ValueError(f"RunningMean expects a clip of rank >= 3 (N, C, T, ...), got {tuple(x.shape)}")

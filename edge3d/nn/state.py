@@ -141,7 +141,8 @@ class StreamingModule(nn.Module):
     state (zeros unless a spec says otherwise) must reproduce clip mode's zero temporal padding.
     """
 
-    #: frames of input the layer looks back (1 = only the current frame)
+    #: frames of input an output depends on, the current one included (1 = only the current frame,
+    #: 0 = unbounded: a recurrence or a running statistic depends on every frame so far)
     receptive_field: int = 1
     #: frames of output latency; causal layers have none
     delay: int = 0
