@@ -174,6 +174,36 @@ def running_mean_net(channels: int = 3):
     return MeanNet().eval()
 
 
+def two_means_net(classes: int = 4):
+    """Two running means in series with a conv between them, as in VoV3D's blocks: the first
+    mean gates the features (squeeze-and-excitation over time), the second pools them."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from edge3d.nn import CausalConv3d, RunningMean, spatial_mean
+
+    class TwoMeans(nn.Module):
+        steps_without_time_axis = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = CausalConv3d(3, 8, (2, 3, 3), (1, 2, 2), 1)
+            self.se_mean = RunningMean()
+            self.conv2 = CausalConv3d(8, 16, (2, 3, 3), (1, 2, 2), 1)
+            self.pool = RunningMean()
+            self.fc = nn.Linear(16, classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = F.relu(self.conv1(x))
+            gate = torch.sigmoid(self.se_mean(spatial_mean(f)))
+            h = F.relu(self.conv2(f * gate[..., None, None]))
+            return self.fc(self.pool(spatial_mean(h)).transpose(1, -1)).transpose(1, -1)
+
+    torch.manual_seed(0)
+    return TwoMeans().eval()
+
+
 _BUILT: dict[str, Path] = {}
 # More than the profiles' default 256: these random-weight nets have content-dependent activation
 # peaks, and minmax ranges from 256 frames miss some (measured on the d-resnet: mean INT8 error
