@@ -72,8 +72,11 @@ def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
 
 
 def simplify(src: Path, dst: Path) -> None:
-    """Constant folding and Conv+BatchNorm folding with ONNX Runtime's basic (op-preserving) level."""
+    """Constant folding and Conv+BatchNorm folding with ONNX Runtime's basic (op-preserving) level,
+    then the BatchNorms after sums of convs (exporters/fold.py)."""
     import onnxruntime as ort
+
+    from .fold import fold_bn_into_conv_sums
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -81,6 +84,7 @@ def simplify(src: Path, dst: Path) -> None:
     so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst))
+    fold_bn_into_conv_sums(model)  # a BN after a sum of convs, which ORT leaves alone
     # ORT drops node metadata; carry the exporter's (module name scopes) over by node name, so
     # precision profiles can keep named layers in float32.
     meta = {n.name: [m for m in n.metadata_props if m.key == "pkg.torch.onnx.name_scopes"]

@@ -1,0 +1,66 @@
+"""Folding a BatchNorm after a sum of convs (exporters/fold.py), on hand-built ONNX graphs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from edge3d.exporters.fold import fold_bn_into_conv_sums
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _graph(second_conv_bias: bool, sum_is_output: bool = False, taps: int = 2) -> onnx.ModelProto:
+    """``taps`` grouped 3x3 convs over inputs x0.., summed by Adds, then a BatchNorm (C = 4)."""
+    rng = np.random.default_rng(0)
+    c = 4
+    inits, nodes, inputs = [], [], []
+    for i in range(taps):
+        inputs.append(helper.make_tensor_value_info(f"x{i}", TensorProto.FLOAT, ["N", c, 6, 6]))
+        inits.append(numpy_helper.from_array(rng.standard_normal((c, 1, 3, 3)).astype(np.float32), f"w{i}"))
+        conv_in = [f"x{i}", f"w{i}"]
+        if i == 0 or second_conv_bias:
+            inits.append(numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), f"b{i}"))
+            conv_in.append(f"b{i}")
+        nodes.append(helper.make_node("Conv", conv_in, [f"c{i}"], name=f"conv{i}", group=c, pads=[1, 1, 1, 1]))
+    total = "c0"
+    for i in range(1, taps):
+        nodes.append(helper.make_node("Add", [total, f"c{i}"], [f"s{i}"], name=f"add{i}"))
+        total = f"s{i}"
+    for name, v in (("scale", rng.uniform(0.5, 2, c)), ("beta", rng.standard_normal(c)),
+                    ("mean", rng.standard_normal(c)), ("var", rng.uniform(0.1, 3, c))):
+        inits.append(numpy_helper.from_array(v.astype(np.float32), name))
+    nodes.append(helper.make_node("BatchNormalization", [total, "scale", "beta", "mean", "var"], ["y"],
+                                  name="bn", epsilon=1e-3))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])]
+    if sum_is_output:
+        outputs.append(helper.make_tensor_value_info(total, TensorProto.FLOAT, ["N", c, 6, 6]))
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+@pytest.mark.parametrize("taps, bias", [(2, False), (2, True), (3, True)])
+def test_bn_after_a_sum_of_convs_is_folded_exactly(taps: int, bias: bool) -> None:
+    model = _graph(bias, taps=taps)
+    rng = np.random.default_rng(1)
+    feeds = {f"x{i}": rng.standard_normal((2, 4, 6, 6)).astype(np.float32) for i in range(taps)}
+    want = _run(model, feeds)[0]
+    assert fold_bn_into_conv_sums(model) == 1
+    onnx.checker.check_model(model)
+    assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
+    np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
+    assert {t.name for t in model.graph.initializer}.isdisjoint({"scale", "beta", "mean", "var"})
+
+
+def test_bn_is_left_alone_when_the_sum_is_needed_before_it() -> None:
+    """A recurrent state (RCN's h) is the sum itself: rescaling the convs would change the state."""
+    model = _graph(True, sum_is_output=True)
+    before = model.SerializeToString()
+    assert fold_bn_into_conv_sums(model) == 0
+    assert model.SerializeToString() == before
