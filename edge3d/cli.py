@@ -264,8 +264,10 @@ def _output_file(path: Path | None, flag: str) -> None:
 @app.command()
 @friendly
 def export(
-    model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.")] = Path("out"),
+    model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory, or an artifact folder to add "
+                                               "the --profile precisions to in place.")],
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into "
+                                                                 "[default: out].")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
@@ -278,10 +280,25 @@ def export(
     dla: Annotated[int | None, typer.Option("--dla", help="TensorRT DLA core (Jetson).")] = None,
     triton_repo: Annotated[Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")] = None,
 ) -> None:
-    """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines)."""
+    """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines).
+
+    Given an artifact folder instead of a model, add the --profile precisions to it in place
+    (rebuilding any it has), keeping the others: trying a profile does not re-export the model.
+    """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
 
+    in_place = (Path(model).expanduser() / "manifest.json").is_file()
+    if not in_place and _is_artifact(model):  # a folder that holds artifacts has raised, naming them
+        raise ValueError(f"{model} is a file of an artifact; pass the artifact folder to add precisions to it.")
+    if in_place:
+        given = [flag for flag, v in (("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
+                                      ("--size", size), ("--width", width), ("--head", head), ("--name", name),
+                                      ("--no-lower", no_lower or None)) if v is not None]
+        if given:
+            raise ValueError(f"{model} is an exported artifact, whose precisions are added in place; {given[0]} "
+                             "applies to a model: drop it, or export the model again.")
+    out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
     _out_folder(out, "-o")
     if triton_repo is not None:
@@ -293,6 +310,9 @@ def export(
     if target not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
     extra = [p for p in profiles if p != "fp32"]
+    if in_place and not (extra or target == "tensorrt" or triton_repo is not None):
+        raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
+                         "e.g. --profile int8.")
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
 
@@ -303,6 +323,10 @@ def export(
 
             calib_source = calib_source or default_calib_source()
             check_calib_source(calib_source)  # and on a source without frames
+    if in_place:
+        _add_to_artifact(Path(model).expanduser(), profiles, extra, calib_source, calib_frames, target, streams, dla,
+                         triton_repo)
+        return
     m, frame_size = _load(model, classes, size, width, head, checkpoint)
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
                              ("--triton-repo", triton_repo is not None)) if on]
@@ -321,6 +345,26 @@ def export(
                                model_info=info, classes=classes_list,
                                **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
+    _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+
+
+def _add_to_artifact(path: Path, profiles: list[str], extra: list[str], calib_source: str | None,
+                     calib_frames: int | None, target: str, streams: int, dla: int | None,
+                     triton_repo: Path | None) -> None:
+    """``export ARTIFACT``: check the artifact and every flag, then build into it."""
+    from .runtime.manifest import load_manifest, require_single_graph
+
+    manifest = load_manifest(path)  # a corrupt or mismatched artifact fails here, before any work
+    require_single_graph(manifest, " with ".join(w for w, on in (
+        (f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
+        ("--triton-repo", triton_repo is not None)) if on))
+    _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+
+
+def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_source: str | None,
+                     calib_frames: int | None, target: str, streams: int, dla: int | None,
+                     triton_repo: Path | None) -> None:
+    """The precisions, engines and Triton repository an export asks for, into the artifact at ``path``."""
     if extra:
         from .exporters.precision import add_precisions
 

@@ -151,8 +151,17 @@ def add_precisions(
             entry["sha256"] = file_sha256(out)
             os.replace(out, folder / p.file_name)
             manifest["precisions"][p.name] = entry
+            # An engine built from the ONNX just replaced would run the old graph: recorded by
+            # `edge3d build`, or under the default name that build_engines.sh writes.
+            recorded = manifest.get("engines", {}).pop(p.name, None)
             write_manifest(folder, manifest)
             entries[p.name] = entry
+            for stale in {folder / f"model.{p.name}.engine", *([folder / recorded["file"]] if recorded else [])}:
+                if stale.is_file():
+                    stale.unlink()
+                    if console is not None:
+                        console.print(f"removed {stale.name}, built from the previous {p.file_name}; rebuild it "
+                                      f"on the device with `edge3d build {folder} --profile {p.name}`")
             if console is not None:
                 cal = entry.get("calibration")
                 how = f", calibrated on {cal['frames']} frames of {cal['source']}" if cal else ""

@@ -772,3 +772,57 @@ def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifa
     assert res.exit_code == 130
     assert "(interrupted)" in res.output and "ms/frame p50" in res.output
     assert len(preds.read_text().splitlines()) == 7
+
+
+def test_cli_export_adds_precisions_to_an_artifact_in_place(tmp_path: Path) -> None:
+    """`edge3d export ARTIFACT --profile P` builds P into the artifact and keeps the rest, so trying
+    a profile does not mean exporting the model again. Bad flags leave it as it was."""
+    from edge3d.exporters.onnx import file_sha256
+    from edge3d.runtime.manifest import load_manifest, write_manifest
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--profile", "fp16", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "d-resnet18.edge3d"
+
+    def files() -> dict[str, str]:
+        return {f.name: file_sha256(f) for f in sorted(art.iterdir()) if f.is_file()}
+
+    before = files()
+    for args, says in ((["--classes", "7", "--profile", "int8"], "--classes applies to a model"),
+                       (["-o", str(tmp_path / "x"), "--profile", "int8"], "-o applies to a model"),
+                       ([], "name the precisions to add with --profile"),
+                       (["--profile", "fp64"], "unknown precision profile 'fp64'"),
+                       (["--profile", "int8", "--calib-source", str(tmp_path / "none.mp4")], "none.mp4")):
+        res = runner.invoke(app, ["export", str(art), *args])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), (args, res.output)
+    res = runner.invoke(app, ["export", str(art / "model.fp16.onnx"), "--profile", "int8"])
+    assert res.exit_code == 2 and "pass the artifact folder" in res.output
+    assert files() == before
+
+    res = runner.invoke(app, ["export", str(art), "--profile", "int8", "--calib-frames", "16"])
+    assert res.exit_code == 0, res.output
+    after = files()
+    assert {k: after[k] for k in before if k != "manifest.json"} == {k: v for k, v in before.items()
+                                                                      if k != "manifest.json"}
+    assert set(load_manifest(art)["precisions"]) == {"fp32", "fp16", "int8"}
+    frames = np.random.default_rng(0).integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
+    with Session(art, profile="int8") as s:
+        assert all(np.isfinite(s.step(f)).all() for f in frames)
+
+    # Rebuilding int8 makes its engines stale: one recorded by `edge3d build` under its own name
+    # and one under build_engines.sh's default name (stand-in files: the bookkeeping is under test).
+    man = load_manifest(art)
+    man = {k: v for k, v in man.items() if not k.startswith("_")}
+    man["engines"] = {"int8": {"file": "tuned.int8.plan", "precision": "int8"}}
+    write_manifest(art, man)
+    for stale in ("tuned.int8.plan", "model.int8.engine", "model.fp16.engine"):
+        (art / stale).write_bytes(b"stand-in for an engine")
+    res = runner.invoke(app, ["export", str(art), "--profile", "int8", "--calib-frames", "24"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    for stale in ("tuned.int8.plan", "model.int8.engine"):
+        assert f"removed {stale}, built from the previous model.int8.onnx" in res.output
+        assert not (art / stale).exists()
+    assert load_manifest(art).get("engines") == {}
+    assert (art / "model.fp16.engine").exists()  # another precision's engine is left alone
+    assert file_sha256(art / "model.int8.onnx") != after["model.int8.onnx"]  # 24 calibration frames, not 16
