@@ -397,6 +397,7 @@ def run(
     from rich.live import Live
 
     from .runtime import Session
+    from .signals import Terminated, sigterm_as_interrupt
     from .sources import SourceLost, labels_apply, open_streams, source_frame_size
 
     _output_file(output, "--output")
@@ -412,7 +413,7 @@ def run(
     correct = labelled = n = videos = nonfinite = 0
     first_nonfinite: int | None = None
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
-    interrupted = False
+    interrupted = 0  # the exit code when stopped by a signal
     lost = ""
 
     def frames_of_every_video():
@@ -427,7 +428,7 @@ def run(
                 yield (name if name != source else None), frame, (label if keep_labels else None)
 
     try:
-        with Live(console=console, refresh_per_second=8, transient=True) as live:
+        with sigterm_as_interrupt(), Live(console=console, refresh_per_second=8, transient=True) as live:
             for video, frame, label in frames_of_every_video():
                 t0 = time.perf_counter()
                 y = session.step(frame)
@@ -455,8 +456,8 @@ def run(
                                 f"cache {format_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
                 if frames is not None and n >= frames:
                     break
-    except KeyboardInterrupt:  # Ctrl-C is how a camera run ends: the summary is still wanted
-        interrupted = True
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) is how a camera run ends: the summary is still wanted
+        interrupted = 143 if isinstance(e, Terminated) else 130
     except SourceLost as e:  # an unplugged camera: the summary, then the reason and exit code 1
         lost = str(e)
     finally:
@@ -465,10 +466,12 @@ def run(
         session.close()
     if n == 0:
         if interrupted:
-            raise KeyboardInterrupt
+            err_console.print("interrupted" if interrupted == 130 else "terminated")
+            raise typer.Exit(interrupted)
         raise ValueError(f"source {source!r} gave no frames; check the file or camera.")
     s = session.stats.summary()
-    table = Table(title=f"edge3d run: {artifact}" + (" (interrupted)" if interrupted else ""), show_header=False)
+    stopped = {130: " (interrupted)", 143: " (terminated)"}.get(interrupted, "")
+    table = Table(title=f"edge3d run: {artifact}{stopped}", show_header=False)
     table.add_row("frames", str(n) + (f" from {videos} videos, each from the initial state" if videos > 1 else ""))
     table.add_row("model ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
     table.add_row("model fps", f"{s['fps']:.1f}")
@@ -495,7 +498,7 @@ def run(
         table.add_row("predictions", str(output))
     console.print(table)
     if interrupted:
-        raise typer.Exit(130)
+        raise typer.Exit(interrupted)
     if lost:
         err_console.print(f"[bold red]error:[/] {escape(lost)}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
+    from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import SourceLost, labels_apply
 
     keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
@@ -112,26 +113,27 @@ def main(argv: list[str] | None = None) -> int:
     lost = ""
     t_start = time.perf_counter()
     try:
-        for rgb, label in frames:
-            y = session.step(rgb)
-            idx, name, score = session.top(y)
-            ms = session.stats.ms[-1]
-            n += 1
-            if label is not None and keep_labels:
-                labelled += 1
-                correct += int(idx == label)
-            if not args.headless:
-                import cv2
+        with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
+            for rgb, label in frames:
+                y = session.step(rgb)
+                idx, name, score = session.top(y)
+                ms = session.stats.ms[-1]
+                n += 1
+                if label is not None and keep_labels:
+                    labelled += 1
+                    correct += int(idx == label)
+                if not args.headless:
+                    import cv2
 
-                cv2.imshow(window, overlay(rgb, f"{name} {score:.2f}", ms))
-                if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                    cv2.imshow(window, overlay(rgb, f"{name} {score:.2f}", ms))
+                    if cv2.waitKey(1) & 0xFF in (27, ord("q")):
+                        break
+                if n % args.log_every == 0:
+                    s = session.stats.summary()
+                    print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
+                          f"app {n / (time.perf_counter() - t_start):.1f} fps; top {name} ({score:.2f})", flush=True)
+                if args.frames is not None and n >= args.frames:
                     break
-            if n % args.log_every == 0:
-                s = session.stats.summary()
-                print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
-                      f"app {n / (time.perf_counter() - t_start):.1f} fps; top {name} ({score:.2f})", flush=True)
-            if args.frames is not None and n >= args.frames:
-                break
     except KeyboardInterrupt:
         pass
     except SourceLost as e:  # a camera that stops is a failure the service manager should see

@@ -826,3 +826,31 @@ def test_cli_export_adds_precisions_to_an_artifact_in_place(tmp_path: Path) -> N
     assert load_manifest(art).get("engines") == {}
     assert (art / "model.fp16.engine").exists()  # another precision's engine is left alone
     assert file_sha256(art / "model.int8.onnx") != after["model.int8.onnx"]  # 24 calibration frames, not 16
+
+
+def test_cli_run_stopped_by_sigterm_keeps_every_prediction_and_prints_the_summary(tiny_artifact,
+                                                                                  tmp_path: Path) -> None:
+    """`timeout`, `docker stop` and `systemctl stop` send SIGTERM. It used to kill the run outright:
+    no summary, and the last ~90 predictions still in the file buffer were lost."""
+    import signal
+    import time
+
+    art, _ = tiny_artifact
+    preds = tmp_path / "p.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "edge3d.cli", "run", str(art), "--source", "synthetic",
+                             "--frames", "1000000", "--output", str(preds), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (preds.exists() and preds.stat().st_size > 20_000) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "(terminated)" in out and "ms/frame p50" in out
+    frames = int(next(line for line in out.splitlines() if "frames" in line).split("│")[2])
+    lines = preds.read_text().splitlines()
+    assert len(lines) == frames > 200
+    assert [json.loads(x)["frame"] for x in lines] == list(range(frames))

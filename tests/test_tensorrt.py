@@ -425,6 +425,25 @@ def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, caps
                             "--log-every", "0"]) == 2
 
 
+def test_jetson_app_stops_cleanly_on_sigterm(artifact):
+    """`systemctl stop` sends SIGTERM: the app ends as on Ctrl-C, with its closing line and exit 0."""
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", RUN_APP, str(APP), str(artifact), "--source", "synthetic",
+                             "--backend", "onnxruntime", "--headless", "--log-every", "10"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in proc.stdout:  # wait until it streams
+            if line.startswith("frame 20:"):
+                break
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.splitlines()[-1].startswith("done: ")
+
+
 def test_overlay_draws_class_and_latency():
     pytest.importorskip("cv2")
     sys.path.insert(0, str(APP.parent))
