@@ -323,13 +323,16 @@ def export(
 
             calib_source = calib_source or default_calib_source()
             check_calib_source(calib_source)  # and on a source without frames
-    if in_place:
-        _add_to_artifact(Path(model).expanduser(), profiles, extra, calib_source, calib_frames, target, streams, dla,
-                         triton_repo)
-        return
-    m, frame_size = _load(model, classes, size, width, head, checkpoint)
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
                              ("--triton-repo", triton_repo is not None)) if on]
+    if in_place:
+        from .runtime.manifest import load_manifest, require_single_graph
+
+        path = Path(model).expanduser()
+        require_single_graph(load_manifest(path), " with ".join(wants))  # a corrupt artifact fails here too
+        _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        return
+    m, frame_size = _load(model, classes, size, width, head, checkpoint)
     if wants:  # before the FP32 stages are written, not after
         from .staged import require_single_rate
 
@@ -345,19 +348,6 @@ def export(
                                model_info=info, classes=classes_list,
                                **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
-    _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
-
-
-def _add_to_artifact(path: Path, profiles: list[str], extra: list[str], calib_source: str | None,
-                     calib_frames: int | None, target: str, streams: int, dla: int | None,
-                     triton_repo: Path | None) -> None:
-    """``export ARTIFACT``: check the artifact and every flag, then build into it."""
-    from .runtime.manifest import load_manifest, require_single_graph
-
-    manifest = load_manifest(path)  # a corrupt or mismatched artifact fails here, before any work
-    require_single_graph(manifest, " with ".join(w for w, on in (
-        (f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
-        ("--triton-repo", triton_repo is not None)) if on))
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
 
 
