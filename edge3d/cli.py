@@ -97,6 +97,13 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        except RuntimeError as e:  # a camera lost while compare or calibration read it: exit 1, as in run
+            from .sources import SourceLost
+
+            if not isinstance(e, SourceLost):
+                raise
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -752,6 +752,10 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tmp_path: P
     # the same video as a file is simply over: exit 0, no error
     res = CliRunner().invoke(app, ["run", str(art), "--source", str(video)])
     assert res.exit_code == 0 and "stopped delivering" not in res.output
+    # compare reading the camera: the same sentence and exit code, not a traceback
+    res = CliRunner().invoke(app, ["compare", str(art), "--profiles", "fp32", "--source", "camera:3", "--frames", "50",
+                                   "--out", str(tmp_path / "cmp")], terminal_width=200)
+    assert res.exit_code == 1 and "camera 3 stopped delivering frames after 11 frames" in res.output, res.output
 
 
 def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifact, tmp_path: Path,
