@@ -41,15 +41,16 @@ def fold_bn_into_conv_sums(model: onnx.ModelProto) -> int:
             w = numpy_helper.to_array(inits[conv.input[1]])
             w_new = (w * s.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
             conv.input[1] = _add_init(g, inits, f"{conv.input[1]}__bn", w_new)
-            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] \
-                else np.zeros_like(s)
+            has_bias = len(conv.input) > 2 and bool(conv.input[2])
+            if not (has_bias or i == 0):  # no bias to scale, and the shift goes to the first conv
+                continue
+            b = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if has_bias else np.zeros_like(s)
             b_new = b * s + (shift if i == 0 else 0.0)
-            if i == 0 or (len(conv.input) > 2 and conv.input[2]):
-                name = _add_init(g, inits, f"{conv.name or conv.output[0]}__bn_bias", b_new.astype(w.dtype))
-                if len(conv.input) > 2:
-                    conv.input[2] = name
-                else:
-                    conv.input.append(name)
+            name = _add_init(g, inits, f"{conv.name or conv.output[0]}__bn_bias", b_new.astype(w.dtype))
+            if len(conv.input) > 2:
+                conv.input[2] = name
+            else:
+                conv.input.append(name)
         root = prod[bn.input[0]]
         root.output[0] = bn.output[0]
         g.node.remove(bn)
@@ -98,4 +99,3 @@ def _drop_unused_initializers(g: onnx.GraphProto) -> None:
     keep = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
-

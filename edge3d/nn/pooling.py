@@ -10,7 +10,8 @@ mean of a static scene was 0.4-1 % off after 10**6 frames (9 hours at 30 fps) an
 10**7, and the count stops at 2**24 frames (6.5 days), after which the mean grows without bound.
 Both the sum and the count are therefore compensated (Kahan summation): a second state per
 accumulator carries the low-order part each addition lost and feeds it back into the next one,
-which keeps the mean within a few float32 ulps of the exact mean for any stream length.
+which keeps the mean within a few float32 ulps of the exact mean however long the stream runs
+(the carried count is exact far beyond 2**24).
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ def compensated_add(total: torch.Tensor, carry: torch.Tensor,
 
     ``carry`` is minus the part of earlier additions that rounding dropped. The order of the
     operations is the algorithm: a compiler that reassociates float additions (fast-math)
-    would turn the carry into zero, which is why the exported graph is checked over 10**5
-    frames of ONNX Runtime in the tests.
+    would turn the carry into zero, which is why the tests run the exported graph in ONNX Runtime
+    over 50,000 frames.
     """
     y = x - carry
     new_total = total + y
