@@ -8,7 +8,6 @@ switch to their step implementation while the context is active.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +15,7 @@ from torch import nn
 
 from .nn.rnn import _CellHead
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
+from .runtime.manifest import is_positive_int
 
 
 class UnsupportedModelError(ValueError):
@@ -135,7 +135,7 @@ class StepModule(nn.Module):
         return list(self._specs)
 
     def initial_states(self, batch: int = 1) -> tuple[torch.Tensor, ...]:
-        if not (isinstance(batch, numbers.Integral) and batch > 0):
+        if not is_positive_int(batch):  # True is an int to Python; the runtime refuses it too
             raise ValueError(f"batch must be a positive number of streams, got {batch!r}.")
         return tuple(s.initial(batch) for s in self._specs)
 
@@ -182,7 +182,7 @@ def to_step(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"to_step needs a torch.nn.Module, got {type(model).__name__}.")
-    if len(frame_shape) != 3 or not all(isinstance(v, numbers.Integral) and v > 0 for v in frame_shape):
+    if len(frame_shape) != 3 or not all(is_positive_int(v) for v in frame_shape):
         raise ValueError(f"frame_shape must be (C, H, W) with positive sizes, got {tuple(frame_shape)}; "
                          "e.g. (3, 112, 112).")
     from .staged import is_multirate

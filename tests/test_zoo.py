@@ -128,8 +128,9 @@ def test_step_rejects_a_frame_of_another_shape_and_an_empty_batch() -> None:
     for frame in (torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 1, 32, 32), torch.zeros(2, 1, 32, 32)):
         with pytest.raises(ValueError, match=r"this step takes \(N, 3, 32, 32\)"):
             step(frame, *states)
-    with pytest.raises(ValueError, match="batch must be a positive number of streams, got 0"):
-        step.initial_states(0)
+    for batch in (0, True, 2.0):
+        with pytest.raises(ValueError, match=f"batch must be a positive number of streams, got {batch!r}"):
+            step.initial_states(batch)
     out, *_ = step(torch.zeros(2, 3, 32, 32), *states)
     assert out.shape == (2, 5)
 
