@@ -273,8 +273,8 @@ def _output_file(path: Path | None, flag: str) -> None:
 def export(
     model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory, or an artifact folder to add "
                                                "the --profile precisions to in place.")],
-    out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into "
-                                                                 "[default: out].")] = None,
+    out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
+                                             show_default="out")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
