@@ -11,11 +11,13 @@ first conv's bias, which is exact up to float rounding.
 
 from __future__ import annotations
 
+import ast
+
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import consumers, producers
+from .graph import SCOPES_KEY, consumers, producers
 
 
 def fold_bn_into_conv_sums(model: onnx.ModelProto) -> int:
@@ -51,6 +53,8 @@ def fold_bn_into_conv_sums(model: onnx.ModelProto) -> int:
                 conv.input[2] = name
             else:
                 conv.input.append(name)
+        for conv in convs:  # a folded conv answers to the BN's layer name too, as ORT's own fold does
+            _add_scopes(conv, bn)
         root = prod[bn.input[0]]
         root.output[0] = bn.output[0]
         g.node.remove(bn)
@@ -83,6 +87,26 @@ def _conv_leaves(tensor: str, prod: dict, cons: dict, outputs: set[str], inits: 
             return []
         leaves += sub
     return leaves
+
+
+def _scopes(node: onnx.NodeProto) -> list[str]:
+    for p in node.metadata_props:
+        if p.key == SCOPES_KEY:
+            return list(ast.literal_eval(p.value))
+    return []
+
+
+def _add_scopes(conv: onnx.NodeProto, bn: onnx.NodeProto) -> None:
+    """Append the BN's module scopes to the conv's, so `keep_layers` naming either one matches."""
+    extra = [s for s in _scopes(bn) if s not in _scopes(conv)]
+    if not extra:
+        return
+    merged = _scopes(conv) + extra
+    for p in conv.metadata_props:
+        if p.key == SCOPES_KEY:
+            p.value = repr(merged)
+            return
+    conv.metadata_props.add(key=SCOPES_KEY, value=repr(merged))
 
 
 def _add_init(g: onnx.GraphProto, inits: dict, name: str, value: np.ndarray) -> str:

@@ -99,6 +99,10 @@ def accumulator_nodes(graph: onnx.GraphProto, manifest: dict[str, Any]) -> set[s
     return keep
 
 
+# Where the torch exporter records the module scopes a node came from.
+SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+
+
 def node_layers(node: onnx.NodeProto) -> list[str]:
     """The model layers a node belongs to, from the exporter's name-scope metadata.
 
@@ -106,7 +110,7 @@ def node_layers(node: onnx.NodeProto) -> list[str]:
     ``model.`` is the StepModule wrapper and is dropped so the names match ``model.named_modules()``.
     """
     for p in node.metadata_props:
-        if p.key == "pkg.torch.onnx.name_scopes":
+        if p.key == SCOPES_KEY:
             try:
                 scopes = json.loads(p.value.replace("'", '"'))
             except json.JSONDecodeError:

@@ -77,6 +77,7 @@ def simplify(src: Path, dst: Path) -> None:
     import onnxruntime as ort
 
     from .fold import fold_bn_into_conv_sums
+    from .graph import SCOPES_KEY
 
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -84,14 +85,14 @@ def simplify(src: Path, dst: Path) -> None:
     so.log_severity_level = 3
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     model = onnx.load(str(dst))
-    fold_bn_into_conv_sums(model)  # a BN after a sum of convs, which ORT leaves alone
     # ORT drops node metadata; carry the exporter's (module name scopes) over by node name, so
     # precision profiles can keep named layers in float32.
-    meta = {n.name: [m for m in n.metadata_props if m.key == "pkg.torch.onnx.name_scopes"]
+    meta = {n.name: [m for m in n.metadata_props if m.key == SCOPES_KEY]
             for n in onnx.load(str(src), load_external_data=False).graph.node}
     for n in model.graph.node:
         if n.name in meta and not n.metadata_props:
             n.metadata_props.extend(meta[n.name])
+    fold_bn_into_conv_sums(model)  # a BN after a sum of convs, which ORT leaves alone
     # Folding leaves value_info behind for tensors no node produces any more (e.g. the 5-D
     # weights before they were reshaped to 2-D kernels); drop them so the graph says only true things.
     produced = {o for n in model.graph.node for o in n.output}

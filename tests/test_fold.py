@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from edge3d.exporters.fold import fold_bn_into_conv_sums
+from edge3d.exporters.graph import SCOPES_KEY, kept_by_profile
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -32,6 +33,9 @@ def _graph(second_conv_bias: bool, sum_is_output: bool = False, taps: int = 2) -
         inits.append(numpy_helper.from_array(v.astype(np.float32), name))
     nodes.append(helper.make_node("BatchNormalization", [total, "scale", "beta", "mean", "var"], ["y"],
                                   name="bn", epsilon=1e-3))
+    for n in nodes:  # module scopes as the torch exporter records them
+        layer = "block.bn" if n.op_type == "BatchNormalization" else f"block.{n.name}"
+        n.metadata_props.add(key=SCOPES_KEY, value=repr(["", "model", "model.block", f"model.{layer}"]))
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", c, 6, 6])]
     if sum_is_output:
         outputs.append(helper.make_tensor_value_info(total, TensorProto.FLOAT, ["N", c, 6, 6]))
@@ -56,6 +60,10 @@ def test_bn_after_a_sum_of_convs_is_folded_exactly(taps: int, bias: bool) -> Non
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 0
     np.testing.assert_allclose(_run(model, feeds)[0], want, rtol=1e-5, atol=1e-5)
     assert {t.name for t in model.graph.initializer}.isdisjoint({"scale", "beta", "mean", "var"})
+    # keep_layers may name the conv or the BN it absorbed, as after ONNX Runtime's own Conv+BN fold
+    for i in range(taps):
+        assert kept_by_profile(model.graph, (), [f"block.conv{i}"]) >= {f"conv{i}"}
+    assert kept_by_profile(model.graph, (), ["block.bn"]) >= {f"conv{i}" for i in range(taps)}
 
 
 def test_bn_is_left_alone_when_the_sum_is_needed_before_it() -> None:
