@@ -67,6 +67,11 @@ EXTRA_HOLDS = {"export": "PyTorch and onnx", "video": "OpenCV", "plots": "matplo
                "tensorrt": "polygraphy"}
 
 
+def _error(text: str) -> None:
+    """One error sentence on stderr. Escaped: "pip install 'edge3d[video]'" is text, not rich markup."""
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def friendly(fn: F) -> F:
     """Report bad input as one sentence and a non-zero exit instead of a traceback."""
 
@@ -80,19 +85,15 @@ def friendly(fn: F) -> F:
                 raise
             extra = EXTRA_OF[package]
             first = " (the CPU build of PyTorch first, see the README)" if extra == "export" else ""
-            err_console.print(f"[bold red]error:[/] {fn.__name__.replace('_', '-')} needs {EXTRA_HOLDS[extra]}, "
-                              f"which this installation lacks; pip install {escape(repr(f'edge3d[{extra}]'))}"
-                              f"{first}.", highlight=False, soft_wrap=True)
+            _error(f"{fn.__name__.replace('_', '-')} needs {EXTRA_HOLDS[extra]}, which this installation lacks; "
+                   f"pip install {f'edge3d[{extra}]'!r}{first}.")
             raise typer.Exit(2) from None
         except ValueError as e:
-            # escaped: a message such as "pip install 'edge3d[video]'" is text, not rich markup
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(2) from None
         except OSError as e:  # a path the command had to read or write; its own checks missed it
             where = f" {e.filename}" if e.filename else ""
-            err_console.print(f"[bold red]error:[/] cannot use{escape(where)} ({escape(str(e.strerror or e))}); "
-                              "check the path and that you may read and write there.", highlight=False,
-                              soft_wrap=True)
+            _error(f"cannot use{where} ({e.strerror or e}); check the path and that you may read and write there.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -102,7 +103,7 @@ def friendly(fn: F) -> F:
 
             if not isinstance(e, SourceLost):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _error(str(e))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -294,8 +295,10 @@ def export(
     """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
+    from .runtime.manifest import MANIFEST
 
-    in_place = (Path(model).expanduser() / "manifest.json").is_file()
+    model_path = Path(model).expanduser()
+    in_place = (model_path / MANIFEST).is_file()
     if not in_place and _is_artifact(model):  # a folder that holds artifacts has raised, naming them
         raise ValueError(f"{model} is a file of an artifact; pass the artifact folder to add precisions to it.")
     if in_place:
@@ -335,9 +338,8 @@ def export(
     if in_place:
         from .runtime.manifest import load_manifest, require_single_graph
 
-        path = Path(model).expanduser()
-        require_single_graph(load_manifest(path), " with ".join(wants))  # a corrupt artifact fails here too
-        _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
+        _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
         return
     m, frame_size = _load(model, classes, size, width, head, checkpoint)
     if wants:  # before the FP32 stages are written, not after
@@ -497,7 +499,7 @@ def run(
     if interrupted:
         raise typer.Exit(interrupted)
     if lost:
-        err_console.print(f"[bold red]error:[/] {escape(lost)}", highlight=False, soft_wrap=True)
+        _error(lost)
         raise typer.Exit(1)
 
 

@@ -59,12 +59,8 @@ def fold_bn_into_conv_sums(model: onnx.ModelProto) -> int:
         root.output[0] = bn.output[0]
         g.node.remove(bn)
         folded += 1
-    if folded:
+    if folded:  # the value_info of the renamed sums goes with simplify's sweep of dead tensors
         _drop_unused_initializers(g)
-        produced = {o for n in g.node for o in n.output}
-        live = [v for v in g.value_info if v.name in produced]
-        del g.value_info[:]
-        g.value_info.extend(live)
     return folded
 
 
@@ -98,10 +94,11 @@ def _scopes(node: onnx.NodeProto) -> list[str]:
 
 def _add_scopes(conv: onnx.NodeProto, bn: onnx.NodeProto) -> None:
     """Append the BN's module scopes to the conv's, so `keep_layers` naming either one matches."""
-    extra = [s for s in _scopes(bn) if s not in _scopes(conv)]
+    own = _scopes(conv)
+    extra = [s for s in _scopes(bn) if s not in own]
     if not extra:
         return
-    merged = _scopes(conv) + extra
+    merged = own + extra
     for p in conv.metadata_props:
         if p.key == SCOPES_KEY:
             p.value = repr(merged)

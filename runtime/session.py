@@ -99,7 +99,10 @@ def serialised(method: Any) -> Any:
                     return None
                 raise ValueError(f"{method.__name__}() on a closed session; open a new Session to go on "
                                  "streaming.")
-            return method(self, *args, **kwargs)
+            result = method(self, *args, **kwargs)
+            if closing:
+                self._closed = True
+            return result
 
     return locked
 
@@ -274,7 +277,6 @@ class Session:
     def close(self) -> None:
         """Release the graphs and state buffers now, not when the object is collected."""
         self._backend.close()
-        self._closed = True
 
     def __enter__(self) -> Session:
         return self

@@ -217,4 +217,3 @@ class StagedSession(Session):
     @serialised
     def close(self) -> None:
         self._sess = []
-        self._closed = True
