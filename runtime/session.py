@@ -45,6 +45,12 @@ class Stats:
                 "ms_p99": float(p99), "ms_mean": float(a.mean()),
                 "fps": float(1000.0 * frames_per_call / a.mean()) if a.mean() > 0 else 0.0}
 
+    def __repr__(self) -> str:
+        # what a REPL user looks for first: how many frames, how fast
+        s = self.summary()
+        return (f"Stats(frames={s['frames']}, calls={s['calls']}, ms_p50={s['ms_p50']:.3f}, "
+                f"ms_p95={s['ms_p95']:.3f}, ms_p99={s['ms_p99']:.3f}, fps={s['fps']:.1f})")
+
 
 def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str:
     """TensorRT where it can run (package, pycuda, a GPU, an engine for the profile), else ONNX Runtime.
@@ -144,6 +150,7 @@ class Session:
         if not is_positive_int(streams):
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.manifest = load_manifest(path)
+        self.path = Path(path)
         self.profile = profile
         self.precision = precision_entry(self.manifest, profile)
         self.streams = int(streams)
@@ -205,8 +212,10 @@ class Session:
         return ids.astype(np.intp)
 
     def _check_stream(self, stream: Any) -> None:
-        if (isinstance(stream, (bool, np.bool_)) or not isinstance(stream, (int, np.integer))
-                or not 0 <= int(stream) < self.streams):
+        if isinstance(stream, (bool, np.bool_)) or not isinstance(stream, (int, np.integer)):
+            raise ValueError(f"stream id {stream!r} is a {type(stream).__name__}, not an integer; pass a stream "
+                             f"index 0..{self.streams - 1}.")
+        if not 0 <= int(stream) < self.streams:
             raise ValueError(f"stream id {stream!r} is out of range; this session has streams 0..{self.streams - 1}.")
 
     # ----------------------------------------------------------------- state
@@ -277,6 +286,13 @@ class Session:
     def close(self) -> None:
         """Release the graphs and state buffers now, not when the object is collected."""
         self._backend.close()
+
+    def __repr__(self) -> str:
+        # no lock: a repr must never wait on (or fail during) another thread's step
+        state = ", closed" if self._closed else ""
+        return (f"{type(self).__name__}({str(self.path)!r}, profile={self.profile!r}, "
+                f"backend={getattr(self, 'backend_name', '?')!r}, streams={self.streams}, "
+                f"frames={self.stats.frames}, cache_bytes={self.cache_bytes}{state})")
 
     def __enter__(self) -> Session:
         return self

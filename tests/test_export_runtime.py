@@ -231,7 +231,23 @@ def test_unknown_stream_id(tiny_artifact) -> None:
         s.step(np.zeros((3, SIZE, SIZE), np.float32), stream=2)
     with pytest.raises(ValueError, match="repeat a stream"):
         s.step_batch([np.zeros((3, SIZE, SIZE), np.float32)] * 2, [1, 1])
+    with pytest.raises(ValueError, match=r"stream id 1.0 is a float, not an integer; pass a stream index 0..1"):
+        s.step(np.zeros((3, SIZE, SIZE), np.float32), stream=1.0)
     assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
+
+
+def test_session_and_stats_repr_say_what_a_repl_user_needs(tiny_artifact) -> None:
+    art, _ = tiny_artifact
+    s = Session(art, streams=2)
+    s.step_batch([np.zeros((3, SIZE, SIZE), np.float32)] * 2)
+    s.step(np.zeros((3, SIZE, SIZE), np.float32), stream=1)
+    r = repr(s)
+    assert r.startswith(f"Session({str(art)!r}, profile='fp32', backend='onnxruntime', streams=2, frames=3, ")
+    assert f"cache_bytes={s.cache_bytes}" in r and s.cache_bytes > 0 and "closed" not in r
+    st = repr(s.stats)
+    assert st.startswith("Stats(frames=3, calls=2, ms_p50=") and "fps=" in st
+    s.close()
+    assert repr(s).endswith(", closed)")
 
 
 def _copy(art: Path, tmp_path: Path) -> Path:
