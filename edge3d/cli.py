@@ -541,7 +541,8 @@ def bench(
     console.print(f"host: {board}{h['cpu']}{family} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
                   + (f", torch {h['torch']}" if h.get("torch") else "")
                   + "; compare ratios only with runs on the same host.")
-    table = Table(title=f"edge3d bench: {target}")
+    console.print(f"edge3d bench: {target}")  # a path as a table title would wrap mid-name
+    table = Table(title="measurements")
     table.add_column("measurement")
     table.add_column("value", justify="right")
     for k, v in report["results"].items():
@@ -573,7 +574,13 @@ def bench_streams(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
 ) -> None:
     """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
-    from .bench_streams import HEADERS, format_rows, measure_streams
+    from .bench_streams import (
+        MEMORY_CAPTION,
+        MEMORY_HEADERS,
+        THROUGHPUT_HEADERS,
+        format_rows,
+        measure_streams,
+    )
 
     counts = _stream_counts(streams)
     with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
@@ -582,14 +589,21 @@ def bench_streams(
     if as_json:
         print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         return
-    table = Table(title=f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, "
-                        f"{profile}, state {format_bytes(report['state_bytes_per_stream'])} per stream"
-                        + (f", chunks of {max_batch}" if max_batch else ""))
-    for col in HEADERS:
-        table.add_column(col, justify="right")
-    for row in format_rows(report):
-        table.add_row(*row)
-    console.print(table)
+    console.print(f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, {profile}, "
+                  f"state {format_bytes(report['state_bytes_per_stream'])} per stream"
+                  + (f", chunks of {max_batch}" if max_batch else ""))
+    speed, memory = format_rows(report)
+    for title, headers, rows, caption in (
+            ("throughput: N streams in one batched Session vs N Sessions", THROUGHPUT_HEADERS, speed, None),
+            ("resident memory (MB) each extra stream or session adds", MEMORY_HEADERS, memory, MEMORY_CAPTION)):
+        if rows and all(cell == "-" for row in rows for cell in row[1:]):
+            continue  # --no-rss
+        table = Table(title=title, caption=caption)
+        for col in headers:
+            table.add_column(col, justify="right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 # --------------------------------------------------------------------------- triton
@@ -677,9 +691,10 @@ def compare(
                              save_polygraphy_inputs=save_polygraphy_inputs, threads=threads,
                              progress=lambda n: progress.advance(task, n))
     table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames)")
-    table.add_column("metric")
+    table.add_column("metric", min_width=10)
     for p in report["profiles"]:
-        table.add_column(p, justify="right")
+        # the metric names may wrap to fit 80 columns; a profile's name or a number may not be cut short
+        table.add_column(p, justify="right", no_wrap=True, min_width=len(p))
     for row in table_rows(report):
         table.add_row(*row)
     console.print(table)

@@ -149,17 +149,20 @@ def test_polygraphy_replays_the_saved_inputs(tmp_path: Path, stateful: Path, vid
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
 
 
-def test_cli_compare(tmp_path: Path, stateful: Path, video: Path) -> None:
+def test_cli_compare(tmp_path: Path, stateful: Path, video: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
+    from edge3d import cli
     from edge3d.cli import app
 
     runner = CliRunner()
     out = tmp_path / "report"
-    r = runner.invoke(app, ["compare", str(stateful), "--profiles", "fp32,fp16,int8", "--source", str(video),
-                            "--frames", "40", "--out", str(out), "--save-polygraphy-inputs"], terminal_width=250)
+    monkeypatch.setattr(cli.console, "width", 70)  # four profiles, a narrow terminal: metric names wrap
+    r = runner.invoke(app, ["compare", str(stateful), "--profiles", "fp32,fp16,int8,int8-lowmem", "--source",
+                            str(video), "--frames", "40", "--out", str(out), "--save-polygraphy-inputs"])
     assert r.exit_code == 0, r.output
-    assert "edge3d compare" in r.output and "int8" in r.output and "fp16" in r.output
+    assert "edge3d compare" in r.output and "int8-lowmem" in r.output and "fp16" in r.output
+    assert "…" not in r.output  # no profile name or number cut short
     assert "polygraphy run" in r.output and "[I]" not in r.output
     assert json.loads((out / "report.json").read_text())["frames"] == 40
     empty = tmp_path / "empty"

@@ -258,6 +258,34 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert bad.exit_code == 2
 
 
+def test_cli_bench_streams_tables_fit_80_columns_without_cutting_a_number(
+        stream_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from edge3d import cli
+    from edge3d.bench_streams import MEMORY_HEADERS, THROUGHPUT_HEADERS, format_rows
+
+    monkeypatch.setattr(cli.console, "width", 80)  # a log or an 80-column terminal
+    res = CliRunner().invoke(cli.app, ["bench-streams", str(stream_artifact), "--streams", "1,2", "--frames", "2",
+                                       "--no-rss"])
+    assert res.exit_code == 0, res.output
+    assert "…" not in res.output and all(h in res.output for h in THROUGHPUT_HEADERS)
+    assert "resident memory" not in res.output  # --no-rss: no table of dashes
+    assert max(len(line) for line in res.output.splitlines()) <= 80
+    # the memory table's cells, from a report with known numbers
+    report = {"state_bytes_per_stream": 100_000, "rows": [
+        {"streams": 1, "batched_fps": 1000.0, "separate_fps": 990.0, "batched_over_separate": 1.01,
+         "batched_over_separate_cpu": 1.0, "batched_ms_per_call": 1.0, "gather_scatter_share": 0.05},
+        {"streams": 4, "batched_fps": 2000.0, "separate_fps": 1000.0, "batched_over_separate": 2.0,
+         "batched_over_separate_cpu": 2.5, "batched_ms_per_call": 2.0, "gather_scatter_share": 0.04,
+         "rss_per_extra_batched_stream": 230_000, "rss_per_extra_batched_stream_marginal": 250_000,
+         "rss_per_extra_batched_stream_before_steps": 200_000, "rss_per_extra_session": 5_040_000}]}
+    speed, memory = format_rows(report)
+    assert len(speed[1]) == len(THROUGHPUT_HEADERS) and len(memory[1]) == len(MEMORY_HEADERS)
+    assert speed[1] == ["4", "2000.0", "1000.0", "2.00x", "2.50x", "2.0", "4.0%"]
+    assert memory == [["1", "-", "-", "-", "-", "-"], ["4", "0.23", "2.30x", "0.25", "0.20", "5.04"]]
+
+
 def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None:
     with Session(stream_artifact, streams=2) as s:
         logits = np.array([0.0, 2.0, 1.0, -1.0, 0.5])
