@@ -280,6 +280,9 @@ def export(
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
+                            "forward (the check that refuses forward code mixing frames outside edge3d.nn).")] = False,
     profile: Annotated[str, typer.Option("--profile", help="Precisions to build, comma separated: fp32,fp16,int8,...")] = "fp32",
     calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration.")] = None,
     calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
@@ -304,7 +307,8 @@ def export(
     if in_place:
         given = [flag for flag, v in (("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
                                       ("--size", size), ("--width", width), ("--head", head), ("--name", name),
-                                      ("--no-lower", no_lower or None)) if v is not None]
+                                      ("--no-lower", no_lower or None), ("--no-verify", no_verify or None))
+                 if v is not None]
         if given:
             raise ValueError(f"{model} is an exported artifact, whose precisions are added in place; {given[0]} "
                              "applies to a model: drop it, or export the model again.")
@@ -354,9 +358,15 @@ def export(
     with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
-                               model_info=info, classes=classes_list,
+                               model_info=info, classes=classes_list, verify=not no_verify,
                                **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
+    check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
+    if check:
+        console.print(f"  checked: the step equals the clip forward on a random {check['frames']}-frame clip "
+                      f"(max error {check['max_error']:.2g}, output scale {check['scale']:.3g})")
+    else:
+        console.print("  [yellow]not checked against the clip forward (--no-verify)[/]")
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
 
 

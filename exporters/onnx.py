@@ -213,11 +213,15 @@ def export_artifact(
     mean: tuple[float, ...] = DEFAULT_MEAN,
     std: tuple[float, ...] = DEFAULT_STD,
     opset: int = OPSET,
+    verify: bool = True,
 ) -> Path:
     """Write ``out_dir/<name>.edge3d/`` with ``manifest.json`` and ``model.fp32.onnx``.
 
     The artifact is assembled in a temporary folder and moved into place at the end, so a
-    failed export never leaves a half-written artifact behind.
+    failed export never leaves a half-written artifact behind. ``verify`` first streams a random
+    clip through the step and compares it with the clip forward (``edge3d/equivalence.py``): a
+    model whose forward code mixes frames by itself is refused before anything is written, and
+    the manifest's ``model.step_check`` records what was checked (None when skipped).
     """
     check_artifact_name(name)
     h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
@@ -225,11 +229,17 @@ def export_artifact(
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
     else:
         step = to_step(model, (channels, h, w), keep_time=True, lower=False)
+    check = None
+    if verify:
+        from ..equivalence import check_step_matches_clip
+
+        check = check_step_matches_clip(step)
+    model_info = {**(model_info or {"name": name}), "step_check": check}
     out_dir = Path(out_dir)
     if hasattr(step, "stages"):  # multi-rate: one graph per stage (exporters/staged.py)
         from .staged import export_staged
 
-        return export_staged(step, out_dir, name, model_info=model_info or {"name": name}, classes=classes,
+        return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
                              mean=mean, std=std, opset=opset)
     with artifact_folder(out_dir, name) as (tmp, manifest):
         raw = tmp / "raw.onnx"
@@ -237,7 +247,7 @@ def export_artifact(
         onnx_path = tmp / "model.fp32.onnx"
         simplify(raw, onnx_path)
         raw.unlink()
-        manifest.update(build_manifest(step, name, model_info=model_info or {"name": name}, classes=classes,
+        manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
                                        mean=mean, std=std, lowered=lower))
         manifest["precisions"]["fp32"] = {
             "file": onnx_path.name, "profile": "fp32",

@@ -55,6 +55,26 @@ def flat(num_classes=4):
 
 
 not_callable = 5
+
+
+class MeanOverTime(Tiny):
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4))
+        y = y - y.mean(dim=2, keepdim=True)  # every frame of the clip: not causal
+        return self.fc(y.transpose(1, 2)).transpose(1, 2)
+
+
+class CumSum(Tiny):
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4)).cumsum(dim=2)  # causal, but its state is hidden
+        return self.fc(y.transpose(1, 2)).transpose(1, 2)
+
+
+class BatchAsTime(Tiny):
+    def forward(self, x):
+        n, t = x.shape[0], x.shape[2]
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4)).permute(0, 2, 1).reshape(n * t, -1)  # rows n-major
+        return self.fc(y).reshape(t, n, -1).permute(1, 2, 0)  # read back t-major: right only if n or t is 1
 '''
 
 
@@ -103,3 +123,47 @@ def test_factory_mistakes_are_one_sentence(user_module: str, tmp_path: Path, fac
     assert res.exit_code == 2 and message in res.output, res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("factory", "frame"), [("MeanOverTime", 0), ("CumSum", 1), ("BatchAsTime", 0)])
+def test_forward_code_that_mixes_frames_is_refused_before_anything_is_written(
+        user_module: str, tmp_path: Path, factory: str, frame: int) -> None:
+    res = CliRunner().invoke(app, ["export", f"{user_module}:{factory}", "--size", "16", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2, res.output
+    assert f"{factory}'s step differs from its clip forward at frame {frame} of a random 10-frame clip" in res.output
+    assert "--no-verify" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / f"{factory}.edge3d").exists()
+
+
+def test_no_verify_exports_what_the_check_refuses_and_says_so(user_module: str, tmp_path: Path) -> None:
+    import json
+
+    res = CliRunner().invoke(app, ["export", f"{user_module}:CumSum", "--size", "16", "-o", str(tmp_path),
+                                   "--no-verify"])
+    assert res.exit_code == 0, res.output
+    assert "not checked against the clip forward" in res.output
+    assert json.loads((tmp_path / "CumSum.edge3d" / "manifest.json").read_text())["model"]["step_check"] is None
+    res = CliRunner().invoke(app, ["export", f"{user_module}:build", "--size", "16", "-o", str(tmp_path)])
+    assert res.exit_code == 0 and "checked: the step equals the clip forward on a random 10-frame clip" in res.output
+    check = json.loads((tmp_path / "build.edge3d" / "manifest.json").read_text())["model"]["step_check"]
+    assert check["frames"] == check["outputs"] == 10 and 0 <= check["max_error"] <= 1e-3 * check["scale"]
+
+
+def test_the_step_check_reports_a_failing_or_non_finite_clip_forward(user_module: str) -> None:
+    import edge3d
+    from edge3d.equivalence import StepMismatchError, check_step_matches_clip
+
+    module = __import__(user_module)
+    step = edge3d.to_step(module.build(), (3, 16, 16))
+    step.model.forward = lambda x: torch.full((x.shape[0], 4, x.shape[2]), float("nan"))
+    with pytest.raises(StepMismatchError, match="gives NaN or Inf on a random clip"):
+        check_step_matches_clip(step)
+
+    def only_one_frame(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] != 1:
+            raise RuntimeError("expected one frame")
+        return torch.zeros(x.shape[0], 4, 1)
+
+    step.model.forward = only_one_frame
+    with pytest.raises(StepMismatchError, match=r"failed on a random 10-frame clip \(RuntimeError: expected one"):
+        check_step_matches_clip(step)

@@ -128,6 +128,9 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     summary = s.stage_summary()
     assert [r["runs"] for r in summary["stages"]] == [40, 20, 10, 5]
     assert summary["amortised_ms_per_frame"] > 0
+    # the export checked whole runs of the slowest stage (period 8): two outputs of 16 frames
+    check = s.manifest["model"]["step_check"]
+    assert (check["frames"], check["outputs"]) == (16, 2) and check["max_error"] <= 1e-3 * check["scale"]
     assert s.cache_bytes == sum(s.state_breakdown.values()) > sum(summary["buffer_bytes"].values()) > 0
     snap = s.get_state()
     for bad, says in ((None, "snapshot is a NoneType"), ({}, "snapshot lacks state")):

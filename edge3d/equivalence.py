@@ -1,0 +1,88 @@
+"""Check, at export, that a step module reproduces its model's clip forward.
+
+``to_step`` sees the model only through the streaming layers of :mod:`edge3d.nn`. Forward code
+that mixes frames by itself (``x.mean(dim=2)``, ``cumsum`` or ``flip`` over time, an index such as
+``x[:, :, -1]``, a tensor kept on the module between calls) runs on one frame at a time in the step
+and silently computes something else. The tests prove streaming equals offline for the zoo; this
+check proves it for the model actually being exported, on a short random clip, before any file is
+written. It looks for wrong structure, not float rounding: the tolerance is 1e-3 of the largest
+output, where the tests allow 1e-4 of max(1, largest output).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECK_FRAMES = 10
+CHECK_STREAMS = 2  # two streams, so forward code that folds the batch into time is caught as well
+TOLERANCE = 1e-3  # relative to max |clip output|: untrained models' outputs can be far below 1
+SCALE_FLOOR = 1e-6
+
+
+class StepMismatchError(ValueError):
+    """The step module does not compute what the clip forward computes; the message says where."""
+
+
+def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: int = 0) -> dict[str, Any]:
+    """Stream a random clip through ``step`` and compare every output with ``step.model(clip)``.
+
+    Returns ``{"frames", "outputs", "max_error", "scale"}``; raises :class:`StepMismatchError`
+    at the first output that differs by more than ``TOLERANCE`` of the output scale.
+    """
+    model: nn.Module = step.model
+    name = type(model).__name__
+    periods = getattr(step, "periods", None)
+    if periods:  # multi-rate: whole runs of the slowest stage, two of them at least
+        frames = max(frames, 2 * periods[-1])
+        frames += -frames % periods[-1]
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
+    with torch.no_grad():
+        try:
+            ref = model(clip)
+        except Exception as e:  # whatever the user's forward raises, reported the same way
+            raise StepMismatchError(
+                f"{name} failed on a random {frames}-frame clip ({type(e).__name__}: {e}), so its step cannot be "
+                "checked against the clip forward; fix the clip forward, or export with --no-verify."
+            ) from e
+        if not isinstance(ref, torch.Tensor):
+            raise StepMismatchError(f"{name}'s clip forward returned a {type(ref).__name__}, not a tensor; edge3d "
+                                    "needs one (N, classes, T) output to check the step against.")
+        if periods:
+            out, when = step.run_clip(clip)
+            at = [int(t) for t in when]
+            axis = 2
+        else:
+            axis = step.output_time_axis
+            states = step.initial_states(CHECK_STREAMS)
+            outs = []
+            for t in range(frames):
+                y, *states = step(clip[:, :, t], *states)
+                outs.append(y)
+            out = torch.stack(outs, dim=axis)
+            at = list(range(frames))
+    if tuple(out.shape) != tuple(ref.shape):
+        raise StepMismatchError(
+            f"{name}'s step gives outputs of shape {tuple(out.shape)} over a {frames}-frame clip, its clip forward "
+            f"{tuple(ref.shape)}: its forward code changes the time axis outside the edge3d.nn layers; keep one "
+            "output per frame (N, classes, T)."
+        )
+    if not torch.isfinite(ref).all():
+        raise StepMismatchError(f"{name}'s clip forward gives NaN or Inf on a random clip, so its step cannot be "
+                                "checked; fix the model (or its checkpoint), or export with --no-verify.")
+    scale = max(SCALE_FLOOR, float(ref.abs().max()))
+    err = (out - ref).abs().nan_to_num(float("inf")).movedim(axis, 0).reshape(ref.shape[axis], -1).amax(dim=1)
+    bad = (err > TOLERANCE * scale).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        raise StepMismatchError(
+            f"{name}'s step differs from its clip forward at frame {at[i]} of a random {frames}-frame clip (error "
+            f"{float(err[i]):.3g} at output scale {scale:.3g}): its forward code mixes frames outside the edge3d.nn "
+            "layers (a mean, sum, cumsum, flip or index over the time axis, or a tensor kept between calls), which "
+            "one frame at a time cannot reproduce; write that part with an edge3d.nn layer (RunningMean for a "
+            "causal mean), or export with --no-verify to skip this check."
+        )
+    return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
