@@ -92,7 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    for flag, value in (("--frames", args.frames), ("--log-every", args.log_every)):
+    # the CSI capture settings too: a zero or negative one makes a pipeline OpenCV cannot open, and
+    # its message would blame GStreamer instead of the flag
+    for flag, value in (("--frames", args.frames), ("--log-every", args.log_every), ("--width", args.width),
+                        ("--height", args.height), ("--fps", args.fps)):
         if value is not None and value < 1:
             print(f"error: {flag} must be at least 1, got {value}.", file=sys.stderr)
             return 2

@@ -421,8 +421,11 @@ def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, caps
     out = capsys.readouterr()
     assert code == 1 and "done: 120 frames" in out.out
     assert out.err == "error: camera 0 stopped delivering frames after 120 frames; check its connection.\n"
-    assert jetson_app.main([str(artifact), "--source", str(clip), "--backend", "onnxruntime", "--headless",
-                            "--log-every", "0"]) == 2
+    capsys.readouterr()
+    for flag, value in (("--log-every", "0"), ("--width", "0"), ("--height", "-720"), ("--fps", "0")):
+        assert jetson_app.main([str(artifact), "--source", "csi:0", "--backend", "onnxruntime", "--headless",
+                                flag, value]) == 2
+        assert capsys.readouterr().err == f"error: {flag} must be at least 1, got {value}.\n"
 
 
 def test_jetson_app_stops_cleanly_on_sigterm(artifact):
