@@ -481,7 +481,7 @@ def run(
     s = session.stats.summary()
     stopped = {130: " (interrupted)", 143: " (terminated)"}.get(interrupted, "")
     table = Table(title=f"edge3d run: {artifact}{stopped}", show_header=False)
-    table.add_row("frames", str(n) + (f" from {videos} videos, each from the initial state" if videos > 1 else ""))
+    table.add_row("frames", str(n) + (f" from {videos} clips, each from the initial state" if videos > 1 else ""))
     table.add_row("model ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
     table.add_row("model fps", f"{s['fps']:.1f}")
     table.add_row("ms/frame with resize, p50 / p95",

@@ -1,4 +1,4 @@
-"""Frame sources for the CLI: video files, cameras, folders of videos, the synthetic stream.
+"""Frame sources for the CLI: video files, cameras, folders of videos or of images, the synthetic stream.
 
 Every source yields ``(frame, label)``: an H×W×3 uint8 RGB frame and the ground-truth class
 index where the source knows it (the synthetic stream), else ``None``. OpenCV is imported
@@ -8,6 +8,7 @@ only for files and cameras, so the synthetic source works without the ``video`` 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 def _cv2():
@@ -69,7 +71,8 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
 
 
 def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, int | None]]:
-    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a video file, or a folder of videos."""
+    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a video file, or a folder (of videos or images),
+    its clips one after another."""
     if spec.startswith("synthetic"):
         from .data import gestures
 
@@ -85,7 +88,7 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
         return capture_frames(cap, lost=f"camera {index}")
     path = Path(spec)
     if path.is_dir():
-        return (item for v in _videos_in(path) for item in capture_frames(_open_video(v)))
+        return (item for clip in _clips_in(path) for item in _clip_frames(clip))
     if not path.is_file():
         raise ValueError(
             f"source {spec!r} is neither a file, a folder, camera:INDEX nor synthetic[:SEED]; "
@@ -101,30 +104,73 @@ def _open_video(path: Path, fix: str = "check the file and its codec"):
     return cap
 
 
-def _videos_in(folder: Path) -> list[Path]:
-    """The folder's videos, each opened once here so that a broken one fails before any frame is
-    streamed, not halfway through the folder with half a predictions file written."""
+def _natural(p: Path) -> list[Any]:
+    """Name order with numbers compared as numbers: frame_2.jpg before frame_10.jpg."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", p.name)]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural)
+
+
+def _clips_in(folder: Path) -> list[Path]:
+    """The clips a folder holds, each checked before any frame is streamed.
+
+    Its videos if it has any (each opened once, so a broken one fails here, not halfway through
+    the folder with half a predictions file written); else, if it holds images, the folder itself
+    is one clip, its frames in name order; else each subfolder that holds images is one clip (the
+    layout of datasets shipped as frames, one folder per video). An image clip's first image is
+    checked here and every image as its turn comes.
+    """
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
-    if not videos:
-        raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}).")
     for v in videos:
         _open_video(v, "check the file and its codec, or move it out of the folder").release()
-    return videos
+    if videos:
+        return videos
+    clips = [folder] if _images_in(folder) else sorted((d for d in folder.iterdir() if d.is_dir() and _images_in(d)),
+                                                       key=_natural)
+    if not clips:
+        raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}), no images "
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no folders of images; pass a video, or a folder "
+                         "of those.")
+    cv2 = _cv2()
+    for clip in clips:
+        first = _images_in(clip)[0]
+        if not cv2.haveImageReader(str(first)):
+            raise ValueError(f"image {first} cannot be read by OpenCV; check the file, or move it out of the folder.")
+    return clips
+
+
+def _clip_frames(clip: Path) -> Iterator[tuple[np.ndarray, None]]:
+    """A video's frames, or a folder's images in name order (each must decode: a clip with a hole
+    in it is not the clip the model should see)."""
+    if not clip.is_dir():
+        yield from capture_frames(_open_video(clip))
+        return
+    cv2 = _cv2()
+    for image in _images_in(clip):
+        bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"image {image} cannot be read by OpenCV; check the file, or move it out of the folder.")
+        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
 
 
 def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
     """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
 
-    A folder of videos is several streams, each named by its file: a stateful model must start
-    each video from its initial state (`edge3d run`, calibration and comparison reset between
-    them), whereas ``open_source`` concatenates them. Every other source is a single stream
-    named ``spec``. A bad source raises here, not at the first frame; each video of a folder is
-    opened only when its turn comes, so a folder of many videos holds one capture at a time.
+    A folder of clips (videos, or folders of images) is several streams, each named by its path:
+    a stateful model must start each clip from its initial state (`edge3d run`, calibration and
+    comparison reset between them), whereas ``open_source`` concatenates them. Every other
+    source, a folder of images included, is a single stream named ``spec``. A bad source raises
+    here, not at the first frame; each video of a folder is opened only when its turn comes, so a
+    folder of many videos holds one capture at a time.
     """
     path = Path(spec)
     if not spec.startswith(("synthetic", "camera:")) and path.is_dir():
-        videos = _videos_in(path)
-        return ((str(v), open_source(str(v), frame_size)) for v in videos)
+        clips = _clips_in(path)
+        if clips == [path]:
+            return iter([(spec, _clip_frames(path))])
+        return ((str(c), _clip_frames(c)) for c in clips)
     return iter([(spec, open_source(spec, frame_size))])
 
 

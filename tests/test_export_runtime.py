@@ -592,7 +592,7 @@ def test_cli_run_starts_each_video_of_a_folder_from_the_initial_state(tiny_artif
     runner = CliRunner()
     res = runner.invoke(app, ["run", str(art), "--source", str(folder), "--output", str(tmp_path / "all.jsonl")],
                         terminal_width=200)
-    assert res.exit_code == 0 and "16 from 2 videos" in res.output, res.output
+    assert res.exit_code == 0 and "16 from 2 clips" in res.output, res.output
     res = runner.invoke(app, ["run", str(art), "--source", str(folder / "b.mp4"), "--output", str(tmp_path / "b.jsonl")])
     assert res.exit_code == 0, res.output
     both = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
@@ -601,6 +601,72 @@ def test_cli_run_starts_each_video_of_a_folder_from_the_initial_state(tiny_artif
     assert [r["video"] for r in both] == [str(folder / "a.mp4")] * 8 + [str(folder / "b.mp4")] * 8
     assert "video" not in alone[0]
     assert [(r["top"], r["score"]) for r in both[8:]] == [(r["top"], r["score"]) for r in alone]
+
+
+def _write_frames(folder: Path, frames: np.ndarray, names: list[str]) -> None:
+    """RGB frames as lossless PNGs, so what OpenCV reads back is exactly what was written."""
+    cv2 = pytest.importorskip("cv2")
+    folder.mkdir(parents=True)
+    for f, name in zip(frames, names, strict=True):
+        assert cv2.imwrite(str(folder / name), np.ascontiguousarray(f[..., ::-1]))
+
+
+def test_cli_run_plays_a_folder_of_images_in_name_order(tiny_artifact, tmp_path: Path) -> None:
+    """A clip shipped as frames (f1.png … f12.png) streams as one clip, frame 2 before frame 10,
+    with the same outputs as stepping those frames through a Session."""
+    art, _ = tiny_artifact
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 256, (12, 40, 56, 3), dtype=np.uint8)
+    names = [f"f{i + 1}.png" for i in range(12)]
+    _write_frames(tmp_path / "frames", frames, names)
+    (tmp_path / "frames" / "notes.txt").write_text("not a frame")
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(tmp_path / "frames"), "--output", str(preds)],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    with Session(art) as s:
+        want = [s.top(s.step(f)) for f in frames]
+    assert [(r["top"], r["score"]) for r in rows] == [(i, round(p, 5)) for i, _, p in want]
+    assert "video" not in rows[0] and "clips" not in res.output  # one clip
+
+
+def test_cli_run_plays_folders_of_images_as_clips_each_from_the_initial_state(tiny_artifact, tmp_path: Path) -> None:
+    art, _ = tiny_artifact
+    rng = np.random.default_rng(8)
+    root = tmp_path / "dataset"
+    clips = {"2": rng.integers(0, 256, (5, 40, 40, 3), dtype=np.uint8),
+             "10": rng.integers(0, 256, (7, 40, 40, 3), dtype=np.uint8)}
+    for name, frames in clips.items():
+        _write_frames(root / name, frames, [f"{i:05d}.png" for i in range(len(frames))])
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(root), "--output", str(preds)], terminal_width=200)
+    assert res.exit_code == 0 and "12 from 2 clips" in res.output, res.output
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["video"] for r in rows] == [str(root / "2")] * 5 + [str(root / "10")] * 7  # 2 before 10
+    with Session(art) as s:
+        alone = [s.top(s.step(f)) for f in clips["10"]]
+    assert [(r["top"], r["score"]) for r in rows[5:]] == [(i, round(p, 5)) for i, _, p in alone]
+
+
+def test_cli_run_a_broken_image_is_named(tiny_artifact, tmp_path: Path) -> None:
+    """A clip whose first image is unreadable fails before any frame; one broken later fails when
+    reached, naming the file, rather than playing a clip with a hole in it."""
+    art, _ = tiny_artifact
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    root = tmp_path / "dataset"
+    _write_frames(root / "a", frames, ["1.png", "2.png", "3.png"])
+    _write_frames(root / "b", frames, ["1.png", "2.png", "3.png"])
+    (root / "b" / "1.png").write_bytes(b"not an image")
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(root), "--output", str(preds)])
+    assert res.exit_code == 2 and f"image {root / 'b' / '1.png'} cannot be read by OpenCV" in res.output, res.output
+    assert not preds.exists()  # clip a was not streamed first
+    (root / "b" / "1.png").unlink()
+    (root / "b" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(root)])
+    assert res.exit_code == 2 and f"image {root / 'b' / '3.png'} cannot be read by OpenCV" in res.output, res.output
+    assert "Traceback" not in res.output
 
 
 def test_bench_rounds_interleave_blocks_and_keep_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
