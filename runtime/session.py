@@ -67,7 +67,8 @@ def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str
         if "tensorrt" not in have or not gpu_available():
             raise ArtifactError(
                 "backend 'tensorrt' needs the tensorrt and pycuda packages and an NVIDIA GPU, which are not "
-                "available here; use backend='onnxruntime', or run on a device with TensorRT and pycuda installed."
+                "available here; use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in Python), "
+                "or run on a device with TensorRT and pycuda installed."
             )
         return "tensorrt"
     if requested == "auto" and "tensorrt" in have and has_engine(manifest, profile) and gpu_available():

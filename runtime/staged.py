@@ -35,7 +35,8 @@ class StagedSession(Session):
                              "leave it out.")
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
-                                "use backend='onnxruntime'.")
+                                "use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in "
+                                "Python).")
         self._open(path, profile, streams)
         if "files" not in self.precision:
             raise ArtifactError(f"the {profile!r} precision of this multi-rate artifact lists no per-stage files; "

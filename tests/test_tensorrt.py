@@ -311,6 +311,7 @@ def test_without_tensorrt_auto_uses_onnxruntime_and_explicit_tensorrt_fails_clea
         Session(three_precisions, backend="tensorrt")
     proc = run_cli("run", str(three_precisions), "--backend", "tensorrt", "--frames", "1", "--quiet")
     assert proc.returncode == 2 and "tensorrt and pycuda" in proc.stderr and "Traceback" not in proc.stderr
+    assert "use the onnxruntime backend (--backend onnxruntime," in " ".join(proc.stderr.split())  # the CLI's fix
 
 
 def test_pick_backend_decision_table(three_precisions, monkeypatch):
