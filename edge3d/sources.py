@@ -31,7 +31,7 @@ def _cv2():
         import cv2
     except ImportError as e:
         raise ValueError(
-            "reading video files and cameras needs OpenCV; pip install 'edge3d[video]' "
+            "reading video files, images and cameras needs OpenCV; pip install 'edge3d[video]' "
             "(or use --source synthetic)."
         ) from e
     if "OPENCV_LOG_LEVEL" not in os.environ:

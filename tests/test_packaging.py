@@ -115,6 +115,10 @@ def test_the_wheel_alone_runs_an_artifact_without_torch(wheel: Path, stream_arti
     (tmp_path / "clip.mp4").write_bytes(b"")
     r = edge3d("run", str(art), "--source", "clip.mp4")
     assert r.returncode == 2 and "pip install 'edge3d[video]'" in r.stderr, (r.stdout + r.stderr)[-2000:]
+    (tmp_path / "frames").mkdir()
+    (tmp_path / "frames" / "0001.png").write_bytes(b"")
+    r = edge3d("run", str(art), "--source", "frames")  # so do images
+    assert r.returncode == 2 and "images and cameras needs OpenCV" in r.stderr, (r.stdout + r.stderr)[-2000:]
     # compare without matplotlib writes its report and says why there are no plots
     r = edge3d("compare", str(art), "--profiles", "fp32", "--frames", "6", "--out", "cmp")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
