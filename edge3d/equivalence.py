@@ -46,7 +46,8 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
         except Exception as e:  # whatever the user's forward raises, reported the same way
             raise StepMismatchError(
                 f"{name} failed on a random {frames}-frame clip ({type(e).__name__}: {e}), so its step cannot be "
-                "checked against the clip forward; fix the clip forward, or export with --no-verify."
+                "checked against the clip forward; fix the clip forward, or skip the check with `edge3d export "
+                "--no-verify` (verify=False in Python)."
             ) from e
         if not isinstance(ref, torch.Tensor):
             raise StepMismatchError(f"{name}'s clip forward returned a {type(ref).__name__}, not a tensor; edge3d "
@@ -72,7 +73,8 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
         )
     if not torch.isfinite(ref).all():
         raise StepMismatchError(f"{name}'s clip forward gives NaN or Inf on a random clip, so its step cannot be "
-                                "checked; fix the model (or its checkpoint), or export with --no-verify.")
+                                "checked; fix the model (or its checkpoint), or skip the check with `edge3d export "
+                                "--no-verify` (verify=False in Python).")
     scale = max(SCALE_FLOOR, float(ref.abs().max()))
     err = (out - ref).abs().nan_to_num(float("inf")).movedim(axis, 0).reshape(ref.shape[axis], -1).amax(dim=1)
     bad = (err > TOLERANCE * scale).nonzero()
@@ -83,6 +85,6 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
             f"{float(err[i]):.3g} at output scale {scale:.3g}): its forward code mixes frames outside the edge3d.nn "
             "layers (a mean, sum, cumsum, flip or index over the time axis, or a tensor kept between calls), which "
             "one frame at a time cannot reproduce; write that part with an edge3d.nn layer (RunningMean for a "
-            "causal mean), or export with --no-verify to skip this check."
+            "causal mean), or skip this check with `edge3d export --no-verify` (verify=False in Python)."
         )
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
