@@ -63,6 +63,9 @@ def _strip_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
+BN_COUNTER = "num_batches_tracked"
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
     """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix.
 
@@ -83,6 +86,9 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")
     own = model.state_dict()
     state = _strip_prefix(state, own)
+    # BatchNorm's batch counter matters only to training with momentum=None; checkpoints saved by
+    # parameter-only or EMA code, or converted from other frameworks, often lack it. Keep the model's.
+    state = {**{k: v for k, v in own.items() if k.endswith(BN_COUNTER) and k not in state}, **state}
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     not_tensors = [k for k in own if k in state and not isinstance(state[k], torch.Tensor)]
