@@ -700,7 +700,8 @@ def compare(
         report = run_compare(artifact, names, source, frames, out_dir=out,
                              save_polygraphy_inputs=save_polygraphy_inputs, threads=threads,
                              progress=lambda n: progress.advance(task, n))
-    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames)")
+    stopped = ", interrupted" if report.get("interrupted") else ""
+    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames{stopped})")
     table.add_column("metric", min_width=10)
     for p in report["profiles"]:
         # the metric names may wrap to fit 80 columns; a profile's name or a number may not be cut short
@@ -721,6 +722,9 @@ def compare(
         model = shlex.quote(str(Path(report["artifact"]) / f"model.{p}.onnx"))
         console.print(f"  polygraphy run {model} --onnxrt --load-inputs {shlex.quote(str(out / f))}",
                       soft_wrap=True, highlight=False, markup=False)
+    if report.get("interrupted"):
+        err_console.print(f"interrupted after {report['frames']} frames; the report covers those.")
+        raise typer.Exit(130)
 
 
 def main() -> None:

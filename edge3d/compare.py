@@ -105,6 +105,13 @@ class _Recorder:
         self.tf_top: list[int] = []
         self.nonfinite: dict[str, Any] | None = None  # the first frame whose free-running output is not finite
 
+    def keep(self, n: int) -> None:
+        """Only the first ``n`` frames, those every session finished (a Ctrl-C lands anywhere)."""
+        for series in (self.free_err, self.free_cos, self.free_top, self.tf_err, self.tf_top):
+            del series[n:]
+        if self.nonfinite is not None and self.nonfinite["frame"] >= n:
+            self.nonfinite = None
+
 
 FLOAT16_MAX = 65504.0
 
@@ -243,50 +250,64 @@ def compare(
     recorded: list[dict[str, np.ndarray]] = []
     boundaries: list[int] = []
     n = 0
+    interrupted = False
     try:
-        for _, stream in streams:
-            if n >= frames:
-                break
-            boundaries.append(n)
-            for s in [ref, *free.values()]:
-                s.reset()
-            for item in stream:
-                frame, label = split_item(item)
-                ref.pre(np.asarray(frame), buf)
-                states = ref.get_state()
-                ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
-                if save_polygraphy_inputs and n in pick:
-                    recorded.append({"frame": buf[None].copy(),
-                                     **{state_io_names(k)[0]: v for k, v in states.items()}})
-                y = ref.step(buf).astype(np.float32)
-                if ref_nonfinite is None and not np.isfinite(y).all():
-                    ref_nonfinite = _nonfinite_cause(n, ref, ref)
-                out_scale = max(out_scale, float(np.abs(y).max()))
-                ref_top.append(int(y.argmax()))
-                labels.append(label if keep_labels else None)
-                for p in others:
-                    r = rec[p]
-                    yf = free[p].step(buf).astype(np.float32)
-                    r.free_err.append(float(np.abs(yf - y).max()))
-                    r.free_cos.append(_cosine(yf, y))
-                    r.free_top.append(int(yf.argmax()))
-                    if r.nonfinite is None and not np.isfinite(yf).all():
-                        r.nonfinite = _nonfinite_cause(n, free[p], ref)
-                    forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
-                    yt = forced[p].step(buf).astype(np.float32)
-                    r.tf_err.append(float(np.abs(yt - y).max()))
-                    r.tf_top.append(int(yt.argmax()))
-                n += 1
-                if progress is not None:
-                    progress(1)
+        try:
+            for _, stream in streams:
                 if n >= frames:
                     break
+                boundaries.append(n)
+                for s in [ref, *free.values()]:
+                    s.reset()
+                for item in stream:
+                    frame, label = split_item(item)
+                    ref.pre(np.asarray(frame), buf)
+                    states = ref.get_state()
+                    ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
+                    if save_polygraphy_inputs and n in pick:
+                        recorded.append({"frame": buf[None].copy(),
+                                         **{state_io_names(k)[0]: v for k, v in states.items()}})
+                    y = ref.step(buf).astype(np.float32)
+                    if ref_nonfinite is None and not np.isfinite(y).all():
+                        ref_nonfinite = _nonfinite_cause(n, ref, ref)
+                    out_scale = max(out_scale, float(np.abs(y).max()))
+                    ref_top.append(int(y.argmax()))
+                    labels.append(label if keep_labels else None)
+                    for p in others:
+                        r = rec[p]
+                        yf = free[p].step(buf).astype(np.float32)
+                        r.free_err.append(float(np.abs(yf - y).max()))
+                        r.free_cos.append(_cosine(yf, y))
+                        r.free_top.append(int(yf.argmax()))
+                        if r.nonfinite is None and not np.isfinite(yf).all():
+                            r.nonfinite = _nonfinite_cause(n, free[p], ref)
+                        forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
+                        yt = forced[p].step(buf).astype(np.float32)
+                        r.tf_err.append(float(np.abs(yt - y).max()))
+                        r.tf_top.append(int(yt.argmax()))
+                    n += 1
+                    if progress is not None:
+                        progress(1)
+                    if n >= frames:
+                        break
+        except KeyboardInterrupt:
+            # Ctrl-C on a long comparison reports the frames every profile finished, as `run` does
+            if n == 0:
+                raise
+            interrupted = True
+            del ref_top[n:], labels[n:], ref_largest[n:]
+            boundaries[:] = [b for b in boundaries if b < n]
+            for r in rec.values():
+                r.keep(n)
+            if ref_nonfinite is not None and ref_nonfinite["frame"] >= n:
+                ref_nonfinite = None
         if n == 0:
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
         report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
                          threads)
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
+        report["interrupted"] = interrupted
         if REFERENCE in report["profiles"]:
             report["profiles"][REFERENCE]["free_running"]["first_nonfinite"] = ref_nonfinite
         latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}
@@ -451,7 +472,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# edge3d compare: {report['model']}", "",
-             f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s); "
+             f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s)"
+             f"{' (interrupted: the frames every profile finished)' if report.get('interrupted') else ''}; "
              f"reference {report['reference']}; output scale (max |fp32 output|) {report['output_scale']:.4g}.", "",
              "TF = teacher-forced per-step error (each profile fed the FP32 states); drift = free-running "
              "(each profile carries its own state), max abs error and cosine similarity against FP32; "

@@ -284,3 +284,62 @@ def test_compare_blames_the_model_not_a_profile_when_fp32_itself_overflows(tmp_p
     report = compare(art, "fp32-copy", frames, 140, plots=False)
     assert "fp32" not in report["profiles"] and report["reference_first_nonfinite"]["frame"] == expected
     assert "after the FP32 reference's" in "\n".join(report_notes(report))
+
+
+def test_ctrl_c_reports_the_frames_every_profile_finished(stateful: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long comparison stopped with Ctrl-C still writes its report, over the frames done, and the
+    CLI exits 130 as `run` does; stopped before any frame, it is simply interrupted."""
+    from typer.testing import CliRunner
+
+    from edge3d import compare as compare_module
+    from edge3d.cli import app
+
+    frames = [f for f, _ in pattern_stream(60, seed=5)]
+
+    def stop_at(n: int):
+        def progress(_: int) -> None:
+            progress.calls += 1
+            if progress.calls == n:
+                raise KeyboardInterrupt
+        progress.calls = 0
+        return progress
+
+    out = tmp_path / "py"
+    report = compare(stateful, ["fp32", "fp16", "int8"], frames, 60, out_dir=out, threads=1, progress=stop_at(25))
+    assert report["interrupted"] and report["frames"] == 25
+    series = np.load(out / "series.npz")
+    assert all(len(series[k]) == 25 for k in series.files) and len(series.files) == 6
+    assert json.loads((out / "report.json").read_text())["interrupted"] is True
+    assert "25 frames in 1 stream(s) (interrupted" in (out / "report.md").read_text()
+    full = compare(stateful, ["fp32", "fp16", "int8"], frames[:25], 25, threads=1, plots=False)
+    assert not full["interrupted"]
+    for p in ("fp16", "int8"):  # the same numbers as a run of just those frames
+        assert report["profiles"][p]["teacher_forced"] == full["profiles"][p]["teacher_forced"]
+
+    def no_frames():
+        raise KeyboardInterrupt
+        yield
+
+    with pytest.raises(KeyboardInterrupt):
+        compare(stateful, ["fp32", "fp16"], no_frames(), 10, threads=1, plots=False)
+
+    # Ctrl-C in the middle of frame 20 (two profiles besides fp32, one cosine each per frame)
+    calls = {"n": 0}
+    cosine = compare_module._cosine
+
+    def interrupting_cosine(a: np.ndarray, b: np.ndarray) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 2:
+            raise KeyboardInterrupt
+        return cosine(a, b)
+
+    monkeypatch.setattr(compare_module, "_cosine", interrupting_cosine)
+    video = tmp_path / "clip.mp4"
+    write_video(video, frames)
+    res = CliRunner().invoke(app, ["compare", str(stateful), "--profiles", "fp32,fp16,int8", "--source", str(video),
+                                   "--frames", "60", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 130, res.output
+    assert "20 frames, interrupted" in res.output and "interrupted after 20 frames; the report covers those" \
+        in " ".join(res.output.split())
+    assert json.loads((tmp_path / "cli" / "report.json").read_text())["frames"] == 20
