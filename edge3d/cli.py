@@ -186,8 +186,13 @@ def inspect(
         if as_json:
             print(json.dumps(m, indent=2))
             return
+        model_entry = m.get("model") or {}
+        check = model_entry.get("step_check")
+        checked = None if "step_check" not in model_entry else (  # artifacts from before the check: no row
+            f"equal on {check['frames']} random frames (error {check['max_error']:.2g})" if check
+            else "not checked (--no-verify)")
         _print_report(m["name"], m["params"], m["macs_per_frame"], m["state_bytes"], m["input_history_bytes"],
-                      m["states"])
+                      m["states"], checked)
         prec = Table(title="precisions")
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
@@ -233,12 +238,15 @@ def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
         console.print(bt)
 
 
-def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict]) -> None:
+def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict],
+                  step_check: str | None = None) -> None:
     summary = Table(title=f"{name}", show_header=False)
     summary.add_row("parameters", f"{params / 1e6:.2f} M")
     summary.add_row("MACs per frame", f"{macs / 1e6:.1f} M")
     summary.add_row("state (intermediate caches)", format_bytes(state))
     summary.add_row("input-frame history", format_bytes(history))
+    if step_check is not None:
+        summary.add_row("step vs clip forward", step_check)
     console.print(summary)
     table = Table(title="states (per stream)")
     for col in ("name", "shape", "dtype", "kind", "bytes"):

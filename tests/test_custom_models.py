@@ -147,6 +147,10 @@ def test_no_verify_exports_what_the_check_refuses_and_says_so(user_module: str, 
     assert res.exit_code == 0 and "checked on 10 random frames: the step equals the clip forward (error " in res.output
     check = json.loads((tmp_path / "build.edge3d" / "manifest.json").read_text())["model"]["step_check"]
     assert check["frames"] == check["outputs"] == 10 and 0 <= check["max_error"] <= 1e-3 * check["scale"]
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "build.edge3d")], terminal_width=200).output
+    assert "step vs clip forward" in shown and "equal on 10 random frames (error" in shown
+    shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "CumSum.edge3d")], terminal_width=200).output
+    assert "not checked (--no-verify)" in shown
 
 
 def test_the_step_check_reports_a_failing_or_non_finite_clip_forward(user_module: str) -> None:
