@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import ArtifactError, state_io_names
+from .manifest import ArtifactError, check_file_hash, state_io_names
 from .session import Session, require_mapping, serialised
 
 
@@ -47,7 +47,8 @@ class StagedSession(Session):
         self._specs = {s["name"]: s for s in self.manifest["states"]}
         self._buffers_spec = {b["name"]: b for b in self.manifest.get("buffers", [])}
         self._sess = []
-        for st, file in zip(self._stages, self.precision["files"], strict=True):
+        hashes = self.precision.get("sha256") or [None] * len(self.precision["files"])
+        for st, file, sha in zip(self._stages, self.precision["files"], hashes, strict=True):
             sess = _load_session(folder / file, threads)
             want_in = [i["name"] for i in st["inputs"]] + [state_io_names(n)[0] for n in st["states"]]
             want_out = [o["name"] for o in st["outputs"]] + [state_io_names(n)[1] for n in st["states"]]
@@ -55,6 +56,7 @@ class StagedSession(Session):
             if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
                 raise ArtifactError(f"{file} does not match stage {st['index']} of manifest.json; re-export the "
                                     "artifact instead of mixing files.")
+            check_file_hash(folder / file, sha)
             fixed = next(((i.name, i.shape[0]) for i in sess.get_inputs()
                           if isinstance(i.shape[0], int) and i.shape[0] != streams), None)
             if fixed:

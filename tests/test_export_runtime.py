@@ -281,6 +281,43 @@ def test_truncated_onnx_fails_at_load(tiny_artifact, tmp_path: Path) -> None:
         Session(art)
 
 
+def flip_a_weight_bit(onnx_file: Path) -> None:
+    """One bit of the largest initializer's data: the file still parses, the weights are wrong."""
+    raw = max((t.raw_data for t in onnx.load(str(onnx_file)).graph.initializer), key=len)
+    data = bytearray(onnx_file.read_bytes())
+    at = data.find(raw[:64])
+    assert at > 0 and len(raw) > 200
+    data[at + 150] ^= 0x40  # an exponent bit of some float: a large change
+    onnx_file.write_bytes(bytes(data))
+
+
+def test_a_flipped_weight_bit_fails_at_load(tiny_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph file that still parses but is not the exported one (a bit flipped on an SD card)
+    fails at load by its sha256; without the recorded hash it would stream other outputs."""
+    from edge3d.runtime import manifest as manifest_module
+
+    art = _copy(tiny_artifact[0], tmp_path)
+    frames = np.random.default_rng(4).standard_normal((20, 3, SIZE, SIZE)).astype(np.float32)
+    with Session(art) as s:
+        good = np.stack([s.step(f) for f in frames])
+    flip_a_weight_bit(art / "model.fp32.onnx")
+    with pytest.raises(ArtifactError, match="model.fp32.onnx is not the file manifest.json records .its sha256 "
+                                            "differs.: it is corrupt or truncated"):
+        Session(art)
+    m = json.loads((art / "manifest.json").read_text())
+    del m["precisions"]["fp32"]["sha256"]  # an artifact from before hashes were recorded
+    (art / "manifest.json").write_text(json.dumps(m))
+    with Session(art) as s:  # loads, and is wrong: what the check is for
+        assert not np.allclose(np.stack([s.step(f) for f in frames]), good)
+    # each file is hashed once per process, not once per Session (compare opens 2N+1 of them)
+    calls = []
+    monkeypatch.setattr(manifest_module, "file_sha256", lambda p: calls.append(p) or "sha256:x")
+    for _ in range(3):
+        with pytest.raises(ArtifactError):
+            manifest_module.check_file_hash(tiny_artifact[0] / "model.fp32.onnx", "sha256:y")
+    assert len(calls) == 1
+
+
 def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> None:
     art = _copy(tiny_artifact[0], tmp_path)
     other = export_artifact(randomize(zoo.build("tsm-resnet18", **TINY)), tmp_path / "o", "other", frame_size=SIZE)

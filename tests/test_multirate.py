@@ -17,7 +17,7 @@ import pytest
 import torch
 from conftest import randomize
 from edge3d.exporters.onnx import export_artifact
-from edge3d.runtime import Session
+from edge3d.runtime import ArtifactError, Session
 from torch import nn
 
 import edge3d
@@ -128,6 +128,16 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     summary = s.stage_summary()
     assert [r["runs"] for r in summary["stages"]] == [40, 20, 10, 5]
     assert summary["amortised_ms_per_frame"] > 0
+    # a stage file that is not the exported one fails at load
+    import shutil
+
+    from test_export_runtime import flip_a_weight_bit
+
+    copy = Path(shutil.copytree(art, art.parent / "flipped.edge3d"))
+    stage = sorted(copy.glob("*.onnx"))[-1]
+    flip_a_weight_bit(stage)
+    with pytest.raises(ArtifactError, match=f"{stage.name} is not the file manifest.json records"):
+        Session(copy)
     # the export checked whole runs of the slowest stage (period 8): two outputs of 16 frames
     check = s.manifest["model"]["step_check"]
     assert (check["frames"], check["outputs"]) == (16, 2) and check["max_error"] <= 1e-3 * check["scale"]

@@ -26,6 +26,7 @@ import numpy as np
 from ..manifest import (
     METADATA_KEY,
     ArtifactError,
+    check_file_hash,
     io_names,
     is_positive_int,
     precision_entry,
@@ -181,6 +182,7 @@ class OnnxRuntimeBackend(Backend):
         self._specs = {s["name"]: s for s in manifest["states"]}
         self._dtypes = {n: np.dtype(types[state_io_names(n)[0]]) for n in self.state_names}
         check_state_dtypes(self._dtypes, entry, self.path)
+        check_file_hash(self.path, entry.get("sha256"))  # last: the checks above name a mix-up of files better
         self._init = {n: initial_value(self._specs[n], entry, self._dtypes[n]) for n in self.state_names}
         f = manifest["frame"]
         self.frame_shape = (f["channels"], f["height"], f["width"])
