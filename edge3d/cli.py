@@ -188,9 +188,12 @@ def inspect(
             return
         model_entry = m.get("model") or {}
         check = model_entry.get("step_check")
-        checked = None if "step_check" not in model_entry else (  # artifacts from before the check: no row
-            f"equal on {check['frames']} random frames (error {check['max_error']:.2g})" if check
-            else "not checked (--no-verify)")
+        checked = None  # artifacts from before the check: no row
+        if "step_check" in model_entry:
+            checked = (f"step check, {check['frames']} random frames", f"±{check['max_error'] / check['scale']:.1e} vs "
+                       "clip" + (f", ONNX ±{check['onnx_max_error_relative']:.1e}"
+                                 if "onnx_max_error_relative" in check else "")
+                       ) if check else ("step check", "not checked (--no-verify)")
         _print_report(m["name"], m["params"], m["macs_per_frame"], m["state_bytes"], m["input_history_bytes"],
                       m["states"], checked)
         prec = Table(title="precisions")
@@ -239,14 +242,14 @@ def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
 
 
 def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict],
-                  step_check: str | None = None) -> None:
+                  step_check: tuple[str, str] | None = None) -> None:
     summary = Table(title=f"{name}", show_header=False)
     summary.add_row("parameters", f"{params / 1e6:.2f} M")
     summary.add_row("MACs per frame", f"{macs / 1e6:.1f} M")
     summary.add_row("state (intermediate caches)", format_bytes(state))
     summary.add_row("input-frame history", format_bytes(history))
     if step_check is not None:
-        summary.add_row("step vs clip forward", step_check)
+        summary.add_row(*step_check)  # relative to the largest output
     console.print(summary)
     table = Table(title="states (per stream)")
     for col in ("name", "shape", "dtype", "kind", "bytes"):
@@ -371,10 +374,12 @@ def export(
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
     if check:
-        console.print(f"  checked on {check['frames']} random frames: the step equals the clip forward "
-                      f"(error {check['max_error']:.2g})")
+        onnx_err = check.get("onnx_max_error_relative")
+        console.print(f"  verified on {check['frames']} random frames: step = clip "
+                      f"±{check['max_error'] / check['scale']:.1e}"
+                      + (f", ONNX = step ±{onnx_err:.1e}" if onnx_err is not None else ""))
     else:
-        console.print("  [yellow]not checked against the clip forward (--no-verify)[/]")
+        console.print("  [yellow]not verified against the clip forward or in ONNX Runtime (--no-verify)[/]")
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
 
 

@@ -11,6 +11,7 @@ output, where the tests allow 1e-4 of max(1, largest output).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,3 +89,49 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
             "causal mean), or skip this check with `edge3d export --no-verify` (verify=False in Python)."
         )
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
+
+
+def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHECK_FRAMES, seed: int = 1) -> float:
+    """Stream a random clip through the exported graph (ONNX Runtime, states fed back) and through
+    ``step`` in PyTorch; returns the largest error relative to the step's largest output.
+
+    The tests prove this for the zoo; here it is proved for the graph being written, after the
+    exporter, the simplifier and the BatchNorm folding have all had their say. Raises
+    :class:`StepMismatchError` naming the first frame off by more than ``TOLERANCE``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    from .runtime.manifest import state_io_names
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as the runtime loads it
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+    names = [state_io_names(s.name) for s in step.state_specs]
+    outputs = ["output"] + [o for _, o in names]
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(CHECK_STREAMS, frames, *step.frame_shape, generator=g)
+    states = step.initial_states(CHECK_STREAMS)
+    feeds = {i: s.numpy().copy() for (i, _), s in zip(names, states, strict=True)}
+    ref, got = [], []
+    with torch.no_grad():
+        for t in range(frames):
+            y, *states = step(clip[:, t], *states)
+            ref.append(y.numpy())
+            res = sess.run(outputs, {"frame": clip[:, t].numpy(), **feeds})
+            got.append(res[0])
+            feeds = {i: v for (i, _), v in zip(names, res[1:], strict=True)}
+    ref_a, got_a = np.stack(ref), np.stack(got)
+    scale = max(SCALE_FLOOR, float(np.abs(ref_a).max()))
+    err = np.nan_to_num(np.abs(got_a - ref_a), nan=np.inf).reshape(frames, -1).max(axis=1)
+    bad = np.flatnonzero(err > TOLERANCE * scale)
+    if len(bad):
+        t = int(bad[0])
+        raise StepMismatchError(
+            f"the exported ONNX graph differs from the PyTorch step at frame {t} of a random {frames}-frame clip "
+            f"(error {err[t]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
+            "please report it with the model, or skip this check with `edge3d export --no-verify` (verify=False "
+            "in Python) at your own risk."
+        )
+    return float(err.max() / scale)

@@ -255,6 +255,10 @@ def export_artifact(
         }
         set_metadata(onnx_path, {k: v for k, v in manifest.items() if k != "precisions"})
         onnx.checker.check_model(str(onnx_path), full_check=True)
+        if check is not None:  # the graph as written, against the step it was made from
+            from ..equivalence import check_onnx_matches_step
+
+            manifest["model"]["step_check"]["onnx_max_error_relative"] = check_onnx_matches_step(onnx_path, step)
         manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
         manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)
     return out_dir / f"{name}.edge3d"

@@ -141,14 +141,16 @@ def test_no_verify_exports_what_the_check_refuses_and_says_so(user_module: str, 
     res = CliRunner().invoke(app, ["export", f"{user_module}:CumSum", "--size", "16", "-o", str(tmp_path),
                                    "--no-verify"])
     assert res.exit_code == 0, res.output
-    assert "not checked against the clip forward" in res.output
+    assert "not verified against the clip forward or in ONNX Runtime (--no-verify)" in res.output
     assert json.loads((tmp_path / "CumSum.edge3d" / "manifest.json").read_text())["model"]["step_check"] is None
     res = CliRunner().invoke(app, ["export", f"{user_module}:build", "--size", "16", "-o", str(tmp_path)])
-    assert res.exit_code == 0 and "checked on 10 random frames: the step equals the clip forward (error " in res.output
+    assert res.exit_code == 0 and "verified on 10 random frames: step = clip ±" in res.output
+    assert ", ONNX = step ±" in res.output
     check = json.loads((tmp_path / "build.edge3d" / "manifest.json").read_text())["model"]["step_check"]
     assert check["frames"] == check["outputs"] == 10 and 0 <= check["max_error"] <= 1e-3 * check["scale"]
+    assert 0 <= check["onnx_max_error_relative"] <= 1e-4
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "build.edge3d")], terminal_width=200).output
-    assert "step vs clip forward" in shown and "equal on 10 random frames (error" in shown
+    assert "step check, 10 random frames" in shown and "vs clip, ONNX ±" in shown
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "CumSum.edge3d")], terminal_width=200).output
     assert "not checked (--no-verify)" in shown
 
@@ -193,3 +195,31 @@ def test_the_custom_model_example_streams_exports_and_runs(tmp_path: Path, capsy
     manifest = json.loads((tmp_path / "build.edge3d" / "manifest.json").read_text())
     assert [s["kind"] for s in manifest["states"]] == ["ring", "ring", "ring", "recurrent"]
     sys.modules.pop("custom_model", None)
+
+
+def test_an_exported_graph_that_differs_from_the_step_is_refused(user_module: str, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph as written is checked against the PyTorch step: a fault anywhere between them
+    (here a simplifier that doubles the largest weight, as a folding bug would) stops the export."""
+    import onnx
+    from edge3d.exporters import onnx as exporter
+
+    simplify = exporter.simplify
+
+    def faulty(src: Path, dst: Path) -> None:
+        simplify(src, dst)
+        model = onnx.load(str(dst))
+        t = max(model.graph.initializer, key=lambda i: len(i.raw_data))
+        w = onnx.numpy_helper.to_array(t) * 2
+        t.CopyFrom(onnx.numpy_helper.from_array(w, t.name))
+        onnx.save(model, str(dst))
+
+    monkeypatch.setattr(exporter, "simplify", faulty)
+    module = __import__(user_module)
+    with pytest.raises(ValueError, match="the exported ONNX graph differs from the PyTorch step at frame 0 of a "
+                                         "random 10-frame clip"):
+        exporter.export_artifact(randomize(module.build(), seed=2), tmp_path, "faulty", frame_size=16)
+    assert not (tmp_path / "faulty.edge3d").exists() and not list(tmp_path.iterdir())  # no temporary folder left
+    path = exporter.export_artifact(randomize(module.build(), seed=2), tmp_path, "unchecked", frame_size=16,
+                                    verify=False)
+    assert path.is_dir()  # verify=False skips both checks
