@@ -131,7 +131,7 @@ def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHEC
         raise StepMismatchError(
             f"the exported ONNX graph differs from the PyTorch step at frame {t} of a random {frames}-frame clip "
             f"(error {err[t]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
-            "please report it with the model, or skip this check with `edge3d export --no-verify` (verify=False "
+            "please report it to edge3d with the model, or skip this check with `edge3d export --no-verify` (verify=False "
             "in Python) at your own risk."
         )
     return float(err.max() / scale)

@@ -219,9 +219,11 @@ def export_artifact(
 
     The artifact is assembled in a temporary folder and moved into place at the end, so a
     failed export never leaves a half-written artifact behind. ``verify`` first streams a random
-    clip through the step and compares it with the clip forward (``edge3d/equivalence.py``): a
-    model whose forward code mixes frames by itself is refused before anything is written, and
-    the manifest's ``model.step_check`` records what was checked (None when skipped).
+    clip through the step and compares it with the clip forward, then (single-graph artifacts)
+    one through the written ONNX graph against the step (``edge3d/equivalence.py``): a model whose
+    forward code mixes frames by itself, or a graph that does not compute its step, is refused
+    before the artifact is moved into place; ``model.step_check`` in the manifest records what
+    was checked (None when skipped).
     """
     check_artifact_name(name)
     h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size

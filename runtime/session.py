@@ -290,10 +290,16 @@ class Session:
 
     def __repr__(self) -> str:
         # no lock: a repr must never wait on (or fail during) another thread's step
+        if not hasattr(self, "stats"):  # __init__ failed before _open: only the class is known
+            return f"<{type(self).__name__}, not opened>"
         state = ", closed" if self._closed else ""
+        try:
+            cache = str(self.cache_bytes)
+        except AttributeError:  # failed while loading its graphs
+            cache = "?"
         return (f"{type(self).__name__}({str(self.path)!r}, profile={self.profile!r}, "
                 f"backend={getattr(self, 'backend_name', '?')!r}, streams={self.streams}, "
-                f"frames={self.stats.frames}, cache_bytes={self.cache_bytes}{state})")
+                f"frames={self.stats.frames}, cache_bytes={cache}{state})")
 
     def __enter__(self) -> Session:
         return self

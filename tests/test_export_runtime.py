@@ -248,6 +248,7 @@ def test_session_and_stats_repr_say_what_a_repl_user_needs(tiny_artifact) -> Non
     assert st.startswith("Stats(frames=3, calls=2, ms_p50=") and "fps=" in st
     s.close()
     assert repr(s).endswith(", closed)")
+    assert repr(Session.__new__(Session, art)) == "<Session, not opened>"  # e.g. in a traceback of a failed open
 
 
 def _copy(art: Path, tmp_path: Path) -> Path:
