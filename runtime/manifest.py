@@ -147,23 +147,21 @@ def file_sha256(path: Path) -> str:
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, mtime, size) -> digest: hash a file once per process
 
 
-def check_file_hash(path: Path, recorded: str | None, data: bytes | None = None) -> None:
-    """Fail at load when a graph or engine file is not the one its manifest records.
+def check_file_hash(path: Path, recorded: str | None) -> None:
+    """Fail at load when a graph file is not the one its manifest records.
 
     A flipped bit in the weights (an SD card, an interrupted copy that left the right length)
     still parses, and would stream wrong outputs without a word; the sha256 recorded at export
-    catches it before the first frame. Files of artifacts that predate the hashes are not checked.
-    ``data``: the file's bytes when the caller has read them anyway (an engine).
+    catches it before the first frame. Files of artifacts that predate the hashes are not checked,
+    nor are TensorRT engines: ``build_engines.sh`` rebuilds them on the device and leaves the
+    manifest's entry (from a build elsewhere) as it was.
     """
     if not recorded:
         return
-    if data is not None:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    else:
-        st = path.stat()
-        key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
-        digest = _DIGESTS.get(key) or file_sha256(path)
-        _DIGESTS[key] = digest
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    digest = _DIGESTS.get(key) or file_sha256(path)
+    _DIGESTS[key] = digest
     if digest != recorded:
         raise ArtifactError(
             f"{path.name} is not the file manifest.json records (its sha256 differs): it is corrupt or truncated, "
