@@ -189,14 +189,24 @@ class Session:
             raise ValueError(f"got {n} frames for {len(ids)} streams; pass one frame per stream id.")
         everyone = len(ids) == self.streams and bool((ids == np.arange(self.streams)).all())
         buf = self._backend.frame_buffer if everyone else self._backend.subset_frame_buffer(len(ids))
-        for i, f in enumerate(frames):
-            # Straight into the backend's frame buffer: it holds no state, and every call
-            # rewrites all of its rows, so a frame rejected half-way leaves nothing behind.
-            self.pre(f, buf[i])
+        # Straight into the backend's frame buffer: it holds no state, and every call
+        # rewrites all of its rows, so a frame rejected half-way leaves nothing behind.
+        self._preprocess(frames, ids, buf)
         t0 = time.perf_counter()
         out = self._backend.step_all(buf) if everyone else self._backend.step_rows(buf, ids)
         self.stats.record((time.perf_counter() - t0) * 1e3, len(ids))
         return out
+
+    def _preprocess(self, frames: Any, ids: np.ndarray, buf: np.ndarray) -> None:
+        """Each frame into its row of ``buf``; with several cameras in one call, a rejected frame
+        names its stream, since the message alone would not say whose it was."""
+        for i, f in enumerate(frames):
+            try:
+                self.pre(f, buf[i])
+            except ValueError as e:
+                if len(ids) == 1:
+                    raise
+                raise ValueError(f"stream {int(ids[i])} (frame {i} of the call): {e}") from None
 
     def _check_ids(self, stream_ids: Any) -> np.ndarray:
         if stream_ids is None:

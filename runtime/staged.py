@@ -144,8 +144,7 @@ class StagedSession(Session):
             raise ValueError(f"got {len(frames)} frames for {self.streams} streams; pass one frame per stream.")
         f = self.manifest["frame"]
         staged = np.empty((self.streams, f["channels"], f["height"], f["width"]), np.float32)
-        for i, fr in enumerate(frames):
-            self.pre(fr, staged[i])  # validate every frame before any state changes
+        self._preprocess(frames, ids, staged)  # every frame validated before any state changes
         t0 = time.perf_counter()
         self._advance(staged)
         self.stats.record((time.perf_counter() - t0) * 1e3, self.streams)

@@ -204,8 +204,11 @@ def test_rejected_frame_leaves_state_unchanged(tiny_artifact, frame: np.ndarray,
     before = s.get_state()
     with pytest.raises(ValueError, match=message):
         s.step(frame, stream=1)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as caught:
         s.step_batch([np.zeros((3, SIZE, SIZE), np.float32), frame], [0, 1])
+    assert str(caught.value).startswith("stream 1 (frame 1 of the call): ")
+    with pytest.raises(ValueError, match=r"^stream 0 \(frame 1 of the call\): "):
+        s.step_batch([np.zeros((3, SIZE, SIZE), np.float32), frame], [1, 0])
     after = s.get_state()
     assert all(np.array_equal(before[k], after[k]) for k in before)
 

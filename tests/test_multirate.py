@@ -259,3 +259,14 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
                                   "-o", str(tmp_path / "out")], terminal_width=400)
         assert res.exit_code == 2 and "r3d18-causal is a multi-rate model" in res.output, (flags, res.output)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
+    _, art = r3d
+    s = Session(art, streams=2)
+    good = np.zeros((3, SIZE, SIZE), np.float32)
+    s.step_batch([good, good])
+    before = s.get_state()
+    with pytest.raises(ValueError, match=r"^stream 1 \(frame 1 of the call\): frame contains NaN"):
+        s.step_batch([good, np.full((3, SIZE, SIZE), np.nan, np.float32)])
+    assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
