@@ -27,6 +27,17 @@ class StepMismatchError(ValueError):
     """The step module does not compute what the clip forward computes; the message says where."""
 
 
+def _stream(step: nn.Module, clip: torch.Tensor) -> torch.Tensor:
+    """A clip (N, C, T, H, W) through a single-rate step from its initial states, frame by frame;
+    the outputs stacked on ``step.output_time_axis``, where the clip forward has its time axis."""
+    states = step.initial_states(clip.shape[0])
+    outs = []
+    for t in range(clip.shape[2]):
+        y, *states = step(clip[:, :, t], *states)
+        outs.append(y)
+    return torch.stack(outs, dim=step.output_time_axis)
+
+
 def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: int = 0) -> dict[str, Any]:
     """Stream a random clip through ``step`` and compare every output with ``step.model(clip)``.
 
@@ -59,12 +70,7 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
             axis = 2
         else:
             axis = step.output_time_axis
-            states = step.initial_states(CHECK_STREAMS)
-            outs = []
-            for t in range(frames):
-                y, *states = step(clip[:, :, t], *states)
-                outs.append(y)
-            out = torch.stack(outs, dim=axis)
+            out = _stream(step, clip)
             at = list(range(frames))
     if tuple(out.shape) != tuple(ref.shape):
         raise StepMismatchError(
@@ -111,18 +117,16 @@ def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHEC
     names = [state_io_names(s.name) for s in step.state_specs]
     outputs = ["output"] + [o for _, o in names]
     g = torch.Generator().manual_seed(seed)
-    clip = torch.randn(CHECK_STREAMS, frames, *step.frame_shape, generator=g)
-    states = step.initial_states(CHECK_STREAMS)
-    feeds = {i: s.numpy().copy() for (i, _), s in zip(names, states, strict=True)}
-    ref, got = [], []
+    clip = torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
     with torch.no_grad():
-        for t in range(frames):
-            y, *states = step(clip[:, t], *states)
-            ref.append(y.numpy())
-            res = sess.run(outputs, {"frame": clip[:, t].numpy(), **feeds})
-            got.append(res[0])
-            feeds = {i: v for (i, _), v in zip(names, res[1:], strict=True)}
-    ref_a, got_a = np.stack(ref), np.stack(got)
+        ref_a = _stream(step, clip).movedim(step.output_time_axis, 0).numpy()
+        feeds = {i: s.numpy() for (i, _), s in zip(names, step.initial_states(CHECK_STREAMS), strict=True)}
+    got = []
+    for t in range(frames):
+        res = sess.run(outputs, {"frame": clip[:, :, t].numpy(), **feeds})
+        got.append(res[0])
+        feeds = {i: v for (i, _), v in zip(names, res[1:], strict=True)}
+    got_a = np.stack(got)
     scale = max(SCALE_FLOOR, float(np.abs(ref_a).max()))
     err = np.nan_to_num(np.abs(got_a - ref_a), nan=np.inf).reshape(frames, -1).max(axis=1)
     bad = np.flatnonzero(err > TOLERANCE * scale)
