@@ -127,18 +127,19 @@ def _clips_in(folder: Path) -> list[Path]:
         _open_video(v, "check the file and its codec, or move it out of the folder").release()
     if videos:
         return videos
-    clips = [folder] if _images_in(folder) else sorted((d for d in folder.iterdir() if d.is_dir() and _images_in(d)),
-                                                       key=_natural)
-    if not clips:
+    own = _images_in(folder)
+    firsts = {folder: own[0]} if own else {
+        d: images[0] for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_natural)
+        if (images := _images_in(d))}  # each folder listed once here, once more when it plays
+    if not firsts:
         raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}), no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no folders of images; pass a video, or a folder "
                          "of those.")
     cv2 = _cv2()
-    for clip in clips:
-        first = _images_in(clip)[0]
+    for first in firsts.values():
         if not cv2.haveImageReader(str(first)):
             raise ValueError(f"image {first} cannot be read by OpenCV; check the file, or move it out of the folder.")
-    return clips
+    return list(firsts)
 
 
 def _clip_frames(clip: Path) -> Iterator[tuple[np.ndarray, None]]:
