@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import __version__
 from ..profiles import split_names
+from ..runtime.backend import trt as trt_backend
 from ..runtime.manifest import (
     ArtifactError,
     file_sha256,
@@ -245,9 +246,7 @@ def write_script(folder: Path, manifest: dict[str, Any], options: list[BuildOpti
 # --------------------------------------------------------------------------- building
 def tensorrt_ready() -> bool:
     """True where an engine can be built here: tensorrt importable and a GPU visible to pycuda."""
-    from ..runtime.backend.trt import gpu_available
-
-    return importlib.util.find_spec("tensorrt") is not None and gpu_available()
+    return importlib.util.find_spec("tensorrt") is not None and trt_backend.gpu_available()
 
 
 def engine_entry(opts: BuildOptions, *, tensorrt_version: str, device: str, sha256: str,
@@ -336,8 +335,8 @@ def build_engines(path: str | Path, profiles: str | list[str] | None = None, *, 
                for p in (split_names(profiles) or targets_tensorrt(manifest))]
     if not tensorrt_ready():
         raise ValueError(
-            "building TensorRT engines needs the tensorrt and pycuda packages and an NVIDIA GPU, which this "
-            f"machine lacks; run `edge3d build` on the device, or {folder / SCRIPT} there "
+            "building TensorRT engines needs the tensorrt and pycuda packages and an NVIDIA GPU, and here "
+            f"{trt_backend.why_unavailable()}; run `edge3d build` on the device, or {folder / SCRIPT} there "
             "(`edge3d export --target tensorrt` writes it)."
         )
     built = []
@@ -364,6 +363,6 @@ def build_or_script(path: str | Path, profiles: str | list[str], *, streams: int
     if tensorrt_ready():
         return [*build_engines(folder, profiles, streams=streams, dla=dla, workspace_mb=workspace_mb,
                                console=console), script]
-    _log(console, f"TensorRT or a GPU is missing here, so no engine was built; run {script} (or `edge3d build`) "
-                  "on the device to build them.")
+    _log(console, f"TensorRT cannot build here ({trt_backend.why_unavailable()}), so no engine was built; "
+                  f"run {script} (or `edge3d build`) on the device to build them.")
     return [script]

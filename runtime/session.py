@@ -60,15 +60,15 @@ def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str
     """
     if requested not in ("auto", "onnxruntime", "tensorrt"):
         raise ValueError(f"unknown backend {requested!r}; choose auto, onnxruntime or tensorrt.")
-    from .backend.trt import gpu_available, has_engine
+    from .backend.trt import gpu_available, has_engine, why_unavailable
 
     have = backends.available()
     if requested == "tensorrt":
         if "tensorrt" not in have or not gpu_available():
             raise ArtifactError(
-                "backend 'tensorrt' needs the tensorrt and pycuda packages and an NVIDIA GPU, which are not "
-                "available here; use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in Python), "
-                "or run on a device with TensorRT and pycuda installed."
+                f"backend 'tensorrt' needs the tensorrt and pycuda packages and an NVIDIA GPU, and here "
+                f"{why_unavailable()}; use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' "
+                "in Python), or run on a device with TensorRT and pycuda installed."
             )
         return "tensorrt"
     if requested == "auto" and "tensorrt" in have and has_engine(manifest, profile) and gpu_available():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -299,6 +300,61 @@ def test_gpu_available_never_raises():
         assert trt_backend.gpu_available() is False
 
 
+class _Driver:
+    """Stands in for libcuda's two entry points, to drive driver_gpu_count's reading of their results."""
+
+    def __init__(self, init_result: int, count: int):
+        self.init_result, self.count = init_result, count
+
+    def cuInit(self, flags):  # noqa: N802 - the driver API's name
+        return self.init_result
+
+    def cuDeviceGetCount(self, ref):  # noqa: N802
+        ref._obj.value = self.count
+        return 0
+
+
+def test_driver_gpu_count_reads_libcuda(monkeypatch):
+    import ctypes
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    assert trt_backend.driver_gpu_count() is None
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: _Driver(100, 0))  # CUDA_ERROR_NO_DEVICE
+    assert trt_backend.driver_gpu_count() == 0
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: _Driver(0, 3))
+    assert trt_backend.driver_gpu_count() == 3
+
+
+@pytest.mark.parametrize("installed, gpus, pycuda_works, reason", [
+    ((), None, False, "the tensorrt and pycuda packages are not installed and no NVIDIA driver was found"),
+    (("tensorrt",), 1, False, "the pycuda package is not installed"),  # JetPack: TensorRT without pycuda
+    (("pycuda",), 1, False, "the tensorrt package is not installed"),  # a GPU server without TensorRT
+    (("tensorrt", "pycuda"), 0, False, "the NVIDIA driver sees no GPU"),
+    (("tensorrt", "pycuda"), 2, False, "CUDA could not be started through pycuda, though the driver reports 2 GPU(s)"),
+])
+def test_why_unavailable_names_only_what_is_missing(monkeypatch, installed, gpus, pycuda_works, reason):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name in installed else None if name in ("tensorrt", "pycuda")
+                        else real(name, *a))
+    monkeypatch.setattr(trt_backend, "driver_gpu_count", lambda: gpus)
+    monkeypatch.setattr(trt_backend, "gpu_available", lambda: pycuda_works)
+    assert trt_backend.why_unavailable() == reason
+    with pytest.raises(ArtifactError, match="and here " + re.escape(reason)):
+        _pick_backend("tensorrt", {"precisions": {}}, "fp32")
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is None, reason="no nvidia-smi: no NVIDIA driver here")
+def test_driver_gpu_count_agrees_with_nvidia_smi():
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
+    assert trt_backend.driver_gpu_count() == sum(line.startswith("GPU ") for line in listed.splitlines())
+
+
 @pytest.mark.skipif(importlib_util_find("tensorrt") is not None, reason="TensorRT is installed here")
 def test_without_tensorrt_auto_uses_onnxruntime_and_explicit_tensorrt_fails_clearly(three_precisions):
     m = load_manifest(three_precisions)
@@ -307,7 +363,8 @@ def test_without_tensorrt_auto_uses_onnxruntime_and_explicit_tensorrt_fails_clea
     with Session(three_precisions, backend="auto") as s:
         assert s.backend_name == "onnxruntime"
         assert s.step(np.zeros((SIZE, SIZE, 3), np.uint8)).shape == (5,)
-    with pytest.raises(ArtifactError, match="needs the tensorrt and pycuda packages and an NVIDIA GPU"):
+    with pytest.raises(ArtifactError, match="needs the tensorrt and pycuda packages and an NVIDIA GPU, and here the "
+                       "tensorrt (and pycuda )?packages? (is|are) not installed"):
         Session(three_precisions, backend="tensorrt")
     proc = run_cli("run", str(three_precisions), "--backend", "tensorrt", "--frames", "1", "--quiet")
     assert proc.returncode == 2 and "tensorrt and pycuda" in proc.stderr and "Traceback" not in proc.stderr

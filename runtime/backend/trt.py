@@ -39,6 +39,55 @@ def gpu_available() -> bool:
         return False
 
 
+def driver_gpu_count() -> int | None:
+    """GPUs the NVIDIA driver reports, asked through libcuda itself: None where no driver is installed.
+
+    Why not pycuda: the reason TensorRT is unavailable is often that pycuda is missing (JetPack
+    ships the tensorrt package but not pycuda), and the user then still needs to know whether
+    this machine has a GPU at all, i.e. whether installing the packages would help.
+    """
+    import ctypes
+
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    count = ctypes.c_int(0)
+    try:
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0  # a driver without a usable device (no GPU passed into the container, say)
+    except AttributeError:  # a library of that name without the driver API
+        return None
+    return count.value
+
+
+def why_unavailable() -> str:
+    """What this machine lacks for TensorRT, as a clause: 'the pycuda package is not installed'.
+
+    The errors that refuse TensorRT name the missing pieces rather than all three needs, so a
+    Jetson user told only "pycuda" knows the fix is one pip install, and a GPU server without
+    TensorRT is not told it lacks a GPU.
+    """
+    import importlib.util
+
+    lacking = [name for name in ("tensorrt", "pycuda") if importlib.util.find_spec(name) is None]
+    gpus = driver_gpu_count()
+    parts = []
+    if lacking:
+        parts.append(f"the {' and '.join(lacking)} package{'s are' if len(lacking) > 1 else ' is'} not installed")
+    if gpus is None:
+        parts.append("no NVIDIA driver was found")
+    elif gpus == 0:
+        parts.append("the NVIDIA driver sees no GPU")
+    elif not lacking:
+        parts.append(f"CUDA could not be started through pycuda, though the driver reports {gpus} GPU(s)")
+    return " and ".join(parts)
+
+
 def gpu_name(index: int = 0) -> str:
     """The GPU's name and compute capability, recorded with an engine (engines are per device)."""
     import pycuda.driver as cuda
