@@ -112,15 +112,18 @@ def friendly(fn: F) -> F:
 def _is_artifact(target: str) -> bool:
     """An artifact folder, its manifest or one of its ONNX files; a folder that is neither is an error,
     not a model name."""
-    p = Path(target)
+    p = Path(target).expanduser()
     if (p / "manifest.json").is_file() or (p.is_file() and (p.name == "manifest.json" or p.suffix == ".onnx")):
         return True
     from .runtime.manifest import artifacts_in, resolve_artifact
 
     # A bare word may be a zoo name that happens to match a local folder; a path, or a folder holding
-    # artifacts (`-o out` writes out/NAME.edge3d), is meant as an artifact.
-    if p.is_dir() and (artifacts_in(p) or os.sep in target or "/" in target or target.startswith(".")):
-        resolve_artifact(p)  # raises, naming the artifacts inside p if there are any
+    # artifacts (`-o out` writes out/NAME.edge3d), is meant as an artifact. So is a path that does not
+    # exist: "unknown model './x.edge3d'; choose one of d-resnet18, ..." would hide the typo.
+    path_like = os.sep in target or "/" in target or target.startswith((".", "~")) or p.suffix in (".edge3d", ".onnx")
+    factory_like = ":" in target[len(p.drive):]  # package.module:factory (past a Windows drive letter)
+    if (p.is_dir() and (artifacts_in(p) or path_like)) or (path_like and not factory_like and not p.exists()):
+        resolve_artifact(p)  # raises, naming the artifacts inside p, or one beside it, if there are any
     return False
 
 

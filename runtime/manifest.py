@@ -6,6 +6,7 @@ mismatched artifact fails here, at load, and never in the middle of a stream.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -65,7 +66,11 @@ def resolve_artifact(path: str | Path) -> Path:
                                 "manifest embedded in the file).")
         return p.parent
     if not p.exists():
-        raise ArtifactError(f"artifact {p} does not exist; create it with `edge3d export MODEL -o DIR`.")
+        # A typo'd name beside the real one; stems are compared, as every artifact ends in .edge3d.
+        siblings = {q.stem: q for q in artifacts_in(p.parent)}
+        near = difflib.get_close_matches(p.stem, list(siblings), n=1, cutoff=0.75)
+        fix = f"did you mean {siblings[near[0]]}?" if near else "create it with `edge3d export MODEL -o DIR`."
+        raise ArtifactError(f"artifact {p} does not exist; {fix}")
     if not (p / MANIFEST).is_file():
         inside = artifacts_in(p)
         fix = (f"point to one of the artifacts in it: {', '.join(map(str, inside))}" if inside
@@ -77,9 +82,10 @@ def resolve_artifact(path: str | Path) -> Path:
 def artifacts_in(folder: Path) -> list[Path]:
     """Artifact folders directly inside ``folder``: `edge3d export -o out` writes ``out/NAME.edge3d``,
     and ``out`` is the path a user most often passes by mistake."""
-    if not folder.is_dir():
+    try:
+        return sorted(q for q in folder.iterdir() if (q / MANIFEST).is_file())
+    except OSError:  # not a folder, or one we may not list: there is nothing to point to
         return []
-    return sorted(q for q in folder.iterdir() if (q / MANIFEST).is_file())
 
 
 def load_manifest(path: str | Path) -> dict[str, Any]:

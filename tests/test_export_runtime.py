@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -514,6 +515,24 @@ def test_missing_precision_names_the_fix(tiny_artifact) -> None:
 def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["run", str(tmp_path / "missing.edge3d"), "--source", "synthetic"])
     assert res.exit_code == 2 and "does not exist" in res.output
+
+
+def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact, tmp_path: Path) -> None:
+    """inspect/export/bench take a model name or an artifact path: a path that does not exist used to
+    be read as a model name ("unknown model './x.edge3d'; choose one of d-resnet18, ...")."""
+    art, _ = tiny_artifact
+    typo = art.parent / art.name.replace(".edge3d", "x.edge3d")
+    with pytest.raises(ArtifactError, match=rf"artifact {re.escape(str(typo))} does not exist; did you mean "
+                                            rf"{re.escape(str(art))}\?"):
+        Session(typo)
+    for verb in ("inspect", "export", "bench", "run"):
+        res = CliRunner().invoke(app, [verb, str(typo)])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"did you mean {art}?" in said and "unknown model" not in said, (verb, said)
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "nowhere.edge3d")])  # nothing like it beside
+    assert res.exit_code == 2 and "does not exist; create it with `edge3d export" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["inspect", "mypkg/models.py:build"])  # a factory, however mistyped, is not a path
+    assert res.exit_code == 2 and "cannot import 'mypkg/models.py:build'" in res.output
 
 
 def test_cli_unreadable_video_and_missing_camera_say_one_sentence(tiny_artifact, tmp_path: Path) -> None:

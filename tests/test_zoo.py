@@ -88,7 +88,9 @@ def test_cli_zoo_and_inspect_json() -> None:
 def test_cli_bad_model_and_head() -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["inspect", "no-such-model"])
-    assert res.exit_code == 2 and "unknown model 'no-such-model'" in res.output
+    assert res.exit_code == 2 and "unknown model 'no-such-model'" in res.output and "did you mean" not in res.output
+    res = runner.invoke(app, ["inspect", "d-resnet-18"])
+    assert res.exit_code == 2 and "unknown model 'd-resnet-18'; did you mean 'd-resnet18'?" in res.output
     res = runner.invoke(app, ["inspect", "tsm-resnet18", "--head", "transformer"])
     assert res.exit_code == 2 and "has no head 'transformer'" in res.output
 

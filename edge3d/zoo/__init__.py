@@ -6,6 +6,7 @@ model whose output is (N, num_classes, T): one prediction per frame.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
 import math
@@ -69,7 +70,9 @@ def _load_optional() -> None:
 def get(name: str) -> ZooEntry:
     _load_optional()
     if name not in ZOO:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ZOO)} or pass package.module:factory.")
+        near = difflib.get_close_matches(name, list(ZOO), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise ValueError(f"unknown model {name!r}; {hint}choose one of {', '.join(ZOO)} or pass package.module:factory.")
     return ZOO[name]
 
 
