@@ -241,26 +241,49 @@ class Session:
         self._backend.reset_rows(rows)
 
     @serialised
-    def get_state(self) -> dict[str, np.ndarray]:
-        """A snapshot of every stream's state; ``set_state`` restores it bit for bit."""
-        return self._backend.read_states()
+    def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
+        """A snapshot of every stream's state, or of one stream's (leading axis 1); ``set_state``
+        restores it bit for bit.
+
+        One stream alone is what a multi-camera server saves when it pauses a camera or moves it to
+        another session, without touching the cameras still streaming.
+        """
+        snap = self._backend.read_states()
+        if stream is None:
+            return snap
+        self._check_stream(stream)
+        k = int(stream)
+        return {n: a[k:k + 1].copy() for n, a in snap.items()}
 
     @serialised
-    def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+    def set_state(self, snapshot: dict[str, np.ndarray], stream: int | None = None) -> None:
+        """Restore a snapshot of every stream, or with ``stream`` a one-stream snapshot into that stream
+        (taken from any session of the same artifact and profile); the other streams are left alone."""
         require_mapping(snapshot)
+        if stream is not None:
+            self._check_stream(stream)
+        rows = self.streams if stream is None else 1
+        source = ("a snapshot of a session with the same artifact, profile and streams" if stream is None else
+                  "a one-stream snapshot, get_state(stream=k), of a session with the same artifact and profile")
         dtypes = self._backend.state_dtypes()
         for s in self.manifest["states"]:
             name = s["name"]
             if name not in snapshot:
                 raise ValueError(f"snapshot lacks state {name!r}; pass a dict from get_state() of this artifact.")
             a = np.asarray(snapshot[name])
-            want = (self.streams, *[int(d) for d in s["shape"][1:]])
+            want = (rows, *[int(d) for d in s["shape"][1:]])
             if a.shape != want or a.dtype != dtypes[name]:
                 raise ValueError(
                     f"snapshot state {name!r} is {a.dtype}{list(a.shape)}, expected {dtypes[name]}{list(want)}; "
-                    "pass a snapshot of a session with the same artifact, profile and streams."
+                    f"pass {source}."
                 )
-        self._backend.write_states({n: np.asarray(snapshot[n]) for n in dtypes})
+        if stream is None:
+            self._backend.write_states({n: np.asarray(snapshot[n]) for n in dtypes})
+            return
+        states = self._backend.read_states()  # the other streams' rows go back as they were
+        for n in dtypes:
+            states[n][int(stream)] = np.asarray(snapshot[n])[0]
+        self._backend.write_states(states)
 
     # ----------------------------------------------------------------- reporting
     @property

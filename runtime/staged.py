@@ -85,14 +85,19 @@ class StagedSession(Session):
     @serialised
     def reset(self, stream: int | None = None) -> None:
         """Back to the initial state. All streams share one phase, so only a full reset exists."""
-        if stream is not None and self.streams > 1:
-            raise ValueError("multi-rate artifacts keep all streams in one phase; call reset() for all streams.")
-        if stream is not None:
-            self._check_stream(stream)
+        self._whole_phase(stream, "reset")
         self._init_all()
 
+    def _whole_phase(self, stream: int | None, what: str) -> None:
+        """A stream id is accepted only where it means every stream: all streams share one phase."""
+        if stream is not None and self.streams > 1:
+            raise ValueError(f"multi-rate artifacts keep all streams in one phase; call {what}() for all streams.")
+        if stream is not None:
+            self._check_stream(stream)
+
     @serialised
-    def get_state(self) -> dict[str, np.ndarray]:
+    def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
+        self._whole_phase(stream, "get_state")
         snap = {n: a.copy() for n, a in self._states.items()}
         snap.update({n: a.copy() for n, a in self._buf.items()})
         snap["frame_index"] = np.asarray([self._t], np.int64)
@@ -100,8 +105,9 @@ class StagedSession(Session):
         return snap
 
     @serialised
-    def set_state(self, snapshot: dict[str, np.ndarray]) -> None:
+    def set_state(self, snapshot: dict[str, np.ndarray], stream: int | None = None) -> None:
         require_mapping(snapshot)
+        self._whole_phase(stream, "set_state")
         current = self.get_state()
         for n, a in current.items():
             if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:

@@ -270,3 +270,23 @@ def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
     with pytest.raises(ValueError, match=r"^stream 1 \(frame 1 of the call\): frame contains NaN"):
         s.step_batch([good, np.full((3, SIZE, SIZE), np.nan, np.float32)])
     assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
+
+
+def test_a_multi_rate_session_snapshots_all_its_streams_at_once(r3d) -> None:
+    """All streams share one phase, so one stream alone cannot be saved or restored (nor reset)."""
+    _, art = r3d
+    s = Session(art, streams=2)
+    s.step_batch([np.ones((3, SIZE, SIZE), np.float32)] * 2)
+    before = s.get_state()
+    for call in (lambda: s.get_state(stream=1), lambda: s.set_state(before, stream=0), lambda: s.reset(1)):
+        with pytest.raises(ValueError, match=r"keep all streams in one phase; call (get_state|set_state|reset)\(\)"):
+            call()
+    assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
+    one = Session(art)  # with one stream, stream 0 is all of them
+    one.step(np.ones((3, SIZE, SIZE), np.float32))
+    snap = one.get_state(stream=0)
+    one.step(np.zeros((3, SIZE, SIZE), np.float32))
+    one.set_state(snap, stream=0)
+    assert all(np.array_equal(snap[k], v) for k, v in one.get_state().items())
+    with pytest.raises(ValueError, match="stream id 1 is out of range"):
+        one.get_state(stream=1)

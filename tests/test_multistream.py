@@ -120,6 +120,44 @@ def test_reset_changes_only_that_stream(stream_artifact: Path) -> None:
             np.testing.assert_array_equal(after[name][i], before[name][i])
 
 
+def test_one_stream_snapshot_moves_a_camera_between_sessions(stream_artifact: Path) -> None:
+    """get_state(stream=k) from one session, set_state(..., stream=j) into another: stream j then
+    continues exactly as k would have, over many frames, and the other streams are not touched."""
+    frames = _frames(3, 24, STREAMS)
+    a = Session(stream_artifact, streams=STREAMS)
+    b = Session(stream_artifact, streams=3)
+    for t in range(10):
+        a.step_batch(frames[t])
+        b.step_batch(frames[t, 1:])
+    moved = a.get_state(stream=2)
+    assert all(v.shape[0] == 1 for v in moved.values())
+    before = b.get_state()
+    b.set_state(moved, stream=0)
+    after = b.get_state()
+    for name in before:
+        assert np.array_equal(after[name][0], moved[name][0])
+        assert np.array_equal(after[name][1:], before[name][1:])  # the other cameras are left as they were
+    for t in range(10, 24):  # as the batched-vs-separate test: another batch size may round differently
+        np.testing.assert_allclose(b.step(frames[t, 2], stream=0), a.step_batch(frames[t])[2], atol=1e-5)
+    one = Session(stream_artifact)
+    one.set_state(a.get_state(stream=1))  # a 1-stream session takes a one-stream snapshot as its whole state
+    for t in range(6):
+        np.testing.assert_allclose(one.step(frames[t, 0]), a.step_batch(frames[t, :1], [1])[0], atol=1e-5)
+
+
+def test_bad_one_stream_snapshot_is_refused_and_leaves_every_state(stream_artifact: Path) -> None:
+    s = Session(stream_artifact, streams=STREAMS)
+    s.step_batch(_frames(4, 1, STREAMS)[0])
+    before = s.get_state()
+    with pytest.raises(ValueError, match=r"expected float32\[1, .*pass a one-stream snapshot, get_state\(stream=k\)"):
+        s.set_state(before, stream=1)  # every stream's rows into one stream
+    with pytest.raises(ValueError, match="stream id 4 is out of range"):
+        s.set_state(s.get_state(stream=0), stream=4)
+    with pytest.raises(ValueError, match="stream id 7 is out of range"):
+        s.get_state(stream=7)
+    assert _states_equal(s.get_state(), before)
+
+
 @pytest.mark.parametrize("max_batch", [None, 2])
 @pytest.mark.parametrize("case", ["nan", "inf", "wrong_shape", "wrong_dtype", "unknown_id", "negative_id",
                                   "duplicate_id", "bool_id", "float_id", "too_few_frames"])
