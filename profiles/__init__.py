@@ -134,9 +134,16 @@ def _list(data: dict[str, Any], key: str, default: tuple[str, ...], where: str) 
 def parse_profile(data: dict[str, Any], where: str = "profile") -> Profile:
     """Validate a decoded TOML table; every problem is one sentence naming the key and the fix."""
     unknown = sorted(set(data) - _KEYS)
+    misplaced = [k for k in unknown if k in _CALIB_KEYS]
+    if misplaced:  # `warmup = 0` written above the table it belongs to
+        raise ValueError(f"profile {where}: {misplaced[0]!r} belongs in the [calibration] table; move it below "
+                         "the [calibration] line.")
     if unknown:
         raise ValueError(f"profile {where}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(_KEYS))}.")
     name = data.get("name")
+    if name is None:
+        raise ValueError(f"profile {where} has no name; add a line such as name = \"int8-mine\" (it names "
+                         "model.<name>.onnx).")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"profile {where}: name must be lower-case letters, digits, '-' or '_' "
                          f"(it names model.<name>.onnx), got {name!r}.")
@@ -202,6 +209,9 @@ def resolve_profiles(names: str | Iterable[str]) -> list[Profile]:
     profiles = [load_profile(n) for n in names]
     seen: dict[str, str] = {}
     for p, n in zip(profiles, names, strict=True):
+        if p.name == "fp32" and n != "fp32":  # it would be skipped: model.fp32.onnx is the export itself
+            raise ValueError(f"profile {n} is named 'fp32', the reference precision every artifact is exported "
+                             "with; give it another name.")
         if p.name in seen and seen[p.name] != n:
             raise ValueError(f"profiles {seen[p.name]!r} and {n!r} are both named {p.name!r}; "
                              "give the user profile another name.")

@@ -74,12 +74,23 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     ('name = "x"\nweight_dtype = "int8"\nactivation_dtype = "uint8"\nstate_dtype = "int8"\n', "symmetric"),
     ('name = "Bad Name"\n', "name"),
     ('name = "x"\nweigth_dtype = "float16"\n', "unknown key"),
+    ('weight_dtype = "float16"\n', "has no name; add a line such as name = "),
+    ('name = "x"\nweight_dtype = "int8"\nwarmup = 0\n[calibration]\nframes = 32\n',
+     "'warmup' belongs in the [calibration] table"),  # written above its table, it is a top-level key
 ])
 def test_bad_profile_is_one_sentence(tmp_path: Path, text: str, words: str) -> None:
     with pytest.raises(ValueError) as e:
         load_profile(str(_write(tmp_path, text)))
     msg = str(e.value)
     assert words in msg and "\n" not in msg and msg.endswith(".")
+
+
+def test_a_user_profile_named_fp32_is_refused(tmp_path: Path) -> None:
+    """model.fp32.onnx is the export itself, so a profile file of that name used to be skipped without a word."""
+    path = _write(tmp_path, 'name = "fp32"\nweight_dtype = "float16"\n')
+    with pytest.raises(ValueError, match=r"named 'fp32', the reference precision .*; give it another name\."):
+        resolve_profiles(["fp16", str(path)])
+    assert [q.name for q in resolve_profiles(["fp32", "fp16"])] == ["fp32", "fp16"]  # the built-in one is fine
 
 
 def test_unknown_profile_name_lists_the_choices() -> None:
