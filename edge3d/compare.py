@@ -447,7 +447,7 @@ def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latenci
 
 METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
            "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
-           "accuracy", "not finite from frame"]
+           "accuracy", "NaN/Inf from frame"]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
