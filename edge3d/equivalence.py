@@ -97,6 +97,30 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
 
 
+def _random_clip(step: nn.Module, frames: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
+
+
+def _refuse_graph_mismatch(got: Any, ref: Any, at: list[int], frames: int, what: str) -> float:
+    """Compare outputs stacked (outputs, streams, ...) and return the largest error relative to the
+    reference's largest output; raise naming the first frame off by more than ``TOLERANCE``."""
+    import numpy as np
+
+    scale = max(SCALE_FLOOR, float(np.abs(ref).max()))
+    err = np.nan_to_num(np.abs(got - ref), nan=np.inf).reshape(len(at), -1).max(axis=1)
+    bad = np.flatnonzero(err > TOLERANCE * scale)
+    if len(bad):
+        i = int(bad[0])
+        raise StepMismatchError(
+            f"the exported ONNX {what} from the PyTorch step at frame {at[i]} of a random {frames}-frame clip "
+            f"(error {err[i]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
+            "please report it to edge3d with the model, or skip this check with `edge3d export --no-verify` (verify=False "
+            "in Python) at your own risk."
+        )
+    return float(err.max() / scale)
+
+
 def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHECK_FRAMES, seed: int = 1) -> float:
     """Stream a random clip through the exported graph (ONNX Runtime, states fed back) and through
     ``step`` in PyTorch; returns the largest error relative to the step's largest output.
@@ -116,26 +140,43 @@ def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHEC
     sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
     names = [state_io_names(s.name) for s in step.state_specs]
     outputs = ["output"] + [o for _, o in names]
-    g = torch.Generator().manual_seed(seed)
-    clip = torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
+    clip = _random_clip(step, frames, seed)
     with torch.no_grad():
-        ref_a = _stream(step, clip).movedim(step.output_time_axis, 0).numpy()
+        ref = _stream(step, clip).movedim(step.output_time_axis, 0).numpy()
         feeds = {i: s.numpy() for (i, _), s in zip(names, step.initial_states(CHECK_STREAMS), strict=True)}
     got = []
     for t in range(frames):
         res = sess.run(outputs, {"frame": clip[:, :, t].numpy(), **feeds})
         got.append(res[0])
         feeds = {i: v for (i, _), v in zip(names, res[1:], strict=True)}
-    got_a = np.stack(got)
-    scale = max(SCALE_FLOOR, float(np.abs(ref_a).max()))
-    err = np.nan_to_num(np.abs(got_a - ref_a), nan=np.inf).reshape(frames, -1).max(axis=1)
-    bad = np.flatnonzero(err > TOLERANCE * scale)
-    if len(bad):
-        t = int(bad[0])
+    return _refuse_graph_mismatch(np.stack(got), ref, list(range(frames)), frames, "graph differs")
+
+
+def check_staged_onnx_matches_step(folder: Path, step: nn.Module, frames: int, seed: int = 1,
+                                   streams: int = CHECK_STREAMS) -> float:
+    """The multi-rate form: a random clip through the stage graphs as the runtime runs them (its
+    staged session routes each stage's outputs into the buffers the next stage reads) against
+    ``step.run_clip``; ``frames`` should be whole runs of the slowest stage. ``folder`` holds the
+    stage graphs and a manifest.json that records them. An SGS stage is traced at batch 1, so its
+    artifacts are checked on one stream.
+    """
+    import numpy as np
+
+    from .runtime import Session
+
+    clip = _random_clip(step, frames, seed)[:streams]
+    with torch.no_grad():
+        ref, when = step.run_clip(clip)
+    got = []
+    with Session(folder, streams=streams) as s:
+        for t in range(frames):
+            y = s.step_batch(list(clip[:, :, t].numpy()))
+            if s.last_fresh:
+                got.append(y)
+    if len(got) != len(when):
         raise StepMismatchError(
-            f"the exported ONNX graph differs from the PyTorch step at frame {t} of a random {frames}-frame clip "
-            f"(error {err[t]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
-            "please report it to edge3d with the model, or skip this check with `edge3d export --no-verify` (verify=False "
-            "in Python) at your own risk."
+            f"the exported stage graphs gave {len(got)} outputs over a random {frames}-frame clip where the PyTorch "
+            f"step gives {len(when)}: the manifest's stage rates do not match the model; please report it to edge3d."
         )
-    return float(err.max() / scale)
+    return _refuse_graph_mismatch(np.stack(got), ref.movedim(2, 0).numpy(), [int(t) for t in when], frames,
+                                  "stage graphs differ")

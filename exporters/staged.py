@@ -9,13 +9,14 @@ here makes sure no stage still takes the frame or any node of an earlier stage's
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import onnx
 import torch
 
-from ..runtime.manifest import state_io_names
+from ..runtime.manifest import MANIFEST, state_io_names
 from ..staged import Stage, StagedStepModule
 from .onnx import artifact_folder, file_sha256, manifest_header, quiet, set_metadata, simplify, weight_bytes
 
@@ -98,4 +99,12 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             onnx.checker.check_model(str(path), full_check=True)
         manifest["precisions"]["fp32"]["weight_bytes"] = sum(weight_bytes(p) for p in files)
         manifest["precisions"]["fp32"]["sha256"] = [file_sha256(p) for p in files]
+        check = manifest["model"].get("step_check")
+        if check is not None:  # the stage graphs as the runtime runs them, against the step they came from
+            from ..equivalence import check_staged_onnx_matches_step
+
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # what the runtime reads; rewritten below
+            one_batch = any(i["shape"][0] != "N" for st in stages for i in st["inputs"])  # an SGS stage
+            check["onnx_max_error_relative"] = check_staged_onnx_matches_step(tmp, step, check["frames"],
+                                                                              streams=1 if one_batch else 2)
     return out_dir / f"{name}.edge3d"

@@ -141,6 +141,7 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     # the export checked whole runs of the slowest stage (period 8): two outputs of 16 frames
     check = s.manifest["model"]["step_check"]
     assert (check["frames"], check["outputs"]) == (16, 2) and check["max_error"] <= 1e-3 * check["scale"]
+    assert 0 <= check["onnx_max_error_relative"] <= 1e-4  # the stage graphs, run as the runtime runs them
     assert s.cache_bytes == sum(s.state_breakdown.values()) > sum(summary["buffer_bytes"].values()) > 0
     snap = s.get_state()
     for bad, says in ((None, "snapshot is a NoneType"), ({}, "snapshot lacks state")):
@@ -290,3 +291,28 @@ def test_a_multi_rate_session_snapshots_all_its_streams_at_once(r3d) -> None:
     assert all(np.array_equal(snap[k], v) for k, v in one.get_state().items())
     with pytest.raises(ValueError, match="stream id 1 is out of range"):
         one.get_state(stream=1)
+
+
+def test_stage_graphs_that_differ_from_the_step_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage graphs as written, run by the runtime's staged session, are checked against the
+    PyTorch step: a fault between them (a simplifier doubling the largest weight of the last stage,
+    as a folding bug would) stops the export, and nothing is left behind."""
+    from edge3d.exporters import staged as exporter
+
+    simplify = exporter.simplify
+
+    def faulty(src: Path, dst: Path) -> None:
+        simplify(src, dst)
+        if dst.name.startswith("stage3."):
+            model = onnx.load(str(dst))
+            t = max(model.graph.initializer, key=lambda i: len(i.raw_data))
+            t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) * 2, t.name))
+            onnx.save(model, str(dst))
+
+    monkeypatch.setattr(exporter, "simplify", faulty)
+    model = randomize(zoo.build("r3d18-causal", width=0.125, num_classes=5), seed=3)
+    with pytest.raises(ValueError, match="the exported ONNX stage graphs differ from the PyTorch step at frame 7 of "
+                                         "a random 16-frame clip"):
+        export_artifact(model, tmp_path, "faulty", frame_size=SIZE)
+    assert not list(tmp_path.iterdir())  # neither the artifact nor its temporary folder
+    assert export_artifact(model, tmp_path, "unchecked", frame_size=SIZE, verify=False).is_dir()

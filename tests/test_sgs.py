@@ -157,3 +157,5 @@ def test_sgs_artifact_equals_dynamic_reference_and_reports_bins(model, tmp_path)
     assert [i["shape"][0] for st in manifest["stages"] for i in st["inputs"]] == ["N", 1]
     with pytest.raises(ValueError, match="takes a batch of exactly 1 .* open one Session per stream"):
         Session(art, streams=2)
+    # and so the export checked its stage graphs on one stream, as the runtime can run them
+    assert 0 <= manifest["model"]["step_check"]["onnx_max_error_relative"] <= 1e-4
