@@ -193,10 +193,8 @@ def inspect(
         check = model_entry.get("step_check")
         checked = None  # artifacts from before the check: no row
         if "step_check" in model_entry:
-            checked = (f"step check, {check['frames']} random frames", f"±{check['max_error'] / check['scale']:.1e} vs "
-                       "clip" + (f", ONNX ±{check['onnx_max_error_relative']:.1e}"
-                                 if "onnx_max_error_relative" in check else "")
-                       ) if check else ("step check", "not checked (--no-verify)")
+            checked = ((f"step check, {check['frames']} random frames", _step_check_text(check)) if check
+                       else ("step check", "not checked (--no-verify)"))
         _print_report(m["name"], m["params"], m["macs_per_frame"], m["state_bytes"], m["input_history_bytes"],
                       m["states"], checked)
         prec = Table(title="precisions")
@@ -377,13 +375,17 @@ def export(
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
     if check:
-        onnx_err = check.get("onnx_max_error_relative")
-        console.print(f"  verified on {check['frames']} random frames: step = clip "
-                      f"±{check['max_error'] / check['scale']:.1e}"
-                      + (f", ONNX = step ±{onnx_err:.1e}" if onnx_err is not None else ""))
+        console.print(f"  verified on {check['frames']} random frames: {_step_check_text(check)}")
     else:
         console.print("  [yellow]not verified against the clip forward or in ONNX Runtime (--no-verify)[/]")
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+
+
+def _step_check_text(check: dict[str, Any]) -> str:
+    """The manifest's step check in a few words, the same after `export` and in `inspect`."""
+    onnx_err = check.get("onnx_max_error_relative")
+    return (f"step = clip ±{check['max_error'] / check['scale']:.1e}"
+            + (f", ONNX = step ±{onnx_err:.1e}" if onnx_err is not None else ""))
 
 
 def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_source: str | None,

@@ -150,7 +150,7 @@ def test_no_verify_exports_what_the_check_refuses_and_says_so(user_module: str, 
     assert check["frames"] == check["outputs"] == 10 and 0 <= check["max_error"] <= 1e-3 * check["scale"]
     assert 0 <= check["onnx_max_error_relative"] <= 1e-4
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "build.edge3d")], terminal_width=200).output
-    assert "step check, 10 random frames" in shown and "vs clip, ONNX ±" in shown
+    assert "step check, 10 random frames" in shown and "step = clip ±" in shown and ", ONNX = step ±" in shown
     shown = CliRunner().invoke(app, ["inspect", str(tmp_path / "CumSum.edge3d")], terminal_width=200).output
     assert "not checked (--no-verify)" in shown
 
