@@ -152,8 +152,13 @@ def _window_session(model, frame_size: int, window: int, folder: Path):
 
 def run_bench(target: str, *, classes: int | None = None, size: int | None = None, width: float | None = None,
               head: str | None = None, frames: int = 100, window: int = 16, streams: list[int] | None = None,
-              rounds: int = 5, log: Any = None) -> dict[str, Any]:
-    """Measure the step graph against the alternatives a user has; see README "Benchmarks"."""
+              rounds: int = 5, verify: bool = True, log: Any = None) -> dict[str, Any]:
+    """Measure the step graph against the alternatives a user has; see README "Benchmarks".
+
+    ``verify`` runs the export's step check on the lowered graph only: the Conv3d graph is the same
+    step exported without lowering, kept for its speed, and checking it too would add a second
+    model run to every bench.
+    """
     from .runtime import Session
     from .runtime.manifest import load_manifest, require_single_graph
 
@@ -187,8 +192,8 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
             require_single_rate(model, target, "bench")  # before two exports, not after
             size = size or getattr(model, "frame_size", 112)
             say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
-            artifact = export_artifact(model, folder, "lowered", frame_size=size)
-            naive = export_artifact(model, folder, "conv3d", frame_size=size, lower=False)
+            artifact = export_artifact(model, folder, "lowered", frame_size=size, verify=verify)
+            naive = export_artifact(model, folder, "conv3d", frame_size=size, lower=False, verify=False)
         manifest = load_manifest(artifact)
         require_single_graph(manifest, "bench")
         f = manifest["frame"]

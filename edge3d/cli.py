@@ -544,6 +544,9 @@ def bench(
     streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the JSON report here.")] = None,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the export's check of the step against the model's clip forward (as export "
+                            "--no-verify), e.g. to time a model whose forward code mixes frames.")] = False,
 ) -> None:
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
     from .bench import run_bench
@@ -551,7 +554,8 @@ def bench(
     _output_file(json_out, "--json-out")
     _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
     report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                       window=window, rounds=rounds, streams=_stream_counts(streams), log=None if as_json else console)
+                       window=window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
+                       log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
         try:

@@ -58,8 +58,8 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
         except Exception as e:  # whatever the user's forward raises, reported the same way
             raise StepMismatchError(
                 f"{name} failed on a random {frames}-frame clip ({type(e).__name__}: {e}), so its step cannot be "
-                "checked against the clip forward; fix the clip forward, or skip the check with `edge3d export "
-                "--no-verify` (verify=False in Python)."
+                "checked against the clip forward; fix the clip forward, or skip the check with --no-verify "
+                "(verify=False in Python)."
             ) from e
         if not isinstance(ref, torch.Tensor):
             raise StepMismatchError(f"{name}'s clip forward returned a {type(ref).__name__}, not a tensor; edge3d "
@@ -80,8 +80,8 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
         )
     if not torch.isfinite(ref).all():
         raise StepMismatchError(f"{name}'s clip forward gives NaN or Inf on a random clip, so its step cannot be "
-                                "checked; fix the model (or its checkpoint), or skip the check with `edge3d export "
-                                "--no-verify` (verify=False in Python).")
+                                "checked; fix the model (or its checkpoint), or skip the check with --no-verify "
+                                "(verify=False in Python).")
     scale = max(SCALE_FLOOR, float(ref.abs().max()))
     err = (out - ref).abs().nan_to_num(float("inf")).movedim(axis, 0).reshape(ref.shape[axis], -1).amax(dim=1)
     bad = (err > TOLERANCE * scale).nonzero()
@@ -92,7 +92,7 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
             f"{float(err[i]):.3g} at output scale {scale:.3g}): its forward code mixes frames outside the edge3d.nn "
             "layers (a mean, sum, cumsum, flip or index over the time axis, or a tensor kept between calls), which "
             "one frame at a time cannot reproduce; write that part with an edge3d.nn layer (RunningMean for a "
-            "causal mean), or skip this check with `edge3d export --no-verify` (verify=False in Python)."
+            "causal mean), or skip this check with --no-verify (verify=False in Python)."
         )
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
 
@@ -115,8 +115,8 @@ def _refuse_graph_mismatch(got: Any, ref: Any, at: list[int], frames: int, what:
         raise StepMismatchError(
             f"the exported ONNX {what} from the PyTorch step at frame {at[i]} of a random {frames}-frame clip "
             f"(error {err[i]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
-            "please report it to edge3d with the model, or skip this check with `edge3d export --no-verify` (verify=False "
-            "in Python) at your own risk."
+            "please report it to edge3d with the model, or skip this check with --no-verify (verify=False in Python) "
+            "at your own risk."
         )
     return float(err.max() / scale)
 

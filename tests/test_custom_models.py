@@ -155,6 +155,19 @@ def test_no_verify_exports_what_the_check_refuses_and_says_so(user_module: str, 
     assert "not checked (--no-verify)" in shown
 
 
+def test_bench_refuses_what_export_refuses_and_times_it_with_no_verify(user_module: str) -> None:
+    import json
+
+    args = ["bench", f"{user_module}:CumSum", "--size", "16", "--frames", "3", "--rounds", "1", "--window", "2"]
+    res = CliRunner().invoke(app, args)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "CumSum's step differs from its clip forward" in said
+    assert "skip this check with --no-verify" in said and "edge3d export" not in said  # a flag bench has
+    res = CliRunner().invoke(app, [*args, "--no-verify", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["results"]["step_ms"] > 0
+
+
 def test_the_step_check_reports_a_failing_or_non_finite_clip_forward(user_module: str) -> None:
     import edge3d
     from edge3d.equivalence import StepMismatchError, check_step_matches_clip
