@@ -174,6 +174,29 @@ def build_config(manifest: dict[str, Any], io_path: Path, *, name: str, platform
     return cfg, files
 
 
+# What _write_model puts in a model folder; rewriting swaps the whole folder.
+WRITTEN = {"config.pbtxt", MANIFEST_COPY, "1", "initial_state"}
+
+
+def check_replaceable(model_dir: Path) -> None:
+    """Refuse to replace a model folder holding anything edge3d did not write there.
+
+    A model folder is swapped whole (no half-written model), so another version a user keeps
+    beside edge3d's (``2/``), or a same-named model from elsewhere, would be deleted silently.
+    """
+    if not model_dir.exists():
+        return
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is a file where the model folder goes; remove it or pass --name.")
+    if not (model_dir / MANIFEST_COPY).is_file():
+        raise ValueError(f"{model_dir} is a model folder edge3d did not write (it has no {MANIFEST_COPY}); pass "
+                         "--name to write this model under another name, or remove that folder.")
+    extra = sorted(q.name + ("/" if q.is_dir() else "") for q in model_dir.iterdir() if q.name not in WRITTEN)
+    if extra:
+        raise ValueError(f"{model_dir} holds {', '.join(extra)} beside what edge3d wrote, and rewriting replaces "
+                         "the whole folder; move them out first, or pass --name to write another model.")
+
+
 def _write_model(repo: Path, cfg: Any, header: str, source: Path, model_file: str,
                  init_files: dict[str, np.ndarray], manifest: dict[str, Any]) -> Path:
     """Assemble one model folder beside the final one, then swap it in (no half-written model)."""
@@ -270,6 +293,8 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, max_batch: int,
                                        what=f"{eprofile} TensorRT engine; it runs only on the GPU model and "
                                             "TensorRT version it was built with")
         models.append((ecfg, eheader, plan, efiles))
+    for c, *_ in models:
+        check_replaceable(repo / c.name)
     # Everything is checked above; only now is anything written.
     repo.mkdir(parents=True, exist_ok=True)
     written = [(_write_model(repo, c, h, src, c.default_model_filename, f, manifest), c) for c, h, src, f in models]

@@ -113,6 +113,26 @@ def test_rewrite_replaces_only_our_model(stream_artifact: Path, tmp_path: Path) 
     assert cfg.max_batch_size == 8 and cfg.sequence_batching.oldest.max_candidate_sequences == 32
 
 
+def test_rewrite_refuses_a_model_folder_holding_what_edge3d_did_not_write(stream_artifact: Path,
+                                                                         tmp_path: Path) -> None:
+    """A model folder is swapped whole, so a version or file a user keeps in it was deleted without a word."""
+    repo = tmp_path / "repo"
+    write_repository(stream_artifact, repo, max_batch=2)
+    (repo / "tiny" / "2").mkdir()
+    (repo / "tiny" / "2" / "model.onnx").write_bytes(b"a version of the user's own")
+    (repo / "tiny" / "notes.txt").write_text("why version 2")
+    before = {q: q.read_bytes() for q in (repo / "tiny").rglob("*") if q.is_file()}
+    with pytest.raises(ValueError, match=r"tiny holds 2/, notes.txt beside what edge3d wrote.*pass --name"):
+        write_repository(stream_artifact, repo, max_batch=8)
+    assert {q: q.read_bytes() for q in (repo / "tiny").rglob("*") if q.is_file()} == before  # nothing touched
+    (repo / "theirs" / "1").mkdir(parents=True)  # a same-named model from elsewhere
+    with pytest.raises(ValueError, match=r"theirs is a model folder edge3d did not write \(it has no "
+                                         r"edge3d_manifest.json\)"):
+        write_repository(stream_artifact, repo, max_batch=8, model_name="theirs")
+    assert sorted(q.name for q in (repo / "theirs").iterdir()) == ["1"]
+    assert write_repository(stream_artifact, repo, max_batch=8, model_name="tiny2") == repo  # --name: a new model
+
+
 # --------------------------------------------------------------------------- a hand-made artifact
 def _value(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(name, elem, ["N", *shape])
