@@ -13,6 +13,7 @@ only the runtime installed.
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import shlex
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,7 @@ from ..runtime.backend import trt as trt_backend
 from ..runtime.manifest import (
     ArtifactError,
     file_sha256,
+    is_positive_int,
     load_manifest,
     precision_entry,
     require_single_graph,
@@ -103,12 +105,12 @@ def profile_shapes(manifest: dict[str, Any], streams: int) -> dict[str, tuple[Sh
 
 def check_build_flags(streams: int = 8, dla: int | None = None, workspace_mb: int = DEFAULT_WORKSPACE_MB) -> None:
     """Checked on their own so that `edge3d export --target tensorrt` fails before the slow export."""
-    if not isinstance(streams, int) or isinstance(streams, bool) or streams < 1:
+    if not is_positive_int(streams):
         raise ValueError(f"--streams must be a positive integer, got {streams!r}.")
-    if workspace_mb < 1:
-        raise ValueError(f"--workspace must be at least 1 MiB, got {workspace_mb}.")
-    if dla is not None and dla < 0:
-        raise ValueError(f"--dla must be a DLA core index (0, 1, ...), got {dla}.")
+    if not is_positive_int(workspace_mb):
+        raise ValueError(f"--workspace must be a whole number of MiB, at least 1, got {workspace_mb!r}.")
+    if dla is not None and (isinstance(dla, bool) or not isinstance(dla, numbers.Integral) or dla < 0):
+        raise ValueError(f"--dla must be a DLA core index (0, 1, ...), got {dla!r}.")
 
 
 def build_options(manifest: dict[str, Any], profile: str, *, streams: int = 8, dla: int | None = None,
@@ -122,9 +124,10 @@ def build_options(manifest: dict[str, Any], profile: str, *, streams: int = 8, d
             f"precision {profile!r} does not target TensorRT (its profile lists {', '.join(backends)}; e.g. "
             "int8-cpu's uint8 activations); build engines from a precision whose profile lists tensorrt, such as int8."
         )
+    streams = int(streams)  # plain ints from here on: NumPy integers reach the manifest's JSON and TensorRT
     return BuildOptions(profile=profile, onnx=entry["file"], engine=f"model.{profile}.engine",
-                        shapes=profile_shapes(manifest, streams), streams=streams, workspace_mb=workspace_mb,
-                        dla_core=dla)
+                        shapes=profile_shapes(manifest, streams), streams=streams, workspace_mb=int(workspace_mb),
+                        dla_core=None if dla is None else int(dla))
 
 
 # --------------------------------------------------------------------------- command lines

@@ -29,6 +29,7 @@ from .. import __version__
 from ..runtime.manifest import (
     NAME,
     ArtifactError,
+    is_positive_int,
     load_manifest,
     precision_entry,
     require_single_graph,
@@ -242,9 +243,9 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, max_batch: int,
     the repository are left alone. Returns ``repo_dir``.
     """
     for label, v in (("max_batch", max_batch), ("instances", instances)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        if not is_positive_int(v):
             raise ValueError(f"{label} must be a positive integer, got {v!r}.")
-    if max_sequences is not None and (not isinstance(max_sequences, int) or max_sequences < 1):
+    if max_sequences is not None and not is_positive_int(max_sequences):
         raise ValueError(f"max_sequences must be a positive integer, got {max_sequences!r}.")
     if kind not in KINDS:
         raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}.")

@@ -109,9 +109,14 @@ def test_build_options_take_shapes_and_onnx_from_the_manifest(three_precisions):
     assert trtx.build_options(m, "fp32").streams == 8  # the CLI default
     with pytest.raises(ArtifactError, match="no 'fp8' precision.*fp32, fp16, int8"):
         trtx.build_options(m, "fp8")
-    for bad in ({"streams": 0}, {"dla": -1}, {"workspace_mb": 0}):
-        with pytest.raises(ValueError):
+    for bad in ({"streams": 0}, {"dla": -1}, {"workspace_mb": 0}, {"streams": 2.5}, {"dla": 0.0}, {"dla": True},
+                {"workspace_mb": "512"}):
+        with pytest.raises(ValueError, match="must be"):
             trtx.build_options(m, "fp32", **bad)
+    # NumPy integers, as an app reading its config with NumPy passes them, come out as plain ints
+    o = trtx.build_options(m, "fp32", streams=np.int64(2), dla=np.int64(0), workspace_mb=np.int32(256))
+    assert (o.streams, o.dla_core, o.workspace_mb) == (2, 0, 256)
+    assert all(type(v) is int for v in (o.streams, o.dla_core, o.workspace_mb))
 
 
 # --------------------------------------------------------------------------- command lines

@@ -107,7 +107,7 @@ def test_rewrite_replaces_only_our_model(stream_artifact: Path, tmp_path: Path) 
     repo = tmp_path / "repo"
     (repo / "someone_else" / "1").mkdir(parents=True)
     write_repository(stream_artifact, repo, max_batch=2)
-    write_repository(stream_artifact, repo, max_batch=8, max_sequences=32)
+    write_repository(stream_artifact, repo, max_batch=np.int64(8), max_sequences=np.int64(32))  # NumPy ints too
     assert sorted(p.name for p in repo.iterdir()) == ["someone_else", "tiny"]
     cfg = parse_config(repo / "tiny")
     assert cfg.max_batch_size == 8 and cfg.sequence_batching.oldest.max_candidate_sequences == 32
