@@ -451,12 +451,12 @@ def run(
             if videos:
                 session.reset()
             videos += 1
-            for frame, label in items:
-                yield (name if name != source else None), frame, (label if keep_labels else None)
+            for i, (frame, label) in enumerate(items):
+                yield (name if name != source else None), i, frame, (label if keep_labels else None)
 
     try:
         with sigterm_as_interrupt(), Live(console=console, refresh_per_second=8, transient=True) as live:
-            for video, frame, label in frames_of_every_video():
+            for video, clip_frame, frame, label in frames_of_every_video():
                 t0 = time.perf_counter()
                 y = session.step(frame)
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
@@ -471,8 +471,8 @@ def run(
                     correct += int(idx == label)
                 if sink:
                     rec = {"frame": n, "top": idx, "class": cls, "score": round(score, 5), "ms": round(ms, 3)}
-                    if video is not None:
-                        rec["video"] = video
+                    if video is not None:  # one of several clips: which, and the frame's place in it
+                        rec["video"], rec["clip_frame"] = video, clip_frame
                     if label is not None:
                         rec["label"] = label
                     sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")

@@ -666,7 +666,8 @@ def test_cli_run_starts_each_video_of_a_folder_from_the_initial_state(tiny_artif
     alone = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in both] == list(range(16))
     assert [r["video"] for r in both] == [str(folder / "a.mp4")] * 8 + [str(folder / "b.mp4")] * 8
-    assert "video" not in alone[0]
+    assert [r["clip_frame"] for r in both] == [*range(8), *range(8)]  # each clip's own frame index
+    assert "video" not in alone[0] and "clip_frame" not in alone[0]
     assert [(r["top"], r["score"]) for r in both[8:]] == [(r["top"], r["score"]) for r in alone]
 
 
@@ -711,6 +712,7 @@ def test_cli_run_plays_folders_of_images_as_clips_each_from_the_initial_state(ti
     assert res.exit_code == 0 and "12 from 2 clips" in res.output, res.output
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r["video"] for r in rows] == [str(root / "2")] * 5 + [str(root / "10")] * 7  # 2 before 10
+    assert [r["clip_frame"] for r in rows] == [*range(5), *range(7)]
     with Session(art) as s:
         alone = [s.top(s.step(f)) for f in clips["10"]]
     assert [(r["top"], r["score"]) for r in rows[5:]] == [(i, round(p, 5)) for i, _, p in alone]
