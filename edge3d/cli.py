@@ -418,6 +418,9 @@ def run(
     profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
     backend: Annotated[str, typer.Option("--backend", help="auto | onnxruntime | tensorrt")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No live line, summary only.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="ONNX Runtime intra-op threads (default: one per core); fewer leave cores to the "
+                          "video decoder or other processes.")] = None,
 ) -> None:
     """Stream a video, camera or the synthetic gesture source through an artifact."""
     import numpy as np
@@ -428,7 +431,7 @@ def run(
     from .sources import SourceLost, labels_apply, open_streams, source_frame_size
 
     _output_file(output, "--output")
-    session = Session(artifact, profile=profile, backend=backend)
+    session = Session(artifact, profile=profile, backend=backend, threads=threads)
     size = session.manifest["frame"]["height"]
     if frames is None and source.startswith("synthetic"):
         frames = 300

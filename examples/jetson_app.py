@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=1280, help="CSI capture width")
     p.add_argument("--height", type=int, default=720, help="CSI capture height")
     p.add_argument("--fps", type=int, default=30, help="CSI capture frame rate")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads (default: one per core); leave cores to the camera pipeline")
     return p.parse_args(argv)
 
 
@@ -95,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     # the CSI capture settings too: a zero or negative one makes a pipeline OpenCV cannot open, and
     # its message would blame GStreamer instead of the flag
     for flag, value in (("--frames", args.frames), ("--log-every", args.log_every), ("--width", args.width),
-                        ("--height", args.height), ("--fps", args.fps)):
+                        ("--height", args.height), ("--fps", args.fps), ("--threads", args.threads)):
         if value is not None and value < 1:
             print(f"error: {flag} must be at least 1, got {value}.", file=sys.stderr)
             return 2
     try:
-        session = Session(args.artifact, profile=args.profile, backend=args.backend)
+        session = Session(args.artifact, profile=args.profile, backend=args.backend, threads=args.threads)
         frames = open_frames(args.source, session.manifest["frame"]["height"], args.width, args.height, args.fps)
     except ValueError as e:  # bad artifact, profile, backend or source: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)

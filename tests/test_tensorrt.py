@@ -462,6 +462,31 @@ def test_jetson_app_runs_headless_on_the_synthetic_source(artifact):
     assert "done: 100 frames" in proc.stdout and "per-frame accuracy" not in proc.stdout
 
 
+def test_run_and_the_jetson_app_give_onnxruntime_their_threads(artifact, monkeypatch, capsys):
+    """--threads reaches the ONNX Runtime session (a Jetson app leaves cores to the camera pipeline)."""
+    from edge3d.runtime.backend import onnxrt
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    seen = []
+    load = onnxrt._load_session
+    monkeypatch.setattr(onnxrt, "_load_session", lambda path, threads: seen.append(threads) or load(path, threads))
+    res = CliRunner().invoke(app, ["run", str(artifact), "--frames", "3", "--threads", "1", "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["run", str(artifact), "--frames", "3", "--quiet"])
+    assert res.exit_code == 0 and seen == [1, None]  # unset: ONNX Runtime's own choice
+    sys.path.insert(0, str(APP.parent))
+    try:
+        import jetson_app
+    finally:
+        sys.path.pop(0)
+    assert jetson_app.main([str(artifact), "--source", "synthetic", "--backend", "onnxruntime", "--headless",
+                            "--frames", "3", "--threads", "2"]) == 0
+    assert seen[-1] == 2
+    capsys.readouterr()
+
+
 def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
     proc = _app(str(tmp_path / "missing.edge3d"), "--source", "synthetic", "--headless")
     assert proc.returncode == 2 and proc.stderr.startswith("error: artifact") and "Traceback" not in proc.stderr
@@ -485,7 +510,8 @@ def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, caps
     assert code == 1 and "done: 120 frames" in out.out
     assert out.err == "error: camera 0 stopped delivering frames after 120 frames; check its connection.\n"
     capsys.readouterr()
-    for flag, value in (("--log-every", "0"), ("--width", "0"), ("--height", "-720"), ("--fps", "0")):
+    for flag, value in (("--log-every", "0"), ("--width", "0"), ("--height", "-720"), ("--fps", "0"),
+                        ("--threads", "0")):
         assert jetson_app.main([str(artifact), "--source", "csi:0", "--backend", "onnxruntime", "--headless",
                                 flag, value]) == 2
         assert capsys.readouterr().err == f"error: {flag} must be at least 1, got {value}.\n"
