@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import numbers
 import os
 import shutil
 import tempfile
@@ -131,6 +132,14 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
                     output_shape: tuple[int, ...]) -> dict[str, Any]:
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
+    if classes is not None:  # checked here, where the output's size is known; nothing is in place yet
+        outputs = int(np.prod(output_shape))
+        if isinstance(classes, str) or not all(isinstance(n, str) for n in classes):
+            raise ValueError(f"classes must be a list of class names (strings), got {classes!r:.80}.")
+        if len(classes) != outputs:
+            raise ValueError(f"{len(classes)} class names for a model with {outputs} outputs; pass one name per "
+                             "output, in output order (or none).")
+        classes = list(classes)
     return {
         "format_version": FORMAT_VERSION,
         "edge3d_version": __version__,
@@ -168,6 +177,17 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
         "input_history_bytes": sum(s["bytes"] for s in states if s["input_history"]),
         "lowered": lowered,
     }
+
+
+def frame_hw(frame_size: Any) -> tuple[int, int]:
+    """``frame_size`` as (height, width): an int for a square frame, or a pair."""
+    if isinstance(frame_size, numbers.Integral) and not isinstance(frame_size, bool):
+        return int(frame_size), int(frame_size)
+    if (isinstance(frame_size, (tuple, list)) and len(frame_size) == 2
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in frame_size)):
+        return int(frame_size[0]), int(frame_size[1])
+    raise ValueError(f"frame_size must be an int (a square frame) or a (height, width) pair of ints, got "
+                     f"{frame_size!r}.")
 
 
 def check_artifact_name(name: str) -> None:
@@ -226,7 +246,7 @@ def export_artifact(
     was checked (None when skipped).
     """
     check_artifact_name(name)
-    h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
+    h, w = frame_hw(frame_size)
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
     else:

@@ -517,6 +517,25 @@ def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "does not exist" in res.output
 
 
+@pytest.mark.parametrize("kwargs, says", [
+    ({"classes": ["a", "b"]}, "2 class names for a model with 5 outputs; pass one name per output"),
+    ({"classes": "abcde"}, "classes must be a list of class names (strings)"),
+    ({"classes": [0, 1, 2, 3, 4]}, "classes must be a list of class names (strings)"),
+    ({"frame_size": (SIZE,)}, "frame_size must be an int (a square frame) or a (height, width) pair"),
+    ({"frame_size": str(SIZE)}, "frame_size must be an int (a square frame) or a (height, width) pair"),
+])
+def test_export_refuses_class_names_and_frame_sizes_that_do_not_fit(tmp_path: Path, kwargs: dict, says: str) -> None:
+    """Three names for five outputs used to be written into the manifest, and every later class
+    shown by name or by number at random; a one-element frame size failed inside tuple unpacking."""
+    model = zoo.build("d-resnet18", **TINY)
+    with pytest.raises(ValueError, match=re.escape(says)):
+        export_artifact(model, tmp_path, "m", **{"frame_size": SIZE, **kwargs})
+    assert not list(tmp_path.iterdir())  # neither the artifact nor its temporary folder
+    if "classes" in kwargs and len(kwargs["classes"]) == 2:  # once: what does fit, as NumPy and tuples give it
+        art = export_artifact(model, tmp_path, "m", frame_size=np.int64(SIZE), classes=tuple("abcde"))
+        assert Session(art).classes == list("abcde")
+
+
 def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact, tmp_path: Path) -> None:
     """inspect/export/bench take a model name or an artifact path: a path that does not exist used to
     be read as a model name ("unknown model './x.edge3d'; choose one of d-resnet18, ...")."""
