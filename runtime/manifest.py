@@ -116,6 +116,15 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
                 raise ArtifactError(f"{where}: state {s.get('name', '?')!r} lacks {key!r}; re-export the artifact.")
     if not m["precisions"]:
         raise ArtifactError(f"{where} lists no precision; re-export the artifact.")
+    classes, shape = m["output"].get("classes"), m["output"].get("shape", [])
+    if classes is not None and all(isinstance(d, int) for d in shape[1:]):
+        outputs = math.prod(shape[1:])
+        # names edited by hand (translated, say) must still be one per output, or top() would name some
+        # classes and number the others
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) != outputs:
+            count = f"{len(classes)} entries" if isinstance(classes, list) else f"a {type(classes).__name__}"
+            raise ArtifactError(f"{where}: output.classes has {count} where the model has {outputs} outputs; list "
+                                "one class name (a string) per output, in output order, or set it to null.")
 
 
 def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:

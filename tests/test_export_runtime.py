@@ -338,6 +338,23 @@ def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> 
         Session(other)
 
 
+def test_class_names_edited_in_the_manifest_must_still_fit(tiny_artifact, tmp_path: Path) -> None:
+    """Renaming classes in manifest.json (translating them, say) is fine; dropping one is refused at
+    load, where top() would otherwise name some classes and number the rest."""
+    art = _copy(tiny_artifact[0], tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    outputs = m["output"]["shape"][1]
+    for names, works in ((None, True), ([f"klasse {i}" for i in range(outputs)], True),
+                         ([f"c{i}" for i in range(outputs - 1)], False), ("abc", False)):
+        m["output"]["classes"] = names
+        (art / "manifest.json").write_text(json.dumps(m))
+        if works:
+            assert Session(art).classes == names
+        else:
+            with pytest.raises(ArtifactError, match=f"output.classes has .* where the model has {outputs} outputs"):
+                Session(art)
+
+
 def test_checkpoint_mismatch(tmp_path: Path) -> None:
     torch.save(zoo.build("d-resnet18", width=0.25, num_classes=5).state_dict(), tmp_path / "ck.pt")
     res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5",
