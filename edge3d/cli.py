@@ -705,8 +705,8 @@ def compare(
     """Compare precisions against FP32: latency, cache, per-step error, drift, top-1 agreement."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .compare import TREND_FRAMES, report_notes, table_rows
     from .compare import compare as run_compare
-    from .compare import report_notes, table_rows
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "--out")
@@ -736,7 +736,8 @@ def compare(
     console.print(table)
     console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
-                  "mean drift, in brackets with the TF growth divided out (about 1 when bounded).")
+                  "mean drift, in brackets with the TF growth divided out (about 1 when bounded)"
+                  + (f"; it needs {TREND_FRAMES} frames or more." if report["frames"] < TREND_FRAMES else "."))
     for note in report_notes(report):
         console.print(f"[bold red]{escape(note)}[/]")
     console.print(f"wrote [bold]{escape(str(out / 'report.json'))}[/], "

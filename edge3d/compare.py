@@ -64,6 +64,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
         return float(a @ b / (na * nb))
 
 
+TREND_FRAMES = 8  # two frames a quarter at least; shorter runs report no growth (NaN, "-" in the table)
+
+
 def drift_trend(err: np.ndarray, per_step: np.ndarray | None = None) -> dict[str, float]:
     """Is the free-running error still growing at the end of the stream?
 
@@ -75,7 +78,7 @@ def drift_trend(err: np.ndarray, per_step: np.ndarray | None = None) -> dict[str
     an accumulating state error shows up as.
     """
     n = len(err)
-    if n < 8:
+    if n < TREND_FRAMES:
         return {"growth": float("nan"), "slope_per_1k": float("nan"), "growth_vs_step": float("nan")}
     q = n // 4
 
@@ -353,7 +356,7 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
             row.update({"teacher_forced": {"max_abs_err": 0.0, "mean_abs_err": 0.0, "top1_agreement": 1.0},
                         "free_running": {"end_abs_err": 0.0, "end_cosine": 1.0, "worst_abs_err": 0.0,
                                          "worst_frame": 0, "min_cosine": 1.0, "mean_abs_err": 0.0,
-                                         "growth": 1.0, "slope_per_1k": 0.0, "growth_vs_step": 1.0,
+                                         **drift_trend(np.zeros(n), np.zeros(n)),  # 1.0, or NaN for < 8 frames
                                          "first_nonfinite": None},
                         "top1_agreement": 1.0})
         else:
@@ -463,7 +466,8 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", format_bytes(r["cache_bytes"]), format_bytes(r["weight_bytes"]),
             f"{tf['max_abs_err']:.3g}", f"{tf['mean_abs_err']:.3g}", f"{fr['end_abs_err']:.3g}",
             f"{fr['end_cosine']:.5f}", f"{fr['worst_abs_err']:.3g} @ {fr['worst_frame']}",
-            f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})", f"{100 * r['top1_agreement']:.2f}%",
+            ("-" if np.isnan(fr["growth"]) else f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})"),
+            f"{100 * r['top1_agreement']:.2f}%",
             f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-",
             str(fr["first_nonfinite"]["frame"]) if fr.get("first_nonfinite") else "-",
         ])

@@ -18,7 +18,7 @@ from edge3d.runtime import Session  # noqa: E402
 from edge3d.runtime.manifest import load_manifest  # noqa: E402
 from precision_helpers import pattern_stream, write_video  # noqa: E402
 
-from edge3d.compare import cast_states, compare, drift_trend, reference_state_growth  # noqa: E402
+from edge3d.compare import cast_states, compare, drift_trend, reference_state_growth, table_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,18 @@ def test_compare_scores_synthetic_labels_only_for_a_gesture_model(stateful: Path
     report = compare(stateful, ["fp32", "int8"], "synthetic:2", 12, plots=False)
     assert report["frames"] == 12 and not report["labelled"]
     assert all("accuracy" not in row for row in report["profiles"].values())
+
+
+def test_a_run_too_short_for_a_drift_trend_shows_none_for_every_profile(stateful: Path) -> None:
+    """Under 8 frames there are no quarters to compare: the table said "nan (nan)" for the profiles
+    and "1.00 (1.00)" for the reference."""
+    report = compare(stateful, ["fp32", "int8"], "synthetic:2", 5, plots=False)
+    assert all(np.isnan(r["free_running"]["growth"]) for r in report["profiles"].values())
+    growth_row = next(r for r in table_rows(report) if r[0].startswith("drift growth"))
+    assert growth_row[1:] == ["-", "-"]
+    longer = compare(stateful, ["fp32", "int8"], "synthetic:2", 12, plots=False)
+    assert longer["profiles"]["fp32"]["free_running"]["growth"] == 1.0
+    assert np.isfinite(longer["profiles"]["int8"]["free_running"]["growth"])
 
 
 @pytest.mark.parametrize("frames", [2.5, True, "10"])
