@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect as pyinspect
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,29 @@ def _strip_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
 BN_COUNTER = "num_batches_tracked"
 
 
+def _checkpoint_kind(path: Path) -> str:
+    """The rest of a sentence for a file that is plainly not a state_dict, else ''.
+
+    An exported graph or a TorchScript archive is what a user often has at hand next to the
+    weights; torch.load's own failure on them names neither.
+    """
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip ("PK") or, in the legacy format, a pickle (0x80); an ONNX model starts
+    # with its ir_version field (tag 0x08)
+    if path.suffix == ".onnx" or head[:1] == b"\x08":
+        return ("an ONNX graph, not PyTorch weights; pass the state_dict (.pt) saved from the trained model with "
+                "torch.save(model.state_dict(), path).")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            if any(n.split("/", 1)[-1].startswith("code/") or n.endswith("/constants.pkl") for n in z.namelist()):
+                return ("a TorchScript archive (torch.jit.save); save its weights with "
+                        "torch.save(torch.jit.load(path).state_dict(), 'weights.pt') and pass that file.")
+    return ""
+
+
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
     """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix.
 
@@ -74,11 +98,25 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
     import torch
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder; pass the file saved with "
+                         "torch.save(model.state_dict(), path).")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist; pass the path of a saved state_dict.")
+    kind = _checkpoint_kind(path)
+    if kind:
+        raise ValueError(f"checkpoint {path} is {kind}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings would come before the one sentence
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise ValueError(
+                f"checkpoint {path} holds pickled Python objects (a whole model saved with torch.save(model), "
+                "say), which edge3d does not unpickle because unpickling runs code; load it where you trust "
+                "it and save model.state_dict() instead."
+            ) from e
         raise ValueError(f"checkpoint {path} cannot be read by torch.load ({type(e).__name__}); "
                          "save it with torch.save(model.state_dict(), path).") from e
     state = _unwrap(state)

@@ -364,6 +364,40 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "d-resnet18.edge3d").exists()
 
 
+@pytest.mark.parametrize("kind, says", [
+    ("folder", "is a folder; pass the file saved with torch.save(model.state_dict(), path)"),
+    ("onnx", "is an ONNX graph, not PyTorch weights"),
+    ("onnx-named-pt", "is an ONNX graph, not PyTorch weights"),
+    ("torchscript", "is a TorchScript archive (torch.jit.save); save its weights with "
+                    "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"),
+    ("whole-model", "holds pickled Python objects (a whole model saved with torch.save(model), say)"),
+])
+def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path, kind: str, says: str) -> None:
+    """What a user has beside the weights: the exported graph, a TorchScript archive, the whole
+    pickled model. torch.load's own failure named none of them (and printed its warnings first)."""
+    import warnings
+
+    from edge3d.models import load_checkpoint
+
+    model = zoo.build("d-resnet18", **TINY)
+    path = tmp_path / "ck.pt"
+    if kind == "folder":
+        path.mkdir()
+    elif kind.startswith("onnx"):
+        path = tmp_path / ("ck.onnx" if kind == "onnx" else "ck.pt")
+        shutil.copy(tiny_artifact[0] / "model.fp32.onnx", path)
+    elif kind == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, and still about
+            torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    else:
+        torch.save(model, path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and nothing printed before the sentence
+        with pytest.raises(ValueError, match=re.escape(f"checkpoint {path} {says}")):
+            load_checkpoint(model, path)
+
+
 @pytest.mark.parametrize("wrap", [
     lambda sd: {"epoch": 3, "state_dict": sd},
     lambda sd: {"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_state_dict": {}},
