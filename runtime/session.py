@@ -184,9 +184,11 @@ class Session:
         before the backend runs, so a rejected call changes no stream's state.
         """
         ids = self._check_ids(stream_ids)
-        if not hasattr(frames, "__len__") or len(frames) != len(ids):
-            n = len(frames) if hasattr(frames, "__len__") else type(frames).__name__
-            raise ValueError(f"got {n} frames for {len(ids)} streams; pass one frame per stream id.")
+        if not hasattr(frames, "__len__"):  # a generator would be used up by a check and then step nothing
+            raise ValueError(f"frames is a {type(frames).__name__}; pass a list or an array of frames, one per "
+                             "stream id.")
+        if len(frames) != len(ids):
+            raise ValueError(f"got {len(frames)} frames for {len(ids)} streams; pass one frame per stream id.")
         everyone = len(ids) == self.streams and bool((ids == np.arange(self.streams)).all())
         buf = self._backend.frame_buffer if everyone else self._backend.subset_frame_buffer(len(ids))
         # Straight into the backend's frame buffer: it holds no state, and every call

@@ -160,7 +160,7 @@ def test_bad_one_stream_snapshot_is_refused_and_leaves_every_state(stream_artifa
 
 @pytest.mark.parametrize("max_batch", [None, 2])
 @pytest.mark.parametrize("case", ["nan", "inf", "wrong_shape", "wrong_dtype", "unknown_id", "negative_id",
-                                  "duplicate_id", "bool_id", "float_id", "too_few_frames"])
+                                  "duplicate_id", "bool_id", "float_id", "too_few_frames", "generator"])
 def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case: str, max_batch) -> None:
     frames = _frames(3, 3, STREAMS)
     s = Session(stream_artifact, streams=STREAMS, max_batch=max_batch)
@@ -193,7 +193,10 @@ def test_rejected_batch_leaves_every_state_unchanged(stream_artifact: Path, case
         ids = [2.0, 0.0, 1.0]
     elif case == "too_few_frames":
         batch = batch[:2]
-    with pytest.raises(ValueError):
+    elif case == "generator":
+        batch = (f for f in good)
+    says = {"generator": "frames is a generator; pass a list or an array", "too_few_frames": "got 2 frames for 3"}
+    with pytest.raises(ValueError, match=says.get(case, "")):
         s.step_batch(batch, ids)
     assert _states_equal(before, s.get_state()), f"a rejected batch ({case}) changed a stream's state"
     # the session still works, and gives what a session that never saw the bad call gives
