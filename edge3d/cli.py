@@ -556,9 +556,11 @@ def bench(
 
     _output_file(json_out, "--json-out")
     _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
-    report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                       window=window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
-                       log=None if as_json else console)
+    # a spinner through the minute of exports and timing, its steps printed above it
+    with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
+        report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
+                           window=window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
+                           log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
         try:
