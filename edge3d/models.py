@@ -77,6 +77,12 @@ def _checkpoint_kind(path: Path) -> str:
 
     with open(path, "rb") as f:
         head = f.read(8)
+        # safetensors: an 8-byte little-endian header length, then that many bytes of JSON
+        header = int.from_bytes(head, "little") if len(head) == 8 else 0
+        safetensors = 1 < header < path.stat().st_size and f.read(1) == b"{"
+    if safetensors:
+        return ("a safetensors file; convert it with torch.save(safetensors.torch.load_file(path), 'weights.pt') "
+                "and pass that file.")
     # torch.save writes a zip ("PK") or, in the legacy format, a pickle (0x80); an ONNX model starts
     # with its ir_version field (tag 0x08)
     if path.suffix == ".onnx" or head[:1] == b"\x08":

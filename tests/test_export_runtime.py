@@ -371,6 +371,7 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
     ("torchscript", "is a TorchScript archive (torch.jit.save); save its weights with "
                     "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"),
     ("whole-model", "holds pickled Python objects (a whole model saved with torch.save(model), say)"),
+    ("safetensors", "is a safetensors file; convert it with torch.save(safetensors.torch.load_file(path)"),
 ])
 def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path, kind: str, says: str) -> None:
     """What a user has beside the weights: the exported graph, a TorchScript archive, the whole
@@ -390,6 +391,9 @@ def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, and still about
             torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    elif kind == "safetensors":  # the format: an 8-byte little-endian header length, JSON, raw tensor bytes
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+        path.write_bytes(len(header).to_bytes(8, "little") + header + np.zeros(2, np.float32).tobytes())
     else:
         torch.save(model, path)
     with warnings.catch_warnings():
