@@ -130,6 +130,11 @@ def _is_artifact(target: str) -> bool:
 def _out_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; pass a folder to write into.")
+    from .runtime.manifest import MANIFEST
+
+    if (path / MANIFEST).is_file():  # `-o out/x.edge3d` for `-o out` nested a second artifact inside the first
+        raise ValueError(f"{flag} {path} is an artifact folder; pass the folder to write into, such as "
+                         f"{path.parent}.")
 
 
 def _load(model: str, classes: int | None, size: int | None, width: float | None, head: str | None,

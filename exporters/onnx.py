@@ -246,6 +246,9 @@ def export_artifact(
     was checked (None when skipped).
     """
     check_artifact_name(name)
+    if (Path(out_dir) / MANIFEST).is_file():
+        raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
+                         f"such as {Path(out_dir).parent}.")
     h, w = frame_hw(frame_size)
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))

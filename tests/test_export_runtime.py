@@ -591,6 +591,21 @@ def test_export_refuses_class_names_and_frame_sizes_that_do_not_fit(tmp_path: Pa
         assert Session(art).classes == list("abcde")
 
 
+def test_an_artifact_folder_is_refused_as_an_output_folder(tiny_artifact, tmp_path: Path) -> None:
+    """`-o out/x.edge3d` where `-o out` was meant wrote a second artifact inside the first."""
+    art = _copy(tiny_artifact[0], tmp_path)
+    before = sorted(q.name for q in art.iterdir())
+    for args in (["export", "d-resnet18", *TINY_FLAGS, "-o", str(art)], ["triton", str(art), "-o", str(art)],
+                 ["compare", str(art), "--frames", "2", "--out", str(art)]):
+        res = CliRunner().invoke(app, args)
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"{art} is an artifact folder; pass the folder to write into, such as " \
+            f"{art.parent}." in said, (args, said)
+    with pytest.raises(ValueError, match="is an artifact folder; pass the folder to write m.edge3d into"):
+        export_artifact(zoo.build("d-resnet18", **TINY), art, "m", frame_size=SIZE)
+    assert sorted(q.name for q in art.iterdir()) == before
+
+
 def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact, tmp_path: Path) -> None:
     """inspect/export/bench take a model name or an artifact path: a path that does not exist used to
     be read as a model name ("unknown model './x.edge3d'; choose one of d-resnet18, ...")."""
