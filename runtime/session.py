@@ -78,6 +78,16 @@ def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str
     return "onnxruntime"
 
 
+def check_frame_count(frames: Any, streams: int) -> None:
+    """One frame per stream of the call, in a list or an array: a generator would be used up by a
+    check and then step nothing."""
+    if not hasattr(frames, "__len__"):
+        raise ValueError(f"frames is a {type(frames).__name__}; pass a list or an array of frames, one per "
+                         "stream id.")
+    if len(frames) != streams:
+        raise ValueError(f"got {len(frames)} frames for {streams} streams; pass one frame per stream id.")
+
+
 def require_mapping(snapshot: Any) -> None:
     """A snapshot is what get_state() returned; anything else fails before a state is touched."""
     if not isinstance(snapshot, Mapping):
@@ -184,11 +194,7 @@ class Session:
         before the backend runs, so a rejected call changes no stream's state.
         """
         ids = self._check_ids(stream_ids)
-        if not hasattr(frames, "__len__"):  # a generator would be used up by a check and then step nothing
-            raise ValueError(f"frames is a {type(frames).__name__}; pass a list or an array of frames, one per "
-                             "stream id.")
-        if len(frames) != len(ids):
-            raise ValueError(f"got {len(frames)} frames for {len(ids)} streams; pass one frame per stream id.")
+        check_frame_count(frames, len(ids))
         everyone = len(ids) == self.streams and bool((ids == np.arange(self.streams)).all())
         buf = self._backend.frame_buffer if everyone else self._backend.subset_frame_buffer(len(ids))
         # Straight into the backend's frame buffer: it holds no state, and every call

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import ArtifactError, check_file_hash, state_io_names
-from .session import Session, require_mapping, serialised
+from .session import Session, check_frame_count, require_mapping, serialised
 
 
 class StagedSession(Session):
@@ -146,8 +146,7 @@ class StagedSession(Session):
         ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
         if ids.ndim != 1 or len(ids) != self.streams or not (ids == np.arange(self.streams)).all():
             raise ValueError("multi-rate artifacts step all streams together (one phase); pass every stream in order.")
-        if len(frames) != self.streams:
-            raise ValueError(f"got {len(frames)} frames for {self.streams} streams; pass one frame per stream.")
+        check_frame_count(frames, self.streams)
         f = self.manifest["frame"]
         staged = np.empty((self.streams, f["channels"], f["height"], f["width"]), np.float32)
         self._preprocess(frames, ids, staged)  # every frame validated before any state changes

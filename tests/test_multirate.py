@@ -270,6 +270,8 @@ def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
     before = s.get_state()
     with pytest.raises(ValueError, match=r"^stream 1 \(frame 1 of the call\): frame contains NaN"):
         s.step_batch([good, np.full((3, SIZE, SIZE), np.nan, np.float32)])
+    with pytest.raises(ValueError, match="frames is a generator; pass a list or an array"):
+        s.step_batch(f for f in [good, good])
     assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
 
 
