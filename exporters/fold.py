@@ -11,13 +11,11 @@ first conv's bias, which is exact up to float rounding.
 
 from __future__ import annotations
 
-import ast
-
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import SCOPES_KEY, consumers, producers
+from .graph import SCOPES_KEY, consumers, node_scopes, producers
 
 
 def fold_bn_into_conv_sums(model: onnx.ModelProto) -> int:
@@ -85,17 +83,10 @@ def _conv_leaves(tensor: str, prod: dict, cons: dict, outputs: set[str], inits: 
     return leaves
 
 
-def _scopes(node: onnx.NodeProto) -> list[str]:
-    for p in node.metadata_props:
-        if p.key == SCOPES_KEY:
-            return list(ast.literal_eval(p.value))
-    return []
-
-
 def _add_scopes(conv: onnx.NodeProto, bn: onnx.NodeProto) -> None:
     """Append the BN's module scopes to the conv's, so `keep_layers` naming either one matches."""
-    own = _scopes(conv)
-    extra = [s for s in _scopes(bn) if s not in own]
+    own = node_scopes(conv)
+    extra = [s for s in node_scopes(bn) if s not in own]
     if not extra:
         return
     merged = own + extra

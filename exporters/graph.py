@@ -7,8 +7,8 @@ layer. Computing that set once, here, keeps the two precisions consistent.
 
 from __future__ import annotations
 
+import ast
 import fnmatch
-import json
 from collections import defaultdict
 from typing import Any
 
@@ -103,20 +103,25 @@ def accumulator_nodes(graph: onnx.GraphProto, manifest: dict[str, Any]) -> set[s
 SCOPES_KEY = "pkg.torch.onnx.name_scopes"
 
 
+def node_scopes(node: onnx.NodeProto) -> list[str]:
+    """The module scopes the torch exporter recorded for a node (a Python list literal), as written."""
+    for p in node.metadata_props:
+        if p.key == SCOPES_KEY:
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return []
+            return [s for s in scopes if isinstance(s, str)] if isinstance(scopes, list) else []
+    return []
+
+
 def node_layers(node: onnx.NodeProto) -> list[str]:
     """The model layers a node belongs to, from the exporter's name-scope metadata.
 
     The torch exporter records ``['', 'model', 'model.layer1.0.conv1', ...]``; the leading
     ``model.`` is the StepModule wrapper and is dropped so the names match ``model.named_modules()``.
     """
-    for p in node.metadata_props:
-        if p.key == SCOPES_KEY:
-            try:
-                scopes = json.loads(p.value.replace("'", '"'))
-            except json.JSONDecodeError:
-                return []
-            return [s.removeprefix("model.") for s in scopes if s and s != "model"]
-    return []
+    return [s.removeprefix("model.") for s in node_scopes(node) if s and s != "model"]
 
 
 def kept_by_profile(graph: onnx.GraphProto, keep_op_types: tuple[str, ...] | list[str],
