@@ -72,6 +72,17 @@ def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
                           external_data=False)
 
 
+def drop_raw(raw: Path) -> None:
+    """Delete the exporter's graph and the weights file it may have put beside it.
+
+    Near the 2 GiB limit the PyTorch exporter writes the weights to ``<file>.data`` although
+    asked for one file (seen with 1.8 GiB of weights); left in place, that copy doubled the
+    artifact's size.
+    """
+    raw.unlink()
+    raw.with_name(raw.name + ".data").unlink(missing_ok=True)
+
+
 def simplify(src: Path, dst: Path) -> None:
     """Constant folding and Conv+BatchNorm folding with ONNX Runtime's basic (op-preserving) level,
     then the BatchNorms after sums of convs (exporters/fold.py)."""
@@ -220,6 +231,23 @@ def artifact_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, dict[str, 
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# protobuf refuses to serialise a message of 2 GiB or more, and each graph is written as one file
+ONNX_FILE_LIMIT = 2**31
+
+
+def check_fits_one_file(model: nn.Module, name: str) -> None:
+    """Refuse before exporting a model whose weights one ONNX file cannot hold.
+
+    Past the limit, the exporter ran for a minute and ONNX Runtime then failed to parse the
+    file with a protobuf traceback; the weights' size says so up front.
+    """
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if weight_bytes >= ONNX_FILE_LIMIT:
+        raise ValueError(f"{name} holds {weight_bytes / 2**30:.2f} GiB of weights, more than one ONNX file can hold "
+                         "(protobuf caps a file below 2 GiB, and edge3d writes each graph as one file); export a "
+                         "smaller variant (a smaller --width or --classes).")
+
+
 def export_artifact(
     model: nn.Module,
     out_dir: str | Path,
@@ -249,6 +277,7 @@ def export_artifact(
     if (Path(out_dir) / MANIFEST).is_file():
         raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
                          f"such as {Path(out_dir).parent}.")
+    check_fits_one_file(model, name)
     h, w = frame_hw(frame_size)
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
@@ -271,7 +300,7 @@ def export_artifact(
         _quiet_export(step, raw, opset)
         onnx_path = tmp / "model.fp32.onnx"
         simplify(raw, onnx_path)
-        raw.unlink()
+        drop_raw(raw)
         manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
                                        mean=mean, std=std, lowered=lower))
         manifest["precisions"]["fp32"] = {

@@ -18,7 +18,16 @@ import torch
 
 from ..runtime.manifest import MANIFEST, state_io_names
 from ..staged import Stage, StagedStepModule
-from .onnx import artifact_folder, file_sha256, manifest_header, quiet, set_metadata, simplify, weight_bytes
+from .onnx import (
+    artifact_folder,
+    drop_raw,
+    file_sha256,
+    manifest_header,
+    quiet,
+    set_metadata,
+    simplify,
+    weight_bytes,
+)
 
 
 def _export_stage(stage: Stage, path: Path, opset: int) -> None:
@@ -58,7 +67,7 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             _export_stage(st, raw, opset)
             path = tmp / f"stage{st.index}.fp32.onnx"
             simplify(raw, path)
-            raw.unlink()
+            drop_raw(raw)
             files.append(path)
         with torch.no_grad():
             last = step.stages[-1]

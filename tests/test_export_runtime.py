@@ -443,6 +443,40 @@ def test_cli_export_rejects_non_positive_model_options(tmp_path: Path, option: s
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_weights_one_onnx_file_cannot_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge3d.exporters.onnx as onnx_exporter
+
+    weights = sum(p.numel() * 4 for p in zoo.build("d-resnet18", **TINY).parameters())
+    weights += sum(b.numel() * b.element_size() for b in zoo.build("d-resnet18", **TINY).buffers())
+    monkeypatch.setattr(onnx_exporter, "ONNX_FILE_LIMIT", weights)  # stands in for protobuf's 2 GiB
+    args = ["export", "d-resnet18", "--classes", "5", "--width", "0.125", "--size", "32", "-o", str(tmp_path / "out")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert f"d-resnet18 holds {weights / 2**30:.2f} GiB of weights, more than one ONNX file can hold" in res.output
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(onnx_exporter, "ONNX_FILE_LIMIT", weights + 1)
+    assert CliRunner().invoke(app, [*args, "--no-verify"]).exit_code == 0
+
+
+def test_export_leaves_no_weights_file_the_exporter_put_beside_its_graph(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # PyTorch writes raw.onnx.data beside its graph for weights near 2 GiB; here it is made to for a tiny model
+    import edge3d.exporters.onnx as onnx_exporter
+
+    own = onnx_exporter._quiet_export
+
+    def export_with_sidecar(step, path: Path, opset: int) -> None:
+        own(step, path, opset)
+        onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True,
+                        location=path.name + ".data", size_threshold=1024)
+
+    monkeypatch.setattr(onnx_exporter, "_quiet_export", export_with_sidecar)
+    model = randomize(zoo.build("d-resnet18", **TINY), seed=3)
+    art = export_artifact(model, tmp_path, "m", frame_size=32)
+    assert sorted(p.name for p in art.iterdir()) == ["manifest.json", "model.fp32.onnx"]
+    assert Session(art).step(np.zeros((3, 32, 32), np.float32)).shape == (5,)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--profile", "int8", "--calib-frames", "0"], "--calib-frames must be an integer of at least 1"),
     (["--streams", "0"], "--streams must be a positive integer"),
@@ -488,6 +522,19 @@ def test_cli_unwritable_outputs_and_bad_stream_lists(tiny_artifact, tmp_path: Pa
         res = runner.invoke(app, [verb, str(art), "--streams", "2,x"])
         assert res.exit_code == 2 and "must be comma-separated integers" in res.output, res.output
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="no /dev/full (a device whose writes fail: disk full)")
+@pytest.mark.parametrize("frames", [3, 400])  # 3 lines fail at the closing flush, 400 while streaming
+def test_run_stops_with_the_summary_when_its_output_cannot_be_written(tiny_artifact, frames: int) -> None:
+    art, _ = tiny_artifact
+    res = CliRunner().invoke(app, ["run", str(art), "--frames", str(frames), "--output", "/dev/full", "--quiet"],
+                             terminal_width=200)
+    assert res.exit_code == 1, res.output
+    stopped = int(re.search(r"failed by frame (\d+) \(No space left on device\)", res.output)[1])
+    assert 0 < stopped < 400 if frames == 400 else stopped == 3
+    assert re.search(rf"│ frames\s+│ {stopped}\s+│", res.output), res.output  # the summary, over the frames run
+    assert "the file lacks the last predictions; free space or pass --output on another disk" in res.output
 
 
 def test_inspect_reads_the_manifest_embedded_in_an_onnx_file(stateful: Path, tmp_path: Path) -> None:

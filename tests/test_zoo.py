@@ -110,6 +110,24 @@ def test_build_rejects_bad_options_by_name() -> None:
     assert params(num_classes=np.int64(5)) == params()  # a count read from an array is a count
 
 
+def test_build_refuses_a_width_whose_weights_cannot_fit_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --width 100 (a percentage, to its user) is 10,000 times the paper's weights: counted on the
+    # meta device and refused at once, where building it filled memory for minutes
+    with pytest.raises(ValueError, match=r"d-resnet18 with --width 100 would hold [\d,.]+ GB of float32 weights, "
+                                         r"more than the [\d.]+ GB of memory free here; --width multiplies"):
+        zoo.build("d-resnet18", width=100.0)
+    weights = 4 * sum(p.numel() for p in zoo.build("d-resnet18", **TINY).parameters())
+    monkeypatch.setattr(zoo, "memory_available", lambda: weights - 1)
+    with pytest.raises(ValueError, match=r"with --width 0.125 --classes 5 would hold .*--width multiplies"):
+        zoo.build("d-resnet18", **TINY)
+    with pytest.raises(ValueError, match="--classes is the number of classes"):
+        zoo.build("d-resnet18", num_classes=5, frame_size=32)
+    monkeypatch.setattr(zoo, "memory_available", lambda: weights)
+    assert sum(p.numel() for p in zoo.build("d-resnet18", **TINY).parameters()) * 4 == weights
+    monkeypatch.setattr(zoo, "memory_available", lambda: 1)  # the defaults are the paper's model: never refused
+    assert zoo.build("d-resnet18", frame_size=32) is not None
+
+
 @pytest.mark.parametrize("name", ["d-resnet18", "tsm-resnet18", "rcn-resnet18", "r3d18-causal", "sgs-resnet18",
                                   "vov3d-m"])
 def test_to_step_names_a_frame_shape_the_model_cannot_take(name: str) -> None:

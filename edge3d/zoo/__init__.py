@@ -104,4 +104,47 @@ def build(name: str, **options: Any) -> Any:
     unknown = sorted(set(kwargs) - set(takes))
     if unknown and not any(p.kind is p.VAR_KEYWORD for p in params):
         raise ValueError(f"{name} takes no option {unknown[0]!r}; it takes {', '.join(takes)}.")
+    _check_fits_memory(name, factory, kwargs, options)
     return factory(**kwargs)
+
+
+def _check_fits_memory(name: str, factory: Any, kwargs: dict[str, Any], options: dict[str, Any]) -> None:
+    """Refuse a --width or --classes whose weights cannot fit in this machine's memory.
+
+    Weights grow with the square of --width, and "--width 100" (read as a percentage) asks for
+    10,000 times the paper's model: building it filled memory for minutes before torch failed
+    with a traceback. Building on PyTorch's meta device counts the parameters without allocating
+    them.
+    """
+    given = {k: v for k, v in options.items() if v is not None and k in ("width", "num_classes")}
+    available = memory_available()
+    if not given or available is None:
+        return
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = factory(**kwargs)
+    except Exception:  # a factory that cannot build on meta is built for real, as before
+        return
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    if weight_bytes > available:
+        flags = " ".join(f"{SIZE_OPTIONS[k]} {v:g}" if isinstance(v, float) else f"{SIZE_OPTIONS[k]} {v}"
+                         for k, v in given.items())
+        fix = ("--width multiplies the paper's channel counts (1 is the paper's model, 0.25 a quarter of its "
+               "channels), and the weights grow with its square" if "width" in given
+               else "--classes is the number of classes the model tells apart")
+        raise ValueError(f"{name} with {flags} would hold {weight_bytes / 1e9:,.1f} GB of float32 weights, more than "
+                         f"the {available / 1e9:.1f} GB of memory free here; {fix}.")
+
+
+def memory_available() -> int | None:
+    """Bytes of memory the kernel says a new allocation can get (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
