@@ -92,8 +92,11 @@ def friendly(fn: F) -> F:
             _error(str(e))
             raise typer.Exit(2) from None
         except OSError as e:  # a path the command had to read or write; its own checks missed it
-            where = f" {e.filename}" if e.filename else ""
-            _error(f"cannot use{where} ({e.strerror or e}); check the path and that you may read and write there.")
+            if e.filename:
+                _error(f"cannot use {e.filename} ({e.strerror or e}); check the path and that you may read and "
+                       "write there.")
+            else:  # a failed write or flush (a full disk) names no file
+                _error(f"writing a file failed ({e.strerror or e}); check the free space and the output paths.")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -449,7 +452,11 @@ def run(
     first_nonfinite: int | None = None
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = 0  # the exit code when stopped by a signal
-    lost = ""
+    lost = ""  # why the run ended early: a camera gone, or --output no longer writable
+
+    def write_failed(e: OSError) -> str:
+        return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
+                "the file lacks the last predictions; free space or pass --output on another disk.")
 
     def frames_of_every_video():
         # Each video of a folder is its own clip: it starts from the initial state, as in compare and
@@ -483,7 +490,12 @@ def run(
                         rec["video"], rec["clip_frame"] = video, clip_frame
                     if label is not None:
                         rec["label"] = label
-                    sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+                    try:
+                        sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+                    except OSError as e:  # a full SD card on a camera that runs for days
+                        n += 1  # this frame was stepped and scored
+                        lost = write_failed(e)
+                        break
                 n += 1
                 if not quiet and (n % 4 == 0 or n == 1):
                     s = session.stats.summary()
@@ -497,7 +509,10 @@ def run(
         lost = str(e)
     finally:
         if sink:
-            sink.close()
+            try:
+                sink.close()  # flushes: where a small run finds the disk full
+            except OSError as e:
+                lost = lost or write_failed(e)
         session.close()
     if n == 0:
         if interrupted:
