@@ -128,12 +128,15 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
 
 
 def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:
+    if not isinstance(profile, str):
+        raise ValueError(f"profile must be a precision name such as 'fp32', got {profile!r}.")
     if profile not in m["precisions"]:
         require_single_graph(m, "a precision other than fp32")  # the usual fix, exporting it, cannot work
         from ..profiles import builtin_names
 
         known = builtin_names()
-        fix = (f"add it with `edge3d export ... --profile {profile}`" if profile in known else
+        fix = (f"did you mean {profile.lower()!r}?" if profile.lower() in m["precisions"] else
+               f"add it with `edge3d export ... --profile {profile}`" if profile in known else
                f"pick one of those, or export one of the profiles {', '.join(known)} or a profile .toml")
         raise ArtifactError(f"the artifact has no {profile!r} precision (it has {', '.join(m['precisions'])}); {fix}.")
     return m["precisions"][profile]

@@ -319,6 +319,10 @@ class Session:
             raise ValueError(f"top() takes one stream's output, got shape {o.shape}; for step_batch outputs "
                              "call it per row: [s.top(row) for row in outputs].")
         o = o.reshape(-1)
+        size = int(np.prod(self.manifest["output"]["shape"][1:]))
+        if o.size != size:  # another model's output would be named with this one's classes
+            raise ValueError(f"top() got {o.size} values, but this artifact's output has {size}; pass the output "
+                             "of this session's step().")
         i = int(o.argmax())
         p = np.exp(o - o.max())
         name = self.classes[i] if self.classes and i < len(self.classes) else str(i)

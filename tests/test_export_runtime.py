@@ -612,6 +612,10 @@ def test_missing_precision_names_the_fix(tiny_artifact) -> None:
     with pytest.raises(ArtifactError, match="pick one of those.*int8-cpu") as e:
         Session(art, profile="fp64")
     assert "--profile fp64" not in str(e.value)
+    with pytest.raises(ArtifactError, match=r"no 'FP32' precision \(it has fp32\); did you mean 'fp32'\?"):
+        Session(art, profile="FP32")
+    with pytest.raises(ValueError, match="profile must be a precision name such as 'fp32', got None"):
+        Session(art, profile=None)
 
 
 def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:

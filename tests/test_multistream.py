@@ -338,3 +338,5 @@ def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None
         assert [s.top(row)[0] for row in outs] == [int(np.argmax(row)) for row in outs]
         with pytest.raises(ValueError, match=r"top\(\) takes one stream's output, got shape \(2, 5\)"):
             s.top(outs)
+        with pytest.raises(ValueError, match=r"top\(\) got 9 values, but this artifact's output has 5"):
+            s.top(np.zeros(9))  # another model's output, which this one's class names would misname
