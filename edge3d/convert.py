@@ -124,10 +124,22 @@ class StepModule(nn.Module):
         self._layers, self._counts, self._specs = collect_specs(self.model, self._names, ctx)
 
     def _check_output(self, out: object) -> None:
+        name = type(self.model).__name__
         if not isinstance(out, torch.Tensor):
+            raise UnsupportedModelError(f"{name}: forward must return one tensor to be streamed, "
+                                        f"got {type(out).__name__}.")
+        axis = self.output_time_axis
+        # the step runs forward on a one-frame clip: its output's time axis must be there, with one frame
+        if self.keep_time and out.dim() <= axis:
             raise UnsupportedModelError(
-                f"{type(self.model).__name__}: forward must return one tensor to be streamed, "
-                f"got {type(out).__name__}."
+                f"{name}'s forward returns shape {tuple(out.shape)}, with no time axis, and edge3d streams one output "
+                "per frame, (N, classes, T): an output per clip, pooled over time, cannot stream; pool with "
+                "edge3d.nn.RunningMean (a causal mean) and keep the time axis."
+            )
+        if self.keep_time and out.shape[axis] != 1:
+            raise UnsupportedModelError(
+                f"{name}'s forward returns shape {tuple(out.shape)} for a one-frame clip, so axis {axis} is not its "
+                "time axis; return one output per frame as (N, classes, T) (transpose an (N, T, classes) output)."
             )
 
     @property

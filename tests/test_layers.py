@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -179,6 +180,28 @@ class Wrapped(nn.Module):
 def test_unsupported_layers_name_the_module_path(inner: nn.Module, fragment: str) -> None:
     with pytest.raises(UnsupportedModelError, match=fragment.replace("(", r"\(")):
         edge3d.to_step(Wrapped(inner), (3, 8, 8))
+
+
+class Pooled(nn.Module):
+    """A clip classifier, (N, classes), or a per-frame one laid out (N, T, classes)."""
+
+    def __init__(self, per_frame: bool) -> None:
+        super().__init__()
+        self.conv, self.fc, self.per_frame = enn.CausalConv3d(3, 4, (2, 1, 1)), nn.Linear(4, 5), per_frame
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = enn.spatial_mean(self.conv(x)).transpose(1, 2)  # (N, T, 4)
+        return self.fc(feats if self.per_frame else feats.mean(dim=1))
+
+
+@pytest.mark.parametrize(("per_frame", "fragment"), [
+    (False, "Pooled's forward returns shape (1, 5), with no time axis, and edge3d streams one output per frame"),
+    (True, "Pooled's forward returns shape (1, 1, 5) for a one-frame clip, so axis 2 is not its time axis"),
+])
+def test_an_output_without_a_time_axis_is_named(per_frame: bool, fragment: str) -> None:
+    # a clip-level output raised an IndexError from inside the step
+    with pytest.raises(UnsupportedModelError, match=re.escape(fragment)):
+        edge3d.to_step(Pooled(per_frame), (3, 8, 8))
 
 
 def test_bad_temporal_stride_and_future_padding_rejected() -> None:
