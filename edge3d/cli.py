@@ -125,7 +125,9 @@ def _is_artifact(target: str) -> bool:
     # exist: "unknown model './x.edge3d'; choose one of d-resnet18, ..." would hide the typo.
     path_like = os.sep in target or "/" in target or target.startswith((".", "~")) or p.suffix in (".edge3d", ".onnx")
     factory_like = ":" in target[len(p.drive):]  # package.module:factory (past a Windows drive letter)
-    if (p.is_dir() and (artifacts_in(p) or path_like)) or (path_like and not factory_like and not p.exists()):
+    a_file = p.is_file() and bool(p.suffix)  # zoo names have no suffix; "clip.mp4" is no model
+    if (p.is_dir() and (artifacts_in(p) or path_like)) or (path_like and not factory_like and not p.exists()) or (
+            a_file and not factory_like):
         resolve_artifact(p)  # raises, naming the artifacts inside p, or one beside it, if there are any
     return False
 

@@ -71,6 +71,9 @@ def resolve_artifact(path: str | Path) -> Path:
         near = difflib.get_close_matches(p.stem, list(siblings), n=1, cutoff=0.75)
         fix = f"did you mean {siblings[near[0]]}?" if near else "create it with `edge3d export MODEL -o DIR`."
         raise ArtifactError(f"artifact {p} does not exist; {fix}")
+    if p.is_file():  # a video given where the artifact goes, say, with the two arguments swapped
+        raise ArtifactError(f"{p} is a file, not an artifact folder; pass the folder `edge3d export` wrote (it holds "
+                            f"{MANIFEST} and model.<profile>.onnx).")
     if not (p / MANIFEST).is_file():
         inside = artifacts_in(p)
         fix = (f"point to one of the artifacts in it: {', '.join(map(str, inside))}" if inside

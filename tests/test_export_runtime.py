@@ -675,6 +675,21 @@ def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact,
     assert res.exit_code == 2 and "cannot import 'mypkg/models.py:build'" in res.output
 
 
+def test_a_file_given_as_the_artifact_is_named_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `edge3d run clip.mp4 --source out/x.edge3d`, arguments swapped: it was "unknown model 'clip.mp4'" for
+    # inspect, export and bench
+    monkeypatch.chdir(tmp_path)
+    Path("clip.mp4").write_bytes(b"video")
+    for verb in ("inspect", "export", "bench", "run", "compare", "triton -o repo", "build"):
+        res = CliRunner().invoke(app, [*verb.split(), "clip.mp4"])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "clip.mp4 is a file, not an artifact folder; pass the folder `edge3d export` " \
+            "wrote" in said, (verb, said)
+    with pytest.raises(ArtifactError, match="clip.mp4 is a file, not an artifact folder"):
+        Session("clip.mp4")
+    assert os.listdir(".") == ["clip.mp4"]
+
+
 def test_cli_unreadable_video_and_missing_camera_say_one_sentence(tiny_artifact, tmp_path: Path) -> None:
     """OpenCV and FFmpeg write to the process's stderr directly, so only a subprocess sees whether
     their own warnings come before the CLI's sentence."""
