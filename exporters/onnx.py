@@ -241,7 +241,9 @@ def check_fits_one_file(model: nn.Module, name: str) -> None:
     Past the limit, the exporter ran for a minute and ONNX Runtime then failed to parse the
     file with a protobuf traceback; the weights' size says so up front.
     """
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    from torch.nn.parameter import is_lazy  # a LazyLinear has no size until its first call
+
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if not is_lazy(t))
     if weight_bytes >= ONNX_FILE_LIMIT:
         raise ValueError(f"{name} holds {weight_bytes / 2**30:.2f} GiB of weights, more than one ONNX file can hold "
                          "(protobuf caps a file below 2 GiB, and edge3d writes each graph as one file); export a "
