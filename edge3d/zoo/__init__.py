@@ -11,6 +11,7 @@ import importlib
 import inspect
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,7 +124,8 @@ def _check_fits_memory(name: str, factory: Any, kwargs: dict[str, Any], options:
     import torch
 
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), warnings.catch_warnings():  # a checkpoint loaded onto meta warns
+            warnings.simplefilter("ignore")
             model = factory(**kwargs)
     except Exception:  # a factory that cannot build on meta is built for real, as before
         return
