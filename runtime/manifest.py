@@ -220,6 +220,18 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
+def memory_available() -> int | None:
+    """Bytes of memory the kernel says new allocations can get (Linux's MemAvailable), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def format_bytes(n: float) -> str:
     """Bytes for people: kB below 100 kB, else MB (10^6 B, as the D3D paper counts cache)."""
     return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"

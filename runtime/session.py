@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from . import backend as backends
-from .manifest import ArtifactError, is_positive_int, load_manifest, precision_entry
+from .manifest import (
+    ArtifactError,
+    format_bytes,
+    is_positive_int,
+    load_manifest,
+    memory_available,
+    precision_entry,
+)
 from .preprocess import FramePreprocessor
 
 
@@ -124,6 +131,25 @@ def serialised(method: Any) -> Any:
     return locked
 
 
+def check_streams_fit(manifest: dict[str, Any], streams: int) -> None:
+    """Refuse a stream count whose buffers cannot fit in the free memory, before allocating them.
+
+    A million streams asked numpy for 26 GiB of frame buffer and failed with a traceback; a count
+    just under the machine's memory would be granted and then swap or be killed as it was touched.
+    Counted per stream: the states twice (ping-pong), stage buffers, one frame and one output.
+    """
+    available = memory_available()
+    if available is None:
+        return
+    f = manifest["frame"]
+    per_stream = (2 * sum(s["bytes"] for s in manifest["states"]) + sum(b["bytes"] for b in manifest.get("buffers", []))
+                  + 4 * f["channels"] * f["height"] * f["width"] + 4 * int(np.prod(manifest["output"]["shape"][1:])))
+    if streams * per_stream > available:
+        raise ValueError(f"streams={streams} needs {streams * per_stream / 1e9:,.1f} GB of buffers "
+                         f"({format_bytes(per_stream)} per stream), more than the {available / 1e9:.1f} GB of "
+                         "memory free here; use fewer streams per session.")
+
+
 class Session:
     """Stream frames through an exported artifact.
 
@@ -165,6 +191,7 @@ class Session:
         self.profile = profile
         self.precision = precision_entry(self.manifest, profile)
         self.streams = int(streams)
+        check_streams_fit(self.manifest, self.streams)
         self.pre = FramePreprocessor(self.manifest["frame"])
         self.stats = Stats()
         self._lock = threading.RLock()

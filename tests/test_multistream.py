@@ -3,6 +3,7 @@ rejected call must leave every stream's state untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -233,6 +234,22 @@ def test_max_batch_keeps_one_state_set_and_bounded_staging(stream_artifact: Path
 def test_bad_max_batch_is_rejected(stream_artifact: Path, bad) -> None:
     with pytest.raises(ValueError, match="max_batch"):
         Session(stream_artifact, streams=4, max_batch=bad)
+
+
+def test_streams_whose_buffers_cannot_fit_are_refused_before_allocating(stream_artifact: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import edge3d.runtime.session as session_module
+
+    # a million streams asked numpy for gigabytes of frame buffer and died in a traceback
+    with pytest.raises(ValueError, match=r"streams=100000000 needs [\d,.]+ GB of buffers \([\d.]+ [kM]B per stream\), "
+                                         r"more than the [\d.]+ GB of memory free here; use fewer streams"):
+        Session(stream_artifact, streams=10**8)
+    m = json.loads((stream_artifact / "manifest.json").read_text())
+    per_stream = 2 * sum(s["bytes"] for s in m["states"]) + 4 * 3 * 32 * 32 + 4 * int(np.prod(m["output"]["shape"][1:]))
+    monkeypatch.setattr(session_module, "memory_available", lambda: 4 * per_stream)
+    assert Session(stream_artifact, streams=4).streams == 4
+    with pytest.raises(ValueError, match="streams=5 needs"):
+        Session(stream_artifact, streams=5)
 
 
 def test_many_subset_sizes_share_one_staging_buffer(stream_artifact: Path) -> None:

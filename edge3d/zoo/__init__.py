@@ -15,6 +15,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.manifest import memory_available
+
 
 @dataclass(frozen=True)
 class ZooEntry:
@@ -138,15 +140,3 @@ def _check_fits_memory(name: str, factory: Any, kwargs: dict[str, Any], options:
                else "--classes is the number of classes the model tells apart")
         raise ValueError(f"{name} with {flags} would hold {weight_bytes / 1e9:,.1f} GB of float32 weights, more than "
                          f"the {available / 1e9:.1f} GB of memory free here; {fix}.")
-
-
-def memory_available() -> int | None:
-    """Bytes of memory the kernel says a new allocation can get (Linux), else None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
