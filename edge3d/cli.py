@@ -377,6 +377,7 @@ def export(
                                         "head": head}.items() if v is not None},
             "checkpoint": str(checkpoint) if checkpoint else None}
     art_name = name or model.split(":")[-1]
+    dropped = _not_carried_over(out / f"{art_name}.edge3d", profiles)
     with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
@@ -388,7 +389,24 @@ def export(
         console.print(f"  verified on {check['frames']} random frames: {_step_check_text(check)}")
     else:
         console.print("  [yellow]not verified against the clip forward or in ONNX Runtime (--no-verify)[/]")
+    if dropped:
+        console.print(f"  [yellow]replaced the artifact there, without its {', '.join(dropped)} (made from the "
+                      f"earlier weights); add {'it' if len(dropped) == 1 else 'them'} again with `edge3d export "
+                      f"{escape(str(path))} --profile {','.join(dropped)}`[/]")
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+
+
+def _not_carried_over(folder: Path, profiles: list[str]) -> list[str]:
+    """The precisions of an artifact that a new export will replace, and not write again.
+
+    A re-export after retraining replaces the artifact whole, so the INT8 graph calibrated on the
+    old weights goes; saying so beats the user finding out from `run --profile int8` on a device.
+    """
+    try:
+        old = json.loads((folder / "manifest.json").read_text())["precisions"]
+    except (OSError, ValueError, KeyError, TypeError):  # none there, or not one we can read: nothing to say
+        return []
+    return [p for p in old if p not in profiles] if isinstance(old, dict) else []
 
 
 def _step_check_text(check: dict[str, Any]) -> str:

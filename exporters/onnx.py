@@ -279,6 +279,10 @@ def export_artifact(
     if (Path(out_dir) / MANIFEST).is_file():
         raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
                          f"such as {Path(out_dir).parent}.")
+    final = Path(out_dir) / f"{name}.edge3d"
+    if final.exists() and not (final / MANIFEST).is_file():  # replacing it would delete whatever it holds
+        raise ValueError(f"{final} exists and is not an edge3d artifact, which export would replace; move it away, "
+                         "or pass another output folder (-o) or --name.")
     check_fits_one_file(model, name)
     h, w = frame_hw(frame_size)
     if lower:

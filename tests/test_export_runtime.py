@@ -657,6 +657,30 @@ def test_an_artifact_folder_is_refused_as_an_output_folder(tiny_artifact, tmp_pa
     assert sorted(q.name for q in art.iterdir()) == before
 
 
+def test_export_replaces_only_an_artifact_and_names_the_precisions_it_drops(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # short paths: rich wraps long ones mid-word
+    out = Path("out")
+    mine = out / "d-resnet18.edge3d"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")  # a folder of the user's that happens to have the artifact's name
+    args = ["export", "d-resnet18", *TINY_FLAGS, "-o", str(out), "--no-verify"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2 and f"{mine} exists and is not an edge3d artifact, which export would replace" in \
+        " ".join(res.output.split())
+    assert [q.name for q in mine.iterdir()] == ["notes.txt"]
+    (mine / "notes.txt").unlink()
+    mine.rmdir()
+    assert CliRunner().invoke(app, [*args, "--profile", "fp32,fp16"]).exit_code == 0
+    res = CliRunner().invoke(app, args)  # re-exported, say after retraining: the fp16 graph had the old weights
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "replaced the artifact there, without its fp16 (made from the earlier weights); " \
+        f"add it again with `edge3d export {mine} --profile fp16`" in said, said
+    assert list(json.loads((mine / "manifest.json").read_text())["precisions"]) == ["fp32"]
+    res = CliRunner().invoke(app, args)  # nothing dropped this time, so nothing said
+    assert res.exit_code == 0 and "replaced" not in res.output
+
+
 def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact, tmp_path: Path) -> None:
     """inspect/export/bench take a model name or an artifact path: a path that does not exist used to
     be read as a model name ("unknown model './x.edge3d'; choose one of d-resnet18, ...")."""
