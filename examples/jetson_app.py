@@ -52,13 +52,22 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
     ``edge3d run`` does.
     """
     if spec.startswith("csi:"):
-        return _gstreamer(csi_pipeline(int(spec.split(":", 1)[1]), width, height, fps))
+        sensor = spec.split(":", 1)[1]
+        if not sensor.isdigit():
+            raise ValueError(f"CSI source {spec!r} needs a numeric sensor id, e.g. csi:0.")
+        return _gstreamer(csi_pipeline(int(sensor), width, height, fps))
     if "!" in spec:
         return _gstreamer(spec)
     from edge3d.sources import open_source, source_frame_size
 
-    # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
-    return open_source(spec, frame_size=source_frame_size(spec, frame_size))
+    try:
+        # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
+        return open_source(spec, frame_size=source_frame_size(spec, frame_size))
+    except ValueError as e:
+        if "is neither a file" not in str(e):
+            raise
+        raise ValueError(f"source {spec!r} is neither csi:N, a GStreamer pipeline ending in appsink, a file, a "
+                         "folder, camera:N nor synthetic[:SEED]; pass one of those.") from None
 
 
 def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
