@@ -55,7 +55,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
 Size = Annotated[int | None, typer.Option("--size", help="Frame size (square) the model runs at.")]
-Width = Annotated[float | None, typer.Option("--width", help="Channel multiplier (e.g. 0.25 for a small variant).")]
+Width = Annotated[float | None, typer.Option("--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
 Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
 
 
@@ -315,8 +315,7 @@ def export(
 ) -> None:
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines).
 
-    Given an artifact folder instead of a model, add the --profile precisions to it in place
-    (rebuilding any it has), keeping the others: trying a profile does not re-export the model.
+    Given an artifact folder instead, add the --profile precisions to it in place, keeping the others.
     """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
