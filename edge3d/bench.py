@@ -18,6 +18,10 @@ import numpy.typing as npt
 from .bench_streams import host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
+# The performance contract's targets, set for d-resnet18 at 112×112 on ONNX Runtime CPU (issue #6);
+# other models and sizes have none, and show these only for comparison.
+TARGETS = {"step_gflops_vs_matmul": ">= 0.7", "lowered_vs_conv3d_speedup": ">= 1.25",
+           "step_vs_window_speedup": ">= 16", "exported_vs_eager_speedup": ">= 3", "session_overhead_pct": "<= 3"}
 
 
 def _in_rounds(groups: list[tuple[dict[str, Callable[[int], Any]], int]], rounds: int,
@@ -250,6 +254,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
             "results": results, "ratios": ratios, "ratio_range_over_rounds": ratio_range,
+            "targets_for_d_resnet18_112": {k: TARGETS[k] for k in ratios},
             "ms_by_round": round_ms, "host": host_info(),
         }
         if streams:

@@ -1023,6 +1023,11 @@ def test_cli_bench_json_reports_every_measurement(tmp_path: Path, monkeypatch: p
                                      "step_vs_window_speedup", "exported_vs_eager_speedup"}
     assert set(report["ratio_range_over_rounds"]) == set(report["ratios"])
     assert all(lo <= hi for lo, hi in report["ratio_range_over_rounds"].values())
+    # issue #6's targets beside each ratio: the overhead is an upper bound, the others lower bounds
+    assert report["targets_for_d_resnet18_112"] == {
+        "step_vs_window_speedup": ">= 16", "lowered_vs_conv3d_speedup": ">= 1.25", "session_overhead_pct": "<= 3",
+        "exported_vs_eager_speedup": ">= 3", "step_gflops_vs_matmul": ">= 0.7"}
+    assert re.search(r"session_overhead_pct\s+│\s+-?[\d.]+\s+│\s+-?[\d.]+–-?[\d.]+\s+│\s+≤ 3\s+│", res.output)
     import onnxruntime
 
     assert report["host"]["onnxruntime"] == onnxruntime.__version__
