@@ -309,7 +309,8 @@ def export(
     calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration.")] = None,
     calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
     target: Annotated[str, typer.Option("--target", help="onnx, or tensorrt to also build engines.")] = "onnx",
-    streams: Annotated[int, typer.Option("--streams", help="Max streams for TensorRT/Triton batch.")] = 8,
+    streams: Annotated[int | None, typer.Option(
+        "--streams", help="Max streams (batch) of the TensorRT engines and the Triton repository (default 8).")] = None,
     dla: Annotated[int | None, typer.Option("--dla", help="TensorRT DLA core (Jetson).")] = None,
     triton_repo: Annotated[Path | None, typer.Option("--triton-repo", help="Also write a Triton model repository.")] = None,
 ) -> None:
@@ -340,24 +341,32 @@ def export(
         _out_folder(triton_repo, "--triton-repo")
     if name is not None:  # the default (a zoo name or a factory's) is checked with the model
         check_artifact_name(name)
-    check_build_flags(streams, dla)
-    profiles = split_names(profile) or ["fp32"]
     if target not in ("onnx", "tensorrt"):
         raise ValueError(f"unknown --target {target!r}; choose onnx or tensorrt.")
+    _applies("--streams", streams, target == "tensorrt" or triton_repo is not None,
+             "sets the batch of TensorRT engines and the Triton repository; add --target tensorrt or --triton-repo")
+    _applies("--dla", dla, target == "tensorrt", "is a TensorRT option; add --target tensorrt")
+    streams = DEFAULT_MAX_STREAMS if streams is None else streams
+    check_build_flags(streams, dla)
+    profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
     if in_place and not (extra or target == "tensorrt" or triton_repo is not None):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
                          "e.g. --profile int8.")
+    resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
 
         check_calib_frames(calib_frames)
         resolved = resolve_profiles(extra)
-        if any(p.kind == "int8" for p in resolved):
-            from .exporters.calibration import check_calib_source, default_calib_source
+    int8 = any(p.kind == "int8" for p in resolved)
+    for flag, value in (("--calib-source", calib_source), ("--calib-frames", calib_frames)):
+        _applies(flag, value, int8, "calibrates INT8 profiles only; add one, e.g. --profile int8")
+    if int8:
+        from .exporters.calibration import check_calib_source, default_calib_source
 
-            calib_source = calib_source or default_calib_source()
-            check_calib_source(calib_source)  # and on a source without frames
+        calib_source = calib_source or default_calib_source()
+        check_calib_source(calib_source)  # and on a source without frames
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
                              ("--triton-repo", triton_repo is not None)) if on]
     if in_place:
@@ -406,6 +415,15 @@ def _not_carried_over(folder: Path, profiles: list[str]) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):  # none there, or not one we can read: nothing to say
         return []
     return [p for p in old if p not in profiles] if isinstance(old, dict) else []
+
+
+DEFAULT_MAX_STREAMS = 8  # export's --streams, when it applies
+
+
+def _applies(flag: str, value: Any, applies: bool, why: str) -> None:
+    """A flag given where it does nothing is an error: `--dla 0` without --target tensorrt was ignored."""
+    if value is not None and not applies:
+        raise ValueError(f"{flag} {why}, or drop {flag}.")
 
 
 def _step_check_text(check: dict[str, Any]) -> str:

@@ -479,8 +479,15 @@ def test_export_leaves_no_weights_file_the_exporter_put_beside_its_graph(tmp_pat
 
 @pytest.mark.parametrize(("flags", "message"), [
     (["--profile", "int8", "--calib-frames", "0"], "--calib-frames must be an integer of at least 1"),
-    (["--streams", "0"], "--streams must be a positive integer"),
+    (["--target", "tensorrt", "--streams", "0"], "--streams must be a positive integer"),
     (["--target", "tensorrt", "--dla", "-1"], "--dla must be a DLA core index"),
+    # flags that do nothing without another were ignored
+    (["--dla", "0"], "--dla is a TensorRT option; add --target tensorrt, or drop --dla."),
+    (["--streams", "4"], "--streams sets the batch of TensorRT engines and the Triton repository; add --target "
+                         "tensorrt or --triton-repo, or drop --streams."),
+    (["--calib-frames", "64"], "--calib-frames calibrates INT8 profiles only; add one, e.g. --profile int8, or drop "
+                               "--calib-frames."),
+    (["--profile", "fp16", "--calib-source", "synthetic"], "--calib-source calibrates INT8 profiles only"),
     (["--name", "../escaped"], "'../escaped' is not a plain name"),
     (["--name", "a b"], "'a b' is not a plain name"),
     (["--triton-repo", "FILE"], "--triton-repo"),
@@ -491,7 +498,7 @@ def test_cli_export_checks_every_flag_before_writing(tmp_path: Path, flags: list
     (tmp_path / "FILE").write_text("x")
     flags = [str(tmp_path / f) if f == "FILE" else f for f in flags]
     res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, *flags, "-o", str(tmp_path / "out")])
-    assert res.exit_code == 2 and message in res.output, res.output
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert "Errno" not in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
 
