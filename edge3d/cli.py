@@ -175,6 +175,14 @@ def zoo() -> None:
     console.print(table)
 
 
+def _refuse_model_flags(target: str, flags: list[tuple[str, Any]], whose: str = "",
+                        fix: str = "pass the model instead") -> None:
+    """Options that build a model, given with an artifact, which is built already: they were ignored."""
+    given = [flag for flag, v in flags if v is not None and v is not False]
+    if given:
+        raise ValueError(f"{target} is an exported artifact{whose}; {given[0]} applies to a model: drop it, or {fix}.")
+
+
 # --------------------------------------------------------------------------- inspect
 @app.command()
 @friendly
@@ -187,6 +195,8 @@ def inspect(
     """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
     if _is_artifact(target):
         from .runtime.manifest import MANIFEST, load_manifest, state_bytes
+
+        _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head)])
 
         p = Path(target)
         if p.suffix == ".onnx" and not (p.parent / MANIFEST).is_file():
@@ -327,13 +337,10 @@ def export(
     if not in_place and _is_artifact(model):  # a folder that holds artifacts has raised, naming them
         raise ValueError(f"{model} is a file of an artifact; pass the artifact folder to add precisions to it.")
     if in_place:
-        given = [flag for flag, v in (("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
-                                      ("--size", size), ("--width", width), ("--head", head), ("--name", name),
-                                      ("--no-lower", no_lower or None), ("--no-verify", no_verify or None))
-                 if v is not None]
-        if given:
-            raise ValueError(f"{model} is an exported artifact, whose precisions are added in place; {given[0]} "
-                             "applies to a model: drop it, or export the model again.")
+        _refuse_model_flags(model, [("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
+                                    ("--size", size), ("--width", width), ("--head", head), ("--name", name),
+                                    ("--no-lower", no_lower), ("--no-verify", no_verify)],
+                            ", whose precisions are added in place", "export the model again")
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
     _out_folder(out, "-o")
@@ -598,7 +605,8 @@ def bench(
     target: Annotated[str, typer.Argument(help="Zoo name / package.module:factory, or an artifact folder.")],
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
-    window: Annotated[int, typer.Option("--window", help="Sliding-window clip length to compare with.")] = 16,
+    window: Annotated[int | None, typer.Option(
+        "--window", help="Sliding-window clip length to compare with (default 16).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Take the measurements in turn this many times, so a "
                                         "slow spell of a shared machine hits all of them.")] = 5,
     streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
@@ -612,11 +620,13 @@ def bench(
     from .bench import run_bench
 
     _output_file(json_out, "--json-out")
-    _is_artifact(target)  # a folder that is no artifact fails here, naming the artifacts inside it
+    if _is_artifact(target):  # a folder that is no artifact has failed here, naming the artifacts inside it
+        _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head),
+                                     ("--window", window), ("--no-verify", no_verify)])
     # a spinner through the minute of exports and timing, its steps printed above it
     with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
         report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                           window=window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
+                           window=16 if window is None else window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
                            log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:

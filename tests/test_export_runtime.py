@@ -1001,6 +1001,13 @@ def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) ->
     assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul"}
     r = report["results"]
     assert r["step_gflops"] == pytest.approx(2 * report["macs_per_frame"] / (r["step_ms"] * 1e-3) / 1e9)
+    # options that build a model do nothing for an artifact, which is built: they were ignored
+    art = str(tmp_path / "d-resnet18.edge3d")
+    for verb, flags in (("bench", ["--window", "8"]), ("bench", ["--width", "0.5"]), ("bench", ["--no-verify"]),
+                        ("inspect", ["--classes", "7"]), ("inspect", ["--head", "gru"])):
+        res = runner.invoke(app, [verb, art, *flags])
+        assert res.exit_code == 2 and f"{art} is an exported artifact; {flags[0]} applies to a model: drop it, or " \
+            "pass the model instead." in " ".join(res.output.split()), (verb, res.output)
 
 
 @pytest.mark.parametrize("flag", ["--rounds", "--frames", "--window"])
