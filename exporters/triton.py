@@ -242,15 +242,14 @@ def write_repository(artifact: str | Path, repo_dir: str | Path, max_batch: int,
     ``max_batch``) is how many cameras one instance keeps as live sequences. Other models in
     the repository are left alone. Returns ``repo_dir``.
     """
-    for label, v in (("max_batch", max_batch), ("instances", instances)):
-        if not is_positive_int(v):
-            raise ValueError(f"{label} must be a positive integer, got {v!r}.")
-    if max_sequences is not None and not is_positive_int(max_sequences):
-        raise ValueError(f"max_sequences must be a positive integer, got {max_sequences!r}.")
+    # named as the CLI flag and the Python argument, since both callers reach here
+    for label, v in (("max_batch", max_batch), ("instances", instances), ("max_sequences", max_sequences)):
+        if (v is not None or label != "max_sequences") and not is_positive_int(v):
+            raise ValueError(f"--{label.replace('_', '-')} ({label} in Python) must be a positive integer, got {v!r}.")
     if kind not in KINDS:
-        raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}.")
+        raise ValueError(f"--kind {kind!r} is not one of {', '.join(KINDS)}.")
     if not idle_seconds > 0:
-        raise ValueError(f"idle_seconds must be positive, got {idle_seconds!r}.")
+        raise ValueError(f"--idle-seconds (idle_seconds in Python) must be positive, got {idle_seconds!r}.")
     manifest = load_manifest(artifact)
     require_single_graph(manifest, "a Triton model repository")
     folder = Path(manifest["_folder"])

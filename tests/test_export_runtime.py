@@ -217,7 +217,7 @@ def test_rejected_frame_leaves_state_unchanged(tiny_artifact, frame: np.ndarray,
 def test_session_options_are_checked_and_numpy_integers_accepted(tiny_artifact) -> None:
     art, _ = tiny_artifact
     for bad in (0, -2, 1.5, True):
-        with pytest.raises(ValueError, match="threads must be a positive integer"):
+        with pytest.raises(ValueError, match=r"--threads \(threads in Python\) must be a positive integer"):
             Session(art, threads=bad)
     with pytest.raises(ValueError, match="streams must be a positive integer, got True"):
         Session(art, streams=True)

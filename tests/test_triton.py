@@ -272,8 +272,14 @@ def test_cli_triton(stream_artifact: Path, tmp_path: Path) -> None:
     assert shlex.split(line) == ["tritonserver", f"--model-repository={repo.resolve()}"]
     cfg = parse_config(repo / "cams")
     assert cfg.max_batch_size == 6 and cfg.instance_group[0].count == 3
-    bad = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "r2"), "--instances", "0"])
-    assert bad.exit_code == 2 and "instances" in bad.output
+    for flags, says in ((["--instances", "0"], "--instances (instances in Python) must be a positive integer, got 0."),
+                        (["--max-batch", "0"], "--max-batch (max_batch in Python) must be a positive integer, got 0."),
+                        (["--max-sequences", "-2"], "--max-sequences (max_sequences in Python) must be a positive"),
+                        (["--idle-seconds", "0"], "--idle-seconds (idle_seconds in Python) must be positive, got 0.0."),
+                        (["--kind", "tpu"], "--kind 'tpu' is not one of")):
+        bad = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(tmp_path / "r2"), *flags])
+        assert bad.exit_code == 2 and says in " ".join(bad.output.split()), bad.output
+    assert not (tmp_path / "r2").exists()
 
 
 # --------------------------------------------------------------------------- the example client

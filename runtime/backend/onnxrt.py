@@ -43,8 +43,8 @@ def _load_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
     if threads is not None and not is_positive_int(threads):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}; leave it out (None) for ONNX "
-                         "Runtime's default of one per core.")
+        raise ValueError(f"--threads (threads in Python) must be a positive integer, got {threads!r}; leave it out "
+                         "for ONNX Runtime's default of one per core.")
     if not path.is_file():
         raise ArtifactError(f"the artifact lacks {path.name} ({path}); re-export it with `edge3d export`.")
     so = ort.SessionOptions()
