@@ -576,7 +576,8 @@ def run(
     if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:
-            table.add_row(f"stage {r['stage']} (every {r['rate']} frames)", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
+            every = "every frame" if r["rate"] == 1 else f"every {r['rate']} frames"
+            table.add_row(f"stage {r['stage']} ({every})", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
         table.add_row("amortised ms/frame", f"{ss['amortised_ms_per_frame']:.2f}")
         table.add_row("buffers per stream", format_bytes(sum(ss["buffer_bytes"].values())))
         if "bins_used" in ss:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -260,6 +261,21 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
                                   "-o", str(tmp_path / "out")], terminal_width=400)
         assert res.exit_code == 2 and "r3d18-causal is a multi-rate model" in res.output, (flags, res.output)
     assert not any(tmp_path.iterdir())
+
+
+def test_run_on_a_multi_rate_artifact_reports_each_stage(r3d) -> None:
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    _, art = r3d
+    res = CliRunner().invoke(app, ["run", str(art), "--frames", "16", "--quiet"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    runs = {int(m[1]): (m[2], int(m[3])) for m in re.finditer(
+        r"stage (\d) \((every frame|every \d+ frames)\)\s+│ [\d.]+ ms/run, (\d+) runs", res.output)}
+    # res3-res5 halve the frame rate in turn: 16 frames run the stages 16, 8, 4 and 2 times
+    assert runs == {0: ("every frame", 16), 1: ("every 2 frames", 8), 2: ("every 4 frames", 4),
+                    3: ("every 8 frames", 2)}, res.output
 
 
 def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
