@@ -33,6 +33,7 @@ from ..accounting import count_macs, dtype_name
 from ..convert import StepModule, to_step
 from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, NAME, file_sha256, state_io_names
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
+from ..runtime.preprocess import check_normalisation
 
 OPSET = 18
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -160,7 +161,7 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
                   "params": sum(p.numel() for p in model.parameters())},
         "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
                   "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
-                  "normalization": "(pixel / 255 - mean) / std", "mean": list(mean), "std": list(std)},
+                  "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean], "std": [float(v) for v in std]},
         "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
                    "kind": "logits", "classes": classes},
         "precisions": {},
@@ -284,6 +285,7 @@ def export_artifact(
         raise ValueError(f"{final} exists and is not an edge3d artifact, which export would replace; move it away, "
                          "or pass another output folder (-o) or --name.")
     check_fits_one_file(model, name)
+    check_normalisation(mean, std, channels)
     h, w = frame_hw(frame_size)
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .preprocess import check_normalisation
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 METADATA_KEY = "edge3d.manifest"
@@ -119,6 +121,12 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
                 raise ArtifactError(f"{where}: state {s.get('name', '?')!r} lacks {key!r}; re-export the artifact.")
     if not m["precisions"]:
         raise ArtifactError(f"{where} lists no precision; re-export the artifact.")
+    f = m["frame"]
+    try:  # a hand-edited or foreign manifest; export checks the same before writing one
+        check_normalisation(f.get("mean", [0.0] * f.get("channels", 3)), f.get("std", [1.0] * f.get("channels", 3)),
+                            f.get("channels"))
+    except ValueError as e:
+        raise ArtifactError(f"{where}: {e}") from None
     classes, shape = m["output"].get("classes"), m["output"].get("shape", [])
     if classes is not None and all(isinstance(d, int) for d in shape[1:]):
         outputs = math.prod(shape[1:])

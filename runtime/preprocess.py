@@ -6,6 +6,9 @@ exactly as at training time. Doing it here keeps every app and backend consisten
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 
@@ -34,13 +37,34 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
         return out.round().astype(frame.dtype) if frame.dtype == np.uint8 else out.astype(frame.dtype)
 
 
+def check_normalisation(mean: object, std: object, channels: int) -> None:
+    """Refuse a mean or std that would feed the model frames unlike its training frames.
+
+    Both exporting and loading an artifact check it: a zero std made every frame infinite, and
+    the common ImageNet mean in 0–255 form (123.7, 116.3, 103.5) under this 0–1 formula shifted
+    every input far off the range the model learnt, with no error anywhere.
+    """
+    checked = {}
+    for label, values in (("mean", mean), ("std", std)):
+        seq = list(values) if isinstance(values, (list, tuple, np.ndarray)) else None
+        if seq is None or len(seq) != channels or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in seq):
+            raise ValueError(f"frame {label} {values!r} must be {channels} finite numbers, one per channel.")
+        checked[label] = tuple(float(v) for v in seq)
+    if not all(v > 0 for v in checked["std"]):
+        raise ValueError(f"frame std {checked['std']} must be positive in every channel.")
+    if any(v > 1 for v in checked["mean"]):
+        raise ValueError(f"frame mean {checked['mean']} is on the 0–255 scale, but edge3d normalises "
+                         "(pixel / 255 - mean) / std; divide the mean and std by 255.")
+
+
 class FramePreprocessor:
     """Turns one raw frame into the graph's normalised (C, H, W) float32 input, validating it."""
 
     def __init__(self, frame_spec: dict) -> None:
         self.channels = int(frame_spec["channels"])
         self.height, self.width = int(frame_spec["height"]), int(frame_spec["width"])
-        mean = np.asarray(frame_spec.get("mean", [0.0] * self.channels), np.float32)
+        mean = np.asarray(frame_spec.get("mean", [0.0] * self.channels), np.float32)  # checked at load
         std = np.asarray(frame_spec.get("std", [1.0] * self.channels), np.float32)
         self.scale = (1.0 / (255.0 * std)).reshape(-1, 1, 1)
         self.offset = (mean / std).reshape(-1, 1, 1)

@@ -355,6 +355,40 @@ def test_class_names_edited_in_the_manifest_must_still_fit(tiny_artifact, tmp_pa
                 Session(art)
 
 
+@pytest.mark.parametrize(("mean", "std", "says"), [
+    ((0.5, 0.5, 0.5), (0.0, 0.25, 0.25), r"frame std \(0.0, 0.25, 0.25\) must be positive in every channel"),
+    ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375), r"frame mean \(123.675, 116.28, 103.53\) is on the 0–255 "
+                                                         r"scale, .*; divide the mean and std by 255"),
+    ((0.5,), (0.25,), r"frame mean [\[(]0.5,?[\])] must be 3 finite numbers, one per channel"),  # tuple or JSON list
+    ((float("nan"), 0.5, 0.5), (0.25, 0.25, 0.25), "frame mean .* must be 3 finite numbers"),
+])
+def test_a_normalisation_unlike_training_is_refused_at_export_and_at_load(tiny_artifact, tmp_path: Path, mean: tuple,
+                                                                          std: tuple, says: str) -> None:
+    # a zero std made every frame infinite; ImageNet's 0–255 mean under the 0–1 formula, inputs far off range
+    art, model = tiny_artifact
+    with pytest.raises(ValueError, match=says):
+        export_artifact(model, tmp_path / "out", "m", frame_size=SIZE, mean=mean, std=std, verify=False)
+    assert not (tmp_path / "out").exists()
+    art = _copy(art, tmp_path)
+    m = json.loads((art / "manifest.json").read_text())
+    m["frame"]["mean"], m["frame"]["std"] = list(mean), list(std)  # edited by hand
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match=says):
+        Session(art)
+
+
+def test_a_normalisation_given_as_numpy_arrays_is_written_as_numbers(tiny_artifact, tmp_path: Path) -> None:
+    _, model = tiny_artifact
+    art = export_artifact(model, tmp_path, "m", frame_size=SIZE, mean=np.array([0.4, 0.5, 0.5], np.float32),
+                          std=np.array([0.25, 0.25, 0.25], np.float32), verify=False)  # a TypeError from json before
+    frame = json.loads((art / "manifest.json").read_text())["frame"]
+    assert frame["mean"] == pytest.approx([0.4, 0.5, 0.5]) and frame["std"] == [0.25, 0.25, 0.25]
+    raw = np.full((SIZE, SIZE, 3), 153, np.uint8)  # 153 / 255 = 0.6: (0.6 - 0.4) / 0.25 = 0.8 in channel 0
+    with Session(art) as s:
+        s.pre(raw, out := np.empty((3, SIZE, SIZE), np.float32))
+    assert out[0] == pytest.approx(np.full((SIZE, SIZE), 0.8), abs=1e-6) and out[1] == pytest.approx(0.4, abs=1e-6)
+
+
 def test_checkpoint_mismatch(tmp_path: Path) -> None:
     torch.save(zoo.build("d-resnet18", width=0.25, num_classes=5).state_dict(), tmp_path / "ck.pt")
     res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5",
