@@ -55,7 +55,8 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
 Size = Annotated[int | None, typer.Option("--size", help="Frame size (square) the model runs at.")]
-Width = Annotated[float | None, typer.Option("--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
+Width = Annotated[float | None, typer.Option(
+    "--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
 Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
 
 
@@ -627,8 +628,8 @@ def bench(
     # a spinner through the minute of exports and timing, its steps printed above it
     with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
         report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                           window=16 if window is None else window, rounds=rounds, streams=_stream_counts(streams), verify=not no_verify,
-                           log=None if as_json else console)
+                           window=16 if window is None else window, rounds=rounds, streams=_stream_counts(streams),
+                           verify=not no_verify, log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
         try:
