@@ -465,7 +465,7 @@ def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_so
 @friendly
 def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
-    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | synthetic[:SEED]")] = "synthetic",
+    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | rtsp://... (a stream URL) | synthetic[:SEED]")] = "synthetic",
     frames: Annotated[int | None, typer.Option("--frames", help="Stop after N frames (default: synthetic 300, else all).")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Write one JSON line per frame here.")] = None,
     profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
@@ -481,7 +481,7 @@ def run(
 
     from .runtime import Session
     from .signals import Terminated, sigterm_as_interrupt
-    from .sources import SourceLost, labels_apply, open_streams, source_frame_size
+    from .sources import SourceLost, labels_apply, open_streams, redact, source_frame_size
 
     _output_file(output, "--output")
     session = Session(artifact, profile=profile, backend=backend, threads=threads)
@@ -563,7 +563,7 @@ def run(
         if interrupted:
             err_console.print("interrupted" if interrupted == 130 else "terminated")
             raise typer.Exit(interrupted)
-        raise ValueError(f"source {source!r} gave no frames; check the file or camera.")
+        raise ValueError(f"source {redact(source)!r} gave no frames; check the file, camera or stream.")
     s = session.stats.summary()
     stopped = {130: " (interrupted)", 143: " (terminated)"}.get(interrupted, "")
     table = Table(title=f"edge3d run: {artifact}{stopped}", show_header=False)

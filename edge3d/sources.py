@@ -16,6 +16,10 @@ from typing import Any
 import numpy as np
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+# network sources OpenCV opens through FFmpeg: IP cameras (RTSP), encoders (RTMP, SRT, UDP), HTTP
+STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "tcp", "http", "https")
+# how an error names the sources there are ("source X is neither ...")
+SOURCE_FORMS = "a file, a folder, camera:INDEX, a stream URL (rtsp://, http://, ...) nor synthetic[:SEED]"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -70,9 +74,37 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
         cap.release()
 
 
+def stream_scheme(spec: str) -> str | None:
+    """The scheme of a network source (``rtsp`` of ``rtsp://cam/1``), else None."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
+    return m[1].lower() if m and m[1].lower() in STREAM_SCHEMES else None
+
+
+def redact(spec: str) -> str:
+    """A source as it may be printed or saved: an IP camera's URL often carries its password
+    (rtsp://admin:secret@10.0.0.5/stream), which must not land in logs, reports or manifests."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]+):[^@/]*@", r"\1:***@", spec)
+
+
+def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
+    cv2 = _cv2()
+    cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG)
+    shown = redact(spec)
+    if not cap.isOpened():
+        raise ValueError(f"stream {shown} cannot be opened by OpenCV's FFmpeg; check the address, the network and "
+                         "that the source is streaming.")
+    # a video file served over HTTP ends like a file; a camera's stream that stops is lost
+    from urllib.parse import urlparse
+
+    a_file = scheme in ("http", "https") and Path(urlparse(spec).path).suffix.lower() in VIDEO_SUFFIXES
+    return capture_frames(cap, lost=None if a_file else f"stream {shown}")
+
+
 def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, int | None]]:
-    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a video file, or a folder (of videos or images),
-    its clips one after another."""
+    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a stream URL, a video file, or a folder (of
+    videos or images), its clips one after another."""
+    if (scheme := stream_scheme(spec)) is not None:
+        return _open_stream(spec, scheme)
     if spec.startswith("synthetic"):
         from .data import gestures
 
@@ -90,10 +122,7 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
     if path.is_dir():
         return (item for clip in _clips_in(path) for item in _clip_frames(clip))
     if not path.is_file():
-        raise ValueError(
-            f"source {spec!r} is neither a file, a folder, camera:INDEX nor synthetic[:SEED]; "
-            "pass one of those."
-        )
+        raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those.")
     return capture_frames(_open_video(path))
 
 
@@ -167,7 +196,7 @@ def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterat
     folder of many videos holds one capture at a time.
     """
     path = Path(spec)
-    if not spec.startswith(("synthetic", "camera:")) and path.is_dir():
+    if not spec.startswith(("synthetic", "camera:")) and stream_scheme(spec) is None and path.is_dir():
         clips = _clips_in(path)
         if clips == [path]:
             return iter([(spec, _clip_frames(path))])
@@ -188,7 +217,7 @@ def streams_of(source: str | Path | Iterable[Any], model_size: int) -> tuple[str
     """
     if isinstance(source, (str, Path)):
         spec = str(source)
-        return spec, open_streams(spec, source_frame_size(spec, model_size))
+        return redact(spec), open_streams(spec, source_frame_size(spec, model_size))
     return "frames from Python", [("frames", source)]
 
 

@@ -58,16 +58,16 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
         return _gstreamer(csi_pipeline(int(sensor), width, height, fps))
     if "!" in spec:
         return _gstreamer(spec)
-    from edge3d.sources import open_source, source_frame_size
+    from edge3d.sources import SOURCE_FORMS, open_source, redact, source_frame_size
 
     try:
         # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
         return open_source(spec, frame_size=source_frame_size(spec, frame_size))
     except ValueError as e:
-        if "is neither a file" not in str(e):
+        if SOURCE_FORMS not in str(e):
             raise
-        raise ValueError(f"source {spec!r} is neither csi:N, a GStreamer pipeline ending in appsink, a file, a "
-                         "folder, camera:N nor synthetic[:SEED]; pass one of those.") from None
+        raise ValueError(f"source {redact(spec)!r} is neither csi:N, a GStreamer pipeline ending in appsink, "
+                         f"{SOURCE_FORMS}; pass one of those.") from None
 
 
 def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
@@ -87,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Stream a camera through an edge3d artifact and show the top class.")
     p.add_argument("artifact", help="artifact folder written by `edge3d export`")
     p.add_argument("--source", default="csi:0",
-                   help="csi:N | camera:N | FILE.mp4 | FOLDER | synthetic[:SEED] | a GStreamer pipeline ending in appsink")
+                   help="csi:N | camera:N | FILE.mp4 | FOLDER | rtsp://... (any stream URL) | synthetic[:SEED] | "
+                        "a GStreamer pipeline ending in appsink")
     p.add_argument("--profile", default="fp32", help="precision to run (fp32, fp16, int8, ...)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     p.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")

@@ -755,6 +755,57 @@ def test_a_file_given_as_the_artifact_is_named_as_a_file(tmp_path: Path, monkeyp
     assert os.listdir(".") == ["clip.mp4"]
 
 
+@pytest.fixture
+def http_folder(tmp_path: Path):
+    """A folder served over HTTP on localhost, as an IP camera or a media server would serve video."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_run_streams_a_url_and_never_shows_its_password(tiny_artifact, http_folder, tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    root, base = http_folder
+    writer = cv2.VideoWriter(str(root / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    for i in range(30):
+        writer.write(np.full((48, 64, 3), 8 * i, np.uint8))
+    writer.release()
+    shutil.copy(root / "clip.mp4", root / "live")  # no video suffix: read as a camera's stream
+    runner = CliRunner()
+    # a file served over HTTP ends as a file does; the URL's credentials never reach the output or the report
+    url = base.replace("://", "://admin:hunter2@") + "/clip.mp4"
+    res = runner.invoke(app, ["run", str(art), "--source", url, "--output", str(tmp_path / "p.jsonl"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 30 and "hunter2" not in res.output
+    res = runner.invoke(app, ["compare", str(art), "--source", url, "--frames", "12", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "c" / "report.json").read_text())["source"] == \
+        base.replace("://", "://admin:***@") + "/clip.mp4"
+    # a live stream that stops delivering is a lost source: the summary, one sentence, exit code 1
+    res = runner.invoke(app, ["run", str(art), "--source", f"{base}/live", "--quiet"])
+    assert res.exit_code == 1 and f"stream {base}/live stopped delivering frames after 30 frames" in \
+        " ".join(res.output.split()), res.output
+    res = runner.invoke(app, ["run", str(art), "--source", "rtsp://admin:hunter2@127.0.0.1:1/live"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "stream rtsp://admin:***@127.0.0.1:1/live cannot be opened by OpenCV's FFmpeg" \
+        in said and "hunter2" not in said, said
+    res = runner.invoke(app, ["run", str(art), "--source", "ftp://host/x.mp4"])
+    assert res.exit_code == 2 and "a stream URL (rtsp://, http://, ...)" in " ".join(res.output.split())
+
+
 def test_cli_unreadable_video_and_missing_camera_say_one_sentence(tiny_artifact, tmp_path: Path) -> None:
     """OpenCV and FFmpeg write to the process's stderr directly, so only a subprocess sees whether
     their own warnings come before the CLI's sentence."""
