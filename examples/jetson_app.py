@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
     from edge3d.signals import sigterm_as_interrupt
-    from edge3d.sources import SourceLost, labels_apply
+    from edge3d.sources import SourceLost, labels_apply, redact
 
     keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
     window = "edge3d"
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cv2.destroyAllWindows()
     if n == 0:
-        print(f"error: source {args.source!r} gave no frames; check the camera, file or pipeline.", file=sys.stderr)
+        print(f"error: source {redact(args.source)!r} gave no frames; check the camera, file, stream or pipeline.",
+              file=sys.stderr)
         return 2
     s = session.stats.summary()
     acc = f", per-frame accuracy {100 * correct / labelled:.1f}%" if labelled else ""
