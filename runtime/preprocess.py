@@ -89,6 +89,8 @@ class FramePreprocessor:
             np.multiply(img.transpose(2, 0, 1), self.scale, out=out, casting="unsafe")
             out -= self.offset
             return
+        if frame.dtype.kind == "f" and not frame.dtype.isnative:  # big-endian, as read from some files
+            frame = frame.astype(frame.dtype.newbyteorder("="))
         if frame.dtype not in (np.float32, np.float16, np.float64):
             raise ValueError(
                 f"frame dtype {frame.dtype} is not supported; pass H×W×{c} uint8 or normalised "

@@ -192,7 +192,17 @@ BAD_FRAMES = [
     (np.full((3, SIZE, SIZE), np.nan, np.float32), "NaN or Inf"),
     (np.full((3, SIZE, SIZE), np.inf, np.float32), "NaN or Inf"),
     (np.full((3, SIZE, SIZE), 1e300, np.float64), "beyond the float32 range"),  # finite, but inf in the graph
+    (np.full((3, SIZE, SIZE), np.nan, ">f4"), "NaN or Inf"),  # big-endian is read, and checked, as any float
 ]
+
+
+def test_a_big_endian_float_frame_is_the_same_frame(tiny_artifact) -> None:
+    # as read from a file written on another machine: refused as an unsupported dtype before
+    art, _ = tiny_artifact
+    frames = np.random.default_rng(4).standard_normal((6, 3, SIZE, SIZE)).astype(np.float32)
+    native, swapped = Session(art), Session(art)
+    for f in frames:
+        assert np.array_equal(native.step(f), swapped.step(f.astype(">f4")))
 
 
 @pytest.mark.parametrize("frame, message", BAD_FRAMES)
