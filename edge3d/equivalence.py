@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -50,8 +51,7 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
     if periods:  # multi-rate: whole runs of the slowest stage, two of them at least
         frames = max(frames, 2 * periods[-1])
         frames += -frames % periods[-1]
-    g = torch.Generator().manual_seed(seed)
-    clip = torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
+    clip = _random_clip(step, frames, seed)
     with torch.no_grad():
         try:
             ref = model(clip)
@@ -82,11 +82,8 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
         raise StepMismatchError(f"{name}'s clip forward gives NaN or Inf on a random clip, so its step cannot be "
                                 "checked; fix the model (or its checkpoint), or skip the check with --no-verify "
                                 "(verify=False in Python).")
-    scale = max(SCALE_FLOOR, float(ref.abs().max()))
-    err = (out - ref).abs().nan_to_num(float("inf")).movedim(axis, 0).reshape(ref.shape[axis], -1).amax(dim=1)
-    bad = (err > TOLERANCE * scale).nonzero()
-    if len(bad):
-        i = int(bad[0])
+    err, scale, i = _frame_errors(out.movedim(axis, 0).numpy(), ref.movedim(axis, 0).numpy())
+    if i is not None:
         raise StepMismatchError(
             f"{name}'s step differs from its clip forward at frame {at[i]} of a random {frames}-frame clip (error "
             f"{float(err[i]):.3g} at output scale {scale:.3g}): its forward code mixes frames outside the edge3d.nn "
@@ -102,16 +99,20 @@ def _random_clip(step: nn.Module, frames: int, seed: int) -> torch.Tensor:
     return torch.randn(CHECK_STREAMS, step.frame_shape[0], frames, *step.frame_shape[1:], generator=g)
 
 
-def _refuse_graph_mismatch(got: Any, ref: Any, at: list[int], frames: int, what: str) -> float:
+def _frame_errors(got: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, float, int | None]:
+    """Outputs stacked (outputs, ...): each output's largest error (NaN counted as infinite), the
+    reference's scale, and the index of the first output off by more than ``TOLERANCE`` of it."""
+    scale = max(SCALE_FLOOR, float(np.abs(ref).max()))
+    err = np.nan_to_num(np.abs(got - ref), nan=np.inf).reshape(len(ref), -1).max(axis=1)
+    bad = np.flatnonzero(err > TOLERANCE * scale)
+    return err, scale, (int(bad[0]) if len(bad) else None)
+
+
+def _refuse_graph_mismatch(got: np.ndarray, ref: np.ndarray, at: list[int], frames: int, what: str) -> float:
     """Compare outputs stacked (outputs, streams, ...) and return the largest error relative to the
     reference's largest output; raise naming the first frame off by more than ``TOLERANCE``."""
-    import numpy as np
-
-    scale = max(SCALE_FLOOR, float(np.abs(ref).max()))
-    err = np.nan_to_num(np.abs(got - ref), nan=np.inf).reshape(len(at), -1).max(axis=1)
-    bad = np.flatnonzero(err > TOLERANCE * scale)
-    if len(bad):
-        i = int(bad[0])
+    err, scale, i = _frame_errors(got, ref)
+    if i is not None:
         raise StepMismatchError(
             f"the exported ONNX {what} from the PyTorch step at frame {at[i]} of a random {frames}-frame clip "
             f"(error {err[i]:.3g} at output scale {scale:.3g}): an op of this model is not translated faithfully; "
@@ -129,7 +130,6 @@ def check_onnx_matches_step(onnx_path: Path, step: nn.Module, frames: int = CHEC
     exporter, the simplifier and the BatchNorm folding have all had their say. Raises
     :class:`StepMismatchError` naming the first frame off by more than ``TOLERANCE``.
     """
-    import numpy as np
     import onnxruntime as ort
 
     from .runtime.manifest import state_io_names
@@ -160,8 +160,6 @@ def check_staged_onnx_matches_step(folder: Path, step: nn.Module, frames: int, s
     stage graphs and a manifest.json that records them. An SGS stage is traced at batch 1, so its
     artifacts are checked on one stream.
     """
-    import numpy as np
-
     from .runtime import Session
 
     clip = _random_clip(step, frames, seed)[:streams]
