@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .profiles import split_names
-from .runtime.manifest import format_bytes, json_safe
+from .runtime.manifest import MANIFEST, format_bytes, json_safe
 
 app = typer.Typer(  # the help text is _main's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -117,7 +117,7 @@ def _is_artifact(target: str) -> bool:
     """An artifact folder, its manifest or one of its ONNX files; a folder that is neither is an error,
     not a model name."""
     p = Path(target).expanduser()
-    if (p / "manifest.json").is_file() or (p.is_file() and (p.name == "manifest.json" or p.suffix == ".onnx")):
+    if (p / MANIFEST).is_file() or (p.is_file() and (p.name == MANIFEST or p.suffix == ".onnx")):
         return True
     from .runtime.manifest import artifacts_in, resolve_artifact
 
@@ -136,8 +136,6 @@ def _is_artifact(target: str) -> bool:
 def _out_folder(path: Path, flag: str) -> None:
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file; pass a folder to write into.")
-    from .runtime.manifest import MANIFEST
-
     if (path / MANIFEST).is_file():  # `-o out/x.edge3d` for `-o out` nested a second artifact inside the first
         raise ValueError(f"{flag} {path} is an artifact folder; pass the folder to write into, such as "
                          f"{path.parent}.")
@@ -195,7 +193,7 @@ def inspect(
 ) -> None:
     """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
     if _is_artifact(target):
-        from .runtime.manifest import MANIFEST, load_manifest, state_bytes
+        from .runtime.manifest import load_manifest, state_bytes
 
         _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head)])
 
@@ -331,7 +329,6 @@ def export(
     """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
-    from .runtime.manifest import MANIFEST
 
     model_path = Path(model).expanduser()
     in_place = (model_path / MANIFEST).is_file()
@@ -419,7 +416,7 @@ def _not_carried_over(folder: Path, profiles: list[str]) -> list[str]:
     old weights goes; saying so beats the user finding out from `run --profile int8` on a device.
     """
     try:
-        old = json.loads((folder / "manifest.json").read_text())["precisions"]
+        old = json.loads((folder / MANIFEST).read_text())["precisions"]
     except (OSError, ValueError, KeyError, TypeError):  # none there, or not one we can read: nothing to say
         return []
     return [p for p in old if p not in profiles] if isinstance(old, dict) else []
@@ -619,7 +616,7 @@ def bench(
                             "--no-verify), e.g. to time a model whose forward code mixes frames.")] = False,
 ) -> None:
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
-    from .bench import run_bench
+    from .bench import WINDOW, run_bench
 
     _output_file(json_out, "--json-out")
     if _is_artifact(target):  # a folder that is no artifact has failed here, naming the artifacts inside it
@@ -628,7 +625,7 @@ def bench(
     # a spinner through the minute of exports and timing, its steps printed above it
     with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
         report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
-                           window=16 if window is None else window, rounds=rounds, streams=_stream_counts(streams),
+                           window=WINDOW if window is None else window, rounds=rounds, streams=_stream_counts(streams),
                            verify=not no_verify, log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
