@@ -767,7 +767,7 @@ def compare(
     profiles: Annotated[str | None, typer.Option("--profiles", help="Comma separated, e.g. fp32,fp16,int8 (default: all built).")] = None,
     source: Annotated[str | None, typer.Option("--source", help="FILE.mp4 | FOLDER | synthetic[:SEED] (default: synthetic).")] = None,
     frames: Annotated[int, typer.Option("--frames", help="Frames to stream through every profile.")] = 1000,
-    out: Annotated[Path, typer.Option("--out", help="Folder for report.json, report.md and the plots.")] = Path("compare"),
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for report.json, report.md and the plots.")] = Path("compare"),
     save_polygraphy_inputs: Annotated[bool, typer.Option("--save-polygraphy-inputs", help="Also write a few step inputs (frame + states) for `polygraphy run --load-inputs`.")] = False,
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads per session (1: the "
                                          "2N+1 sessions step in lockstep, and idle ORT pools spinning would "
@@ -780,7 +780,7 @@ def compare(
     from .compare import compare as run_compare
     from .runtime.manifest import load_manifest
 
-    _out_folder(out, "--out")
+    _out_folder(out, "-o")
     names = split_names(profiles) or list(load_manifest(artifact)["precisions"])
     if "fp32" not in names:
         names.insert(0, "fp32")

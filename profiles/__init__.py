@@ -212,6 +212,13 @@ def resolve_profiles(names: str | Iterable[str]) -> list[Profile]:
         if p.name == "fp32" and n != "fp32":  # it would be skipped: model.fp32.onnx is the export itself
             raise ValueError(f"profile {n} is named 'fp32', the reference precision every artifact is exported "
                              "with; give it another name.")
+        if n != p.name and p.name in builtin_names() and p.to_dict() != load_profile(p.name).to_dict():
+            # model.int8.onnx must mean the built-in int8 wherever an artifact goes: a float16 graph
+            # under that name, or a re-export with --profile int8 silently replacing the user's
+            # graph, would mislabel what ships.
+            raise ValueError(f"profile {n} is named {p.name!r}, the name of a built-in profile, but builds "
+                             "something else; give it a name of its own (such as "
+                             f"'{p.name}-mine') so that {p.name!r} in an artifact always means the built-in one.")
         if p.name in seen and seen[p.name] != n:
             raise ValueError(f"profiles {seen[p.name]!r} and {n!r} are both named {p.name!r}; "
                              "give the user profile another name.")

@@ -622,7 +622,7 @@ def test_cli_output_folder_that_is_a_file_and_a_folder_of_artifacts(tiny_artifac
     a_file.write_text("keep me")
     for args in (["export", "d-resnet18", "--width", "0.125", "-o", str(a_file)],
                  ["triton", str(art), "-o", str(a_file)],
-                 ["compare", str(art), "--out", str(a_file), "--frames", "4"]):
+                 ["compare", str(art), "-o", str(a_file), "--frames", "4"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 2 and f"{a_file} is a file; pass a folder" in res.output, (args, res.output)
     assert a_file.read_text() == "keep me"

@@ -19,7 +19,7 @@ pytest.importorskip("torch")
 from edge3d.exporters.calibration import RolloutReader  # noqa: E402
 from edge3d.exporters.onnx import export_artifact, file_sha256, weight_bytes  # noqa: E402
 from edge3d.exporters.precision import add_precisions, resolve_profiles  # noqa: E402
-from edge3d.profiles import builtin_names, load_profile  # noqa: E402
+from edge3d.profiles import FOLDER, builtin_names, load_profile  # noqa: E402
 from edge3d.runtime import ArtifactError, Session  # noqa: E402
 from edge3d.runtime.manifest import METADATA_KEY, load_manifest  # noqa: E402
 from precision_helpers import (  # noqa: E402
@@ -91,6 +91,19 @@ def test_a_user_profile_named_fp32_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"named 'fp32', the reference precision .*; give it another name\."):
         resolve_profiles(["fp16", str(path)])
     assert [q.name for q in resolve_profiles(["fp32", "fp16"])] == ["fp32", "fp16"]  # the built-in one is fine
+
+
+def test_a_user_profile_may_not_take_a_builtin_name_for_something_else(tmp_path: Path) -> None:
+    """A float16 graph written as model.int8.onnx would be reported as INT8 by compare, run and inspect."""
+    path = _write(tmp_path, 'name = "int8"\nweight_dtype = "float16"\n')
+    with pytest.raises(ValueError, match=r"named 'int8', the name of a built-in profile, but builds something "
+                                         r"else; give it a name of its own \(such as 'int8-mine'\)"):
+        resolve_profiles([str(path)])
+    tuned = _write(tmp_path, (FOLDER / "int8.toml").read_text().replace("frames = 256", "frames = 64"), "t.toml")
+    with pytest.raises(ValueError, match="named 'int8'"):  # a tuned copy is something else too
+        resolve_profiles(["fp16", str(tuned)])
+    copy = _write(tmp_path, (FOLDER / "int8.toml").read_text(), "copy.toml")  # the built-in file's own text
+    assert [q.name for q in resolve_profiles([str(copy), "fp16"])] == ["int8", "fp16"]
 
 
 def test_unknown_profile_name_lists_the_choices() -> None:
