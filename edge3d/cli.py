@@ -812,7 +812,7 @@ def compare(
     for note in report_notes(report):
         console.print(f"[bold red]{escape(note)}[/]")
     console.print(f"wrote [bold]{escape(str(out / 'report.json'))}[/], "
-                  + ", ".join(["report.md", *report.get("plots", [])]))
+                  + ", ".join(["report.md", *report.get("plots", []), "series.npz"]))
     if report.get("plots_skipped"):
         console.print(f"no plots: {escape(report['plots_skipped'])}.", highlight=False)
     for p, f in report.get("polygraphy_inputs", {}).items():

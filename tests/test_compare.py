@@ -177,6 +177,9 @@ def test_cli_compare(tmp_path: Path, stateful: Path, video: Path, monkeypatch: p
     assert "…" not in r.output  # no profile name or number cut short
     assert "polygraphy run" in r.output and "[I]" not in r.output
     assert json.loads((out / "report.json").read_text())["frames"] == 40
+    said = "".join(r.output.split())
+    unnamed = [f.name for f in out.iterdir() if f.name not in said]
+    assert not unnamed, f"compare wrote {unnamed} without saying so"
     empty = tmp_path / "empty"
     empty.mkdir()
     for args, words in (
