@@ -232,7 +232,7 @@ def test_max_batch_keeps_one_state_set_and_bounded_staging(stream_artifact: Path
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True])
 def test_bad_max_batch_is_rejected(stream_artifact: Path, bad) -> None:
-    with pytest.raises(ValueError, match="max_batch"):
+    with pytest.raises(ValueError, match=r"--max-batch \(max_batch in Python\) must be a positive integer"):
         Session(stream_artifact, streams=4, max_batch=bad)
 
 
@@ -314,6 +314,9 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert report["runtime_buffer_bytes_per_stream"] - chunked["runtime_buffer_bytes_per_stream"] == state
     bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
     assert bad.exit_code == 2
+    bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "2", "--max-batch", "0"])
+    assert bad.exit_code == 2 and "--max-batch (max_batch in Python) must be a positive integer, got 0; leave it " \
+        "out to run all streams in one call." in " ".join(bad.output.split()), bad.output
 
 
 def test_cli_bench_streams_tables_fit_80_columns_without_cutting_a_number(

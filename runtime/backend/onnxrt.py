@@ -168,8 +168,8 @@ class OnnxRuntimeBackend(Backend):
         super().__init__(manifest, profile, streams)
         if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                       or max_batch < 1):
-            raise ValueError(f"max_batch must be a positive integer (or None for all streams in one call), "
-                             f"got {max_batch!r}.")
+            raise ValueError(f"--max-batch (max_batch in Python) must be a positive integer, got {max_batch!r}; "
+                             "leave it out to run all streams in one call.")
         # Chunking only pays when it caps something: with B >= N one ping-pong call is cheaper.
         self.max_batch = max_batch if max_batch is not None and max_batch < streams else None
         entry = precision_entry(manifest, profile)
