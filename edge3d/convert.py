@@ -197,6 +197,7 @@ def to_step(
     if len(frame_shape) != 3 or not all(is_positive_int(v) for v in frame_shape):
         raise ValueError(f"frame_shape must be (C, H, W) with positive sizes, got {tuple(frame_shape)}; "
                          "e.g. (3, 112, 112).")
+    check_float32_cpu(model)
     from .staged import is_multirate
 
     if is_multirate(model):
@@ -211,6 +212,31 @@ def to_step(
 
         return StagedStepModule(model, frame_shape, keep_time, lower)  # type: ignore[return-value]
     return StepModule(model, frame_shape, keep_time, lower, output_time_axis)
+
+
+def check_float32_cpu(model: nn.Module) -> None:
+    """Refuse weights the step cannot run as they are, before a first frame fails on them.
+
+    edge3d feeds float32 CPU frames (the check and the export trace on the CPU, and FP16/INT8 are
+    built later from the float32 graph), so a model left in float64, float16 or on a GPU after
+    training used to fail inside its first conv with a message that blamed the frame shape.
+    """
+    from torch.nn.parameter import is_lazy
+
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if is_lazy(t):
+            continue
+        if t.is_floating_point() and t.dtype != torch.float32:
+            raise ValueError(f"{type(model).__name__}'s {name} is {str(t.dtype).removeprefix('torch.')}; edge3d "
+                             "streams and exports float32 models (FP16 and INT8 are built from the float32 graph "
+                             "by a precision profile), so call model.float() first.")
+        if t.device.type == "meta":
+            raise ValueError(f"{type(model).__name__}'s {name} is on the meta device, which holds no values; "
+                             "build the model on the CPU or load its weights (model.to_empty(device='cpu') then "
+                             "load_state_dict) first.")
+        if t.device.type != "cpu":
+            raise ValueError(f"{type(model).__name__}'s {name} is on {t.device}; edge3d checks and exports the "
+                             "model on the CPU (the exported graph runs on any device), so call model.cpu() first.")
 
 
 def frame_shape_error(model: nn.Module, frame_shape: Sequence[int], detail: str) -> ValueError:

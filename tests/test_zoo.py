@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY, assert_causal, assert_close_every_frame, randomize, stream, tiny_zoo_cases
+from edge3d.exporters.onnx import export_artifact
 from typer.testing import CliRunner
 
 import edge3d
@@ -137,6 +139,23 @@ def test_to_step_names_a_frame_shape_the_model_cannot_take(name: str) -> None:
     for shape in ((3, 32), (3, 0, 32), (3, 32.0, 32)):
         with pytest.raises(ValueError, match="frame_shape must be \\(C, H, W\\) with positive sizes"):
             edge3d.to_step(model, shape)
+
+
+@pytest.mark.parametrize("name", ["d-resnet18", "r3d18-causal", "sgs-resnet18"])
+def test_to_step_names_weights_that_are_not_float32_on_the_cpu(name: str, tmp_path: Path) -> None:
+    """A model left in float64 or float16 after training failed in its first conv, blaming the frame shape."""
+    for convert, words in ((torch.nn.Module.double, r"conv1\.weight is float64; .*call model\.float\(\) first\."),
+                           (torch.nn.Module.half, r"is float16; edge3d streams and exports float32 models"),
+                           (lambda m: m.to("meta"), r"is on the meta device, which holds no values")):
+        model = convert(zoo.build(name, **TINY))
+        with pytest.raises(ValueError, match=words):
+            edge3d.to_step(model, (3, 32, 32))
+    model = zoo.build(name, **TINY).double()
+    with pytest.raises(ValueError, match="is float64"):
+        export_artifact(model, tmp_path, "m", frame_size=32)
+    assert not list(tmp_path.iterdir())
+    step = edge3d.to_step(model.float(), (3, 32, 32))  # the fix the sentence names
+    assert step is not None
 
 
 def test_step_rejects_a_frame_of_another_shape_and_an_empty_batch() -> None:
