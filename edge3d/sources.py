@@ -152,14 +152,19 @@ def _clips_in(folder: Path) -> list[Path]:
     checked here and every image as its turn comes.
     """
     videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    own = _images_in(folder)
+    subs = {d: images[0] for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_natural)
+            if (images := _images_in(d))}  # each folder listed once here, once more when it plays
+    kinds = [f"{what} ({', '.join(p.name for p in found[:2])}{', ...' if len(found) > 2 else ''})"
+             for what, found in (("videos", videos), ("images", own), ("folders of images", list(subs))) if found]
+    if len(kinds) > 1:  # one kind would be played and the others skipped without a word
+        raise ValueError(f"folder {folder} holds {' and '.join(kinds)}, so it is not clear which are the clips; "
+                         "leave one kind in it and move the others out.")
     for v in videos:
         _open_video(v, "check the file and its codec, or move it out of the folder").release()
     if videos:
         return videos
-    own = _images_in(folder)
-    firsts = {folder: own[0]} if own else {
-        d: images[0] for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_natural)
-        if (images := _images_in(d))}  # each folder listed once here, once more when it plays
+    firsts = {folder: own[0]} if own else subs
     if not firsts:
         raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}), no images "
                          f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no folders of images; pass a video, or a folder "

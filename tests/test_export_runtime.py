@@ -999,6 +999,36 @@ def test_cli_run_plays_folders_of_images_as_clips_each_from_the_initial_state(ti
     assert [(r["top"], r["score"]) for r in rows[5:]] == [(i, round(p, 5)) for i, _, p in alone]
 
 
+def test_a_folder_mixing_videos_images_and_folders_of_images_is_refused(tiny_artifact, tmp_path: Path) -> None:
+    """Such a folder played one kind and skipped the others without a word (frames extracted next to
+    their video were never seen)."""
+    cv2 = pytest.importorskip("cv2")
+    art, _ = tiny_artifact
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    root = tmp_path / "mixed"
+    _write_frames(root / "clip_a", frames, ["1.png", "2.png", "3.png"])
+    writer = cv2.VideoWriter(str(root / "b.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (32, 32))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(root), "--output", str(preds)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"folder {root} holds videos (b.mp4) and folders of images (clip_a), so it is " \
+        "not clear which are the clips; leave one kind in it and move the others out." in said, said
+    for i in range(4):
+        assert cv2.imwrite(str(root / f"x{i}.png"), frames[0])
+    res = CliRunner().invoke(app, ["compare", str(art), "--source", str(root), "-o", str(tmp_path / "c")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "holds videos (b.mp4) and images (x0.png, x1.png, ...) and folders of " \
+        "images (clip_a)" in said, said
+    assert not preds.exists() and not (tmp_path / "c").exists()
+    (root / "b.mp4").unlink()
+    shutil.rmtree(root / "clip_a")
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(root), "--output", str(preds)])
+    assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 4  # one kind: the images, one clip
+
+
 def test_cli_run_a_broken_image_is_named(tiny_artifact, tmp_path: Path) -> None:
     """A clip whose first image is unreadable fails before any frame; one broken later fails when
     reached, naming the file, rather than playing a clip with a hole in it."""
