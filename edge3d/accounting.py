@@ -40,8 +40,13 @@ def inspect(model: nn.Module, frame_size: int | tuple[int, int] = 112, channels:
     if isinstance(model, StepModule):
         step = model
     else:
-        h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
-        step = to_step(model, (channels, h, w))
+        if isinstance(frame_size, int):
+            frame_size = (frame_size, frame_size)
+        if not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2:
+            # to_step gets (C, H, W); a bare unpack let a float, a string or a (C, H, W) fail as a TypeError
+            raise ValueError(f"frame_size must be an integer or an (H, W) pair, got {frame_size!r}; the channels "
+                             "are the separate `channels` argument.")
+        step = to_step(model, (channels, *frame_size))
     if hasattr(step, "report"):  # multi-rate: per-stage MACs, states and buffers (edge3d.staged)
         return step.report()
     states = [

@@ -141,6 +141,16 @@ def test_to_step_names_a_frame_shape_the_model_cannot_take(name: str) -> None:
             edge3d.to_step(model, shape)
 
 
+def test_inspect_takes_a_size_or_an_h_w_pair_and_names_anything_else() -> None:
+    model = zoo.build("d-resnet18", **TINY)
+    square, wide = edge3d.inspect(model, 32), edge3d.inspect(model, (32, 48))
+    assert square["frame_shape"] == [3, 32, 32] and wide["frame_shape"] == [3, 32, 48]
+    assert wide["state_bytes"] > square["state_bytes"]  # the caches hold 1.5 times the pixels
+    for bad in ("32", 32.0, (3, 32, 32), None):  # each was a TypeError or a shape of characters
+        with pytest.raises(ValueError, match=r"frame_size must be an integer or an \(H, W\) pair, got "):
+            edge3d.inspect(model, bad)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("name", ["d-resnet18", "r3d18-causal", "sgs-resnet18"])
 def test_to_step_names_weights_that_are_not_float32_on_the_cpu(name: str, tmp_path: Path) -> None:
     """A model left in float64 or float16 after training failed in its first conv, blaming the frame shape."""
