@@ -108,7 +108,8 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
         raise ValueError(f"checkpoint {path} is a folder; pass the file saved with "
                          "torch.save(model.state_dict(), path).")
     if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist; pass the path of a saved state_dict.")
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise ValueError(f"checkpoint {path} {what}; pass the path of a saved state_dict.")
     kind = _checkpoint_kind(path)
     if kind:
         raise ValueError(f"checkpoint {path} is {kind}")
@@ -128,6 +129,16 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
     state = _unwrap(state)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")
+    if state and not any(isinstance(v, torch.Tensor) for v in state.values()):
+        # a training checkpoint under a key edge3d does not know ('net', 'ema', ...): name where the
+        # weights are instead of listing every model key as missing
+        holders = [k for k, v in state.items()
+                   if isinstance(v, dict) and any(isinstance(t, torch.Tensor) for t in v.values())]
+        keys = ", ".join(map(str, list(state)[:6])) + (", ..." if len(state) > 6 else "")
+        hint = (f"the weights look to be under {holders[0]!r}: save them with "
+                f"torch.save(checkpoint[{holders[0]!r}], 'weights.pt') and pass that file"
+                if holders else "save the model's weights with torch.save(model.state_dict(), path)")
+        raise ValueError(f"checkpoint {path} holds no tensors at its top level (its keys: {keys}); {hint}.")
     own = model.state_dict()
     state = _strip_prefix(state, own)
     # BatchNorm's batch counter matters only to training with momentum=None; checkpoints saved by

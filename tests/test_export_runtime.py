@@ -416,6 +416,11 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
                     "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"),
     ("whole-model", "holds pickled Python objects (a whole model saved with torch.save(model), say)"),
     ("safetensors", "is a safetensors file; convert it with torch.save(safetensors.torch.load_file(path)"),
+    ("under-net", "holds no tensors at its top level (its keys: epoch, net, optimizer); the weights look to be "
+                  "under 'net': save them with torch.save(checkpoint['net'], 'weights.pt') and pass that file."),
+    ("no-weights", "holds no tensors at its top level (its keys: epoch, optimizer); save the model's weights with "
+                   "torch.save(model.state_dict(), path)."),
+    ("device", "is not a regular file; pass the path of a saved state_dict."),
 ])
 def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path, kind: str, says: str) -> None:
     """What a user has beside the weights: the exported graph, a TorchScript archive, the whole
@@ -438,6 +443,12 @@ def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path
     elif kind == "safetensors":  # the format: an 8-byte little-endian header length, JSON, raw tensor bytes
         header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
         path.write_bytes(len(header).to_bytes(8, "little") + header + np.zeros(2, np.float32).tobytes())
+    elif kind == "under-net":  # a training script's own key, which edge3d cannot guess
+        torch.save({"epoch": 3, "net": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
+    elif kind == "no-weights":
+        torch.save({"epoch": 3, "optimizer": {"state": {}}}, path)
+    elif kind == "device":
+        path = Path("/dev/null")
     else:
         torch.save(model, path)
     with warnings.catch_warnings():
