@@ -316,7 +316,8 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
             if n > 1:
                 per_batched = (batched["rss_bytes"] - base["rss_bytes"]) / (n - 1)
                 row["rss_per_extra_batched_stream"] = per_batched
-                row["rss_per_extra_batched_stream_over_state"] = per_batched / state_bytes
+                # a model without temporal layers has no state to be a multiple of
+                row["rss_per_extra_batched_stream_over_state"] = per_batched / state_bytes if state_bytes else None
                 # before the first step: what the runtime allocates (state ping-pong, frame, output);
                 # the rest of per_batched is ONNX Runtime's activation memory for one more batch row
                 row["rss_per_extra_batched_stream_before_steps"] = (
@@ -374,7 +375,7 @@ def format_rows(report: dict[str, Any]) -> tuple[list[list[str]], list[list[str]
 
     def times(row: dict[str, Any], key: str) -> str:
         v = row.get(key)
-        return "-" if v is None else f"{v / state:.2f}x"
+        return "-" if v is None or not state else f"{v / state:.2f}x"
 
     speed = [[str(r["streams"]), f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}",
               f"{r['batched_over_separate']:.2f}x", f"{r['batched_over_separate_cpu']:.2f}x",

@@ -271,6 +271,10 @@ def _print_report(name: str, params: int, macs: int, state: int, history: int, s
     if step_check is not None:
         summary.add_row(*step_check)  # relative to the largest output
     console.print(summary)
+    if not states:  # an empty table would read as a display fault
+        console.print("states (per stream): none; the model has no temporal layer, so each frame is predicted "
+                      "on its own.")
+        return
     table = Table(title="states (per stream)")
     for col in ("name", "shape", "dtype", "kind", "bytes"):
         table.add_column(col, justify="right" if col == "bytes" else "left")

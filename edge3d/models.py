@@ -28,6 +28,12 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
+    except SyntaxError as e:  # the user's own module: where to look, not edge3d's traceback
+        raise ValueError(f"{module_name} has a syntax error ({e.msg}, {e.filename} line {e.lineno}); fix it and "
+                         "run this again.") from e
+    except Exception as e:
+        raise ValueError(f"importing {module_name} raised {type(e).__name__} ({e}); import it from Python to see "
+                         "the traceback.") from e
     if not callable(factory):
         raise ValueError(f"{spec} is not callable ({type(factory).__name__}); point it at a function that builds "
                          "the model.")

@@ -66,7 +66,9 @@ def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
     inputs = ["frame"] + [state_io_names(s.name)[0] for s in specs]
     outputs = ["output"] + [state_io_names(s.name)[1] for s in specs]
     batch = torch.export.Dim("streams", min=1, max=4096)
-    dynamic = ({0: batch}, tuple({0: batch} for _ in specs))
+    # forward(frame, *states): torch.export counts an empty *states as no input at all, so a model
+    # without temporal layers (a per-frame baseline) must not get an entry for it
+    dynamic = ({0: batch}, tuple({0: batch} for _ in specs)) if specs else ({0: batch},)
     with quiet():
         torch.onnx.export(step, (frame, *states), str(path), input_names=inputs, output_names=outputs,
                           dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,

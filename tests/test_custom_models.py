@@ -57,6 +57,22 @@ def flat(num_classes=4):
 not_callable = 5
 
 
+class PerFrame(nn.Module):
+    """A per-frame 2-D baseline: no temporal layer, so no state at all."""
+
+    def __init__(self, num_classes=4):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.fc = nn.Conv3d(6, num_classes, 1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x))).mean(dim=(3, 4))
+
+
+def per_frame(num_classes=4):
+    return PerFrame(num_classes)
+
+
 class MeanOverTime(Tiny):
     def forward(self, x):
         y = torch.relu(self.conv(x)).mean(dim=(3, 4))
@@ -84,10 +100,13 @@ def user_module(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("user")
     name = f"user_models_{uuid.uuid4().hex[:8]}"
     (folder / f"{name}.py").write_text(USER_MODELS)
+    (folder / f"{name}_typo.py").write_text("def build(:\n    pass\n")
+    (folder / f"{name}_raises.py").write_text("raise RuntimeError('no GPU found')\n")
     sys.path.insert(0, str(folder))
     yield name
     sys.path.remove(str(folder))
-    sys.modules.pop(name, None)
+    for suffix in ("", "_typo", "_raises"):
+        sys.modules.pop(name + suffix, None)
 
 
 def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_module: str, tmp_path: Path) -> None:
@@ -106,6 +125,35 @@ def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_mod
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
+def test_a_model_without_temporal_layers_exports_and_streams_with_no_state(user_module: str, tmp_path: Path) -> None:
+    """A per-frame baseline has no state: its export failed in torch.export (an entry for the
+    empty *states), chunked batching in StopIteration, bench-streams in a division by zero."""
+    module = __import__(user_module)
+    model = randomize(module.per_frame(num_classes=3), seed=5).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", f"{user_module}:per_frame", "--classes", "3", "--size", "20",
+                              "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "per_frame.edge3d"
+    clip = torch.randn(4, 3, 12, 20, 20, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(clip).numpy()  # (streams, classes, T)
+    for max_batch in (None, 3):
+        with Session(art, streams=4, max_batch=max_batch) as s:
+            assert s.cache_bytes == 0 and s.get_state() == {}
+            out = np.stack([s.step_batch(np.ascontiguousarray(clip[:, :, t].numpy())) for t in range(12)], axis=2)
+            part = s.step_batch(np.ascontiguousarray(clip[2:3, :, 0].numpy()), [2])
+        assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+        assert np.abs(part[0] - ref[2, :, 0]).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    res = runner.invoke(app, ["inspect", str(art)], terminal_width=200)
+    assert res.exit_code == 0 and "states (per stream): none; the model has no temporal layer" in res.output
+    res = runner.invoke(app, ["bench-streams", str(art), "--streams", "1,2", "--frames", "2", "--max-batch", "1",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    assert '"rss_per_extra_batched_stream_over_state": null' in res.output
+
+
 @pytest.mark.parametrize(("factory", "flags", "message"), [
     ("boom", [], "raised RuntimeError while building the model (kaboom)"),
     ("needs", [], "needs an argument 'depth' that edge3d cannot pass"),
@@ -115,11 +163,13 @@ def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_mod
     ("build", ["--head", "lstm"], "takes no head option, so --head would be ignored"),
     ("flat", [], "edge3d calls the model on (N, C, T, H, W) clips"),
     ("missing", [], "has no attribute 'missing'"),
+    ("_typo:build", [], "_typo has a syntax error (invalid syntax, "),  # a traceback before
+    ("_raises:build", [], "_raises raised RuntimeError (no GPU found); import it from Python to see the traceback."),
 ])
 def test_factory_mistakes_are_one_sentence(user_module: str, tmp_path: Path, factory: str, flags: list[str],
                                            message: str) -> None:
-    res = CliRunner().invoke(app, ["export", f"{user_module}:{factory}", "--size", "24", *flags,
-                                   "-o", str(tmp_path / "out")])
+    spec = f"{user_module}{factory}" if factory.startswith("_") else f"{user_module}:{factory}"
+    res = CliRunner().invoke(app, ["export", spec, "--size", "24", *flags, "-o", str(tmp_path / "out")])
     assert res.exit_code == 2 and message in res.output, res.output
     assert "Traceback" not in res.output
     assert not (tmp_path / "out").exists()

@@ -199,6 +199,7 @@ class OnnxRuntimeBackend(Backend):
         # largest subset so far; each subset size k binds its k leading rows, so memory stays
         # 2 x (largest subset) rows however many different subset sizes a caller uses.
         self._staging: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
+        self._staging_rows = 0  # counted, not read off a buffer: a model may have no state at all
         self._subsets: dict[tuple[int, int], Any] = {}
 
     def _initial_set(self, k: int) -> dict[str, np.ndarray]:
@@ -234,10 +235,11 @@ class OnnxRuntimeBackend(Backend):
 
     def _staging_for(self, k: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The staging pair, grown (never shrunk) to at least k rows."""
-        if self._staging is None or len(next(iter(self._staging[0].values()))) < k:
+        if self._staging is None or self._staging_rows < k:
             # Grow-only: sized for the largest subset seen, so a caller that steps a few
             # streams at a time never pays for staging rows of all of them.
             self._staging = (self._initial_set(k), self._initial_set(k))
+            self._staging_rows = k
             self._subsets.clear()
         return self._staging
 
