@@ -140,7 +140,9 @@ def test_factory_validates_options():
 
     m = build("gestures", num_classes=len(gestures.classes), head="fc")
     assert m.frame_size == 48 and m.class_names == gestures.classes
-    with pytest.raises(ValueError, match="trained with"):
+    with pytest.raises(ValueError, match=r"trained with --classes 9 \(num_classes in Python\), so --classes 400 "):
         build("gestures", num_classes=400)
-    with pytest.raises(ValueError, match="trained with"):
+    with pytest.raises(ValueError, match=r"trained with --width 0.25 \(width in Python\), so --width 1.0 cannot"):
         build("gestures-tsm", width=1.0)
+    with pytest.raises(ValueError, match=r"trained with --size 48 \(frame_size in Python\), so --size 112 cannot"):
+        build("gestures", frame_size=112)

@@ -55,8 +55,11 @@ def _build(arch: str, zoo_name: str, options: dict[str, Any]) -> StreamingResNet
             raise ValueError(f"{zoo_name} takes no option {key!r}; it is a trained model with fixed "
                              f"{', '.join(expected)}.")
         if value is not None and value != expected[key]:
-            raise ValueError(f"{zoo_name} was trained with {key}={expected[key]!r}, so {key}={value!r} "
-                             "cannot load its checkpoint; leave the option out.")
+            from . import SIZE_OPTIONS
+
+            flag = {**SIZE_OPTIONS, "head": "--head"}[key]
+            raise ValueError(f"{zoo_name} was trained with {flag} {expected[key]} ({key} in Python), so "
+                             f"{flag} {value} cannot load its checkpoint; leave the option out.")
     path = CHECKPOINTS / spec["checkpoint"]
     if not path.is_file():
         raise ValueError(f"checkpoint {path} is missing; it ships inside the edge3d package (reinstall it), or recreate "
