@@ -293,6 +293,13 @@ def _stream_counts(csv: str | None) -> list[int]:
         raise ValueError(f"--streams {csv!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
 
 
+def _silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so that Python's flush at exit does not
+    print a BrokenPipeError of its own (the recipe in Python's signal module documentation)."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a test runner's stdout has no fd
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _output_file(path: Path | None, flag: str) -> None:
     """Fail before the work (a minute of benchmark, a whole video), not after it, when its output
     file has no folder to go into; other OSErrors on writing are `friendly`'s one sentence."""
@@ -468,7 +475,9 @@ def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
     source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | rtsp://... (a stream URL) | synthetic[:SEED]")] = "synthetic",
     frames: Annotated[int | None, typer.Option("--frames", help="Stop after N frames (default: synthetic 300, else all).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Write one JSON line per frame here.")] = None,
+    output: Annotated[Path | None, typer.Option(
+        "--output", help="Write one JSON line per frame here; - writes them to stdout, and the live line and "
+                         "summary to stderr, for a pipe.")] = None,
     profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
     backend: Annotated[str, typer.Option("--backend", help="auto | onnxruntime | tensorrt")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No live line, summary only.")] = False,
@@ -484,7 +493,10 @@ def run(
     from .signals import Terminated, sigterm_as_interrupt
     from .sources import SourceLost, labels_apply, open_streams, redact, source_frame_size
 
-    _output_file(output, "--output")
+    to_stdout = output is not None and str(output) == "-"  # `--output - | jq ...`: stdout is JSON lines only
+    if not to_stdout:
+        _output_file(output, "--output")
+    shown = err_console if to_stdout else console
     session = Session(artifact, profile=profile, backend=backend, threads=threads)
     size = session.manifest["frame"]["height"]
     if frames is None and source.startswith("synthetic"):
@@ -493,7 +505,7 @@ def run(
         raise ValueError(f"--frames must be at least 1, got {frames}.")
     streams = open_streams(source, frame_size=source_frame_size(source, size))
     keep_labels = labels_apply(source, session.manifest)
-    sink = open(output, "w") if output else None
+    sink = sys.stdout if to_stdout else open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
     first_nonfinite: int | None = None
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
@@ -516,7 +528,7 @@ def run(
                 yield (name if name != source else None), i, frame, (label if keep_labels else None)
 
     try:
-        with sigterm_as_interrupt(), Live(console=console, refresh_per_second=8, transient=True) as live:
+        with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
             for video, clip_frame, frame, label in frames_of_every_video():
                 t0 = time.perf_counter()
                 y = session.step(frame)
@@ -538,6 +550,12 @@ def run(
                         rec["label"] = label
                     try:
                         sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+                        if to_stdout:
+                            sink.flush()  # a line per frame as it happens, not per 8 kB block
+                    except BrokenPipeError:  # the reader has gone (`| head`): an end like --frames
+                        n += 1
+                        _silence_stdout()
+                        break
                     except OSError as e:  # a full SD card on a camera that runs for days
                         n += 1  # this frame was stepped and scored
                         lost = write_failed(e)
@@ -554,7 +572,7 @@ def run(
     except SourceLost as e:  # an unplugged camera: the summary, then the reason and exit code 1
         lost = str(e)
     finally:
-        if sink:
+        if sink and not to_stdout:
             try:
                 sink.close()  # flushes: where a small run finds the disk full
             except OSError as e:
@@ -592,8 +610,8 @@ def run(
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
     if output:
-        table.add_row("predictions", str(output))
-    console.print(table)
+        table.add_row("predictions", "stdout" if to_stdout else str(output))
+    shown.print(table)
     if interrupted:
         raise typer.Exit(interrupted)
     if lost:

@@ -1343,3 +1343,29 @@ def test_cli_run_stopped_by_sigterm_keeps_every_prediction_and_prints_the_summar
     lines = preds.read_text().splitlines()
     assert len(lines) == frames > 200
     assert [json.loads(x)["frame"] for x in lines] == list(range(frames))
+
+
+def test_cli_run_output_dash_writes_json_lines_to_stdout_for_a_pipe(tiny_artifact, tmp_path: Path) -> None:
+    """`--output -` wrote a file named '-'; now stdout carries only the JSON lines (the summary goes
+    to stderr), and a reader that stops early (`| head`) ends the run quietly with exit code 0."""
+    art, _ = tiny_artifact
+    cmd = [sys.executable, "-m", "edge3d.cli", "run", str(art), "--source", "synthetic", "--output", "-"]
+    done = subprocess.run([*cmd, "--frames", "25"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in done.stdout.splitlines()]  # nothing but JSON lines
+    assert [r["frame"] for r in rows] == list(range(25))
+    assert "ms/frame p50" in done.stderr and "stdout" in done.stderr
+    assert not (tmp_path / "-").exists()
+    proc = subprocess.Popen([*cmd, "--frames", "100000", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path, text=True)
+    try:
+        first = [proc.stdout.readline() for _ in range(3)]
+        proc.stdout.close()  # the reader goes away, as `head -n 3` does
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert [json.loads(x)["frame"] for x in first] == [0, 1, 2]
+    assert proc.returncode == 0 and "ms/frame p50" in err, err
+    assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
+    frames = int(next(line for line in err.splitlines() if "frames" in line).split("│")[2])
+    assert 3 <= frames < 100000
