@@ -166,6 +166,11 @@ def add_precisions(
                 cal = entry.get("calibration")
                 how = f", calibrated on {cal['frames']} frames of {cal['source']}" if cal else ""
                 console.print(f"wrote [bold]{folder / p.file_name}[/] ({p.name}{how})")
+                if cal and cal["frames"] < cal["frames_requested"]:  # ranges from a few frames clip the rest
+                    console.print(f"[bold yellow]warning:[/] {cal['source']} ran out after {cal['frames']} of the "
+                                  f"{cal['frames_requested']} calibration frames asked for (each stream's first "
+                                  f"{cal['warmup']} are warm-up); ranges seen on so few frames may clip others, so "
+                                  "pass a longer --calib-source, or several clips in a folder.", highlight=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entries

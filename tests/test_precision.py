@@ -157,6 +157,27 @@ def test_calibration_source_without_frames(tmp_path: Path, dresnet: Path) -> Non
     assert load_manifest(dresnet)["precisions"]["int8"]["file"] == "model.int8.onnx"  # untouched
 
 
+def test_a_calibration_source_that_runs_out_is_recorded_and_warned_about(tmp_path: Path, dresnet: Path) -> None:
+    """20 frames for 64 asked: the INT8 graph calibrated on 4 of them, and only the count said so."""
+    import io
+    import shutil
+
+    from rich.console import Console
+
+    art = tmp_path / dresnet.name
+    shutil.copytree(dresnet, art)
+    clip = write_video(tmp_path / "clip.mp4", [f for f, _ in pattern_stream(20, seed=3)])
+    said = io.StringIO()
+    add_precisions(art, ["int8"], calib_source=str(clip), calib_frames=64, console=Console(file=said, width=300))
+    cal = load_manifest(art)["precisions"]["int8"]["calibration"]
+    assert (cal["frames"], cal["frames_requested"], cal["warmup"]) == (4, 64, 16)
+    assert f"warning: {clip} ran out after 4 of the 64 calibration frames asked for" in said.getvalue()
+    said = io.StringIO()
+    add_precisions(art, ["int8"], calib_frames=24, console=Console(file=said, width=300))  # synthetic: no end
+    assert load_manifest(art)["precisions"]["int8"]["calibration"]["frames"] == 24
+    assert "warning" not in said.getvalue()
+
+
 # --------------------------------------------------------------------------- FP16
 def _io_types(model: onnx.ModelProto) -> dict[str, int]:
     return {v.name: v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
