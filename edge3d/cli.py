@@ -401,7 +401,8 @@ def export(
                                         "head": head}.items() if v is not None},
             "checkpoint": str(checkpoint) if checkpoint else None}
     art_name = name or model.split(":")[-1]
-    dropped = _not_carried_over(out / f"{art_name}.edge3d", profiles)
+    # by the names the graphs get: fp32 always, a profile file by the name inside it
+    dropped = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
@@ -416,7 +417,7 @@ def export(
     if dropped:
         console.print(f"  [yellow]replaced the artifact there, without its {', '.join(dropped)} (made from the "
                       f"earlier weights); add {'it' if len(dropped) == 1 else 'them'} again with `edge3d export "
-                      f"{escape(str(path))} --profile {','.join(dropped)}`[/]")
+                      f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
     _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
 
 

@@ -741,6 +741,14 @@ def test_export_replaces_only_an_artifact_and_names_the_precisions_it_drops(tmp_
     assert list(json.loads((mine / "manifest.json").read_text())["precisions"]) == ["fp32"]
     res = CliRunner().invoke(app, args)  # nothing dropped this time, so nothing said
     assert res.exit_code == 0 and "replaced" not in res.output
+    Path("mine.toml").write_text('name = "mine"\nweight_dtype = "float16"\n')
+    for again in (["--profile", "fp16,mine.toml"], ["--profile", "mine.toml,fp16"]):  # fp32 is always written,
+        res = CliRunner().invoke(app, [*args, *again])  # and a profile file's graph is named from inside it
+        assert res.exit_code == 0 and "replaced" not in res.output, res.output
+    spaced = ["export", "d-resnet18", *TINY_FLAGS, "-o", "my out", "--no-verify"]
+    assert CliRunner().invoke(app, [*spaced, "--profile", "fp16"]).exit_code == 0
+    res = CliRunner().invoke(app, spaced)
+    assert "add it again with `edge3d export 'my out/d-resnet18.edge3d' --profile fp16`" in " ".join(res.output.split())
 
 
 def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact, tmp_path: Path) -> None:
