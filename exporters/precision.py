@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -161,7 +162,7 @@ def add_precisions(
                     stale.unlink()
                     if console is not None:
                         console.print(f"removed {stale.name}, built from the previous {p.file_name}; rebuild it "
-                                      f"on the device with `edge3d build {folder} --profile {p.name}`")
+                                      f"on the device with `edge3d build {shlex.quote(str(folder))} --profile {p.name}`")
             if console is not None:
                 cal = entry.get("calibration")
                 how = f", calibrated on {cal['frames']} frames of {cal['source']}" if cal else ""

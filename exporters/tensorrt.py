@@ -367,5 +367,5 @@ def build_or_script(path: str | Path, profiles: str | list[str], *, streams: int
         return [*build_engines(folder, profiles, streams=streams, dla=dla, workspace_mb=workspace_mb,
                                console=console), script]
     _log(console, f"TensorRT cannot build here ({trt_backend.why_unavailable()}), so no engine was built; "
-                  f"run {script} (or `edge3d build`) on the device to build them.")
+                  f"run {shlex.quote(str(script))} (or `edge3d build`) on the device to build them.")
     return [script]

@@ -191,6 +191,20 @@ def test_export_target_tensorrt_exits_0_and_writes_the_script(exported):
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
 
 
+def test_the_script_path_told_without_tensorrt_can_be_pasted_into_a_shell(artifact, tmp_path):
+    if trtx.tensorrt_ready():
+        pytest.skip("TensorRT is present here, so engines are built rather than the script named")
+    import io
+
+    from rich.console import Console
+
+    folder = tmp_path / "my models" / artifact.name
+    shutil.copytree(artifact, folder)
+    said = io.StringIO()
+    trtx.build_or_script(folder, ["fp32"], console=Console(file=said, width=400))
+    assert f"run '{folder / trtx.SCRIPT}' (or `edge3d build`)" in said.getvalue(), said.getvalue()
+
+
 def test_script_has_one_build_per_precision_from_its_onnx(three_precisions):
     m = load_manifest(three_precisions)
     opts = [trtx.build_options(m, p, streams=2) for p in ("fp32", "fp16", "int8")]

@@ -13,6 +13,7 @@ asked), so this module imports anywhere, including CI machines without a GPU.
 
 from __future__ import annotations
 
+import shlex
 import warnings
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ class TensorRTBackend(Backend):
         if not path.is_file():
             raise ArtifactError(
                 f"the artifact has no TensorRT engine for {profile!r} ({path.name}); build it on this device "
-                f"with `edge3d build {manifest['_folder']} --profile {profile}` or the artifact's build_engines.sh."
+                f"with `edge3d build {shlex.quote(str(manifest['_folder']))} --profile {profile}` or the artifact's build_engines.sh."
             )
         import pycuda.driver as cuda
         import tensorrt as trt
