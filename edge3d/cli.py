@@ -102,15 +102,35 @@ def friendly(fn: F) -> F:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             raise typer.Exit(130) from None
+        except MemoryError as e:  # numpy's: a Session or a buffer larger than the memory
+            _error(_out_of_memory(fn.__name__, str(e)))
+            raise typer.Exit(2) from None
         except RuntimeError as e:  # a camera lost while compare or calibration read it: exit 1, as in run
             from .sources import SourceLost
 
+            if "can't allocate memory" in str(e):  # torch's CPU allocator, e.g. for frames of --size 100000
+                _error(_out_of_memory(fn.__name__, str(e)))
+                raise typer.Exit(2) from None
             if not isinstance(e, SourceLost):
                 raise
             _error(str(e))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _out_of_memory(verb: str, detail: str) -> str:
+    """One sentence for an allocation that failed, with the size asked for where the message has it."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes", detail)  # torch; numpy says "Unable to allocate 1.2 GiB for ..."
+    numpy = re.search(r"allocate ([\d.]+ ?\w+)", detail)
+    size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked else numpy.group(1) if numpy else ""
+    what = f" (one allocation of {size} failed)" if size else ""
+    fix = ("use a smaller --size or --width: the frames and activations grow with the square of --size, the "
+           "weights with the square of --width" if verb in ("export", "inspect", "bench")
+           else "free memory, or use fewer streams")
+    return f"{verb.replace('_', '-')} ran out of memory{what}; {fix}."
 
 
 def _is_artifact(target: str) -> bool:

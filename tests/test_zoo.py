@@ -141,6 +141,19 @@ def test_to_step_names_a_frame_shape_the_model_cannot_take(name: str) -> None:
             edge3d.to_step(model, shape)
 
 
+def test_a_frame_size_no_memory_can_hold_is_one_sentence() -> None:
+    """--size 1000000: torch's allocator failed on the first frame (3 × 10¹² float32 = 11175.9 GiB) with a traceback."""
+    overcommit = Path("/proc/sys/vm/overcommit_memory")
+    if overcommit.is_file() and overcommit.read_text().strip() == "1":
+        pytest.skip("this kernel grants any allocation (vm.overcommit_memory = 1), so none fails at once")
+    for verb in ("inspect", "export"):
+        res = CliRunner().invoke(app, [verb, "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "1000000"])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"{verb} ran out of memory (one allocation of 11175.9 GiB failed); use a " \
+            "smaller --size or --width: the frames and activations grow with the square of --size" in said, said
+        assert "Traceback" not in said
+
+
 def test_inspect_takes_a_size_or_an_h_w_pair_and_names_anything_else() -> None:
     model = zoo.build("d-resnet18", **TINY)
     square, wide = edge3d.inspect(model, 32), edge3d.inspect(model, (32, 48))
