@@ -499,7 +499,8 @@ def run(
     output: Annotated[Path | None, typer.Option(
         "--output", help="Write one JSON line per frame here; - writes them to stdout, and the live line and "
                          "summary to stderr, for a pipe.")] = None,
-    profile: Annotated[str, typer.Option("--profile", help="Precision to run.")] = "fp32",
+    profile: Annotated[str | None, typer.Option(
+        "--profile", help="Precision to run (default: that of the .onnx file given, else fp32).")] = None,
     backend: Annotated[str, typer.Option("--backend", help="auto | onnxruntime | tensorrt")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", help="No live line, summary only.")] = False,
     threads: Annotated[int | None, typer.Option(
@@ -613,7 +614,7 @@ def run(
     table.add_row("ms/frame with resize, p50 / p95",
                   " / ".join(f"{v:.2f}" for v in np.percentile(np.asarray(call_ms), [50, 95])))
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
-    table.add_row("backend / profile", f"{session.backend_name} / {profile}")
+    table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
     if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:

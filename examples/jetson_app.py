@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default="csi:0",
                    help="csi:N | camera:N | FILE.mp4 | FOLDER | rtsp://... (any stream URL) | synthetic[:SEED] | "
                         "a GStreamer pipeline ending in appsink")
-    p.add_argument("--profile", default="fp32", help="precision to run (fp32, fp16, int8, ...)")
+    p.add_argument("--profile", default=None,
+                   help="precision to run (fp32, fp16, int8, ...; default: that of the .onnx file given, else fp32)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
     p.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")
     p.add_argument("--headless", action="store_true", help="no window; only the logged stats")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad artifact, profile, backend or source: one sentence, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {args.profile}, "
+    print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {session.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
     from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import SourceLost, labels_apply, redact

@@ -59,6 +59,26 @@ class Stats:
                 f"ms_p95={s['ms_p95']:.3f}, ms_p99={s['ms_p99']:.3f}, fps={s['fps']:.1f})")
 
 
+def _profile_of(path: Path, profile: str | None, manifest: dict[str, Any]) -> str:
+    """The precision to run: the one asked for, else that of the ONNX file given as the path, else fp32.
+
+    ``Session("x.edge3d/model.fp16.onnx")`` ran the fp32 graph without a word, since the file only
+    located the artifact; a file and a profile that disagree are refused rather than one winning.
+    """
+    if isinstance(profile, str) and profile.endswith(".toml") and Path(profile).expanduser().is_file():
+        from ..profiles import load_profile  # the file exported with names its graph inside: run that
+
+        profile = load_profile(Path(profile).expanduser()).name
+    own = next((name for name, e in manifest["precisions"].items()
+                if isinstance(e, dict) and path.name in (e.get("file"), *e.get("files", ()))), None)
+    if path.suffix != ".onnx" or own is None:
+        return "fp32" if profile is None else profile
+    if profile is not None and profile != own:
+        raise ValueError(f"{path.name} is the {own} graph, but profile {profile!r} was asked for; pass the "
+                         f"artifact folder with that profile, or leave the profile out to run {own}.")
+    return own
+
+
 def _pick_backend(requested: str, manifest: dict[str, Any], profile: str) -> str:
     """TensorRT where it can run (package, pycuda, a GPU, an engine for the profile), else ONNX Runtime.
 
@@ -153,7 +173,8 @@ def check_streams_fit(manifest: dict[str, Any], streams: int) -> None:
 class Session:
     """Stream frames through an exported artifact.
 
-    ``Session(path, profile="fp32", backend="auto", streams=1)``. ``step(frame)`` takes an
+    ``Session(path, profile=None, backend="auto", streams=1)``: ``profile`` left out runs the
+    precision of the ``.onnx`` file given as ``path``, else fp32. ``step(frame)`` takes an
     H×W×3 uint8 RGB image (resized and normalised from the manifest) or a normalised
     3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
     ``max_batch`` (ONNX Runtime) runs calls over many streams in chunks of at most that many
@@ -170,9 +191,10 @@ class Session:
             return super().__new__(StagedSession)
         return super().__new__(cls)
 
-    def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
+    def __init__(self, path: str | Path, profile: str | None = None, backend: str = "auto", streams: int = 1,
                  threads: int | None = None, max_batch: int | None = None) -> None:
         self._open(path, profile, streams)
+        profile = self.profile
         self.backend_name = _pick_backend(backend, self.manifest, profile)
         options: dict[str, Any] = {}
         if self.backend_name == "onnxruntime":
@@ -182,13 +204,13 @@ class Session:
                              "build the engine for the streams you need (`edge3d build --streams N`) instead.")
         self._backend = backends.create(self.backend_name, self.manifest, profile, self.streams, **options)
 
-    def _open(self, path: str | Path, profile: str, streams: int) -> None:
+    def _open(self, path: str | Path, profile: str | None, streams: int) -> None:
         """What every session has, whatever schedules its graphs: manifest, precision, preprocessing, stats."""
         if not is_positive_int(streams):
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.manifest = load_manifest(path)
         self.path = Path(path)
-        self.profile = profile
+        self.profile = profile = _profile_of(Path(path).expanduser(), profile, self.manifest)
         self.precision = precision_entry(self.manifest, profile)
         self.streams = int(streams)
         check_streams_fit(self.manifest, self.streams)

@@ -26,7 +26,7 @@ from .session import Session, check_frame_count, require_mapping, serialised
 class StagedSession(Session):
     """A :class:`Session` over an artifact whose manifest has ``stages`` (see the module doc)."""
 
-    def __init__(self, path: str | Path, profile: str = "fp32", backend: str = "auto", streams: int = 1,
+    def __init__(self, path: str | Path, profile: str | None = None, backend: str = "auto", streams: int = 1,
                  threads: int | None = None, max_batch: int | None = None) -> None:
         from .backend.onnxrt import _load_session
 
@@ -38,6 +38,7 @@ class StagedSession(Session):
                                 "use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in "
                                 "Python).")
         self._open(path, profile, streams)
+        profile = self.profile
         if "files" not in self.precision:
             raise ArtifactError(f"the {profile!r} precision of this multi-rate artifact lists no per-stage files; "
                                 "re-export it.")

@@ -676,8 +676,35 @@ def test_missing_precision_names_the_fix(tiny_artifact) -> None:
     assert "--profile fp64" not in str(e.value)
     with pytest.raises(ArtifactError, match=r"no 'FP32' precision \(it has fp32\); did you mean 'fp32'\?"):
         Session(art, profile="FP32")
-    with pytest.raises(ValueError, match="profile must be a precision name such as 'fp32', got None"):
-        Session(art, profile=None)
+    with pytest.raises(ValueError, match="profile must be a precision name such as 'fp32', got 3"):
+        Session(art, profile=3)  # type: ignore[arg-type]
+    assert Session(art, profile=None).profile == "fp32"  # left out: fp32
+
+
+def test_a_session_on_one_onnx_file_runs_that_files_precision(tmp_path: Path) -> None:
+    """Session("x.edge3d/model.fp16.onnx") located the artifact and ran its fp32 graph without a word."""
+    from edge3d.exporters.precision import add_precisions
+
+    art = export_artifact(randomize(zoo.build("d-resnet18", **TINY), seed=5), tmp_path, "m", frame_size=SIZE,
+                          verify=False)
+    toml = tmp_path / "mine.toml"
+    toml.write_text('name = "half"\nweight_dtype = "float16"\n')
+    add_precisions(art, ["fp16", str(toml)])
+    frames = np.random.default_rng(0).normal(size=(12, 3, SIZE, SIZE)).astype(np.float32)
+    runs = {}
+    for path, profile in ((art / "model.fp16.onnx", None), (art, "fp16"), (art, None), (art, str(toml)),
+                          (art / "model.half.onnx", "half")):
+        with Session(path, profile=profile) as s:
+            runs[(path.name, profile)] = (s.profile, np.stack([s.step(f) for f in frames]))
+    assert runs[("model.fp16.onnx", None)][0] == "fp16" and runs[("m.edge3d", None)][0] == "fp32"
+    assert runs[("m.edge3d", str(toml))][0] == "half" == runs[("model.half.onnx", "half")][0]  # the name inside
+    fp16_file, fp16, fp32 = runs[("model.fp16.onnx", None)][1], runs[("m.edge3d", "fp16")][1], runs[("m.edge3d", None)][1]
+    assert np.array_equal(fp16_file, fp16) and not np.array_equal(fp16, fp32)  # over 12 frames
+    with pytest.raises(ValueError, match=r"model.fp16.onnx is the fp16 graph, but profile 'fp32' was asked for; "
+                                         r"pass the artifact folder with that profile, or leave the profile out"):
+        Session(art / "model.fp16.onnx", profile="fp32")
+    res = CliRunner().invoke(app, ["run", str(art / "model.fp16.onnx"), "--frames", "3"], terminal_width=200)
+    assert res.exit_code == 0 and "onnxruntime / fp16" in res.output, res.output
 
 
 def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
