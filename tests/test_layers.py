@@ -206,10 +206,29 @@ def test_an_output_without_a_time_axis_is_named(per_frame: bool, fragment: str) 
 
 def test_bad_temporal_stride_and_future_padding_rejected() -> None:
     # Temporal stride >= 2 is a rate change (tests/test_multirate.py); zero is meaningless.
-    with pytest.raises(ValueError, match="temporal stride must be >= 1"):
+    with pytest.raises(ValueError, match=r"stride must be positive integers, got \(0, 1, 1\)"):
         enn.CausalConv3d(3, 3, 3, stride=(0, 1, 1))
     with pytest.raises(ValueError, match="would look into the future"):
         enn.CausalConv3d(3, 3, 3, padding=(1, 1, 1))
+
+
+@pytest.mark.parametrize("build, says", [
+    (lambda: enn.CausalConv3d(3, 8, 0), "kernel_size must be positive integers, got 0"),
+    (lambda: enn.CausalConv3d(3, 8, (2, 0, 3)), "kernel_size must be positive integers, got (2, 0, 3)"),
+    (lambda: enn.CausalConv3d(3, 8, 3, dilation=0), "dilation must be positive integers, got 0"),
+    (lambda: enn.CausalConv3d(3, 8, 3, padding=-1), "padding must be non-negative integers, got -1"),
+    (lambda: enn.CausalConv3d(3, 8, 2.5), "kernel_size must be positive integers, got 2.5"),
+    (lambda: enn.CausalConv3d(0, 8, 3), "in_channels must be a positive integer, got 0"),
+    (lambda: enn.CausalConv3d(3, 8, 3, groups=0), "groups must be a positive integer, got 0"),
+    (lambda: enn.CausalTemporalAggregation(8, kernel_size=0), "kernel_size must be positive integers"),
+    (lambda: enn.RecurrentConv(3, 8, 0), "RecurrentConv(3, 8): kernel_size must be positive integers, got 0"),
+    (lambda: enn.RecurrentConv(3, 0, 3), "out_channels must be a positive integer, got 0"),
+])
+def test_layer_sizes_that_are_not_positive_are_refused_when_built(build, says: str) -> None:
+    """Each of these was accepted: a zero kernel or channel count built an empty weight (a warning at
+    most) and failed, or produced nothing, only when the model first ran."""
+    with pytest.raises(ValueError, match=re.escape(says)):
+        build()
 
 
 def test_layer_called_twice_is_rejected() -> None:

@@ -9,6 +9,8 @@ Conv2d per temporal tap instead, which needs no rank-6 reshuffle of channels.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,22 +33,31 @@ def window_taps(kernel: int, dilation: int, stride: int, history: int) -> list[i
     return [last - (kernel - 1 - i) * dilation for i in range(kernel)]
 
 
-def _pair(v: int | tuple[int, ...], name: str, owner: str) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(v)
-    if len(v) == 2:
-        return v  # type: ignore[return-value]
-    raise ValueError(f"{owner}: {name} must be an int or (h, w), got {v!r}")
+def _sizes(v: int | tuple[int, ...], n: int, name: str, owner: str, minimum: int) -> tuple[int, ...]:
+    """``v`` as n integers of at least ``minimum``: a kernel, stride or dilation of 0 built a layer
+    that only failed (or silently produced nothing) at its first call."""
+    form = "(h, w)" if n == 2 else "(t, h, w)"
+    sizes = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
+    if len(sizes) != n:
+        raise ValueError(f"{owner}: {name} must be an int or {form}, got {v!r}")
+    if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= minimum for x in sizes):
+        raise ValueError(f"{owner}: {name} must be {'non-negative' if minimum == 0 else 'positive'} integers, "
+                         f"got {v!r}")
+    return tuple(int(x) for x in sizes)  # numpy integers included
+
+
+def _pair(v: int | tuple[int, ...], name: str, owner: str, minimum: int = 1) -> tuple[int, int]:
+    return _sizes(v, 2, name, owner, minimum)  # type: ignore[return-value]
 
 
 def _triple(v: int | tuple[int, ...], name: str, owner: str) -> tuple[int, int, int]:
-    if isinstance(v, int):
-        return (v, v, v)
-    v = tuple(v)
-    if len(v) == 3:
-        return v  # type: ignore[return-value]
-    raise ValueError(f"{owner}: {name} must be an int or (t, h, w), got {v!r}")
+    return _sizes(v, 3, name, owner, 1)  # type: ignore[return-value]
+
+
+def _channels(owner: str, groups: int = 1, **counts: int) -> None:
+    for name, c in {**counts, "groups": groups}.items():
+        if not isinstance(c, numbers.Integral) or isinstance(c, bool) or c < 1:
+            raise ValueError(f"{owner}: {name} must be a positive integer, got {c!r}")
 
 
 class CausalConv3d(StreamingModule):
@@ -85,9 +96,8 @@ class CausalConv3d(StreamingModule):
                     "pass the spatial padding only (ph, pw) - causal padding is added automatically."
                 )
             padding = tuple(padding[1:])
-        p = _pair(padding, "padding", owner)
-        if s[0] < 1:
-            raise ValueError(f"{owner}: temporal stride must be >= 1, got {s[0]}")
+        p = _pair(padding, "padding", owner, minimum=0)
+        _channels(owner, groups, in_channels=in_channels, out_channels=out_channels)
         if in_channels % groups or out_channels % groups:
             raise ValueError(f"{owner}: channels must be divisible by groups={groups}")
         self.in_channels, self.out_channels = in_channels, out_channels

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv import _pair
+from .conv import _channels, _pair
 from .state import StateSpec, StreamingModule
 
 
@@ -33,8 +33,9 @@ class RecurrentConv(StreamingModule):
     ) -> None:
         super().__init__()
         owner = f"RecurrentConv({in_channels}, {out_channels})"
+        _channels(owner, in_channels=in_channels, out_channels=out_channels)
         self.xh = nn.Conv2d(in_channels, out_channels, _pair(kernel_size, "kernel_size", owner),
-                            _pair(stride, "stride", owner), _pair(padding, "padding", owner), bias=bias)
+                            _pair(stride, "stride", owner), _pair(padding, "padding", owner, minimum=0), bias=bias)
         self.hh = nn.Conv2d(out_channels, out_channels, 1, bias=False)
         with torch.no_grad():
             self.hh.weight.copy_(torch.eye(out_channels).view(out_channels, out_channels, 1, 1))
