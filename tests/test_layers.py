@@ -223,6 +223,9 @@ def test_bad_temporal_stride_and_future_padding_rejected() -> None:
     (lambda: enn.CausalTemporalAggregation(8, kernel_size=0), "kernel_size must be positive integers"),
     (lambda: enn.RecurrentConv(3, 8, 0), "RecurrentConv(3, 8): kernel_size must be positive integers, got 0"),
     (lambda: enn.RecurrentConv(3, 0, 3), "out_channels must be a positive integer, got 0"),
+    (lambda: enn.SpatialMaxPool3d(0), "SpatialMaxPool3d(0): kernel_size must be positive integers, got 0"),
+    (lambda: enn.SpatialMaxPool3d(3, stride=0), "stride must be positive integers, got 0"),  # it became 3
+    (lambda: enn.SpatialMaxPool3d((3, 3)), "kernel_size must be an int, got (3, 3)"),
 ])
 def test_layer_sizes_that_are_not_positive_are_refused_when_built(build, says: str) -> None:
     """Each of these was accepted: a zero kernel or channel count built an empty weight (a warning at

@@ -36,10 +36,10 @@ def window_taps(kernel: int, dilation: int, stride: int, history: int) -> list[i
 def _sizes(v: int | tuple[int, ...], n: int, name: str, owner: str, minimum: int) -> tuple[int, ...]:
     """``v`` as n integers of at least ``minimum``: a kernel, stride or dilation of 0 built a layer
     that only failed (or silently produced nothing) at its first call."""
-    form = "(h, w)" if n == 2 else "(t, h, w)"
+    form = {1: "", 2: " or (h, w)", 3: " or (t, h, w)"}[n]
     sizes = tuple(v) if isinstance(v, (tuple, list)) else (v,) * n
     if len(sizes) != n:
-        raise ValueError(f"{owner}: {name} must be an int or {form}, got {v!r}")
+        raise ValueError(f"{owner}: {name} must be an int{form}, got {v!r}")
     if not all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= minimum for x in sizes):
         raise ValueError(f"{owner}: {name} must be {'non-negative' if minimum == 0 else 'positive'} integers, "
                          f"got {v!r}")

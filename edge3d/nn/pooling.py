@@ -84,7 +84,13 @@ class SpatialMaxPool3d(nn.Module):
 
     def __init__(self, kernel_size: int, stride: int | None = None, padding: int = 0) -> None:
         super().__init__()
-        self.kernel_size, self.stride, self.padding = kernel_size, stride or kernel_size, padding
+        from .conv import _sizes
+
+        owner = f"SpatialMaxPool3d({kernel_size})"
+        (kernel_size,) = _sizes(kernel_size, 1, "kernel_size", owner, 1)
+        (stride,) = _sizes(kernel_size if stride is None else stride, 1, "stride", owner, 1)  # 0 became the kernel
+        (padding,) = _sizes(padding, 1, "padding", owner, 0)
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, s, p = self.kernel_size, self.stride, self.padding
