@@ -122,6 +122,10 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
     if path.is_dir():
         return (item for clip in _clips_in(path) for item in _clip_frames(clip))
     if not path.is_file():
+        if spec.lower().startswith("file:"):  # a URL copied from a browser or a file manager
+            from urllib.parse import unquote, urlparse
+
+            raise ValueError(f"source {spec!r} is a file URL; pass the path itself: {unquote(urlparse(spec).path)}")
         raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those.")
     return capture_frames(_open_video(path))
 

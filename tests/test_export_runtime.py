@@ -949,6 +949,9 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert not any("label" in json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines())
     res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")])
     assert res.exit_code == 2 and "neither a file" in res.output
+    url = (tmp_path / "my clip.mp4").as_uri()  # file:///.../my%20clip.mp4, as a browser copies it
+    res = runner.invoke(app, ["run", str(art), "--source", url], terminal_width=300)
+    assert res.exit_code == 2 and f"is a file URL; pass the path itself: {tmp_path / 'my clip.mp4'}" in res.output
 
 
 def test_cli_run_folder_with_a_broken_video_fails_before_any_frame(tiny_artifact, tmp_path: Path) -> None:
