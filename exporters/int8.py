@@ -14,6 +14,7 @@ scale calibrated for that state (symmetric, zero point 0 so a zero initial state
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import warnings
@@ -62,7 +63,13 @@ def quantize_qdq(fp32_path: Path, out_path: Path, manifest: dict[str, Any], prof
         # graph outputs per-tensor ReduceMin/ReduceMax, so keeping every step's is cheap anyway.
         if method == "percentile":
             extra["CalibPercentile"] = profile.calibration.percentile
-        with warnings.catch_warnings():
+        root = logging.getLogger()
+        level = root.level
+        # ORT's quantiser logs to the root logger, e.g. "Axis 1 is out-of-range for weight
+        # 'model.bn1.weight'" for a BatchNorm left as a node (per-tensor is what it then does)
+        root.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.ExitStack() as restore:
+            restore.callback(root.setLevel, level)
             warnings.simplefilter("ignore")
             quantize_static(
                 str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ,
