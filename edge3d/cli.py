@@ -532,6 +532,7 @@ def run(
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
     first_nonfinite: int | None = None
+    unpredicted = 0  # frames a multi-rate model had no output for yet (each clip's first frames)
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = 0  # the exit code when stopped by a signal
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
@@ -558,16 +559,22 @@ def run(
                 y = session.step(frame)
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
                 call_ms.append(ms)
-                idx, cls, score = session.top(y)
-                if not np.isfinite(y).all():
+                # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
+                predicted = getattr(session, "has_output", True)
+                idx, cls, score = session.top(y) if predicted else (None, None, None)
+                unpredicted += not predicted
+                if predicted and not np.isfinite(y).all():
                     nonfinite += 1
                     if first_nonfinite is None:
                         first_nonfinite = n
-                if label is not None:
+                if label is not None and predicted:
                     labelled += 1
                     correct += int(idx == label)
                 if sink:
-                    rec = {"frame": n, "top": idx, "class": cls, "score": round(score, 5), "ms": round(ms, 3)}
+                    rec = {"frame": n, "top": idx, "class": cls, "score": None if score is None else round(score, 5),
+                           "ms": round(ms, 3)}
+                    if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
+                        rec["fresh"] = session.last_fresh
                     if video is not None:  # one of several clips: which, and the frame's place in it
                         rec["video"], rec["clip_frame"] = video, clip_frame
                     if label is not None:
@@ -587,8 +594,9 @@ def run(
                 n += 1
                 if not quiet and (n % 4 == 0 or n == 1):
                     s = session.stats.summary()
+                    top = f"top: [bold]{escape(cls)}[/] ({score:.2f})" if predicted else "no output yet"
                     live.update(f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
-                                f"cache {format_bytes(session.cache_bytes)}  top: [bold]{cls}[/] ({score:.2f})")
+                                f"cache {format_bytes(session.cache_bytes)}  {top}")
                 if frames is not None and n >= frames:
                     break
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) is how a camera run ends: the summary is still wanted
@@ -621,7 +629,11 @@ def run(
         ss = session.stage_summary()
         for r in ss["stages"]:
             every = "every frame" if r["rate"] == 1 else f"every {r['rate']} frames"
-            table.add_row(f"stage {r['stage']} ({every})", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs")
+            table.add_row(f"stage {r['stage']} ({every})", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs"
+                          if r["runs"] else f"not run: {n} frames, fewer than its {r['rate']}")
+        if unpredicted:
+            table.add_row("frames without an output yet", f"{unpredicted} (each clip's first "
+                          f"{ss['stages'][-1]['rate'] - 1}, before the slowest stage first runs)")
         table.add_row("amortised ms/frame", f"{ss['amortised_ms_per_frame']:.2f}")
         table.add_row("buffers per stream", format_bytes(sum(ss["buffer_bytes"].values())))
         if "bins_used" in ss:

@@ -132,22 +132,24 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
             for rgb, label in frames:
                 y = session.step(rgb)
-                idx, name, score = session.top(y)
+                predicted = getattr(session, "has_output", True)  # a multi-rate model's first frames: none
+                idx, name, score = session.top(y) if predicted else (None, None, None)
+                shown = f"{name} ({score:.2f})" if predicted else "no output yet"
                 ms = session.stats.ms[-1]
                 n += 1
-                if label is not None and keep_labels:
+                if label is not None and keep_labels and predicted:
                     labelled += 1
                     correct += int(idx == label)
                 if not args.headless:
                     import cv2
 
-                    cv2.imshow(window, overlay(rgb, f"{name} {score:.2f}", ms))
+                    cv2.imshow(window, overlay(rgb, shown, ms))
                     if cv2.waitKey(1) & 0xFF in (27, ord("q")):
                         break
                 if n % args.log_every == 0:
                     s = session.stats.summary()
                     print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
-                          f"app {n / (time.perf_counter() - t_start):.1f} fps; top {name} ({score:.2f})", flush=True)
+                          f"app {n / (time.perf_counter() - t_start):.1f} fps; top {shown}", flush=True)
                 if args.frames is not None and n >= args.frames:
                     break
     except KeyboardInterrupt:

@@ -278,6 +278,46 @@ def test_run_on_a_multi_rate_artifact_reports_each_stage(r3d) -> None:
                     3: ("every 8 frames", 2)}, res.output
 
 
+def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path, monkeypatch) -> None:
+    """Frames 0-6 of a stride-8 model have no output yet: the JSONL gave them class '0' at score
+    1/classes (the softmax of zeros), and stages not run yet read '0.00 ms/run'."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edge3d import cli
+    from edge3d.cli import app
+
+    monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
+    _, art = r3d
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--frames", "20", "--quiet", "--output", str(preds)],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    with Session(art) as s:  # the same frames through the session: when each output is produced
+        from edge3d.sources import open_source
+
+        frames = [f for f, _ in zip(open_source("synthetic", SIZE), range(20), strict=False)]
+        fresh = [s.step_fresh(f)[1] for f, _ in frames]
+    assert [r["fresh"] for r in rows] == fresh == [(t + 1) % 8 == 0 for t in range(20)]
+    assert all(r["top"] is None and r["class"] is None and r["score"] is None for r in rows[:7])
+    assert all(isinstance(r["top"], int) and 0 < r["score"] <= 1 for r in rows[7:])
+    assert re.search(r"frames without an output yet\s+│ 7 \(each clip's first 7,", res.output), res.output
+    res = CliRunner().invoke(app, ["run", str(art), "--frames", "3", "--quiet"], terminal_width=200)
+    assert res.exit_code == 0 and "not run: 3 frames, fewer than its 8" in res.output, res.output
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "jetson_app.py"
+    done = subprocess.run([sys.executable, str(example), str(art), "--source", "synthetic", "--frames", "8",
+                           "--headless", "--log-every", "4", "--backend", "onnxruntime"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    logged = [line.split("; top ")[1] for line in done.stdout.splitlines() if line.startswith("frame ")]
+    assert logged[0] == "no output yet" and re.fullmatch(r"\S+ \(0\.\d\d\)", logged[1]), done.stdout
+
+
 def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
     _, art = r3d
     s = Session(art, streams=2)
