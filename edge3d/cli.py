@@ -630,7 +630,7 @@ def run(
         for r in ss["stages"]:
             every = "every frame" if r["rate"] == 1 else f"every {r['rate']} frames"
             table.add_row(f"stage {r['stage']} ({every})", f"{r['ms_per_run']:.2f} ms/run, {r['runs']} runs"
-                          if r["runs"] else f"not run: {n} frames, fewer than its {r['rate']}")
+                          if r["runs"] else f"not run: no clip reached {r['rate']} frames")
         if unpredicted:
             table.add_row("frames without an output yet", f"{unpredicted} (each clip's first "
                           f"{ss['stages'][-1]['rate'] - 1}, before the slowest stage first runs)")

@@ -82,7 +82,12 @@ class StagedSession(Session):
         self._t = 0
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
         self.last_fresh = False
-        self.has_output = False  # until the slowest stage first runs, step() returns zeros, not a prediction
+
+    @property
+    def has_output(self) -> bool:
+        """Whether the slowest stage has run since the start (or the restored snapshot's start):
+        before that, ``step`` returns zeros, which are no prediction."""
+        return self._t >= self._stages[-1]["rate"]
 
     @serialised
     def reset(self, stream: int | None = None) -> None:
@@ -198,7 +203,6 @@ class StagedSession(Session):
         for k, ms in timings:
             self._stage_ms[k].append(ms)
         if fresh:
-            self.has_output = True
             self._last = np.asarray(last, np.float32)
             self.last_extras = extras
             if "bins_used" in extras:
