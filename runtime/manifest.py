@@ -68,6 +68,12 @@ def resolve_artifact(path: str | Path) -> Path:
                                 "manifest embedded in the file).")
         return p.parent
     if not p.exists():
+        if len(p.parts) == 1:  # a bare word: a zoo name given to a verb that takes an exported artifact
+            from ..zoo import names as zoo_names
+
+            if p.name in zoo_names():
+                raise ArtifactError(f"{p.name} is a model of the zoo, not an artifact; export it first "
+                                    f"(`edge3d export {p.name} -o out`) and pass out/{p.name}.edge3d.")
         # A typo'd name beside the real one; stems are compared, as every artifact ends in .edge3d.
         siblings = {q.stem: q for q in artifacts_in(p.parent)}
         near = difflib.get_close_matches(p.stem, list(siblings), n=1, cutoff=0.75)

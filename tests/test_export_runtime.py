@@ -794,6 +794,13 @@ def test_a_mistyped_artifact_path_is_named_with_the_one_beside_it(tiny_artifact,
     assert res.exit_code == 2 and "does not exist; create it with `edge3d export" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["inspect", "mypkg/models.py:build"])  # a factory, however mistyped, is not a path
     assert res.exit_code == 2 and "cannot import 'mypkg/models.py:build'" in res.output
+    # a zoo name where an exported artifact goes: "artifact gestures does not exist" did not say why
+    for args in (["run", "gestures"], ["compare", "d-resnet18"], ["triton", "gestures", "-o", str(tmp_path / "t")],
+                 ["build", "gestures"], ["bench-streams", "vov3d-m"]):
+        res = CliRunner().invoke(app, args)
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"{args[1]} is a model of the zoo, not an artifact; export it first (`edge3d " \
+            f"export {args[1]} -o out`) and pass out/{args[1]}.edge3d." in said, (args, said)
 
 
 def test_a_file_given_as_the_artifact_is_named_as_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
