@@ -842,6 +842,17 @@ def compare(
     names = split_names(profiles) or list(load_manifest(artifact)["precisions"])
     if "fp32" not in names:
         names.insert(0, "fp32")
+    if names == ["fp32"]:  # fp32 against itself: every error 0, every agreement 100%
+        from .runtime.manifest import require_single_graph
+
+        manifest = load_manifest(artifact)
+        require_single_graph(manifest, "compare")  # the more basic refusal, said first
+        others = [p for p in manifest["precisions"] if p != "fp32"]
+        if others:
+            raise ValueError("compare measures other precisions against fp32, and --profiles names only fp32; "
+                             f"add one, e.g. --profiles fp32,{others[0]}.")
+        raise ValueError("compare measures other precisions against fp32, and the artifact has only fp32; add some "
+                         f"with `edge3d export {shlex.quote(str(artifact))} --profile fp16,int8` and compare those.")
     if source is None:
         from .sources import synthetic_available
 

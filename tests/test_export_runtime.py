@@ -43,6 +43,17 @@ def tiny_artifact(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return export_artifact(model, tmp_path_factory.mktemp("art"), "tiny", frame_size=SIZE), model
 
 
+@pytest.fixture(scope="module")
+def tiny_with_fp16(tiny_artifact, tmp_path_factory) -> Path:
+    """The tiny artifact and an fp16 graph: what `compare` needs to have something to compare."""
+    from edge3d.exporters.precision import add_precisions
+
+    art = tmp_path_factory.mktemp("fp16") / tiny_artifact[0].name
+    shutil.copytree(tiny_artifact[0], art)
+    add_precisions(art, ["fp16"])
+    return art
+
+
 @pytest.mark.parametrize("name, opts", tiny_zoo_cases(slow_exports=True))
 def test_every_zoo_artifact_matches_pytorch_over_64_frames(name: str, opts: dict, tmp_path: Path) -> None:
     model = randomize(zoo.build(name, **TINY, **opts), seed=7)
@@ -838,7 +849,8 @@ def http_folder(tmp_path: Path):
     server.server_close()
 
 
-def test_run_streams_a_url_and_never_shows_its_password(tiny_artifact, http_folder, tmp_path: Path) -> None:
+def test_run_streams_a_url_and_never_shows_its_password(tiny_artifact, tiny_with_fp16, http_folder,
+                                                       tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
     art, _ = tiny_artifact
     root, base = http_folder
@@ -853,7 +865,8 @@ def test_run_streams_a_url_and_never_shows_its_password(tiny_artifact, http_fold
     res = runner.invoke(app, ["run", str(art), "--source", url, "--output", str(tmp_path / "p.jsonl"), "--quiet"])
     assert res.exit_code == 0, res.output
     assert len((tmp_path / "p.jsonl").read_text().splitlines()) == 30 and "hunter2" not in res.output
-    res = runner.invoke(app, ["compare", str(art), "--source", url, "--frames", "12", "--out", str(tmp_path / "c")])
+    res = runner.invoke(app, ["compare", str(tiny_with_fp16), "--source", url, "--frames", "12", "--out",
+                              str(tmp_path / "c")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "c" / "report.json").read_text())["source"] == \
         base.replace("://", "://admin:***@") + "/clip.mp4"
@@ -1055,7 +1068,21 @@ def test_cli_run_plays_folders_of_images_as_clips_each_from_the_initial_state(ti
     assert [(r["top"], r["score"]) for r in rows[5:]] == [(i, round(p, 5)) for i, _, p in alone]
 
 
-def test_a_folder_mixing_videos_images_and_folders_of_images_is_refused(tiny_artifact, tmp_path: Path) -> None:
+def test_compare_with_nothing_but_fp32_says_what_to_add(tiny_artifact, tiny_with_fp16, tmp_path: Path) -> None:
+    """fp32 against itself printed a table of zero errors and 100% agreement."""
+    art, _ = tiny_artifact
+    res = CliRunner().invoke(app, ["compare", str(art), "-o", str(tmp_path / "c")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "the artifact has only fp32; add some with `edge3d export " in said and \
+        "--profile fp16,int8` and compare those." in said, said
+    res = CliRunner().invoke(app, ["compare", str(tiny_with_fp16), "--profiles", "fp32", "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "--profiles names only fp32; add one, e.g. --profiles fp32,fp16." in \
+        " ".join(res.output.split())
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_folder_mixing_videos_images_and_folders_of_images_is_refused(tiny_artifact, tiny_with_fp16,
+                                                                        tmp_path: Path) -> None:
     """Such a folder played one kind and skipped the others without a word (frames extracted next to
     their video were never seen)."""
     cv2 = pytest.importorskip("cv2")
@@ -1074,7 +1101,7 @@ def test_a_folder_mixing_videos_images_and_folders_of_images_is_refused(tiny_art
         "not clear which are the clips; leave one kind in it and move the others out." in said, said
     for i in range(4):
         assert cv2.imwrite(str(root / f"x{i}.png"), frames[0])
-    res = CliRunner().invoke(app, ["compare", str(art), "--source", str(root), "-o", str(tmp_path / "c")])
+    res = CliRunner().invoke(app, ["compare", str(tiny_with_fp16), "--source", str(root), "-o", str(tmp_path / "c")])
     said = " ".join(res.output.split())
     assert res.exit_code == 2 and "holds videos (b.mp4) and images (x0.png, x1.png, ...) and folders of " \
         "images (clip_a)" in said, said

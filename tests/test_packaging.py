@@ -120,7 +120,12 @@ def test_the_wheel_alone_runs_an_artifact_without_torch(wheel: Path, stream_arti
     r = edge3d("run", str(art), "--source", "frames")  # so do images
     assert r.returncode == 2 and "images and cameras needs OpenCV" in r.stderr, (r.stdout + r.stderr)[-2000:]
     # compare without matplotlib writes its report and says why there are no plots
-    r = edge3d("compare", str(art), "--profiles", "fp32", "--frames", "6", "--out", "cmp")
+    two = tmp_path / "two" / art.name  # compare needs a precision besides fp32, made here where onnx is
+    shutil.copytree(art, two)
+    from edge3d.exporters.precision import add_precisions
+
+    add_precisions(two, ["fp16"])
+    r = edge3d("compare", str(two), "--profiles", "fp32,fp16", "--frames", "6", "--out", "cmp")
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "no plots: matplotlib is not installed (pip install 'edge3d[plots]')." in r.stdout
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["report.json", "report.md", "series.npz"]
