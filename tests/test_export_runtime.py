@@ -1287,7 +1287,7 @@ def camera_unplugged_after(video: Path, monkeypatch: pytest.MonkeyPatch) -> None
                         else real(arg, *rest))
 
 
-def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tmp_path: Path,
+def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_fp16, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A file ends; a camera does not. A camera whose reads stop mid-run used to end the run as if
     it were done (exit 0), so a service manager never restarted it."""
@@ -1310,8 +1310,8 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tmp_path: P
     res = CliRunner().invoke(app, ["run", str(art), "--source", str(video)])
     assert res.exit_code == 0 and "stopped delivering" not in res.output
     # compare reading the camera: the same sentence and exit code, not a traceback
-    res = CliRunner().invoke(app, ["compare", str(art), "--profiles", "fp32", "--source", "camera:3", "--frames", "50",
-                                   "--out", str(tmp_path / "cmp")], terminal_width=200)
+    res = CliRunner().invoke(app, ["compare", str(tiny_with_fp16), "--profiles", "fp32,fp16", "--source", "camera:3",
+                                   "--frames", "50", "--out", str(tmp_path / "cmp")], terminal_width=200)
     assert res.exit_code == 1 and "camera 3 stopped delivering frames after 11 frames" in res.output, res.output
 
 
