@@ -114,10 +114,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
     version = m.get("format_version")
     if version != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{where} has format_version {version!r} but this edge3d reads version {FORMAT_VERSION}; "
-            "re-export the model with this edge3d version."
-        )
+        newer = is_positive_int(version) and version > FORMAT_VERSION  # a device whose edge3d lags the workstation's
+        fix = ("it was written by a newer edge3d: upgrade edge3d here to the workstation's version, or re-export "
+               "the model with this one" if newer else "re-export the model with this edge3d version")
+        raise ArtifactError(f"{where} has format_version {version!r} but this edge3d reads version "
+                            f"{FORMAT_VERSION}; {fix}.")
     for key in ("frame", "output", "states", "precisions"):
         if key not in m:
             raise ArtifactError(f"{where} lacks the {key!r} entry; re-export the artifact.")
