@@ -411,7 +411,8 @@ def export(
         from .runtime.manifest import load_manifest, require_single_graph
 
         require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
-        _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
+            _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
         return
     m, frame_size = _load(model, classes, size, width, head, checkpoint)
     if wants:  # before the FP32 stages are written, not after
@@ -425,7 +426,8 @@ def export(
     art_name = name or model.split(":")[-1]
     # by the names the graphs get: fp32 always, a profile file by the name inside it
     dropped = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
-    with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."):
+    with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."), \
+            _disk_full(str(out), "nothing was written"):
         classes_list = getattr(m, "class_names", None)
         path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
                                model_info=info, classes=classes_list, verify=not no_verify,
@@ -440,7 +442,27 @@ def export(
         console.print(f"  [yellow]replaced the artifact there, without its {', '.join(dropped)} (made from the "
                       f"earlier weights); add {'it' if len(dropped) == 1 else 'them'} again with `edge3d export "
                       f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
-    _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+    with _disk_full(_written_to(path, triton_repo), "the fp32 artifact and the precisions written before it are kept"):
+        _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+
+
+@contextlib.contextmanager
+def _disk_full(where: str, kept: str) -> Any:
+    """A full disk while writing an artifact, named with the folder: friendly's path-less "writing a
+    file failed" left the user to guess which of -o, the temp folder or the source it was."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise ValueError(f"{where} ran out of disk space while export wrote to it ({kept}); free space there or "
+                         "export to another disk.") from e
+
+
+def _written_to(artifact: Path, triton_repo: Path | None) -> str:
+    return f"{artifact} (or {triton_repo})" if triton_repo is not None else str(artifact)
 
 
 def _not_carried_over(folder: Path, profiles: list[str]) -> list[str]:

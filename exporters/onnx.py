@@ -239,7 +239,7 @@ def artifact_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, dict[str, 
 ONNX_FILE_LIMIT = 2**31
 
 
-def check_fits_one_file(model: nn.Module, name: str) -> None:
+def check_fits_one_file(model: nn.Module, name: str) -> int:
     """Refuse before exporting a model whose weights one ONNX file cannot hold.
 
     Past the limit, the exporter ran for a minute and ONNX Runtime then failed to parse the
@@ -252,6 +252,19 @@ def check_fits_one_file(model: nn.Module, name: str) -> None:
         raise ValueError(f"{name} holds {weight_bytes / 2**30:.2f} GiB of weights, more than one ONNX file can hold "
                          "(protobuf caps a file below 2 GiB, and edge3d writes each graph as one file); export a "
                          "smaller variant (a smaller --width or --classes).")
+    return weight_bytes
+
+
+def check_disk_space(folder: Path, need: int, what: str) -> None:
+    """Refuse before writing what the disk cannot hold. Past it, a full disk surfaced as ONNX
+    Runtime's "Protobuf serialization failed" traceback, or a path-less "No space left on device"."""
+    import shutil
+
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise ValueError(f"{existing} has {free / 1e6:.1f} MB free, and {what} needs about {need / 1e6:.1f} MB; "
+                         "free space there or write to another disk.")
 
 
 def export_artifact(
@@ -287,7 +300,9 @@ def export_artifact(
     if final.exists() and not (final / MANIFEST).is_file():  # replacing it would delete whatever it holds
         raise ValueError(f"{final} exists and is not an edge3d artifact, which export would replace; move it away, "
                          "or pass another output folder (-o) or --name.")
-    check_fits_one_file(model, name)
+    weights = check_fits_one_file(model, name)
+    # the exporter's graph and the simplified one sit side by side until the first is dropped
+    check_disk_space(Path(out_dir), 2 * weights + 2**20, f"exporting {name} (its float32 weights twice)")
     check_normalisation(mean, std, channels)
     h, w = frame_hw(frame_size)
     if lower:

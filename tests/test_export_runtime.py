@@ -1446,3 +1446,42 @@ def test_cli_run_output_dash_writes_json_lines_to_stdout_for_a_pipe(tiny_artifac
     assert "Traceback" not in err and "BrokenPipe" not in err and "Exception ignored" not in err
     frames = int(next(line for line in err.splitlines() if "frames" in line).split("│")[2])
     assert 3 <= frames < 100000
+
+
+def test_a_disk_too_small_for_the_artifact_is_named_before_anything_is_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk surfaced as ONNX Runtime's "Protobuf serialization failed" traceback, or as
+    "writing a file failed" with no path."""
+    import collections
+
+    model = zoo.build("d-resnet18", **TINY)
+    weights = sum(t.numel() * 4 for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr("shutil.disk_usage", lambda p: usage(10**9, 10**9 - weights, weights))  # one copy's room
+    res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "-o", str(tmp_path / "out")])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"{tmp_path} has {weights / 1e6:.1f} MB free, and exporting d-resnet18 (its " \
+        "float32 weights twice) needs about" in said and "free space there or write to another disk." in said, said
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_disk_that_fills_while_precisions_are_added_is_named(tiny_artifact, tmp_path: Path) -> None:
+    """A real small filesystem: the fp16 graph does not fit beside the fp32 one."""
+    small = tmp_path / "small"
+    small.mkdir()
+    fp32 = (tiny_artifact[0] / "model.fp32.onnx").stat().st_size
+    size_kb = (fp32 + 20_000) // 1024 + 8  # room for the artifact and a little more, not for an fp16 graph
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root; this machine does not allow it")
+    try:
+        art = small / "tiny.edge3d"
+        shutil.copytree(tiny_artifact[0], art)
+        res = CliRunner().invoke(app, ["export", str(art), "--profile", "fp16"])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and f"{art} ran out of disk space while export wrote to it (the precisions " \
+            "written before it are kept); free space there or export to another disk." in said, said
+        assert sorted(p.name for p in art.iterdir()) == ["manifest.json", "model.fp32.onnx"]
+        assert Session(art).step(np.zeros((3, SIZE, SIZE), np.float32)).shape == (5,)  # still whole
+    finally:
+        subprocess.run(["umount", str(small)], capture_output=True)
