@@ -125,6 +125,16 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
     window = "edge3d"
+    if not args.headless:
+        import cv2
+
+        try:  # before the first frame: a headless OpenCV build, or no display, cannot open a window
+            cv2.namedWindow(window)
+        except cv2.error:
+            session.close()
+            print("error: this OpenCV cannot open a window (a headless build such as opencv-python-headless, or "
+                  "no display); pass --headless to log the stats only.", file=sys.stderr)
+            return 2
     n = correct = labelled = 0
     lost = ""
     t_start = time.perf_counter()

@@ -512,6 +512,19 @@ def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
         "id, e.g. csi:0."
 
 
+def test_jetson_app_without_headless_on_an_opencv_without_windows_is_one_sentence(artifact):
+    """The headless OpenCV the video extra installs cannot open a window: the app died in a cv2.error
+    traceback at its first frame."""
+    cv2 = pytest.importorskip("cv2")
+    gui = next((line.split(":", 1)[1].strip() for line in cv2.getBuildInformation().splitlines()
+                if line.strip().startswith("GUI:")), "")
+    if gui != "NONE":
+        pytest.skip(f"this OpenCV has windows ({gui}); the app would open one")
+    proc = _app(str(artifact), "--source", "synthetic", "--backend", "onnxruntime", "--frames", "5")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: this OpenCV cannot open a window (a headless " \
+        "build such as opencv-python-headless, or no display); pass --headless to log the stats only.", proc.stderr
+
+
 def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, capsys):
     """The app as a camera service: a camera that stops delivering frames is an error (exit 1)
     after the usual closing line, not a clean end."""
