@@ -582,7 +582,7 @@ def run(
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
                 call_ms.append(ms)
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
-                predicted = getattr(session, "has_output", True)
+                predicted = session.has_output
                 idx, cls, score = session.top(y) if predicted else (None, None, None)
                 unpredicted += not predicted
                 if predicted and not np.isfinite(y).all():

@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
             for rgb, label in frames:
                 y = session.step(rgb)
-                predicted = getattr(session, "has_output", True)  # a multi-rate model's first frames: none
+                predicted = session.has_output  # a multi-rate model's first frames: none
                 idx, name, score = session.top(y) if predicted else (None, None, None)
                 shown = f"{name} ({score:.2f})" if predicted else "no output yet"
                 ms = session.stats.ms[-1]

@@ -344,6 +344,12 @@ class Session:
 
     # ----------------------------------------------------------------- reporting
     @property
+    def has_output(self) -> bool:
+        """Whether ``step`` returns a prediction yet: always, for a single-rate model (a multi-rate
+        one predicts nothing until its slowest stage first runs, see runtime/staged.py)."""
+        return True
+
+    @property
     def state_breakdown(self) -> dict[str, int]:
         """Bytes per stream of each state, in this profile's dtypes."""
         dt = self._backend.state_dtypes()
