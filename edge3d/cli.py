@@ -310,7 +310,7 @@ def _print_report(name: str, params: int, macs: int, state: int, history: int, s
 # --------------------------------------------------------------------------- export
 def _stream_counts(csv: str | None) -> list[int]:
     try:
-        return [int(s) for s in split_names(csv)]
+        return list(dict.fromkeys(int(s) for s in split_names(csv)))  # 1,1 measured the same point twice
     except ValueError:
         raise ValueError(f"--streams {csv!r} must be comma-separated integers, e.g. 1,2,4,8.") from None
 

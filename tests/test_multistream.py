@@ -314,6 +314,9 @@ def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     assert report["runtime_buffer_bytes_per_stream"] - chunked["runtime_buffer_bytes_per_stream"] == state
     bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "0"])
     assert bad.exit_code == 2
+    res = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "2,1,2", "--frames", "2",
+                                   "--no-rss", "--json"])
+    assert res.exit_code == 0 and [r["streams"] for r in json.loads(res.output)["rows"]] == [2, 1]  # measured once
     bad = CliRunner().invoke(app, ["bench-streams", str(stream_artifact), "--streams", "2", "--max-batch", "0"])
     assert bad.exit_code == 2 and "--max-batch (max_batch in Python) must be a positive integer, got 0; leave it " \
         "out to run all streams in one call." in " ".join(bad.output.split()), bad.output
