@@ -106,8 +106,9 @@ def load_profile(spec: str | Path) -> Profile:
     else:
         path = FOLDER / f"{spec_s}.toml"
         if not path.is_file():
-            raise ValueError(f"unknown precision profile {spec_s!r}; choose one of {', '.join(builtin_names())} "
-                             "or pass the path of a .toml profile.")
+            near = f"did you mean {spec_s.lower()!r}? " if spec_s.lower() in builtin_names() else ""
+            raise ValueError(f"unknown precision profile {spec_s!r}; {near}choose one of "
+                             f"{', '.join(builtin_names())} or pass the path of a .toml profile.")
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

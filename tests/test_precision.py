@@ -109,6 +109,8 @@ def test_a_user_profile_may_not_take_a_builtin_name_for_something_else(tmp_path:
 def test_unknown_profile_name_lists_the_choices() -> None:
     with pytest.raises(ValueError, match=r"unknown precision profile 'fp8'; choose one of .*fp16.*int8"):
         resolve_profiles(["fp8"])
+    with pytest.raises(ValueError, match=r"unknown precision profile 'INT8'; did you mean 'int8'\? choose one of "):
+        resolve_profiles(["INT8"])
     with pytest.raises(ValueError, match="does not exist"):
         load_profile("/nonexistent/profile.toml")
 

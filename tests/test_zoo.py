@@ -96,7 +96,10 @@ def test_cli_bad_model_and_head() -> None:
     res = runner.invoke(app, ["inspect", "d-resnet-18"])
     assert res.exit_code == 2 and "unknown model 'd-resnet-18'; did you mean 'd-resnet18'?" in res.output
     res = runner.invoke(app, ["inspect", "tsm-resnet18", "--head", "transformer"])
-    assert res.exit_code == 2 and "has no head 'transformer'" in res.output
+    assert res.exit_code == 2 and "has no head 'transformer'" in res.output and "did you mean" not in res.output
+    res = runner.invoke(app, ["inspect", "d-resnet18", "--head", "GRU"])
+    assert res.exit_code == 2 and "has no head 'GRU'; did you mean 'gru'? choose one of fc, lstm, gru." in \
+        " ".join(res.output.split())
 
 
 def test_build_rejects_bad_options_by_name() -> None:

@@ -99,7 +99,9 @@ def build(name: str, **options: Any) -> Any:
     kwargs = dict(entry.defaults)
     kwargs.update({k: v for k, v in options.items() if v is not None})
     if "head" in kwargs and kwargs["head"] not in entry.heads:
-        raise ValueError(f"{name} has no head {kwargs['head']!r}; choose one of {', '.join(entry.heads)}.")
+        head = kwargs["head"]
+        near = f"did you mean {head.lower()!r}? " if isinstance(head, str) and head.lower() in entry.heads else ""
+        raise ValueError(f"{name} has no head {head!r}; {near}choose one of {', '.join(entry.heads)}.")
     module, func = entry.factory.split(":")
     factory = getattr(importlib.import_module(module), func)
     params = inspect.signature(factory).parameters.values()
