@@ -861,13 +861,13 @@ def compare(
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "-o")
-    names = split_names(profiles) or list(load_manifest(artifact)["precisions"])
+    manifest = load_manifest(artifact)
+    names = split_names(profiles) or list(manifest["precisions"])
     if "fp32" not in names:
         names.insert(0, "fp32")
     if names == ["fp32"]:  # fp32 against itself: every error 0, every agreement 100%
         from .runtime.manifest import require_single_graph
 
-        manifest = load_manifest(artifact)
         require_single_graph(manifest, "compare")  # the more basic refusal, said first
         others = [p for p in manifest["precisions"] if p != "fp32"]
         if others:
