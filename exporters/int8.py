@@ -80,6 +80,19 @@ def quantize_qdq(fp32_path: Path, out_path: Path, manifest: dict[str, Any], prof
             )
 
 
+def _read_qdq_pair(g: onnx.GraphProto, name: str) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
+    """The quantiser's (QuantizeLinear, DequantizeLinear) making graph output ``name``, when
+    nodes inside the graph also read ``name``; else None."""
+    producer = {o: n for n in g.node for o in n.output}
+    dq = producer.get(name)
+    if dq is None or dq.op_type != "DequantizeLinear" or not any(name in n.input for n in g.node):
+        return None
+    q = producer.get(dq.input[0])
+    if q is None or q.op_type != "QuantizeLinear" or sum(q.output[0] in n.input for n in g.node) != 1:
+        return None
+    return q, dq
+
+
 def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: dict[str, float],
                       dtype: str = "int8") -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
     """Make every non-accumulator state an int8 graph input/output; return the model and scales.
@@ -112,20 +125,44 @@ def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: 
         inputs[s["input"]].type.tensor_type.elem_type = qtype
         # output side: producer -> QuantizeLinear -> int8 output
         raw = f"{s['output']}__float"
-        for n in g.node:
-            for k, t in enumerate(n.output):
-                if t == s["output"]:
-                    n.output[k] = raw
-            for k, t in enumerate(n.input):
-                if t == s["output"]:
-                    n.input[k] = raw
-        g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [s["output"]],
-                                       name=f"quantize_{s['output']}"))
+        pair = _read_qdq_pair(g, s["output"])
+        if pair is not None:
+            # The state is also read inside the graph (a GRU's h feeds the head), through the
+            # quantiser's Q -> DQ. A QuantizeLinear after that DQ, the plain form below, makes
+            # ONNX Runtime 1.30's optimiser drop the pair's Q and refuse the model ("Node input
+            # ..._QuantizeLinear_Output is not a graph input"). So the pair takes this state's
+            # scale: its Q writes the int8 output and its DQ feeds the readers, one rounding.
+            q, dq = pair
+            for n in g.node:
+                for k, t in enumerate(n.input):
+                    if t == s["output"]:
+                        n.input[k] = raw
+            q.input[1:] = [sc, zp]
+            q.output[0] = s["output"]
+            dq.input[:] = [s["output"], sc, zp]
+            dq.output[0] = raw
+        else:
+            # Not read inside the graph (the usual ring cache): DQ -> Q. Reading the float before
+            # the quantiser's pair instead makes ONNX Runtime 1.17 and 1.18 (memory patterns on)
+            # return wrong caches from the second step on.
+            for n in g.node:
+                for k, t in enumerate(n.output):
+                    if t == s["output"]:
+                        n.output[k] = raw
+                for k, t in enumerate(n.input):
+                    if t == s["output"]:
+                        n.input[k] = raw
+            g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [s["output"]],
+                                           name=f"quantize_{s['output']}"))
         outputs[s["output"]].type.tensor_type.elem_type = qtype
         quant[name] = {"scale": scale, "zero_point": 0, "dtype": dtype}
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
+    used = {t for n in g.node for t in n.input}
+    kept = [init for init in g.initializer if init.name in used]  # a re-scaled pair's own scale and zero point
+    del g.initializer[:]
+    g.initializer.extend(kept)
     del g.value_info[:]
     model = onnx.shape_inference.infer_shapes(model)
     onnx.checker.check_model(model)
