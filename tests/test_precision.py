@@ -341,6 +341,38 @@ def test_sessions_run_every_profile_with_smaller_caches(dresnet: Path, stateful:
         assert cache["int8-lowmem"] == acc + other // 4
 
 
+def test_int8_lowmem_streams_the_int8_outputs_bit_for_bit(dresnet: Path, stateful: Path) -> None:
+    """docs/precision.md: a stored state is already on an activation scale's grid, so storing it as
+    int8 loses nothing. Holds over 300 frames, for the caches and for a GRU state read inside the graph."""
+    frames = [f for f, _ in pattern_stream(300, seed=3)]
+    for art in (dresnet, stateful):
+        with Session(art, profile="int8", threads=1) as a, Session(art, profile="int8-lowmem", threads=1) as b:
+            for f in frames:
+                np.testing.assert_array_equal(a.step(f), b.step(f))
+
+
+def test_int8_lowmem_states_are_quantised_in_a_form_every_onnxruntime_loads(stateful: Path) -> None:
+    """A state also read inside the graph (the GRU's h) is written by a QuantizeLinear on the float value,
+    not by one after a DequantizeLinear: ONNX Runtime 1.30's optimiser refuses that DQ -> Q with a second
+    reader. A state not read inside (a ring cache) keeps DQ -> Q, which ONNX Runtime 1.17/1.18 need."""
+    man = load_manifest(stateful)
+    g = onnx.load(str(stateful / man["precisions"]["int8-lowmem"]["file"])).graph
+    producer = {o: n for n in g.node for o in n.output}
+    read_inside = 0
+    for s_ in man["states"]:
+        if s_["kind"] == "accumulator":
+            continue
+        q = producer[s_["output"]]
+        assert q.op_type == "QuantizeLinear"
+        before = producer.get(q.input[0])
+        if any(s_["output"] in n.input for n in g.node):
+            read_inside += 1
+            assert before is not None and before.op_type != "DequantizeLinear", s_["name"]
+        else:
+            assert before is not None and before.op_type == "DequantizeLinear", s_["name"]
+    assert read_inside == 1  # the GRU state
+
+
 def test_runtime_rejects_state_dtype_mismatch(tmp_path: Path, dresnet: Path) -> None:
     import shutil
 
