@@ -122,11 +122,19 @@ def simplify(src: Path, dst: Path) -> None:
 
 
 def embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any]) -> None:
-    """Store the manifest in ``metadata_props`` so a bare .onnx still describes its states."""
+    """Store the manifest in ``metadata_props`` so a bare .onnx still describes its states.
+
+    Every graph of an artifact passes through here before its last save, so this is also where
+    its IR version is set to the oldest one its opsets allow (8 for opset 18): the exporter
+    stamps the newest its onnx package knows (10 with onnx 1.23), which ONNX Runtime 1.17
+    refuses to load ("max supported IR version: 9"), although nothing in the graph needs it. Artifacts are made on a
+    workstation and run on devices (JetPack) whose onnxruntime is often older.
+    """
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
     model.producer_name, model.producer_version = "edge3d", __version__
+    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
 def set_metadata(path: Path, manifest: dict[str, Any]) -> None:

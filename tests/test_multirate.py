@@ -129,6 +129,8 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     summary = s.stage_summary()
     assert [r["runs"] for r in summary["stages"]] == [40, 20, 10, 5]
     assert summary["amortised_ms_per_frame"] > 0
+    # each stage graph is written with IR 8, as single-graph artifacts are (older onnxruntime loads it)
+    assert {onnx.load(str(f), load_external_data=False).ir_version for f in art.glob("*.onnx")} == {8}
     # a stage file that is not the exported one fails at load
     import shutil
 

@@ -321,6 +321,16 @@ def test_manifest_entries_and_embedded_metadata(dresnet: Path) -> None:
     assert set(man["precisions"]["int8-lowmem"]["state_quant"]) == {s["name"] for s in man["states"]}
 
 
+def test_every_graph_is_written_with_the_oldest_ir_version_its_opset_allows(dresnet: Path) -> None:
+    """onnx stamps its newest IR version (10 with onnx 1.23), which onnxruntime 1.17 refuses
+    ("max supported IR version: 9"); opset 18 needs only IR 8."""
+    man = load_manifest(dresnet)
+    for profile, e in man["precisions"].items():
+        m = onnx.load(str(dresnet / e["file"]), load_external_data=False)
+        assert [(o.domain, o.version) for o in m.opset_import if o.domain in ("", "ai.onnx")] == [("", 18)], profile
+        assert m.ir_version == 8, profile
+
+
 def test_sessions_run_every_profile_with_smaller_caches(dresnet: Path, stateful: Path) -> None:
     frames = [f for f, _ in pattern_stream(20, seed=4)]
     for art in (dresnet, stateful):
