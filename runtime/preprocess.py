@@ -12,8 +12,31 @@ import numbers
 import numpy as np
 
 
+def _area_axis0(f: np.ndarray, dst: int) -> np.ndarray:
+    """Area-average axis 0 of ``f`` down to ``dst``: each output is the mean of the source pixels
+    under its footprint, a partly covered pixel weighted by the part covered (OpenCV's INTER_AREA).
+
+    Only the ceil(scale) + 1 source pixels an output can touch are gathered, so a 1080p camera
+    frame costs a few million multiply-adds rather than a dense 1080×112 matrix product.
+    """
+    src = f.shape[0]
+    scale = src / dst
+    lo = np.arange(dst) * scale
+    j = np.floor(lo).astype(np.int64)[:, None] + np.arange(int(math.ceil(scale)) + 1)[None, :]
+    w = np.clip(np.minimum(lo[:, None] + scale, j + 1) - np.maximum(lo[:, None], j), 0, None) / scale
+    return np.einsum("dk,dk...->d...", w.astype(np.float32), f[np.minimum(j, src - 1)])
+
+
 def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Resize an H×W×C image; OpenCV's area/bilinear when installed, else a numpy bilinear."""
+    """Resize an H×W×C image the way OpenCV does, with or without OpenCV installed.
+
+    Shrinking averages areas (INTER_AREA), anything else is bilinear (INTER_LINEAR). Without
+    OpenCV (a runtime-only install on a device) the same two methods run in numpy, within one
+    grey level of OpenCV's result, because a model's predictions should not depend on which
+    optional package is installed: a bilinear shrink of a 640×480 frame to 112×112 reads 4 of the
+    ~24 pixels under each output pixel and aliases; on 64×64 noise frames it moved the gesture
+    model's logits by up to 2.9.
+    """
     h, w = frame.shape[:2]
     if (h, w) == (height, width):
         return frame
@@ -23,6 +46,13 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
         interp = cv2.INTER_AREA if (height < h and width < w) else cv2.INTER_LINEAR
         return cv2.resize(frame, (width, height), interpolation=interp)
     except ImportError:
+        pass
+    f = frame.astype(np.float32)
+    if height < h and width < w:
+        out = np.moveaxis(_area_axis0(np.moveaxis(_area_axis0(f, height), 1, 0), width), 0, 1)
+        if frame.dtype == np.uint8 and h % height == 0 and w % width == 0:
+            out = np.floor(out + (0.5 + 1e-4))  # OpenCV's whole-block path rounds halves up, not to even
+    else:
         ys = (np.arange(height) + 0.5) * h / height - 0.5
         xs = (np.arange(width) + 0.5) * w / width - 0.5
         y0 = np.clip(np.floor(ys).astype(int), 0, h - 1)
@@ -30,11 +60,10 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
         y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
         wy = np.clip(ys - y0, 0, 1)[:, None, None]
         wx = np.clip(xs - x0, 0, 1)[None, :, None]
-        f = frame.astype(np.float32)
         top = f[y0][:, x0] * (1 - wx) + f[y0][:, x1] * wx
         bot = f[y1][:, x0] * (1 - wx) + f[y1][:, x1] * wx
         out = top * (1 - wy) + bot * wy
-        return out.round().astype(frame.dtype) if frame.dtype == np.uint8 else out.astype(frame.dtype)
+    return np.clip(out.round(), 0, 255).astype(np.uint8) if frame.dtype == np.uint8 else out.astype(frame.dtype)
 
 
 def check_normalisation(mean: object, std: object, channels: int) -> None:

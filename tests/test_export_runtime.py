@@ -193,6 +193,29 @@ def test_multi_stream_equals_single_sessions(tiny_artifact) -> None:
         np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- resize
+@pytest.mark.parametrize("src, dst", [((480, 640), (112, 112)), ((64, 64), (48, 48)), ((96, 96), (48, 48)),
+                                      ((1080, 1920), (112, 112)), ((37, 53), (36, 52)), ((50, 70), (112, 112)),
+                                      ((100, 30), (48, 48))])
+def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst: tuple) -> None:
+    """A runtime-only install (no OpenCV, as on a device) must feed the model the frame the workstation
+    fed it: area averaging when shrinking, bilinear otherwise, within one grey level of OpenCV."""
+    cv2 = pytest.importorskip("cv2")
+    from edge3d.runtime.preprocess import resize
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (*src, 3), dtype=np.uint8)
+    for img in (noise, cv2.GaussianBlur(noise, (0, 0), 3)):
+        shrink = dst[0] < src[0] and dst[1] < src[1]
+        want = cv2.resize(img, dst[::-1], interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR).astype(int)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+            got = resize(img, *dst)
+        assert got.shape == (*dst, 3) and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - want)
+        assert diff.max() <= 1 and diff.mean() < 0.2, (src, dst, diff.max(), diff.mean())
+
+
 # ----------------------------------------------------------------------------- bad input
 BAD_FRAMES = [
     (np.zeros((SIZE, SIZE, 4), np.uint8), "expected H×W×3"),
@@ -305,6 +328,28 @@ def test_truncated_onnx_fails_at_load(tiny_artifact, tmp_path: Path) -> None:
     (art / "model.fp32.onnx").write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="corrupt or truncated"):
         Session(art)
+
+
+def test_a_graph_newer_than_this_onnxruntime_says_to_upgrade_it(tiny_artifact, tmp_path: Path) -> None:
+    """An artifact made with a newer onnx than the device's onnxruntime reads: ONNX Runtime's reason is
+    shown (it used to be cut off behind a C++ signature) and the fix is an upgrade, not a re-export."""
+    import onnxruntime as ort
+    from edge3d.runtime.manifest import file_sha256
+
+    art = _copy(tiny_artifact[0], tmp_path)
+    model = onnx.load(str(art / "model.fp32.onnx"))
+    model.ir_version = 99
+    onnx.save(model, str(art / "model.fp32.onnx"))
+    m = json.loads((art / "manifest.json").read_text())
+    m["precisions"]["fp32"]["sha256"] = file_sha256(art / "model.fp32.onnx")
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError) as err:
+        Session(art)
+    assert str(err.value).startswith(f"onnxruntime {ort.__version__} is too old for model.fp32.onnx (Unsupported "
+                                     "model IR version: 99")
+    assert "upgrade it (pip install --upgrade onnxruntime)" in str(err.value) and "onnxruntime::" not in str(err.value)
+    r = CliRunner().invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "2"])
+    assert r.exit_code != 0 and "is too old for model.fp32.onnx" in r.output and "Traceback" not in r.output
 
 
 def flip_a_weight_bit(onnx_file: Path) -> None:

@@ -18,6 +18,7 @@ that ran before it keep their new state.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,28 @@ def _load_session(path: Path, threads: int | None):
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for corrupt files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        reason = ort_reason(e)
+        if re.search(r"(IR version|opset|Opset).*(support|under development)", reason):
+            raise ArtifactError(
+                f"onnxruntime {ort.__version__} is too old for {path.name} ({reason}); upgrade it "
+                "(pip install --upgrade onnxruntime) on this machine."
+            ) from e
         raise ArtifactError(
-            f"ONNX Runtime cannot load {path.name} ({first}); the file is corrupt or truncated, re-export it."
+            f"ONNX Runtime {ort.__version__} cannot load {path.name} ({reason}); the file is corrupt or truncated, "
+            "re-export it."
         ) from e
+
+
+def ort_reason(e: BaseException) -> str:
+    """ONNX Runtime's own words from one of its exceptions, without the C++ location in front.
+
+    Its messages read "[ONNXRuntimeError] : 1 : FAIL : Load model from X failed:/onnxruntime_src/...
+    model.cc:179 onnxruntime::Model::Model(onnx::ModelProto&&, ...) Unsupported model IR version: 10, max
+    supported IR version: 9": cut at a fixed length, the reason itself was lost behind the signature.
+    """
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    m = re.search(r"onnxruntime::[\w:~]+\([^()]*\)\s*(.+)$", text)
+    return (m.group(1) if m else text)[:200]
 
 
 def embedded_manifest(path: Path) -> dict[str, Any]:
