@@ -69,3 +69,8 @@ def test_every_precision_streams_the_same_outputs_on_the_oldest_onnxruntime(old_
             # fp16 kernels differ slightly between onnxruntime versions (measured up to 0.0042 on 1.17)
             tol = 0.02 if p.startswith("fp16") else 1e-5 * max(1.0, float(np.abs(new).max()))
             assert np.abs(old[f"{art}:{p}"] - new).max() <= tol, (art, p)
+    # bench on an artifact (its MatMul yardstick is a model of its own) runs there too
+    bench = subprocess.run([str(old_runtime.parent / "edge3d"), "bench", str(dresnet), "--frames", "5", "--rounds", "1",
+                            "--json-out", str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert bench.returncode == 0, bench.stdout[-1500:] + bench.stderr[-1500:]
+    assert json.loads((tmp_path / "b.json").read_text())["ratios"]["step_gflops_vs_matmul"] > 0

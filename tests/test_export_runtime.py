@@ -216,6 +216,23 @@ def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst
         assert diff.max() <= 1 and diff.mean() < 0.2, (src, dst, diff.max(), diff.mean())
 
 
+def test_the_matmul_yardstick_is_the_onnx_model_it_claims() -> None:
+    """bench encodes it byte by byte (no onnx package on a device); onnx must read it as a valid IR 8,
+    opset 18 model, and onnxruntime must compute a @ b with it."""
+    import onnxruntime as ort
+
+    from edge3d.bench import matmul_model
+
+    raw = matmul_model(16)
+    m = onnx.load_from_string(raw)
+    onnx.checker.check_model(m)
+    assert m.ir_version == 8 and [(o.domain, o.version) for o in m.opset_import] == [("", 18)]
+    assert [n.op_type for n in m.graph.node] == ["MatMul"]
+    a, b = np.random.default_rng(0).standard_normal((2, 16, 16), dtype=np.float32)
+    (c,) = ort.InferenceSession(raw, providers=["CPUExecutionProvider"]).run(None, {"a": a, "b": b})
+    np.testing.assert_allclose(c, a @ b, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- bad input
 BAD_FRAMES = [
     (np.zeros((SIZE, SIZE, 4), np.uint8), "expected H×W×3"),
