@@ -76,6 +76,29 @@ def check_calib_frames(calib_frames: int | None) -> None:
         raise ValueError(f"--calib-frames must be an integer of at least 1, got {calib_frames!r}.")
 
 
+def _check_loads(path: Path, profile: str) -> None:
+    """Load the graph just built in this machine's onnxruntime, before it replaces anything.
+
+    onnx's checker passes graphs that an onnxruntime version's optimiser then refuses (1.30 refused
+    an earlier int8-lowmem form); found here, the artifact keeps its files and the user is told what
+    to report, instead of an export that succeeds and a `run` that calls the new file corrupt.
+    """
+    import onnxruntime as ort
+
+    from ..runtime.backend.onnxrt import _load_session, ort_reason
+    from ..runtime.manifest import ArtifactError
+
+    try:
+        _load_session(path, 1)
+    except ArtifactError as e:
+        reason = ort_reason(e.__cause__ or e)
+        raise ValueError(
+            f"onnxruntime {ort.__version__} cannot load the {profile} graph edge3d just built ({reason}); the artifact "
+            "is unchanged. This is an edge3d bug with this onnxruntime version: please report it with the output of "
+            "`edge3d --version`, and meanwhile export this precision with another onnxruntime version."
+        ) from e
+
+
 def add_precisions(
     path: str | Path,
     names: str | list[str] | tuple[str, ...],
@@ -148,6 +171,7 @@ def add_precisions(
             _embed_manifest(model, manifest, entry)
             onnx.save(model, str(out))
             onnx.checker.check_model(str(out))
+            _check_loads(out, p.name)
             entry["weight_bytes"] = weight_bytes(out)
             entry["sha256"] = file_sha256(out)
             os.replace(out, folder / p.file_name)

@@ -383,6 +383,37 @@ def test_int8_lowmem_states_are_quantised_in_a_form_every_onnxruntime_loads(stat
     assert read_inside == 1  # the GRU state
 
 
+def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes_nothing(
+        stateful: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checker passes graphs an onnxruntime's optimiser refuses (1.30 and an earlier int8-lowmem form):
+    export loads each new graph first, so the artifact keeps its files and the error says what happened."""
+    import shutil
+
+    from edge3d.runtime.backend import onnxrt
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    art = Path(shutil.copytree(stateful, tmp_path / "copy.edge3d"))
+    before = {f.name: f.read_bytes() for f in art.iterdir()}
+    real = onnxrt._load_session
+
+    def refuse_new_graphs(path: Path, threads):
+        if path.parent != art:  # the graph being built, still in the export's temporary folder
+            raise ArtifactError("ONNX Runtime cannot load it") from RuntimeError(
+                "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid model. Node input 'x' is not a graph input")
+        return real(path, threads)
+
+    monkeypatch.setattr(onnxrt, "_load_session", refuse_new_graphs)
+    with pytest.raises(ValueError, match=r"cannot load the fp16 graph edge3d just built \(.*Node input 'x' is not a "
+                                         r"graph input\); the artifact is unchanged"):
+        add_precisions(art, "fp16")
+    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+    r = CliRunner().invoke(app, ["export", str(art), "--profile", "fp16"])
+    assert r.exit_code != 0 and "the artifact is unchanged" in r.output and "Traceback" not in r.output
+    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+
+
 def test_runtime_rejects_state_dtype_mismatch(tmp_path: Path, dresnet: Path) -> None:
     import shutil
 
