@@ -94,6 +94,11 @@ def simplify(src: Path, dst: Path) -> None:
     from .fold import fold_bn_into_conv_sums
     from .graph import SCOPES_KEY
 
+    raw = onnx.load(str(src), load_external_data=False)  # external weights stay where they are
+    if raw.ir_version > oldest_ir_version(raw):  # so an older onnxruntime (1.17) can load it here too
+        raw.ir_version = oldest_ir_version(raw)
+        onnx.save(raw, str(src))
+    del raw
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(dst)
@@ -134,7 +139,12 @@ def embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any]) -> None:
     entry = model.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(manifest, sort_keys=True)
     model.producer_name, model.producer_version = "edge3d", __version__
-    model.ir_version = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = oldest_ir_version(model)
+
+
+def oldest_ir_version(model: onnx.ModelProto) -> int:
+    """The oldest ONNX IR version the model's opsets allow (8 for opset 18); see ``embed_manifest``."""
+    return onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
 
 
 def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
