@@ -402,7 +402,9 @@ def export(
         _applies(flag, value, int8, "calibrates INT8 profiles only; add one, e.g. --profile int8")
     if int8:
         from .exporters.calibration import check_calib_source, default_calib_source
+        from .exporters.precision import check_quantiser
 
+        check_quantiser()  # before the model is exported, not after
         calib_source = calib_source or default_calib_source()
         check_calib_source(calib_source)  # and on a source without frames
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),

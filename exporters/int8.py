@@ -45,7 +45,12 @@ def quantize_qdq(fp32_path: Path, out_path: Path, manifest: dict[str, Any], prof
             warnings.simplefilter("ignore")
             # The FP32 graph is already optimised at export (constant folding, Conv+BN folding); skipping
             # ORT's optimiser here keeps node names and the layer metadata keep_layers matches on.
-            quant_pre_process(str(fp32_path), str(pre), skip_optimization=True)
+            try:
+                quant_pre_process(str(fp32_path), str(pre), skip_optimization=True)
+            except Exception:
+                # the symbolic shape inference of onnxruntime 1.19 and 1.20 fails on the step graphs (a
+                # TypeError deep inside; 1.22 passes); onnx's shape inference alone is enough here
+                quant_pre_process(str(fp32_path), str(pre), skip_optimization=True, skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         ensure_node_names(model.graph)
         missing = unmatched_layers(model.graph, profile.keep_layers)

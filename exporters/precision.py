@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -76,6 +77,28 @@ def check_calib_frames(calib_frames: int | None) -> None:
         raise ValueError(f"--calib-frames must be an integer of at least 1, got {calib_frames!r}.")
 
 
+MIN_QUANTISER_ORT = (1, 19)
+
+
+def check_quantiser() -> None:
+    """Refuse INT8 before any work where onnxruntime's quantiser cannot run.
+
+    The runtime loads artifacts on onnxruntime 1.17 and up, but quantising needs 1.19: the quantiser
+    of 1.17 and 1.18 calls ``onnx.mapping``, which current onnx no longer has (measured with onnx 1.23),
+    and fails deep inside with an AttributeError.
+    """
+    import onnxruntime as ort
+
+    version = tuple(int(x) for x in re.findall(r"\d+", ort.__version__)[:2])
+    if version < MIN_QUANTISER_ORT:
+        need = ".".join(map(str, MIN_QUANTISER_ORT))
+        raise ValueError(
+            f"INT8 precisions are quantised with onnxruntime's quantiser, which needs onnxruntime {need} or newer "
+            f"(this is {ort.__version__}); upgrade it with `pip install --upgrade onnxruntime` on the machine "
+            "that exports. Artifacts made there still run on onnxruntime 1.17."
+        )
+
+
 def _check_loads(path: Path, profile: str) -> None:
     """Load the graph just built in this machine's onnxruntime, before it replaces anything.
 
@@ -124,6 +147,8 @@ def add_precisions(
     require_single_graph(manifest, "a precision other than fp32")
     profiles = resolve_profiles(names)
     check_calib_frames(calib_frames)
+    if any(p.kind == "int8" for p in profiles):
+        check_quantiser()
     fp32_path = folder / manifest["precisions"]["fp32"]["file"]
     entries: dict[str, dict[str, Any]] = {}
     tmp = Path(tempfile.mkdtemp(prefix=".precision.", dir=folder))

@@ -414,6 +414,36 @@ def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes
     assert {f.name: f.read_bytes() for f in art.iterdir()} == before
 
 
+def test_int8_on_an_onnxruntime_whose_quantiser_fails_is_refused_before_any_work(
+        stateful: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime 1.17 and 1.18 load artifacts, but their quantiser fails inside with current onnx
+    (measured: AttributeError on onnx.mapping); INT8 is refused up front, other precisions still build."""
+    import shutil
+
+    import onnxruntime as ort
+    from edge3d.exporters.precision import check_quantiser
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    art = Path(shutil.copytree(stateful, tmp_path / "copy.edge3d"))
+    before = {f.name: f.read_bytes() for f in art.iterdir()}
+    for version, refused in (("1.18.1", True), ("1.19.0", False), ("1.32.0", False), ("2.0.0", False)):
+        monkeypatch.setattr(ort, "__version__", version)
+        if refused:
+            with pytest.raises(ValueError, match=r"needs onnxruntime 1.19 or newer \(this is 1.18.1\)"):
+                check_quantiser()
+        else:
+            check_quantiser()
+    monkeypatch.setattr(ort, "__version__", "1.18.1")
+    with pytest.raises(ValueError, match="needs onnxruntime 1.19 or newer"):
+        add_precisions(art, "fp16,int8-lowmem")
+    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+    r = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--size", "32", "--profile", "int8",
+                                 "-o", str(tmp_path / "new")])
+    assert r.exit_code != 0 and "needs onnxruntime 1.19 or newer" in r.output and not (tmp_path / "new").exists()
+
+
 def test_runtime_rejects_state_dtype_mismatch(tmp_path: Path, dresnet: Path) -> None:
     import shutil
 
