@@ -74,3 +74,35 @@ def test_every_precision_streams_the_same_outputs_on_the_oldest_onnxruntime(old_
                             "--json-out", str(tmp_path / "b.json")], capture_output=True, text=True)
     assert bench.returncode == 0, bench.stdout[-1500:] + bench.stderr[-1500:]
     assert json.loads((tmp_path / "b.json").read_text())["ratios"]["step_gflops_vs_matmul"] > 0
+
+
+def test_exporting_works_on_older_onnxruntime(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """fp32 and fp16 export on onnxruntime 1.17 (the raw graph is lowered to IR 8 before ONNX Runtime
+    simplifies it), INT8 on 1.20 (whose symbolic shape inference fails on step graphs: onnx's is used)."""
+    env = tmp_path_factory.mktemp("ort-export") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    py, cli = env / "bin" / "python", env / "bin" / "edge3d"
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, "torch==2.13.0", f"onnxruntime=={OLDEST}", "numpy<2", "onnx", "onnxscript", "typer",
+                           "rich"], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot install the export packages from the package registry: {done.stderr.strip()[-200:]}")
+    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    out = tmp_path / "out"
+    first = subprocess.run([str(cli), "export", "gestures", "--profile", "fp16", "-o", str(out)], capture_output=True,
+                           text=True)
+    assert first.returncode == 0, first.stdout[-1500:] + first.stderr[-1500:]
+    subprocess.run([*pip, "onnxruntime==1.20.1"], check=True)
+    art = out / "gestures.edge3d"
+    second = subprocess.run([str(cli), "export", str(art), "--profile", "int8", "--calib-frames", "64"],
+                            capture_output=True, text=True)
+    assert second.returncode == 0, second.stdout[-1500:] + second.stderr[-1500:]
+    from edge3d.data.gestures import iter_stream
+
+    frames = [f for (f, _), _ in zip(iter_stream(3), range(200), strict=False)]
+    outs = {}
+    for p in ("fp32", "fp16", "int8"):
+        with Session(art, profile=p, threads=1) as s:
+            outs[p] = np.stack([s.step(f) for f in frames])
+    assert np.abs(outs["fp16"] - outs["fp32"]).max() < 0.05
+    assert (outs["int8"].argmax(-1) == outs["fp32"].argmax(-1)).mean() >= 0.95
