@@ -132,8 +132,9 @@ def embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any]) -> None:
     Every graph of an artifact passes through here before its last save, so this is also where
     its IR version is set to the oldest one its opsets allow (8 for opset 18): the exporter
     stamps the newest its onnx package knows (10 with onnx 1.23), which ONNX Runtime 1.17
-    refuses to load ("max supported IR version: 9"), although nothing in the graph needs it. Artifacts are made on a
-    workstation and run on devices (JetPack) whose onnxruntime is often older.
+    refuses to load ("max supported IR version: 9"), although nothing in the graph needs it.
+    Artifacts are made on a workstation and run on devices (JetPack) whose onnxruntime is often
+    older.
     """
     del model.metadata_props[:]
     entry = model.metadata_props.add()
