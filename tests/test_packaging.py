@@ -42,6 +42,18 @@ def test_pyproject_lists_every_package_folder() -> None:
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
 
 
+def test_the_toml_fallback_is_installed_on_python_3_10() -> None:
+    """Profiles are read with tomllib, which Python 3.10 (JetPack 6's Python) lacks; there the code
+    imports tomli, so the runtime's dependencies must bring it, or every CLI command fails at import."""
+    from packaging.requirements import Requirement
+
+    assert "import tomli" in (ROOT / "profiles" / "__init__.py").read_text()
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    tomli = [r for r in deps if r.name == "tomli"]
+    assert len(tomli) == 1 and tomli[0].marker is not None
+    assert tomli[0].marker.evaluate({"python_version": "3.10"}) and not tomli[0].marker.evaluate({"python_version": "3.11"})
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from a copy of the sources, so the build leaves nothing in the checkout."""
