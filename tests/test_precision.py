@@ -442,6 +442,7 @@ def test_int8_on_an_onnxruntime_whose_quantiser_fails_is_refused_before_any_work
     r = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--size", "32", "--profile", "int8",
                                  "-o", str(tmp_path / "new")])
     assert r.exit_code != 0 and "needs onnxruntime 1.19 or newer" in r.output and not (tmp_path / "new").exists()
+    assert set(add_precisions(art, "fp16")) == {"fp16"}  # no INT8 asked: the version does not matter
 
 
 def test_runtime_rejects_state_dtype_mismatch(tmp_path: Path, dresnet: Path) -> None:
