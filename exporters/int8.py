@@ -130,7 +130,11 @@ def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: 
         inputs[s["input"]].type.tensor_type.elem_type = qtype
         # output side: producer -> QuantizeLinear -> int8 output
         raw = f"{s['output']}__float"
-        pair = _read_qdq_pair(g, s["output"])
+        pair = _read_qdq_pair(g, s["output"])  # before the readers below are renamed
+        for n in g.node:  # readers inside the graph read the float value
+            for k, t in enumerate(n.input):
+                if t == s["output"]:
+                    n.input[k] = raw
         if pair is not None:
             # The state is also read inside the graph (a GRU's h feeds the head), through the
             # quantiser's Q -> DQ. A QuantizeLinear after that DQ, the plain form below, makes
@@ -138,10 +142,6 @@ def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: 
             # ..._QuantizeLinear_Output is not a graph input"). So the pair takes this state's
             # scale: its Q writes the int8 output and its DQ feeds the readers, one rounding.
             q, dq = pair
-            for n in g.node:
-                for k, t in enumerate(n.input):
-                    if t == s["output"]:
-                        n.input[k] = raw
             q.input[1:] = [sc, zp]
             q.output[0] = s["output"]
             dq.input[:] = [s["output"], sc, zp]
@@ -154,9 +154,6 @@ def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: 
                 for k, t in enumerate(n.output):
                     if t == s["output"]:
                         n.output[k] = raw
-                for k, t in enumerate(n.input):
-                    if t == s["output"]:
-                        n.input[k] = raw
             g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [s["output"]],
                                            name=f"quantize_{s['output']}"))
         outputs[s["output"]].type.tensor_type.elem_type = qtype
