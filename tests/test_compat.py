@@ -37,18 +37,23 @@ print(onnxruntime.__version__)
 """
 
 
+def _venv(folder: Path, packages: list[str]) -> list[str]:
+    """A fresh virtual environment in ``folder`` with ``packages`` and edge3d (no extras); its pip
+    command, for later installs. Skips the test where the package registry cannot be reached."""
+    env = folder / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
+    pip = [str(env / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    done = subprocess.run([*pip, *packages], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot install {' '.join(packages)} from the package registry: {done.stderr.strip()[-200:]}")
+    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    return pip
+
+
 @pytest.fixture(scope="module")
 def old_runtime(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A virtual environment with onnxruntime OLDEST and edge3d without extras; its python."""
-    env = tmp_path_factory.mktemp("ort-old") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    py = env / "bin" / "python"
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, f"onnxruntime=={OLDEST}", "numpy<2", "typer", "rich"], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot install onnxruntime {OLDEST} from the package registry: {done.stderr.strip()[-200:]}")
-    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
-    return py
+    return Path(_venv(tmp_path_factory.mktemp("ort-old"), [f"onnxruntime=={OLDEST}", "numpy<2", "typer", "rich"])[0])
 
 
 def test_every_precision_streams_the_same_outputs_on_the_oldest_onnxruntime(old_runtime: Path, dresnet: Path,
@@ -79,15 +84,9 @@ def test_every_precision_streams_the_same_outputs_on_the_oldest_onnxruntime(old_
 def test_exporting_works_on_older_onnxruntime(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
     """fp32 and fp16 export on onnxruntime 1.17 (the raw graph is lowered to IR 8 before ONNX Runtime
     simplifies it), INT8 on 1.20 (whose symbolic shape inference fails on step graphs: onnx's is used)."""
-    env = tmp_path_factory.mktemp("ort-export") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(env)], check=True)
-    py, cli = env / "bin" / "python", env / "bin" / "edge3d"
-    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    done = subprocess.run([*pip, "torch==2.13.0", f"onnxruntime=={OLDEST}", "numpy<2", "onnx", "onnxscript", "typer",
-                           "rich"], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot install the export packages from the package registry: {done.stderr.strip()[-200:]}")
-    subprocess.run([*pip, "--no-deps", str(REPO)], check=True)
+    pip = _venv(tmp_path_factory.mktemp("ort-export"), ["torch==2.13.0", f"onnxruntime=={OLDEST}", "numpy<2", "onnx",
+                                                         "onnxscript", "typer", "rich"])
+    cli = Path(pip[0]).parent / "edge3d"
     out = tmp_path / "out"
     first = subprocess.run([str(cli), "export", "gestures", "--profile", "fp16", "-o", str(out)], capture_output=True,
                            text=True)

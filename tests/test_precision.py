@@ -383,6 +383,11 @@ def test_int8_lowmem_states_are_quantised_in_a_form_every_onnxruntime_loads(stat
     assert read_inside == 1  # the GRU state
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    """Every file of an artifact folder, to show a refused build left it byte for byte as it was."""
+    return {f.name: f.read_bytes() for f in folder.iterdir()}
+
+
 def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes_nothing(
         stateful: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The checker passes graphs an onnxruntime's optimiser refuses (1.30 and an earlier int8-lowmem form):
@@ -395,7 +400,7 @@ def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes
     from edge3d.cli import app
 
     art = Path(shutil.copytree(stateful, tmp_path / "copy.edge3d"))
-    before = {f.name: f.read_bytes() for f in art.iterdir()}
+    before = _contents(art)
     real = onnxrt._load_session
 
     def refuse_new_graphs(path: Path, threads):
@@ -408,10 +413,10 @@ def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes
     with pytest.raises(ValueError, match=r"cannot load the fp16 graph edge3d just built \(.*Node input 'x' is not a "
                                          r"graph input\); the artifact is unchanged"):
         add_precisions(art, "fp16")
-    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+    assert _contents(art) == before
     r = CliRunner().invoke(app, ["export", str(art), "--profile", "fp16"])
     assert r.exit_code != 0 and "the artifact is unchanged" in r.output and "Traceback" not in r.output
-    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+    assert _contents(art) == before
 
 
 def test_int8_on_an_onnxruntime_whose_quantiser_fails_is_refused_before_any_work(
@@ -427,7 +432,7 @@ def test_int8_on_an_onnxruntime_whose_quantiser_fails_is_refused_before_any_work
     from edge3d.cli import app
 
     art = Path(shutil.copytree(stateful, tmp_path / "copy.edge3d"))
-    before = {f.name: f.read_bytes() for f in art.iterdir()}
+    before = _contents(art)
     for version, refused in (("1.18.1", True), ("1.19.0", False), ("1.32.0", False), ("2.0.0", False)):
         monkeypatch.setattr(ort, "__version__", version)
         if refused:
@@ -438,7 +443,7 @@ def test_int8_on_an_onnxruntime_whose_quantiser_fails_is_refused_before_any_work
     monkeypatch.setattr(ort, "__version__", "1.18.1")
     with pytest.raises(ValueError, match="needs onnxruntime 1.19 or newer"):
         add_precisions(art, "fp16,int8-lowmem")
-    assert {f.name: f.read_bytes() for f in art.iterdir()} == before
+    assert _contents(art) == before
     r = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--size", "32", "--profile", "int8",
                                  "-o", str(tmp_path / "new")])
     assert r.exit_code != 0 and "needs onnxruntime 1.19 or newer" in r.output and not (tmp_path / "new").exists()
