@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import shlex
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -24,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .profiles import split_names
-from .runtime.manifest import MANIFEST, format_bytes, json_safe
+from .runtime.manifest import MANIFEST, format_bytes, json_safe, output_map
 
 app = typer.Typer(  # the help text is _main's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -232,12 +233,15 @@ def inspect(
             return
         model_entry = m.get("model") or {}
         check = model_entry.get("step_check")
-        checked = None  # artifacts from before the check: no row
-        if "step_check" in model_entry:
-            checked = ((f"step check, {check['frames']} random frames", _step_check_text(check)) if check
-                       else ("step check", "not checked (--no-verify)"))
+        f, per_frame = m["frame"], m["output"]["shape"][1:]
+        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')})"),
+                ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
+                 if output_map(m) else f"{math.prod(per_frame)} classes")]
+        if "step_check" in model_entry:  # artifacts from before the check: no row
+            rows.append((f"step check, {check['frames']} random frames", _step_check_text(check)) if check
+                        else ("step check", "not checked (--no-verify)"))
         _print_report(m["name"], m["params"], m["macs_per_frame"], m["state_bytes"], m["input_history_bytes"],
-                      m["states"], checked)
+                      m["states"], rows)
         prec = Table(title="precisions")
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
@@ -284,14 +288,14 @@ def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
 
 
 def _print_report(name: str, params: int, macs: int, state: int, history: int, states: list[dict],
-                  step_check: tuple[str, str] | None = None) -> None:
+                  rows: Sequence[tuple[str, str]] = ()) -> None:
     summary = Table(title=f"{name}", show_header=False)
     summary.add_row("parameters", f"{params / 1e6:.2f} M")
     summary.add_row("MACs per frame", f"{macs / 1e6:.1f} M")
     summary.add_row("state (intermediate caches)", format_bytes(state))
     summary.add_row("input-frame history", format_bytes(history))
-    if step_check is not None:
-        summary.add_row(*step_check)  # relative to the largest output
+    for row in rows:  # an artifact's frame, output and step check
+        summary.add_row(*row)
     console.print(summary)
     if not states:  # an empty table would read as a display fault
         console.print("states (per stream): none; the model has no temporal layer, so each frame is predicted "
@@ -552,7 +556,11 @@ def run(
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
     streams = open_streams(source, frame_size=source_frame_size(source, size))
-    keep_labels = labels_apply(source, session.manifest)
+    # a segmentation or heatmap model's map has a class per position: no top class, and the source's
+    # per-frame labels cannot score it
+    is_map = output_map(session.manifest) is not None
+    map_shape = "×".join(map(str, session.manifest["output"]["shape"][1:]))
+    keep_labels = labels_apply(source, session.manifest) and not is_map
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
     first_nonfinite: int | None = None
@@ -585,7 +593,7 @@ def run(
                 call_ms.append(ms)
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
                 predicted = session.has_output
-                idx, cls, score = session.top(y) if predicted else (None, None, None)
+                idx, cls, score = session.top(y) if predicted and not is_map else (None, None, None)
                 unpredicted += not predicted
                 if predicted and not np.isfinite(y).all():
                     nonfinite += 1
@@ -595,8 +603,12 @@ def run(
                     labelled += 1
                     correct += int(idx == label)
                 if sink:
-                    rec = {"frame": n, "top": idx, "class": cls, "score": None if score is None else round(score, 5),
-                           "ms": round(ms, 3)}
+                    if is_map:  # its largest and mean value: a glance at whether it is alive and finite
+                        rec = {"frame": n, "max": float(f"{y.max():.6g}") if predicted else None,
+                               "mean": float(f"{y.mean():.6g}") if predicted else None, "ms": round(ms, 3)}
+                    else:
+                        rec = {"frame": n, "top": idx, "class": cls,
+                               "score": None if score is None else round(score, 5), "ms": round(ms, 3)}
                     if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
                         rec["fresh"] = session.last_fresh
                     if video is not None:  # one of several clips: which, and the frame's place in it
@@ -618,7 +630,8 @@ def run(
                 n += 1
                 if not quiet and (n % 4 == 0 or n == 1):
                     s = session.stats.summary()
-                    top = f"top: [bold]{escape(cls)}[/] ({score:.2f})" if predicted else "no output yet"
+                    top = (f"output: {map_shape} map" if is_map and predicted else
+                           f"top: [bold]{escape(cls)}[/] ({score:.2f})" if predicted else "no output yet")
                     live.update(f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
                                 f"cache {format_bytes(session.cache_bytes)}  {top}")
                 if frames is not None and n >= frames:
@@ -647,6 +660,8 @@ def run(
     table.add_row("model fps", f"{s['fps']:.1f}")
     table.add_row("ms/frame with resize, p50 / p95",
                   " / ".join(f"{v:.2f}" for v in np.percentile(np.asarray(call_ms), [50, 95])))
+    if is_map:
+        table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
     if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used

@@ -29,6 +29,7 @@ from .runtime.manifest import (
     is_positive_int,
     json_safe,
     load_manifest,
+    output_map,
     precision_entry,
     require_single_graph,
     state_io_names,
@@ -103,9 +104,9 @@ class _Recorder:
     def __init__(self) -> None:
         self.free_err: list[float] = []
         self.free_cos: list[float] = []
-        self.free_top: list[int] = []
+        self.free_top: list[Any] = []
         self.tf_err: list[float] = []
-        self.tf_top: list[int] = []
+        self.tf_top: list[Any] = []
         self.nonfinite: dict[str, Any] | None = None  # the first frame whose free-running output is not finite
 
     def keep(self, n: int) -> None:
@@ -240,7 +241,7 @@ def compare(
     forced = {p: Session(artifact, p, backend="onnxruntime", threads=threads) for p in others}
     dtypes = {p: s._backend.state_dtypes() for p, s in forced.items()}
     rec = {p: _Recorder() for p in others}
-    ref_top: list[int] = []
+    ref_top: list[Any] = []  # per frame, the class index (or per position of a map)
     bounded = [st["name"] for st in manifest["states"] if st.get("kind") != "accumulator"]
     ref_largest: list[float] = []  # per frame, the reference's largest |state| (running sums apart)
     ref_nonfinite: dict[str, Any] | None = None
@@ -248,7 +249,13 @@ def compare(
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
     description, streams = streams_of(source, int(manifest["frame"]["height"]))
-    keep_labels = labels_apply(source, manifest)
+    # a map (segmentation, heatmaps) has a class per position: agreement is counted per position, and a
+    # source's per-frame labels cannot score it
+    is_map = output_map(manifest) is not None
+    keep_labels = labels_apply(source, manifest) and not is_map
+
+    def top(y: np.ndarray) -> Any:
+        return y.argmax(axis=0) if is_map else int(y.argmax())
     pick = {int((i + 1) * frames / max(polygraphy_frames, 1)) - 1 for i in range(polygraphy_frames)}
     recorded: list[dict[str, np.ndarray]] = []
     boundaries: list[int] = []
@@ -274,20 +281,20 @@ def compare(
                     if ref_nonfinite is None and not np.isfinite(y).all():
                         ref_nonfinite = _nonfinite_cause(n, ref, ref)
                     out_scale = max(out_scale, float(np.abs(y).max()))
-                    ref_top.append(int(y.argmax()))
+                    ref_top.append(top(y))
                     labels.append(label if keep_labels else None)
                     for p in others:
                         r = rec[p]
                         yf = free[p].step(buf).astype(np.float32)
                         r.free_err.append(float(np.abs(yf - y).max()))
                         r.free_cos.append(_cosine(yf, y))
-                        r.free_top.append(int(yf.argmax()))
+                        r.free_top.append(top(yf))
                         if r.nonfinite is None and not np.isfinite(yf).all():
                             r.nonfinite = _nonfinite_cause(n, free[p], ref)
                         forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
                         yt = forced[p].step(buf).astype(np.float32)
                         r.tf_err.append(float(np.abs(yt - y).max()))
-                        r.tf_top.append(int(yt.argmax()))
+                        r.tf_top.append(top(yt))
                     n += 1
                     if progress is not None:
                         progress(1)
@@ -336,7 +343,7 @@ def compare(
 
 
 def _report(manifest: dict[str, Any], names: list[str], description: str, n: int, boundaries: list[int],
-            ref: Session, free: dict[str, Session], rec: dict[str, _Recorder], ref_top: list[int],
+            ref: Session, free: dict[str, Session], rec: dict[str, _Recorder], ref_top: list[Any],
             labels: list[int | None], out_scale: float, threads: int | None) -> dict[str, Any]:
     ref_top_a = np.asarray(ref_top)
     lab = np.asarray([-1 if v is None else v for v in labels])
@@ -380,7 +387,9 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
     return {"artifact": manifest["_folder"], "model": manifest.get("name"), "source": description,
             "threads": threads,
             "frames": n, "streams": len(boundaries), "stream_starts": boundaries, "reference": REFERENCE,
-            "output_scale": out_scale, "labelled": has_labels, "profiles": rows}
+            "output_scale": out_scale, "labelled": has_labels,
+            # a map's top-1 agreement counts positions (pixels), a vector's counts frames
+            "agreement_per": "position" if output_map(manifest) is not None else "frame", "profiles": rows}
 
 
 def _save_polygraphy(out: Path, manifest: dict[str, Any], names: list[str], recorded: list[dict[str, np.ndarray]],
@@ -471,7 +480,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-",
             str(fr["first_nonfinite"]["frame"]) if fr.get("first_nonfinite") else "-",
         ])
-    return [[m, *[c[i] for c in cols]] for i, m in enumerate(METRICS)]
+    names = [f"{m} (per position)" if m == "top-1 agreement" and report.get("agreement_per") == "position" else m
+             for m in METRICS]
+    return [[m, *[c[i] for c in cols]] for i, m in enumerate(names)]
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -31,7 +31,15 @@ from torch import nn
 from .. import __version__
 from ..accounting import count_macs, dtype_name
 from ..convert import StepModule, to_step
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, METADATA_KEY, NAME, file_sha256, state_io_names
+from ..runtime.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    METADATA_KEY,
+    NAME,
+    class_count,
+    file_sha256,
+    state_io_names,
+)
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
 from ..runtime.preprocess import check_normalisation
 
@@ -166,12 +174,12 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
     if classes is not None:  # checked here, where the output's size is known; nothing is in place yet
-        outputs = int(np.prod(output_shape))
+        outputs = class_count(output_shape)
         if isinstance(classes, str) or not all(isinstance(n, str) for n in classes):
             raise ValueError(f"classes must be a list of class names (strings), got {classes!r:.80}.")
         if len(classes) != outputs:
-            raise ValueError(f"{len(classes)} class names for a model with {outputs} outputs; pass one name per "
-                             "output, in output order (or none).")
+            raise ValueError(f"{len(classes)} class names for a model with {outputs} classes; pass one name per "
+                             "class (per output channel of a map), in output order (or none).")
         classes = list(classes)
     return {
         "format_version": FORMAT_VERSION,

@@ -45,6 +45,15 @@ def require_single_graph(manifest: dict[str, Any], what: str) -> None:
         raise ArtifactError(multirate_message(str(manifest.get("name", "the artifact")), what))
 
 
+def output_map(m: dict[str, Any]) -> tuple[int, ...] | None:
+    """The positions of a per-frame map output ((H, W) of a segmentation or heatmap model's (C, H, W)),
+    or None for a class vector. A map has a class at every position, not one for the frame, so the
+    verbs that name a top class (`run`, `Session.top`) must tell the two apart; axes of size 1 (a
+    classifier that kept its pooled 1×1) are still a vector."""
+    axes = tuple(m["output"].get("shape", [])[2:])
+    return axes if math.prod(d if isinstance(d, int) else 2 for d in axes) > 1 else None
+
+
 def state_io_names(state_name: str) -> tuple[str, str]:
     return f"state_in.{state_name}", f"state_out.{state_name}"
 
@@ -136,13 +145,20 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
         raise ArtifactError(f"{where}: {e}") from None
     classes, shape = m["output"].get("classes"), m["output"].get("shape", [])
     if classes is not None and all(isinstance(d, int) for d in shape[1:]):
-        outputs = math.prod(shape[1:])
+        outputs = class_count(shape[1:])
         # names edited by hand (translated, say) must still be one per output, or top() would name some
         # classes and number the others
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or len(classes) != outputs:
             count = f"{len(classes)} entries" if isinstance(classes, list) else f"a {type(classes).__name__}"
-            raise ArtifactError(f"{where}: output.classes has {count} where the model has {outputs} outputs; list "
-                                "one class name (a string) per output, in output order, or set it to null.")
+            raise ArtifactError(f"{where}: output.classes has {count} where the model has {outputs} classes; list "
+                                "one class name (a string) per class, in output order, or set it to null.")
+
+
+def class_count(output_shape: Any) -> int:
+    """How many class names an output of this per-frame shape takes: one per value of a vector, one
+    per channel of a map (a segmentation model names its channels, not its pixels)."""
+    dims = [int(d) for d in output_shape]
+    return dims[0] if math.prod(dims[1:]) > 1 else math.prod(dims)
 
 
 def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:

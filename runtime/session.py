@@ -23,6 +23,7 @@ from .manifest import (
     is_positive_int,
     load_manifest,
     memory_available,
+    output_map,
     precision_entry,
 )
 from .preprocess import FramePreprocessor
@@ -368,6 +369,12 @@ class Session:
 
     def top(self, output: np.ndarray) -> tuple[int, str, float]:
         """Top class of one output vector: (index, name, softmax score)."""
+        positions = output_map(self.manifest)
+        if positions is not None:  # a class per position: one for the frame would be a pixel's
+            shape = "×".join(map(str, self.manifest["output"]["shape"][1:]))
+            raise ValueError(f"this artifact's output is a {shape} map per frame (a class at every position), not "
+                             "a class vector, so it has no top class; take output.argmax(axis=0) for the class "
+                             "at each position.")
         o = np.asarray(output, np.float64)
         if o.ndim > 1 and o.shape[0] != 1:
             # an argmax over several streams' outputs at once would name a class of no stream

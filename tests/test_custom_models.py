@@ -86,6 +86,23 @@ class CumSum(Tiny):
         return self.fc(y.transpose(1, 2)).transpose(1, 2)
 
 
+class Segmenter(nn.Module):
+    """A class per pixel and frame: output (N, classes, T, H, W), its channels named."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = CausalConv3d(3, 6, 3, padding=1)
+        self.head = CausalConv3d(6, num_classes, (2, 1, 1))
+        self.class_names = [f"region {i}" for i in range(num_classes)]
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+
+
+def segmenter(num_classes=3):
+    return Segmenter(num_classes)
+
+
 class BatchAsTime(Tiny):
     def forward(self, x):
         n, t = x.shape[0], x.shape[2]
@@ -286,3 +303,67 @@ def test_an_exported_graph_that_differs_from_the_step_is_refused(user_module: st
     path = exporter.export_artifact(randomize(module.build(), seed=2), tmp_path, "unchecked", frame_size=16,
                                     verify=False)
     assert path.is_dir()  # verify=False skips both checks
+
+
+def test_a_model_with_a_map_per_frame_exports_runs_and_compares_per_position(user_module: str,
+                                                                             tmp_path: Path) -> None:
+    """A segmentation model's output has a class at every pixel: `run` failed on it with a message
+    about step_batch, top() named a flat argmax (a pixel and a class at once), and compare counted
+    that argmax's agreement."""
+    import json
+
+    import cv2
+
+    module = __import__(user_module)
+    model = randomize(module.segmenter(num_classes=3), seed=6).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", f"{user_module}:segmenter", "--classes", "3", "--size", "20", "--checkpoint",
+                              str(tmp_path / "ck.pt"), "-o", str(tmp_path), "--profile", "int8",
+                              "--calib-frames", "32"])
+    assert res.exit_code == 0, res.output
+    art = tmp_path / "segmenter.edge3d"
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["output"]["shape"] == ["N", 3, 20, 20]
+    assert manifest["output"]["classes"] == ["region 0", "region 1", "region 2"]  # one per channel
+
+    clip = torch.randn(1, 3, 64, 20, 20, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()  # (classes, T, H, W)
+    with Session(art) as s:
+        out = np.stack([s.step(clip[0, :, t].numpy()) for t in range(64)], axis=1)
+        with pytest.raises(ValueError, match=r"output is a 3×20×20 map per frame .* output.argmax\(axis=0\)"):
+            s.top(out[:, 0])
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+    res = runner.invoke(app, ["inspect", str(art)], terminal_width=200)
+    assert res.exit_code == 0 and "3×20×20 map (a class per position)" in res.output, res.output
+
+    rng = np.random.default_rng(1)
+    images = tmp_path / "frames"
+    images.mkdir()
+    rgb = [rng.integers(0, 256, (20, 20, 3), dtype=np.uint8) for _ in range(24)]
+    for i, f in enumerate(rgb):
+        assert cv2.imwrite(str(images / f"f{i}.png"), np.ascontiguousarray(f[..., ::-1]))  # BGR on disk
+    res = runner.invoke(app, ["run", str(art), "--source", str(images), "--output", str(tmp_path / "p.jsonl"),
+                              "--quiet"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "3×20×20 map, no top class" in res.output
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    with Session(art) as s:
+        expected = [s.step(f) for f in rgb]
+    assert len(lines) == 24 and all("top" not in x and "class" not in x for x in lines)
+    np.testing.assert_allclose([x["max"] for x in lines], [e.max() for e in expected], rtol=1e-5)
+    np.testing.assert_allclose([x["mean"] for x in lines], [e.mean() for e in expected], rtol=1e-4, atol=1e-6)
+
+    res = runner.invoke(app, ["compare", str(art), "--profiles", "fp32,int8", "--source", str(images),
+                              "-o", str(tmp_path / "cmp")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "top-1 agreement (per position)" in res.output
+    report = json.loads((tmp_path / "cmp" / "report.json").read_text())
+    with Session(art) as a, Session(art, "int8") as b:
+        same = [a.step(f).argmax(axis=0) == b.step(f).argmax(axis=0) for f in rgb]
+    assert report["agreement_per"] == "position"
+    assert report["profiles"]["int8"]["top1_agreement"] == pytest.approx(float(np.mean(same)))
+    assert 0.5 < report["profiles"]["int8"]["top1_agreement"] < 1.0  # pixels disagree under INT8, most do not

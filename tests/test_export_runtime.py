@@ -439,7 +439,7 @@ def test_class_names_edited_in_the_manifest_must_still_fit(tiny_artifact, tmp_pa
         if works:
             assert Session(art).classes == names
         else:
-            with pytest.raises(ArtifactError, match=f"output.classes has .* where the model has {outputs} outputs"):
+            with pytest.raises(ArtifactError, match=f"output.classes has .* where the model has {outputs} classes"):
                 Session(art)
 
 
@@ -791,7 +791,7 @@ def test_cli_run_on_bad_artifact_exits_nonzero(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs, says", [
-    ({"classes": ["a", "b"]}, "2 class names for a model with 5 outputs; pass one name per output"),
+    ({"classes": ["a", "b"]}, "2 class names for a model with 5 classes; pass one name per class"),
     ({"classes": "abcde"}, "classes must be a list of class names (strings)"),
     ({"classes": [0, 1, 2, 3, 4]}, "classes must be a list of class names (strings)"),
     ({"frame_size": (SIZE,)}, "frame_size must be an int (a square frame) or a (height, width) pair"),
