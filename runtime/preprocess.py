@@ -87,6 +87,23 @@ def check_normalisation(mean: object, std: object, channels: int) -> None:
                          "(pixel / 255 - mean) / std; divide the mean and std by 255.")
 
 
+def _layout_hint(shape: tuple[int, ...], c: int) -> str:
+    """The conversion for the layouts a camera or image library hands over instead of H×W×3 RGB:
+    the shape alone says which, and a user staring at "(480, 640, 4)" wants the one line."""
+    if c != 3 or 0 in shape:
+        return ""
+    if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1):
+        return "; this is a grey frame: make it RGB with cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB)"
+    if len(shape) == 3 and shape[2] == 4:
+        return ("; this frame has an alpha channel: pass frame[..., :3] (cv2.COLOR_BGRA2RGB if it came from "
+                "OpenCV)")
+    if len(shape) == 3 and shape[0] == 3:
+        return "; this frame is channels first: pass frame.transpose(1, 2, 0)"
+    if len(shape) == 4 and shape[3] == 3:
+        return "; this is a batch of frames: pass one (frames[0]), or one per stream to step_batch"
+    return ""
+
+
 class FramePreprocessor:
     """Turns one raw frame into the graph's normalised (C, H, W) float32 input, validating it."""
 
@@ -112,7 +129,7 @@ class FramePreprocessor:
                 raise ValueError(
                     f"uint8 frame has shape {frame.shape}; expected H×W×{c} (RGB), any size "
                     "(it is resized), or a normalised float32 array of shape "
-                    f"{(c, h, w)}."
+                    f"{(c, h, w)}{_layout_hint(frame.shape, c)}."
                 )
             img = resize(frame, h, w)
             np.multiply(img.transpose(2, 0, 1), self.scale, out=out, casting="unsafe")
@@ -126,9 +143,11 @@ class FramePreprocessor:
                 f"float32 of shape {(c, h, w)}."
             )
         if frame.shape != (c, h, w):
+            hint = ("; if it is normalised already, frame.transpose(2, 0, 1) puts its channels first"
+                    if frame.shape == (h, w, c) else "")
             raise ValueError(
                 f"float frame has shape {frame.shape}; expected normalised {(c, h, w)} "
-                f"(or pass an H×W×{c} uint8 image to have it resized and normalised)."
+                f"(or pass an H×W×{c} uint8 image to have it resized and normalised){hint}."
             )
         # Check the copy, not the caller's array: the check then sees what the graph will see, so a
         # float64 value beyond the float32 range (finite before the cast, inf after it) is rejected

@@ -235,8 +235,12 @@ def test_the_matmul_yardstick_is_the_onnx_model_it_claims() -> None:
 
 # ----------------------------------------------------------------------------- bad input
 BAD_FRAMES = [
-    (np.zeros((SIZE, SIZE, 4), np.uint8), "expected H×W×3"),
-    (np.zeros((SIZE, SIZE), np.uint8), "expected H×W×3"),
+    (np.zeros((SIZE, SIZE, 4), np.uint8), r"expected H×W×3 .* alpha channel: pass frame\[\.\.\., :3\]"),
+    (np.zeros((SIZE, SIZE), np.uint8), "expected H×W×3 .* grey frame: make it RGB with cv2.cvtColor"),
+    (np.zeros((SIZE, SIZE, 1), np.uint8), "grey frame"),
+    (np.zeros((3, SIZE, SIZE), np.uint8), r"channels first: pass frame.transpose\(1, 2, 0\)"),
+    (np.zeros((1, SIZE, SIZE, 3), np.uint8), r"batch of frames: pass one \(frames\[0\]\)"),
+    (np.zeros((SIZE, SIZE, 3), np.float32), r"normalised already, frame.transpose\(2, 0, 1\)"),
     (np.zeros((0, SIZE, 3), np.uint8), "expected H×W×3"),  # nothing to resize
     (np.zeros((3, SIZE + 1, SIZE), np.float32), "expected normalised"),
     (np.zeros((3, SIZE, SIZE), np.int32), "dtype int32 is not supported"),
@@ -245,6 +249,24 @@ BAD_FRAMES = [
     (np.full((3, SIZE, SIZE), 1e300, np.float64), "beyond the float32 range"),  # finite, but inf in the graph
     (np.full((3, SIZE, SIZE), np.nan, ">f4"), "NaN or Inf"),  # big-endian is read, and checked, as any float
 ]
+
+
+def test_the_conversion_a_layout_error_names_gives_the_rgb_frame(tiny_artifact) -> None:
+    """Each hint is code a user pastes: what it makes must step as the RGB frame it stands for."""
+    import cv2
+
+    art, _ = tiny_artifact
+    rgb = np.random.default_rng(5).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    grey = rgb[..., 1].copy()
+    cases = [(np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)]), lambda f: f[..., :3], rgb),
+             (np.ascontiguousarray(rgb.transpose(2, 0, 1)), lambda f: f.transpose(1, 2, 0), rgb),
+             (rgb[None], lambda f: f[0], rgb),
+             (grey, lambda f: cv2.cvtColor(f, cv2.COLOR_GRAY2RGB), np.dstack([grey] * 3))]
+    for bad, fix, meant in cases:
+        s = Session(art)
+        with pytest.raises(ValueError, match="expected H×W×3"):
+            s.step(bad)
+        assert np.array_equal(s.step(fix(bad)), Session(art).step(meant))
 
 
 def test_a_big_endian_float_frame_is_the_same_frame(tiny_artifact) -> None:
