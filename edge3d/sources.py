@@ -126,6 +126,13 @@ def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, 
             from urllib.parse import unquote, urlparse
 
             raise ValueError(f"source {spec!r} is a file URL; pass the path itself: {unquote(urlparse(spec).path)}")
+        if "://" not in spec and (path.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES or "/" in spec
+                                  or os.sep in spec):
+            # meant as a path: the likely fault is the path, not the kind of source
+            where = (f"; the folder {path.parent} exists, with no {path.name}" if path.parent.is_dir() and
+                     str(path.parent) != "." else "")
+            relative = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
+            raise ValueError(f"source {redact(spec)!r} does not exist{where}; check the path{relative}.")
         raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those.")
     return capture_frames(_open_video(path))
 

@@ -1056,8 +1056,10 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     # the synthetic source's labels are gesture classes, not this untrained 5-class model's: no score
     assert "per-frame accuracy" not in res.output and "frames" in res.output
     assert not any("label" in json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines())
-    res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")])
-    assert res.exit_code == 2 and "neither a file" in res.output
+    res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")], terminal_width=400)
+    assert res.exit_code == 2 and f"does not exist; the folder {tmp_path} exists, with no nope.mp4" in res.output
+    res = runner.invoke(app, ["run", str(art), "--source", "webcam"])  # no path in sight: the forms there are
+    assert res.exit_code == 2 and "is neither a file, a folder, camera:INDEX" in res.output
     url = (tmp_path / "my clip.mp4").as_uri()  # file:///.../my%20clip.mp4, as a browser copies it
     res = runner.invoke(app, ["run", str(art), "--source", url], terminal_width=300)
     assert res.exit_code == 2 and f"is a file URL; pass the path itself: {tmp_path / 'my clip.mp4'}" in res.output
