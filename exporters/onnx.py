@@ -68,9 +68,16 @@ def quiet() -> Iterator[None]:
 
 
 def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
+    """Trace the step with its stream axis dynamic, and refuse a graph that fixed it.
+
+    The example inputs hold two streams: torch.export specialises a dimension whose example size is
+    1, so forward code that folds the batch with another axis (``reshape(n * t, ...)`` ahead of an
+    attention layer) made its export fail the dynamic-shape constraint, and torch.onnx's fallback
+    then wrote a graph that takes one stream only; with two, the same code exports dynamic.
+    """
     specs = step.state_specs
-    frame = torch.zeros(1, *step.frame_shape)
-    states = step.initial_states(1)
+    frame = torch.zeros(2, *step.frame_shape)
+    states = step.initial_states(2)
     inputs = ["frame"] + [state_io_names(s.name)[0] for s in specs]
     outputs = ["output"] + [state_io_names(s.name)[1] for s in specs]
     batch = torch.export.Dim("streams", min=1, max=4096)
@@ -81,6 +88,14 @@ def _quiet_export(step: StepModule, path: Path, opset: int) -> None:
         torch.onnx.export(step, (frame, *states), str(path), input_names=inputs, output_names=outputs,
                           dynamic_shapes=dynamic, opset_version=opset, dynamo=True, verbose=False,
                           external_data=False)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    fixed = [i.name for i in graph.input if i.type.tensor_type.shape.dim[0].HasField("dim_value")]
+    if fixed:
+        raise ValueError(f"the exported step graph takes a fixed number of streams ({', '.join(fixed[:3])} "
+                         "has a fixed first axis): the model's forward code ties the batch size to a constant "
+                         "(an int() of a shape, a view with a literal batch size, a Python branch on the "
+                         "batch size); write it for any batch size (x.shape[0], reshape(-1, ...)), as the "
+                         "runtime batches streams on that axis.")
 
 
 def drop_raw(raw: Path) -> None:

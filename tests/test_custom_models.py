@@ -103,6 +103,39 @@ def segmenter(num_classes=3):
     return Segmenter(num_classes)
 
 
+class FrameTokens(nn.Module):
+    """Attention over each frame's pixels, with the batch folded into the token batch."""
+
+    def __init__(self, num_classes=2):
+        super().__init__()
+        self.conv = CausalConv3d(3, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        h = self.conv(x)
+        n, c, t, hh, ww = h.shape
+        s = self.norm(h.permute(0, 2, 3, 4, 1).reshape(n * t, hh * ww, c))
+        s = self.attn(s, s, s)[0].mean(1).reshape(n, t, c)
+        return self.fc(s).transpose(1, 2)
+
+
+def frame_tokens(num_classes=2):
+    return FrameTokens(num_classes)
+
+
+class IntBatch(Tiny):
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4))
+        n = int(y.shape[0])  # a Python int: the trace fixes the batch size
+        return self.fc(y.transpose(1, 2).reshape(n, -1, y.shape[1])).transpose(1, 2)
+
+
+def int_batch():
+    return IntBatch()
+
+
 class BatchAsTime(Tiny):
     def forward(self, x):
         n, t = x.shape[0], x.shape[2]
@@ -367,3 +400,32 @@ def test_a_model_with_a_map_per_frame_exports_runs_and_compares_per_position(use
     assert report["agreement_per"] == "position"
     assert report["profiles"]["int8"]["top1_agreement"] == pytest.approx(float(np.mean(same)))
     assert 0.5 < report["profiles"]["int8"]["top1_agreement"] < 1.0  # pixels disagree under INT8, most do not
+
+
+def test_forward_code_that_folds_the_batch_exports_for_any_number_of_streams(user_module: str,
+                                                                             tmp_path: Path) -> None:
+    """Traced with one example stream, torch.export specialised the batch of a model that folds it
+    into attention's token batch, and the export died in onnxruntime with a traceback; a forward that
+    truly fixes the batch size is refused in one sentence, with nothing written."""
+    module = __import__(user_module)
+    model = randomize(module.frame_tokens(), seed=7).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", f"{user_module}:frame_tokens", "--size", "16", "--checkpoint",
+                              str(tmp_path / "ck.pt"), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    clip = torch.randn(3, 3, 64, 16, 16, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = model(clip).numpy()  # (streams, classes, T)
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    with Session(tmp_path / "frame_tokens.edge3d") as one, Session(tmp_path / "frame_tokens.edge3d", streams=3) as s:
+        single = np.stack([one.step(clip[0, :, t].numpy()) for t in range(64)], axis=1)
+        batched = np.stack([s.step_batch(np.ascontiguousarray(clip[:, :, t].numpy())) for t in range(64)], axis=2)
+    assert np.abs(single - ref[0]).max() <= tol and np.abs(batched - ref).max() <= tol
+
+    res = runner.invoke(app, ["export", f"{user_module}:int_batch", "--size", "16", "-o", str(tmp_path / "fixed")],
+                        terminal_width=400)
+    assert res.exit_code == 2
+    assert "the exported step graph takes a fixed number of streams (frame" in res.output
+    assert "write it for any batch size" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "fixed").exists() or not list((tmp_path / "fixed").iterdir())
