@@ -84,14 +84,58 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
                                 "(verify=False in Python).")
     err, scale, i = _frame_errors(out.movedim(axis, 0).numpy(), ref.movedim(axis, 0).numpy())
     if i is not None:
+        norms = _norms_over_time(model, clip)
+        cause = (f"{norms} {'take their' if ' and ' in norms or ', ' in norms else 'takes its'} statistics over the clip's frames as well as each frame's pixels, which one "
+                 "frame at a time cannot reproduce; apply it per frame, to x reshaped to (N·T, C, H, W), or use "
+                 "BatchNorm3d" if norms else
+                 "its forward code mixes frames outside the edge3d.nn layers (a mean, sum, cumsum, flip or index "
+                 "over the time axis, or a tensor kept between calls), which one frame at a time cannot "
+                 "reproduce; write that part with an edge3d.nn layer (RunningMean for a causal mean)")
         raise StepMismatchError(
             f"{name}'s step differs from its clip forward at frame {at[i]} of a random {frames}-frame clip (error "
-            f"{float(err[i]):.3g} at output scale {scale:.3g}): its forward code mixes frames outside the edge3d.nn "
-            "layers (a mean, sum, cumsum, flip or index over the time axis, or a tensor kept between calls), which "
-            "one frame at a time cannot reproduce; write that part with an edge3d.nn layer (RunningMean for a "
-            "causal mean), or skip this check with --no-verify (verify=False in Python)."
+            f"{float(err[i]):.3g} at output scale {scale:.3g}): {cause}, or skip this check with --no-verify "
+            "(verify=False in Python)."
         )
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
+
+
+def _norms_over_time(model: nn.Module, clip: torch.Tensor) -> str:
+    """The normalisation layers whose statistics span the time axis in the clip forward, named for
+    the error ("its blocks.0.norm (GroupNorm)"); empty if none.
+
+    GroupNorm, InstanceNorm3d and a LayerNorm over (T, H, W) on an (N, C, T, H, W) clip are the usual
+    way a model built for clips stops being causal without a visible time op in its forward code.
+    Known only by running the clip forward with hooks, since the same layer is per-frame on a
+    reshaped input.
+    """
+    found: list[str] = []
+    frames = clip.shape[2]
+
+    def spans_time(module: nn.Module, x: torch.Tensor) -> bool:
+        if x.dim() != 5 or x.shape[2] != frames:
+            return False
+        if isinstance(module, nn.LayerNorm):
+            return len(module.normalized_shape) >= 3  # normalises the last axes: T, H, W
+        return isinstance(module, (nn.GroupNorm, nn.InstanceNorm3d))
+
+    def hook(path: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            if args and isinstance(args[0], torch.Tensor) and spans_time(module, args[0]) and path not in found:
+                found.append(path)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(path)) for path, m in model.named_modules()
+               if isinstance(m, (nn.GroupNorm, nn.InstanceNorm3d, nn.LayerNorm))]
+    try:
+        with torch.no_grad():
+            model(clip)
+    except Exception:  # it ran once already; a second failure leaves the general message
+        return ""
+    finally:
+        for h in handles:
+            h.remove()
+    named = [f"{p} ({type(model.get_submodule(p)).__name__})" for p in found[:3]]
+    return ("its " + ", ".join(named) + (f" and {len(found) - 3} more" if len(found) > 3 else "")) if named else ""
 
 
 def _random_clip(step: nn.Module, frames: int, seed: int) -> torch.Tensor:

@@ -136,6 +136,34 @@ def int_batch():
     return IntBatch()
 
 
+class ClipNorm(nn.Module):
+    """A GroupNorm on the clip: its statistics span every frame."""
+
+    def __init__(self, per_frame=False):
+        super().__init__()
+        self.per_frame = per_frame
+        self.conv = CausalConv3d(3, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.fc = nn.Conv3d(8, 2, 1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.per_frame:  # the fix the error names: (N·T, C, H, W)
+            n, c, t, hh, ww = h.shape
+            h = self.norm(h.transpose(1, 2).reshape(n * t, c, hh, ww)).reshape(n, t, c, hh, ww).transpose(1, 2)
+        else:
+            h = self.norm(h)
+        return self.fc(torch.relu(h)).mean(dim=(3, 4))
+
+
+def clip_norm():
+    return ClipNorm()
+
+
+def frame_norm():
+    return ClipNorm(per_frame=True)
+
+
 class BatchAsTime(Tiny):
     def forward(self, x):
         n, t = x.shape[0], x.shape[2]
@@ -429,3 +457,18 @@ def test_forward_code_that_folds_the_batch_exports_for_any_number_of_streams(use
     assert "the exported step graph takes a fixed number of streams (frame" in res.output
     assert "write it for any batch size" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "fixed").exists() or not list((tmp_path / "fixed").iterdir())
+
+
+def test_a_norm_over_the_clip_is_named_and_its_per_frame_form_exports(user_module: str, tmp_path: Path) -> None:
+    """A GroupNorm on the clip is not causal: the step check named only time ops a forward might have,
+    and this model has none in sight; the error now names the layer and the fix, and the fix exports."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", f"{user_module}:clip_norm", "--size", "16", "-o", str(tmp_path)],
+                        terminal_width=400)
+    assert res.exit_code == 2 and not list(tmp_path.iterdir())
+    assert "its norm (GroupNorm) takes its statistics over the clip's frames" in res.output
+    assert "to x reshaped to (N·T, C, H, W)" in res.output
+    res = runner.invoke(app, ["export", f"{user_module}:frame_norm", "--size", "16", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    manifest = (tmp_path / "frame_norm.edge3d" / "manifest.json").read_text()
+    assert '"step_check": {' in manifest  # checked, step against clip and graph against step
