@@ -8,8 +8,9 @@
 It needs only the runtime (the edge3d wheel without extras, see docs/jetson.md), OpenCV, and on the
 device TensorRT + pycuda for ``--backend tensorrt``. Every frame goes through ``Session.step``:
 the model sees one frame at a time and carries its temporal state itself, so the app holds no clip
-buffer. The top class and the model's ms/frame are drawn on the frame; ``--headless`` skips the
-window (over SSH, in a service) and stats are printed every ``--log-every`` frames either way.
+buffer. The top class (a map output's largest value, for a segmentation model) and the model's
+ms/frame are drawn on the frame; ``--headless`` skips the window (over SSH, in a service) and stats
+are printed every ``--log-every`` frames either way.
 """
 
 from __future__ import annotations
@@ -120,10 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {session.profile}, "
           f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
+    from edge3d.runtime.manifest import output_map
+
     from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import SourceLost, labels_apply, redact
 
-    keep_labels = labels_apply(args.source, session.manifest)  # gesture labels score only a gesture model
+    # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
+    is_map = output_map(session.manifest) is not None
+    keep_labels = labels_apply(args.source, session.manifest) and not is_map  # gesture labels: gesture models
     window = "edge3d"
     if not args.headless:
         import cv2
@@ -143,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             for rgb, label in frames:
                 y = session.step(rgb)
                 predicted = session.has_output  # a multi-rate model's first frames: none
-                idx, name, score = session.top(y) if predicted else (None, None, None)
-                shown = f"{name} ({score:.2f})" if predicted else "no output yet"
+                idx, name, score = session.top(y) if predicted and not is_map else (None, None, None)
+                shown = (f"map max {y.max():.2f}" if is_map and predicted else
+                         f"top {name} ({score:.2f})" if predicted else "no output yet")
                 ms = session.stats.ms[-1]
                 n += 1
                 if label is not None and keep_labels and predicted:
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 if n % args.log_every == 0:
                     s = session.stats.summary()
                     print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
-                          f"app {n / (time.perf_counter() - t_start):.1f} fps; top {shown}", flush=True)
+                          f"app {n / (time.perf_counter() - t_start):.1f} fps; {shown}", flush=True)
                 if args.frames is not None and n >= args.frames:
                     break
     except KeyboardInterrupt:

@@ -429,6 +429,15 @@ def test_a_model_with_a_map_per_frame_exports_runs_and_compares_per_position(use
     assert report["profiles"]["int8"]["top1_agreement"] == pytest.approx(float(np.mean(same)))
     assert 0.5 < report["profiles"]["int8"]["top1_agreement"] < 1.0  # pixels disagree under INT8, most do not
 
+    import subprocess
+
+    app_py = Path(__file__).resolve().parents[1] / "examples" / "jetson_app.py"
+    done = subprocess.run([sys.executable, str(app_py), str(art), "--source", str(images), "--headless",
+                           "--log-every", "8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    logged = [line.split(" fps; ")[1] for line in done.stdout.splitlines() if line.startswith("frame ")]
+    assert logged == [f"map max {expected[i].max():.2f}" for i in (7, 15, 23)], done.stdout
+
 
 def test_forward_code_that_folds_the_batch_exports_for_any_number_of_streams(user_module: str,
                                                                              tmp_path: Path) -> None:

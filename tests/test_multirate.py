@@ -324,8 +324,8 @@ def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path,
                            "--headless", "--log-every", "4", "--backend", "onnxruntime"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    logged = [line.split("; top ")[1] for line in done.stdout.splitlines() if line.startswith("frame ")]
-    assert logged[0] == "no output yet" and re.fullmatch(r"\S+ \(0\.\d\d\)", logged[1]), done.stdout
+    logged = [line.split(" fps; ")[1] for line in done.stdout.splitlines() if line.startswith("frame ")]
+    assert logged[0] == "no output yet" and re.fullmatch(r"top \S+ \(0\.\d\d\)", logged[1]), done.stdout
 
 
 def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
