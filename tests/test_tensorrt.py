@@ -505,6 +505,8 @@ def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
     proc = _app(str(tmp_path / "missing.edge3d"), "--source", "synthetic", "--headless")
     assert proc.returncode == 2 and proc.stderr.startswith("error: artifact") and "Traceback" not in proc.stderr
     proc = _app(str(artifact), "--source", str(tmp_path / "nope.mp4"), "--headless")
+    assert proc.returncode == 2 and f"source '{tmp_path / 'nope.mp4'}' does not exist" in proc.stderr
+    proc = _app(str(artifact), "--source", "webcam", "--headless")
     # the app's own sources are named with the runtime's
     assert proc.returncode == 2 and "is neither csi:N, a GStreamer pipeline ending in appsink, a file" in proc.stderr
     proc = _app(str(artifact), "--source", "csi:front", "--headless")
