@@ -17,6 +17,10 @@ from .nn.rnn import _CellHead
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
 from .runtime.manifest import is_positive_int
 
+# what a model returning several outputs (logits and features, a dict of heads) does to export one
+ONE_OUTPUT_FIX = ("export the one the app needs, through a wrapper module whose forward returns it "
+                  "(model(x)[0], or model(x)['logits'])")
+
 
 class UnsupportedModelError(ValueError):
     """The model contains a layer that cannot be streamed; the message names its path."""
@@ -126,8 +130,8 @@ class StepModule(nn.Module):
     def _check_output(self, out: object) -> None:
         name = type(self.model).__name__
         if not isinstance(out, torch.Tensor):
-            raise UnsupportedModelError(f"{name}: forward must return one tensor to be streamed, "
-                                        f"got {type(out).__name__}.")
+            raise UnsupportedModelError(f"{name}: forward must return one tensor to be streamed, got "
+                                        f"{type(out).__name__}; {ONE_OUTPUT_FIX}.")
         axis = self.output_time_axis
         # the step runs forward on a one-frame clip: its output's time axis must be there, with one frame
         if self.keep_time and out.dim() <= axis:

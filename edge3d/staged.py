@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import collect_specs, frame_shape_error
+from .convert import ONE_OUTPUT_FIX, collect_specs, frame_shape_error
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
 
 
@@ -227,7 +227,8 @@ class ModelStage(Stage):
         with stepping(ctx):
             out = self.model(x)
         if not isinstance(out, torch.Tensor):
-            raise _error(f"{type(self.model).__name__}: forward must return one tensor to be streamed.")
+            raise _error(f"{type(self.model).__name__}: forward must return one tensor to be streamed, got "
+                         f"{type(out).__name__}; {ONE_OUTPUT_FIX}.")
         ctx.result = out.select(2, 0) if self.keep_time else out  # type: ignore[attr-defined]
         return ctx
 

@@ -164,6 +164,31 @@ def frame_norm():
     return ClipNorm(per_frame=True)
 
 
+class TwoHeads(Tiny):
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean(dim=(3, 4))
+        return self.fc(y.transpose(1, 2)).transpose(1, 2), y  # logits and features
+
+
+def two_heads():
+    return TwoHeads()
+
+
+class FirstOf(nn.Module):
+    """The wrapper the refusal of two outputs suggests."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)[0]
+
+
+def first_head():
+    return FirstOf(TwoHeads())
+
+
 class BatchAsTime(Tiny):
     def forward(self, x):
         n, t = x.shape[0], x.shape[2]
@@ -237,6 +262,8 @@ def test_a_model_without_temporal_layers_exports_and_streams_with_no_state(user_
     ("needs", [], "needs an argument 'depth' that edge3d cannot pass"),
     ("not_callable", [], "is not callable (int)"),
     ("not_module", [], "returned int, not a torch.nn.Module"),
+    ("two_heads", [], "forward must return one tensor to be streamed, got tuple; export the one the app needs, "
+                      "through a wrapper module whose forward returns it (model(x)[0]"),
     ("", [], "is neither a zoo name nor package.module:factory"),
     ("build", ["--head", "lstm"], "takes no head option, so --head would be ignored"),
     ("flat", [], "edge3d calls the model on (N, C, T, H, W) clips"),
@@ -481,3 +508,10 @@ def test_a_norm_over_the_clip_is_named_and_its_per_frame_form_exports(user_modul
     assert res.exit_code == 0, res.output
     manifest = (tmp_path / "frame_norm.edge3d" / "manifest.json").read_text()
     assert '"step_check": {' in manifest  # checked, step against clip and graph against step
+
+
+def test_the_wrapper_the_two_outputs_refusal_suggests_exports(user_module: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["export", f"{user_module}:first_head", "--size", "24", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    with Session(tmp_path / "first_head.edge3d") as s:
+        assert s.manifest["output"]["shape"] == ["N", 4]
