@@ -140,14 +140,14 @@ def _matmul_call(n: int = MATMUL_N) -> Callable[[int], Any]:
     return lambda _: sess.run(None, {"a": a, "b": a})
 
 
-def _window_session(model, frame_size: int, window: int, folder: Path):
+def _window_session(model, shape: tuple[int, int, int], window: int, folder: Path):
     """ONNX of the clip model over a fixed window: what sliding-window inference runs per frame."""
     import onnxruntime as ort
     import torch
 
     from .exporters.onnx import quiet
 
-    clip = torch.zeros(1, 3, window, frame_size, frame_size)
+    clip = torch.zeros(1, shape[0], window, *shape[1:])
     path = folder / "window.onnx"
     with quiet():
         torch.onnx.export(model.eval(), (clip,), str(path), input_names=["clip"], output_names=["scores"],
@@ -155,8 +155,8 @@ def _window_session(model, frame_size: int, window: int, folder: Path):
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), clip.numpy()
 
 
-def run_bench(target: str, *, classes: int | None = None, size: int | None = None, width: float | None = None,
-              head: str | None = None, frames: int = 100, window: int = WINDOW, streams: list[int] | None = None,
+def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int, int] | None = None,
+              width: float | None = None, head: str | None = None, channels: int | None = None, frames: int = 100, window: int = WINDOW, streams: list[int] | None = None,
               rounds: int = 5, verify: bool = True, log: Any = None) -> dict[str, Any]:
     """Measure the step graph against the alternatives a user has; see README "Benchmarks".
 
@@ -188,17 +188,19 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
             import torch
 
             from .exporters.onnx import export_artifact
-            from .models import build_model
+            from .models import build_model, check_channels, frame_channels
 
+            check_channels(channels)
             torch.manual_seed(0)
             model = build_model(target, num_classes=classes, frame_size=size, width=width, head=head)
             from .staged import require_single_rate
 
             require_single_rate(model, target, "bench")  # before two exports, not after
             size = size or getattr(model, "frame_size", 112)
+            c = frame_channels(model, channels)
             say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
-            artifact = export_artifact(model, folder, "lowered", frame_size=size, verify=verify)
-            naive = export_artifact(model, folder, "conv3d", frame_size=size, lower=False, verify=False)
+            artifact = export_artifact(model, folder, "lowered", frame_size=size, channels=c, verify=verify)
+            naive = export_artifact(model, folder, "conv3d", frame_size=size, channels=c, lower=False, verify=False)
         manifest = load_manifest(artifact)
         require_single_graph(manifest, "bench")
         f = manifest["frame"]
@@ -228,7 +230,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | None = Non
 
             say(f"exporting the {window}-frame sliding window...")
             sess3d = Session(naive)
-            wsess, clip = _window_session(model, size, window, folder)
+            wsess, clip = _window_session(model, shape, window, folder)
             step = to_step(model, shape)
             states = step.initial_states(1)
             tframes = torch.from_numpy(clip_frames)

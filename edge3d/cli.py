@@ -55,7 +55,32 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     """Export causal video networks as per-frame step graphs with explicit state, and stream them."""
 
 Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
-Size = Annotated[int | None, typer.Option("--size", help="Frame size (square) the model runs at.")]
+Size = Annotated[str | None, typer.Option(
+    "--size", help="Frame size the model runs at: S for S×S, or HxW such as 96x128 for a 3:4 camera.")]
+Channels = Annotated[int | None, typer.Option(
+    "--channels", help="Channels per frame (default: the model's first convolution's: 3 for RGB, 1 for a grey, "
+                       "thermal or depth camera model, which also takes RGB frames, converted to grey).")]
+
+
+def frame_size_option(size: str | None) -> int | tuple[int, int] | None:
+    """``--size``: an int for a square frame (what factories take), or (height, width) from HxW."""
+    if size is None:
+        return None
+    text = size.strip()
+    try:
+        return int(text)  # a non-positive one is refused with the other size options
+    except ValueError:
+        pass
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) == 2 and all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        h, w = (int(p) for p in parts)
+        return h if h == w else (h, w)
+    raise ValueError(f"--size must be S for an S×S frame or HxW such as 96x128 (height x width), got {size!r}.")
+
+
+def size_text(frame_size: int | tuple[int, int]) -> str:
+    h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
+    return f"{h}×{w}"
 Width = Annotated[float | None, typer.Option(
     "--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
 Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
@@ -162,15 +187,18 @@ def _out_folder(path: Path, flag: str) -> None:
                          f"{path.parent}.")
 
 
-def _load(model: str, classes: int | None, size: int | None, width: float | None, head: str | None,
-          checkpoint: Path | None = None):
-    from .models import build_model, load_checkpoint
+def _load(model: str, classes: int | None, size: str | None, width: float | None, head: str | None,
+          checkpoint: Path | None = None, channels: int | None = None):
+    """The model, its frame size (an int, or (height, width)) and its channels per frame."""
+    from .models import build_model, check_channels, frame_channels, load_checkpoint
 
-    m = build_model(model, num_classes=classes, frame_size=size, width=width, head=head)
+    asked = frame_size_option(size)
+    check_channels(channels)  # flags first: a typo should not wait for the model to build
+    m = build_model(model, num_classes=classes, frame_size=asked, width=width, head=head)
     if checkpoint is not None:
         load_checkpoint(m, checkpoint, model)
-    frame_size = size or getattr(m, "frame_size", None) or 112
-    return m, frame_size
+    frame_size = asked or getattr(m, "frame_size", None) or 112
+    return m, frame_size, frame_channels(m, channels)
 
 
 # --------------------------------------------------------------------------- zoo
@@ -211,14 +239,15 @@ def _refuse_model_flags(target: str, flags: list[tuple[str, Any]], whose: str = 
 def inspect(
     target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, an artifact folder, or an "
                                           "ONNX file written by `edge3d export` (its manifest is embedded).")],
-    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ) -> None:
     """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
     if _is_artifact(target):
         from .runtime.manifest import load_manifest, state_bytes
 
-        _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head)])
+        _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head),
+                                     ("--channels", channels)])
 
         p = Path(target)
         if p.suffix == ".onnx" and not (p.parent / MANIFEST).is_file():
@@ -253,8 +282,8 @@ def inspect(
         return
     from .accounting import inspect as account
 
-    model, frame_size = _load(target, classes, size, width, head)
-    report = account(model, frame_size)
+    model, frame_size, frame_channels = _load(target, classes, size, width, head, channels=channels)
+    report = account(model, frame_size, frame_channels)
     if as_json:
         print(json.dumps(report, indent=2))
         return
@@ -345,7 +374,7 @@ def export(
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
                                              show_default="out")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
-    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
@@ -374,7 +403,7 @@ def export(
     if in_place:
         _refuse_model_flags(model, [("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
                                     ("--size", size), ("--width", width), ("--head", head), ("--name", name),
-                                    ("--no-lower", no_lower), ("--no-verify", no_verify)],
+                                    ("--channels", channels), ("--no-lower", no_lower), ("--no-verify", no_verify)],
                             ", whose precisions are added in place", "export the model again")
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
@@ -420,22 +449,23 @@ def export(
         with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
             _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
         return
-    m, frame_size = _load(model, classes, size, width, head, checkpoint)
+    m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels)
     if wants:  # before the FP32 stages are written, not after
         from .staged import require_single_rate
 
         require_single_rate(m, model, " with ".join(wants))
     info = {"name": model, "options": {k: v for k, v in
-                                       {"num_classes": classes, "frame_size": size, "width": width,
-                                        "head": head}.items() if v is not None},
+                                       {"num_classes": classes, "frame_size": frame_size_option(size),
+                                        "width": width, "head": head, "channels": channels}.items()
+                                       if v is not None},
             "checkpoint": str(checkpoint) if checkpoint else None}
     art_name = name or model.split(":")[-1]
     # by the names the graphs get: fp32 always, a profile file by the name inside it
     dropped = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
-    with console.status(f"exporting {model} ({frame_size}×{frame_size}) to ONNX..."), \
+    with console.status(f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX..."), \
             _disk_full(str(out), "nothing was written"):
         classes_list = getattr(m, "class_names", None)
-        path = export_artifact(m, out, art_name, frame_size=frame_size, lower=not no_lower,
+        path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
                                model_info=info, classes=classes_list, verify=not no_verify,
                                **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
@@ -699,7 +729,7 @@ def run(
 @friendly
 def bench(
     target: Annotated[str, typer.Argument(help="Zoo name / package.module:factory, or an artifact folder.")],
-    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None,
+    classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
     window: Annotated[int | None, typer.Option(
         "--window", help="Sliding-window clip length to compare with (default 16).")] = None,
@@ -718,10 +748,11 @@ def bench(
     _output_file(json_out, "--json-out")
     if _is_artifact(target):  # a folder that is no artifact has failed here, naming the artifacts inside it
         _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head),
-                                     ("--window", window), ("--no-verify", no_verify)])
+                                     ("--channels", channels), ("--window", window), ("--no-verify", no_verify)])
     # a spinner through the minute of exports and timing, its steps printed above it
     with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
-        report = run_bench(target, classes=classes, size=size, width=width, head=head, frames=frames,
+        report = run_bench(target, classes=classes, size=frame_size_option(size), width=width, head=head,
+                           channels=channels, frames=frames,
                            window=WINDOW if window is None else window, rounds=rounds, streams=_stream_counts(streams),
                            verify=not no_verify, log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)

@@ -248,4 +248,5 @@ def frame_shape_error(model: nn.Module, frame_shape: Sequence[int], detail: str)
     first = detail.strip().splitlines()[0] if detail.strip() else "it failed"
     return ValueError(f"{type(model).__name__} cannot run on frames of shape {tuple(frame_shape)} ({first}); "
                       "edge3d calls the model on (N, C, T, H, W) clips of such frames, so pass the (C, H, W) it "
-                      "takes: its input channels, and a size its downsampling allows.")
+                      "takes: its input channels, and a size its downsampling allows (--channels and --size "
+                      "on the command line).")

@@ -196,5 +196,29 @@ def _factory_kwargs(spec: str, factory: Any, options: dict[str, Any]) -> dict[st
     return kwargs
 
 
+def check_channels(channels: int | None) -> None:
+    if channels is not None and not (isinstance(channels, int) and not isinstance(channels, bool) and channels > 0):
+        raise ValueError(f"--channels must be a positive integer, got {channels!r}; leave it out to take the "
+                         "model's first convolution's.")
+
+
+def frame_channels(model: nn.Module, channels: int | None = None) -> int:
+    """The channels per frame: ``--channels``, else the model's ``frame_channels`` attribute, else the
+    ``in_channels`` of its first convolution (in registration order, the stem in every usual model),
+    else 3. A grey, thermal or depth camera model (1 channel) then exports without a flag; a wrong
+    guess fails the step's shape check, whose message names --channels."""
+    check_channels(channels)
+    if channels is not None:
+        return channels
+    own = getattr(model, "frame_channels", None)
+    if isinstance(own, int) and not isinstance(own, bool) and own > 0:
+        return own
+    for m in model.modules():
+        c = getattr(m, "in_channels", None)
+        if isinstance(c, int) and not isinstance(c, bool) and c > 0:
+            return c
+    return 3
+
+
 def model_options(model: nn.Module, **given: Any) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}

@@ -48,6 +48,21 @@ DEFAULT_MEAN = (0.45, 0.45, 0.45)
 DEFAULT_STD = (0.225, 0.225, 0.225)
 
 
+def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean and std a model without its own ``frame_mean``/``frame_std`` gets: the video
+    datasets' 0.45 / 0.225 for every channel, so a grey or thermal model (1 channel) has its one."""
+    return (DEFAULT_MEAN[0],) * channels, (DEFAULT_STD[0],) * channels
+
+
+def colour_of(channels: int) -> tuple[str, str]:
+    """The manifest's ``color`` and ``raw_input`` for frames of this many channels."""
+    if channels == 3:
+        return "RGB", "HxWx3 uint8"
+    if channels == 1:
+        return "gray", "HxW uint8 (an HxWx3 RGB frame is converted to grey)"
+    return f"{channels} channels", f"HxWx{channels} uint8"
+
+
 def source_hash(model: nn.Module) -> str:
     """Hash of the weights and buffers, so an artifact can tell which model it came from."""
     h = hashlib.sha256()
@@ -204,7 +219,7 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
         "model": {**model_info, "source_hash": source_hash(model),
                   "params": sum(p.numel() for p in model.parameters())},
         "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-                  "dtype": "float32", "color": "RGB", "raw_input": "HxWx3 uint8",
+                  "dtype": "float32", "color": colour_of(c)[0], "raw_input": colour_of(c)[1],
                   "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
                   "std": [float(v) for v in std]},
         "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
@@ -319,8 +334,8 @@ def export_artifact(
     lower: bool = True,
     model_info: dict[str, Any] | None = None,
     classes: list[str] | None = None,
-    mean: tuple[float, ...] = DEFAULT_MEAN,
-    std: tuple[float, ...] = DEFAULT_STD,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
     opset: int = OPSET,
     verify: bool = True,
 ) -> Path:
@@ -345,6 +360,9 @@ def export_artifact(
     weights = check_fits_one_file(model, name)
     # the exporter's graph and the simplified one sit side by side until the first is dropped
     check_disk_space(Path(out_dir), 2 * weights + 2**20, f"exporting {name} (its float32 weights twice)")
+    default_mean, default_std = default_normalisation(channels)  # for each of the frame's channels
+    mean = default_mean if mean is None else mean
+    std = default_std if std is None else std
     check_normalisation(mean, std, channels)
     h, w = frame_hw(frame_size)
     if lower:

@@ -44,7 +44,8 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
         import cv2
 
         interp = cv2.INTER_AREA if (height < h and width < w) else cv2.INTER_LINEAR
-        return cv2.resize(frame, (width, height), interpolation=interp)
+        out = cv2.resize(frame, (width, height), interpolation=interp)
+        return out[..., None] if out.ndim < frame.ndim else out  # OpenCV drops a single channel's axis
     except ImportError:
         pass
     f = frame.astype(np.float32)
@@ -104,6 +105,10 @@ def _layout_hint(shape: tuple[int, ...], c: int) -> str:
     return ""
 
 
+# ITU-R BT.601 luma, as OpenCV's RGB2GRAY: an RGB frame for a one-channel (grey) model
+LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
 class FramePreprocessor:
     """Turns one raw frame into the graph's normalised (C, H, W) float32 input, validating it."""
 
@@ -125,9 +130,17 @@ class FramePreprocessor:
             raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}.")
         c, h, w = self.shape
         if frame.dtype == np.uint8:
+            if c == 1 and 0 not in frame.shape and (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (1, 3))):
+                # a grey model takes a grey frame, or an RGB camera's, converted (resized first: cheaper)
+                img = resize(frame if frame.ndim == 3 else frame[..., None], h, w)
+                grey = img @ LUMA if img.shape[2] == 3 else img[..., 0]
+                np.multiply(grey, self.scale[0], out=out[0], casting="unsafe")
+                out -= self.offset
+                return
             if frame.ndim != 3 or frame.shape[2] != c or 0 in frame.shape:
+                expected = {3: "H×W×3 (RGB)", 1: "H×W (grey) or H×W×3 (RGB, converted to grey)"}.get(c, f"H×W×{c}")
                 raise ValueError(
-                    f"uint8 frame has shape {frame.shape}; expected H×W×{c} (RGB), any size "
+                    f"uint8 frame has shape {frame.shape}; expected {expected}, any size "
                     "(it is resized), or a normalised float32 array of shape "
                     f"{(c, h, w)}{_layout_hint(frame.shape, c)}."
                 )

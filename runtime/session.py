@@ -176,8 +176,9 @@ class Session:
 
     ``Session(path, profile=None, backend="auto", streams=1)``: ``profile`` left out runs the
     precision of the ``.onnx`` file given as ``path``, else fp32. ``step(frame)`` takes an
-    H×W×3 uint8 RGB image (resized and normalised from the manifest) or a normalised
-    3×H×W float32 array. A rejected frame raises ``ValueError`` and changes no state.
+    H×W×3 uint8 RGB image (resized and normalised from the manifest; a one-channel model's also
+    H×W grey, and converts RGB to grey) or a normalised C×H×W float32 array. A rejected frame
+    raises ``ValueError`` and changes no state.
     ``max_batch`` (ONNX Runtime) runs calls over many streams in chunks of at most that many
     rows, so each extra stream costs about its state bytes instead of two state sets plus
     activations (see ``runtime/backend/onnxrt.py``); leave it None for a few streams.

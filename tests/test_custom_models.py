@@ -189,6 +189,22 @@ def first_head():
     return FirstOf(TwoHeads())
 
 
+class Grey(nn.Module):
+    """A one-channel (grey, thermal, depth) camera model."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.conv = CausalConv3d(1, 6, 3, padding=1)
+        self.fc = nn.Conv3d(6, num_classes, 1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x))).mean(dim=(3, 4))
+
+
+def grey(num_classes=3):
+    return Grey(num_classes)
+
+
 class BatchAsTime(Tiny):
     def forward(self, x):
         n, t = x.shape[0], x.shape[2]
@@ -515,3 +531,80 @@ def test_the_wrapper_the_two_outputs_refusal_suggests_exports(user_module: str, 
     assert res.exit_code == 0, res.output
     with Session(tmp_path / "first_head.edge3d") as s:
         assert s.manifest["output"]["shape"] == ["N", 4]
+
+
+def test_a_grey_camera_model_at_a_non_square_size_exports_and_streams(user_module: str, tmp_path: Path) -> None:
+    """One input channel and a 3:4 frame: the CLI built (3, S, S) frames only, so such a model could not
+    be exported, and its refusal named a fix (its channels) no flag could give."""
+    module = __import__(user_module)
+    model = randomize(module.grey(num_classes=3), seed=11).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", f"{user_module}:grey", "--size", "24x32", "--checkpoint",
+                              str(tmp_path / "ck.pt"), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output  # channels taken from the model's first convolution
+    art = tmp_path / "grey.edge3d"
+    frame = Session(art).manifest["frame"]
+    assert (frame["channels"], frame["height"], frame["width"], frame["color"]) == (1, 24, 32, "gray")
+    assert frame["mean"] == [0.45] and frame["std"] == [0.225]
+
+    clip = torch.randn(1, 1, 64, 24, 32, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    with Session(art) as s:
+        out = np.stack([s.step(clip[0, :, t].numpy()) for t in range(64)], axis=1)
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+    # raw frames: grey as H×W (or H×W×1), and an RGB camera's frame converted with BT.601 luma
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (8, 24, 32, 3), dtype=np.uint8)
+    luma = rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    grey_u8 = np.round(luma).astype(np.uint8)
+    with Session(art) as a, Session(art) as b, Session(art) as c, Session(art) as d:
+        for f, y in zip(rgb, luma, strict=True):
+            want = a.step(((y / 255 - 0.45) / 0.225)[None].astype(np.float32))
+            np.testing.assert_allclose(b.step(f), want, rtol=1e-4, atol=1e-5)
+        for g in grey_u8:
+            np.testing.assert_array_equal(c.step(g), d.step(g[..., None]))
+        with pytest.raises(ValueError, match=r"expected H×W \(grey\) or H×W×3 \(RGB, converted to grey\)"):
+            c.step(np.zeros((24, 32, 4), np.uint8))
+
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "12"])  # RGB frames
+    assert res.exit_code == 0 and "cache memory per stream" in res.output, res.output
+    res = runner.invoke(app, ["inspect", str(art)])
+    assert res.exit_code == 0 and "1×24×32 (gray)" in res.output
+    res = runner.invoke(app, ["export", f"{user_module}:grey", "--size", "16", "--channels", "3", "-o",
+                              str(tmp_path / "rgb")], terminal_width=400)
+    assert res.exit_code == 2 and "cannot run on frames of shape (3, 16, 16)" in res.output
+    assert "(--channels and --size on the command line)" in res.output
+
+
+def test_a_zoo_model_exports_at_a_non_square_size(tmp_path: Path) -> None:
+    from edge3d import zoo
+
+    model = randomize(zoo.build("d-resnet18", width=0.125, num_classes=5), seed=13).eval()
+    torch.save(model.state_dict(), tmp_path / "ck.pt")
+    res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "40x56",
+                                   "--checkpoint", str(tmp_path / "ck.pt"), "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    clip = torch.randn(1, 3, 64, 40, 56, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    with Session(tmp_path / "d-resnet18.edge3d") as s:
+        assert (s.manifest["frame"]["height"], s.manifest["frame"]["width"]) == (40, 56)
+        assert s.manifest["model"]["options"]["frame_size"] == [40, 56]
+        out = np.stack([s.step(clip[0, :, t].numpy()) for t in range(64)], axis=1)
+        assert s.step(np.zeros((480, 640, 3), np.uint8)).shape == (5,)  # a 4:3 camera frame, resized
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+@pytest.mark.parametrize(("size", "message"), [
+    ("0", "frame_size (--size) must be positive, got 0"),
+    ("0x5", "--size must be S for an S×S frame or HxW such as 96x128 (height x width), got '0x5'"),
+    ("12x", "got '12x'"),
+    ("big", "got 'big'"),
+])
+def test_a_bad_size_is_one_sentence(tmp_path: Path, size: str, message: str) -> None:
+    res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--size", size, "-o",
+                                   str(tmp_path / "out")], terminal_width=400)
+    assert res.exit_code == 2 and message in res.output and not (tmp_path / "out").exists()

@@ -88,6 +88,9 @@ def check_options(options: dict[str, Any]) -> None:
     classes would otherwise build, and a frame size of 0 silently becomes the default."""
     for key, flag in SIZE_OPTIONS.items():
         value = options.get(key)
+        if key == "frame_size" and isinstance(value, tuple) and len(value) == 2 and all(
+                isinstance(v, int) and v > 0 for v in value):
+            continue  # (height, width): `--size 96x128`
         if value is not None and not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
             raise ValueError(f"{key} ({flag}) must be positive, got {value}; leave it out for the model's default.")
 
