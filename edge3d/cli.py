@@ -60,6 +60,9 @@ Size = Annotated[str | None, typer.Option(
 Channels = Annotated[int | None, typer.Option(
     "--channels", help="Channels per frame (default: the model's first convolution's: 3 for RGB, 1 for a grey, "
                        "thermal or depth camera model, which also takes RGB frames, converted to grey).")]
+Width = Annotated[float | None, typer.Option(
+    "--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
+Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
 
 
 def frame_size_option(size: str | None) -> int | tuple[int, int] | None:
@@ -81,9 +84,6 @@ def frame_size_option(size: str | None) -> int | tuple[int, int] | None:
 def size_text(frame_size: int | tuple[int, int]) -> str:
     h, w = (frame_size, frame_size) if isinstance(frame_size, int) else frame_size
     return f"{h}×{w}"
-Width = Annotated[float | None, typer.Option(
-    "--width", help="Channel multiplier: 1 is the paper's model, 0.25 a quarter of its channels (not a percentage).")]
-Head = Annotated[str | None, typer.Option("--head", help="Temporal head: fc | lstm | gru (where the model has one).")]
 
 
 # The optional packages a verb may import, and the extra that installs each. A runtime-only install
