@@ -598,13 +598,15 @@ def test_a_zoo_model_exports_at_a_non_square_size(tmp_path: Path) -> None:
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
 
 
-@pytest.mark.parametrize(("size", "message"), [
-    ("0", "frame_size (--size) must be positive, got 0"),
-    ("0x5", "--size must be S for an S×S frame or HxW such as 96x128 (height x width), got '0x5'"),
-    ("12x", "got '12x'"),
-    ("big", "got 'big'"),
+@pytest.mark.parametrize(("model", "size", "message"), [
+    ("d-resnet18", "0", "frame_size (--size) must be positive, got 0"),
+    ("d-resnet18", "0x5", "--size must be S for an S×S frame or HxW such as 96x128 (height x width), got '0x5'"),
+    ("d-resnet18", "12x", "got '12x'"),
+    ("d-resnet18", "big", "got 'big'"),
+    ("gestures", "48x64", "gestures was trained with --size 48 (frame_size in Python), so --size 48x64 cannot"),
 ])
-def test_a_bad_size_is_one_sentence(tmp_path: Path, size: str, message: str) -> None:
-    res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--size", size, "-o",
-                                   str(tmp_path / "out")], terminal_width=400)
+def test_a_bad_size_is_one_sentence(tmp_path: Path, model: str, size: str, message: str) -> None:
+    small = ["--width", "0.125"] if model == "d-resnet18" else []
+    res = CliRunner().invoke(app, ["export", model, *small, "--size", size, "-o", str(tmp_path / "out")],
+                             terminal_width=400)
     assert res.exit_code == 2 and message in res.output and not (tmp_path / "out").exists()

@@ -58,8 +58,9 @@ def _build(arch: str, zoo_name: str, options: dict[str, Any]) -> StreamingResNet
             from . import SIZE_OPTIONS
 
             flag = {**SIZE_OPTIONS, "head": "--head"}[key]
+            given = "x".join(map(str, value)) if isinstance(value, tuple) else value  # --size HxW as typed
             raise ValueError(f"{zoo_name} was trained with {flag} {expected[key]} ({key} in Python), so "
-                             f"{flag} {value} cannot load its checkpoint; leave the option out.")
+                             f"{flag} {given} cannot load its checkpoint; leave the option out.")
     path = CHECKPOINTS / spec["checkpoint"]
     if not path.is_file():
         raise ValueError(f"checkpoint {path} is missing; it ships inside the edge3d package (reinstall it), or recreate "
