@@ -56,7 +56,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 Classes = Annotated[int | None, typer.Option("--classes", help="Number of output classes.")]
 Size = Annotated[str | None, typer.Option(
-    "--size", help="Frame size the model runs at: S for S×S, or HxW such as 96x128 for a 3:4 camera.")]
+    "--size", help="Frame size the model runs at: S for S×S, or HxW such as 96x128 for a 4:3 camera.")]
 Channels = Annotated[int | None, typer.Option(
     "--channels", help="Channels per frame (default: the model's first convolution's: 3 for RGB, 1 for a grey, "
                        "thermal or depth camera model, which also takes RGB frames, converted to grey).")]

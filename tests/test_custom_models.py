@@ -534,7 +534,7 @@ def test_the_wrapper_the_two_outputs_refusal_suggests_exports(user_module: str, 
 
 
 def test_a_grey_camera_model_at_a_non_square_size_exports_and_streams(user_module: str, tmp_path: Path) -> None:
-    """One input channel and a 3:4 frame: the CLI built (3, S, S) frames only, so such a model could not
+    """One input channel and a 4:3 frame: the CLI built (3, S, S) frames only, so such a model could not
     be exported, and its refusal named a fix (its channels) no flag could give."""
     module = __import__(user_module)
     model = randomize(module.grey(num_classes=3), seed=11).eval()
