@@ -79,7 +79,9 @@ def check_normalisation(mean: object, std: object, channels: int) -> None:
         seq = list(values) if isinstance(values, (list, tuple, np.ndarray)) else None
         if seq is None or len(seq) != channels or not all(
                 isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in seq):
-            raise ValueError(f"frame {label} {values!r} must be {channels} finite numbers, one per channel.")
+            count = "one finite number, for its one channel" if channels == 1 else \
+                f"{channels} finite numbers, one per channel"
+            raise ValueError(f"frame {label} {values!r} must be {count}.")
         checked[label] = tuple(float(v) for v in seq)
     if not all(v > 0 for v in checked["std"]):
         raise ValueError(f"frame std {checked['std']} must be positive in every channel.")

@@ -577,6 +577,10 @@ def test_a_grey_camera_model_at_a_non_square_size_exports_and_streams(user_modul
                               str(tmp_path / "rgb")], terminal_width=400)
     assert res.exit_code == 2 and "cannot run on frames of shape (3, 16, 16)" in res.output
     assert "(--channels and --size on the command line)" in res.output
+    from edge3d.exporters.onnx import export_artifact
+
+    with pytest.raises(ValueError, match=r"frame mean \(0.4, 0.4, 0.4\) must be one finite number, for its one "):
+        export_artifact(model, tmp_path / "rgb-stats", "g", frame_size=16, channels=1, mean=(0.4,) * 3, std=(0.2,))
 
 
 def test_a_zoo_model_exports_at_a_non_square_size(tmp_path: Path) -> None:
