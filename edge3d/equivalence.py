@@ -84,10 +84,10 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
                                 "(verify=False in Python).")
     err, scale, i = _frame_errors(out.movedim(axis, 0).numpy(), ref.movedim(axis, 0).numpy())
     if i is not None:
-        norms = _norms_over_time(model, clip)
-        cause = (f"{norms} {'take their' if ' and ' in norms or ', ' in norms else 'takes its'} statistics over the clip's frames as well as each frame's pixels, which one "
-                 "frame at a time cannot reproduce; apply it per frame, to x reshaped to (N·T, C, H, W), or use "
-                 "BatchNorm3d" if norms else
+        norms, several = _norms_over_time(model, clip)
+        cause = (f"its {norms} {'take their' if several else 'takes its'} statistics over the clip's frames as "
+                 "well as each frame's pixels, which one frame at a time cannot reproduce; apply it per frame, to "
+                 "x reshaped to (N·T, C, H, W), or use BatchNorm3d" if norms else
                  "its forward code mixes frames outside the edge3d.nn layers (a mean, sum, cumsum, flip or index "
                  "over the time axis, or a tensor kept between calls), which one frame at a time cannot "
                  "reproduce; write that part with an edge3d.nn layer (RunningMean for a causal mean)")
@@ -99,9 +99,9 @@ def check_step_matches_clip(step: nn.Module, frames: int = CHECK_FRAMES, seed: i
     return {"frames": frames, "outputs": len(at), "max_error": float(err.max()), "scale": scale}
 
 
-def _norms_over_time(model: nn.Module, clip: torch.Tensor) -> str:
+def _norms_over_time(model: nn.Module, clip: torch.Tensor) -> tuple[str, bool]:
     """The normalisation layers whose statistics span the time axis in the clip forward, named for
-    the error ("its blocks.0.norm (GroupNorm)"); empty if none.
+    the error ("blocks.0.norm (GroupNorm)"; empty if none), and whether there are several.
 
     GroupNorm, InstanceNorm3d and a LayerNorm over (T, H, W) on an (N, C, T, H, W) clip are the usual
     way a model built for clips stops being causal without a visible time op in its forward code.
@@ -130,12 +130,12 @@ def _norms_over_time(model: nn.Module, clip: torch.Tensor) -> str:
         with torch.no_grad():
             model(clip)
     except Exception:  # it ran once already; a second failure leaves the general message
-        return ""
+        return "", False
     finally:
         for h in handles:
             h.remove()
     named = [f"{p} ({type(model.get_submodule(p)).__name__})" for p in found[:3]]
-    return ("its " + ", ".join(named) + (f" and {len(found) - 3} more" if len(found) > 3 else "")) if named else ""
+    return ", ".join(named) + (f" and {len(found) - 3} more" if len(found) > 3 else ""), len(found) > 1
 
 
 def _random_clip(step: nn.Module, frames: int, seed: int) -> torch.Tensor:

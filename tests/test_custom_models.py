@@ -164,6 +164,19 @@ def frame_norm():
     return ClipNorm(per_frame=True)
 
 
+class TwoClipNorms(ClipNorm):
+    def __init__(self):
+        super().__init__()
+        self.norm2 = nn.InstanceNorm3d(8)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.norm2(self.norm(self.conv(x))))).mean(dim=(3, 4))
+
+
+def two_norms():
+    return TwoClipNorms()
+
+
 class TwoHeads(Tiny):
     def forward(self, x):
         y = torch.relu(self.conv(x)).mean(dim=(3, 4))
@@ -520,6 +533,9 @@ def test_a_norm_over_the_clip_is_named_and_its_per_frame_form_exports(user_modul
     assert res.exit_code == 2 and not list(tmp_path.iterdir())
     assert "its norm (GroupNorm) takes its statistics over the clip's frames" in res.output
     assert "to x reshaped to (N·T, C, H, W)" in res.output
+    res = runner.invoke(app, ["export", f"{user_module}:two_norms", "--size", "16", "-o", str(tmp_path)],
+                        terminal_width=400)
+    assert res.exit_code == 2 and "its norm (GroupNorm), norm2 (InstanceNorm3d) take their statistics" in res.output
     res = runner.invoke(app, ["export", f"{user_module}:frame_norm", "--size", "16", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
     manifest = (tmp_path / "frame_norm.edge3d" / "manifest.json").read_text()
