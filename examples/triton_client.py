@@ -157,6 +157,23 @@ def top(output: np.ndarray, classes: list[str] | None) -> tuple[int, str, float]
     return i, (classes[i] if classes and i < len(classes) else str(i)), float(p[i] / p.sum())
 
 
+def camera_line(index: int, sequence: int, outputs: list[np.ndarray], labels: list[int | None],
+                manifest: dict) -> str:
+    """One camera's closing line: its last top class and its per-frame accuracy where it has labels.
+    A segmentation or heatmap model's output is a map, with a class per position and no top class."""
+    from edge3d.runtime.manifest import output_map
+
+    if output_map(manifest) is not None:
+        shape = "×".join(map(str, manifest["output"]["shape"][1:]))
+        return f"camera {index} (sequence {sequence}): a {shape} map, max {float(np.max(outputs[-1])):.2f}"
+    _, name, score = top(outputs[-1], manifest["output"].get("classes"))
+    line = f"camera {index} (sequence {sequence}): top class {name} ({score:.2f})"
+    labelled = [(top(o, None)[0], lab) for o, lab in zip(outputs, labels, strict=True) if lab is not None]
+    if labelled:
+        line += f", per-frame accuracy {100 * np.mean([p == lab for p, lab in labelled]):.1f}%"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,17 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     except InferenceServerException as e:  # the server went away or refused a request mid-stream
         print(f"error: Triton answered {e.message()}; check the server log.", file=sys.stderr)
         return 2
-    classes = manifest["output"].get("classes")
     print(f"{args.cameras} cameras x {args.frames} frames in {seconds:.2f} s "
           f"({args.cameras * args.frames / seconds:.1f} frames/s over gRPC)")
     for cam in cams:
-        idx, name, score = top(outputs[cam.index][-1], classes)
-        line = f"camera {cam.index} (sequence {base + cam.index}): top class {name} ({score:.2f})"
-        labelled = [(top(o, None)[0], lab) for o, lab in zip(outputs[cam.index], cam.labels, strict=True)
-                    if lab is not None]
-        if labelled:
-            line += f", per-frame accuracy {100 * np.mean([p == lab for p, lab in labelled]):.1f}%"
-        print(line)
+        print(camera_line(cam.index, base + cam.index, outputs[cam.index], cam.labels, manifest))
     return 0
 
 

@@ -323,6 +323,23 @@ def test_client_builds_requests_without_a_server(stream_artifact: Path, tmp_path
     np.testing.assert_array_equal(plan[1].frame, want[None])
 
 
+def test_client_summarises_a_class_vector_and_a_map(stream_artifact: Path) -> None:
+    """What the client prints per camera from the server's outputs; a map output has no top class."""
+    client = _client_module()
+    manifest = json.loads((stream_artifact / "manifest.json").read_text())
+    classes = manifest["output"]["shape"][1]
+    outputs = [np.eye(classes, dtype=np.float32)[i % classes] * 4 for i in range(6)]
+    line = client.camera_line(2, 102, outputs, [0, 1, 0, 3, None, 0], manifest)
+    # frame i's top class is i % classes (5): frames 0, 1, 3 and 5 match their labels, frame 2 does not,
+    # frame 4 has none
+    assert classes == 5
+    p = np.exp(4) / (np.exp(4) + classes - 1)
+    assert line == f"camera 2 (sequence 102): top class 0 ({p:.2f}), per-frame accuracy 80.0%"
+    manifest["output"]["shape"] = ["N", 3, 4, 4]
+    maps = [np.full((3, 4, 4), v, np.float32) for v in (0.5, 1.25)]
+    assert client.camera_line(0, 7, maps, [1, 2], manifest) == "camera 0 (sequence 7): a 3×4×4 map, max 1.25"
+
+
 def _run_client(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(ROOT / "examples" / "triton_client.py"), *args],
