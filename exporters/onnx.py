@@ -198,19 +198,36 @@ def weight_bytes(path: Path) -> int:
                    for t in model.graph.initializer))
 
 
+def check_classes(classes: list[str] | None, output_shape: tuple[int, ...]) -> list[str] | None:
+    """The class names as a list, refused unless they are strings, one per class (per channel of a map)."""
+    if classes is None:
+        return None
+    outputs = class_count(output_shape)
+    if isinstance(classes, str) or not all(isinstance(n, str) for n in classes):
+        raise ValueError(f"classes must be a list of class names (strings), got {classes!r:.80}.")
+    if len(classes) != outputs:
+        raise ValueError(f"{len(classes)} class names for a model with {outputs} classes; pass one name per "
+                         "class (per output channel of a map), in output order (or none).")
+    return list(classes)
+
+
+def step_output_shape(step: StepModule) -> tuple[int, ...]:
+    """One stream's output per frame, from one step of zeros (the last stage's, for a multi-rate step)."""
+    with torch.no_grad():
+        if hasattr(step, "stages"):
+            last = step.stages[-1]
+            out = last(*last.example_inputs(1), *last.initial_states(1))[0]
+        else:
+            out = step(torch.zeros(1, *step.frame_shape), *step.initial_states(1))[0]
+    return tuple(out.shape[1:])
+
+
 def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *, model_info: dict[str, Any],
                     classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
                     output_shape: tuple[int, ...]) -> dict[str, Any]:
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
-    if classes is not None:  # checked here, where the output's size is known; nothing is in place yet
-        outputs = class_count(output_shape)
-        if isinstance(classes, str) or not all(isinstance(n, str) for n in classes):
-            raise ValueError(f"classes must be a list of class names (strings), got {classes!r:.80}.")
-        if len(classes) != outputs:
-            raise ValueError(f"{len(classes)} class names for a model with {outputs} classes; pass one name per "
-                             "class (per output channel of a map), in output order (or none).")
-        classes = list(classes)
+    classes = check_classes(classes, output_shape)
     return {
         "format_version": FORMAT_VERSION,
         "edge3d_version": __version__,
@@ -231,8 +248,6 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
 
 def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
                    mean: tuple[float, ...], std: tuple[float, ...], lowered: bool) -> dict[str, Any]:
-    with torch.no_grad():
-        out = step(torch.zeros(1, *step.frame_shape), *step.initial_states(1))[0]
     states = []
     for s in step.state_specs:
         i, o = state_io_names(s.name)
@@ -241,7 +256,7 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
                        "bytes": s.bytes, "input_history": s.input_history})
     return {
         **manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
-                          mean=mean, std=std, output_shape=tuple(out.shape[1:])),
+                          mean=mean, std=std, output_shape=step_output_shape(step)),
         "states": states,
         "macs_per_frame": count_macs(step),
         "params": sum(p.numel() for p in step.model.parameters()),
@@ -369,6 +384,8 @@ def export_artifact(
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
     else:
         step = to_step(model, (channels, h, w), keep_time=True, lower=False)
+    # before the checks and the export, which take seconds: the names must fit the output
+    classes = check_classes(classes, step_output_shape(step)) if classes is not None else None
     check = None
     if verify:
         from ..equivalence import check_step_matches_clip

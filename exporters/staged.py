@@ -26,6 +26,7 @@ from .onnx import (
     quiet,
     set_metadata,
     simplify,
+    step_output_shape,
     weight_bytes,
 )
 
@@ -69,11 +70,8 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             simplify(raw, path)
             drop_raw(raw)
             files.append(path)
-        with torch.no_grad():
-            last = step.stages[-1]
-            out = last(*last.example_inputs(1), *last.initial_states(1))[0]
         manifest.update(manifest_header(step.model, step.frame_shape, name, model_info=model_info,
-                                        classes=classes, mean=mean, std=std, output_shape=tuple(out.shape[1:])))
+                                        classes=classes, mean=mean, std=std, output_shape=step_output_shape(step)))
         manifest.update({
             "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
                         **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}
