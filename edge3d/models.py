@@ -51,8 +51,10 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
 # Training scripts commonly save {"state_dict": ...} (Lightning), {"model_state_dict": ..., "optimizer_state_dict":
 # ...} (the PyTorch tutorials) or {"model": ...}; the weights are the same state_dict one level down.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model")
-# nn.DataParallel and DistributedDataParallel save every key under "module.".
-WRAPPER_PREFIX = "module."
+# The model's keys one level down in a training wrapper: nn.DataParallel and DistributedDataParallel
+# ("module."), torch.compile ("_orig_mod."), the attribute of a LightningModule that holds the network
+# ("model.", "net.", ... whatever its author named it), or several of these ("module._orig_mod.").
+PREFIX_DEPTH = 3
 
 
 def _unwrap(state: Any) -> Any:
@@ -62,12 +64,36 @@ def _unwrap(state: Any) -> Any:
     return state
 
 
-def _strip_prefix(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
-    keys = [k for k in state if isinstance(k, str)]
-    if (keys and len(keys) == len(state) and all(k.startswith(WRAPPER_PREFIX) for k in keys)
-            and not any(k.startswith(WRAPPER_PREFIX) for k in own)):
-        return {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()}
-    return state
+def _model_keys(keys: Any) -> set[str]:
+    return {k for k in keys if not k.endswith(BN_COUNTER)}
+
+
+def _strip_prefix(state: dict[str, Any], own: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The model's weights in a checkpoint whose keys carry a wrapper's prefix, else the state as it is.
+
+    A prefix is taken only when the keys under it are exactly the model's, with the same shapes, so
+    an unrelated checkpoint still gets the mismatch message. Keys beside it (a loss module's buffers,
+    a Lightning metric) are left out; two copies of the model (a network and its EMA, a teacher and
+    its student) are refused, since only the user knows which one was meant.
+    """
+    wanted = _model_keys(own)
+    if not wanted or _model_keys(state) >= wanted:
+        return state
+    prefixes = {prefix for k in state if isinstance(k, str) for depth in range(1, PREFIX_DEPTH + 1)
+                if k.count(".") >= depth and k[len(prefix := ".".join(k.split(".")[:depth]) + "."):] in wanted}
+    found = {}
+    for prefix in sorted(prefixes, key=lambda q: (q.count("."), q)):
+        sub = {k[len(prefix):]: v for k, v in state.items() if isinstance(k, str) and k.startswith(prefix)}
+        if _model_keys(sub) == wanted and all(getattr(sub[k], "shape", None) == own[k].shape for k in wanted):
+            found[prefix] = sub
+    if len(found) > 1:
+        first, second = list(found)[:2]
+        times = "twice" if len(found) == 2 else f"{len(found)} times"
+        raise ValueError(f"checkpoint {path} holds this model's weights {times}, under {first!r} and {second!r} (a "
+                         f"network and its EMA copy, say); save the copy to export, as in torch.save({{k[{len(first)}:]: "
+                         f"v for k, v in sd.items() if k.startswith({first!r})}}, 'weights.pt') where sd is the "
+                         "checkpoint's weights, and pass that file.")
+    return next(iter(found.values()), state)
 
 
 BN_COUNTER = "num_batches_tracked"
@@ -105,8 +131,9 @@ def _checkpoint_kind(path: Path) -> str:
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
     """Load a ``state_dict`` file strictly; a mismatch is one sentence naming keys and the fix.
 
-    A training checkpoint that wraps the state_dict (``WRAPPER_KEYS``) or a DataParallel one
-    (every key under ``module.``) is accepted as it is, since that is what most users have."""
+    A training checkpoint that wraps the state_dict (``WRAPPER_KEYS``), or whose keys carry a
+    wrapper's prefix (DataParallel's ``module.``, torch.compile's ``_orig_mod.``, a LightningModule's
+    attribute), is accepted as it is, since that is what most users have."""
     import torch
 
     path = Path(path)
@@ -146,7 +173,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
                 if holders else "save the model's weights with torch.save(model.state_dict(), path)")
         raise ValueError(f"checkpoint {path} holds no tensors at its top level (its keys: {keys}); {hint}.")
     own = model.state_dict()
-    state = _strip_prefix(state, own)
+    state = _strip_prefix(state, own, path)
     # BatchNorm's batch counter matters only to training with momentum=None; checkpoints saved by
     # parameter-only or EMA code, or converted from other frameworks, often lack it. Keep the model's.
     state = {**{k: v for k, v in own.items() if k.endswith(BN_COUNTER) and k not in state}, **state}

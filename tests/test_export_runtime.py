@@ -559,10 +559,15 @@ def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path
 
 @pytest.mark.parametrize("wrap", [
     lambda sd: {"epoch": 3, "state_dict": sd},
+    # a LightningModule saves its network under the attribute that holds it, beside its loss's buffers
+    lambda sd: {"epoch": 3, "state_dict": {**{f"net.{k}": v for k, v in sd.items()}, "loss.weight": torch.ones(5)}},
     lambda sd: {"model_state_dict": {f"module.{k}": v for k, v in sd.items()}, "optimizer_state_dict": {}},
     lambda sd: {f"module.{k}": v for k, v in sd.items()},
+    lambda sd: {f"_orig_mod.{k}": v for k, v in sd.items()},  # a torch.compile'd model
+    lambda sd: {f"module._orig_mod.{k}": v for k, v in sd.items()},
     lambda sd: {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")},
-], ids=["lightning", "tutorial-dataparallel", "dataparallel", "no-bn-counters"])
+], ids=["state-dict-key", "lightning", "tutorial-dataparallel", "dataparallel", "compiled", "dataparallel-compiled",
+        "no-bn-counters"])
 def test_training_checkpoints_load_as_saved(tmp_path: Path, wrap) -> None:
     from edge3d.models import load_checkpoint
 
@@ -576,6 +581,30 @@ def test_training_checkpoints_load_as_saved(tmp_path: Path, wrap) -> None:
     with torch.no_grad():
         clip = torch.randn(1, 3, 4, 32, 32)
         torch.testing.assert_close(fresh.eval()(clip), trained(clip), rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_two_copies_of_the_model_is_refused_naming_both(tmp_path: Path) -> None:
+    """A network and its EMA copy both match the model: loading either silently could ship the wrong one."""
+    from edge3d.models import load_checkpoint
+
+    model = zoo.build("d-resnet18", **TINY)
+    sd = randomize(zoo.build("d-resnet18", **TINY), seed=12).state_dict()
+    saved = {**{f"model.{k}": v for k, v in sd.items()}, **{f"ema.module.{k}": v + 1 for k, v in sd.items()}}
+    torch.save({"state_dict": saved}, tmp_path / "ck.pt")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=re.escape("holds this model's weights twice, under 'model.' and "
+                                                   "'ema.module.' (a network and its EMA copy, say)")) as e:
+        load_checkpoint(model, tmp_path / "ck.pt")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # the fix the message gives, run as written, picks the copy and loads
+    fix = re.search(r"as in (torch\.save\(.*?'weights\.pt'\))", str(e.value)).group(1)
+    exec(fix.replace("'weights.pt'", repr(str(tmp_path / "weights.pt"))), {"torch": torch, "sd": saved})
+    load_checkpoint(model, tmp_path / "weights.pt")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in sd.items())
+    # a prefix whose keys are not exactly the model's is not taken: the mismatch is named as before
+    torch.save({f"x.{k}": v for k, v in list(sd.items())[:-3]}, tmp_path / "part.pt")
+    with pytest.raises(ValueError, match=r"does not match the model: \d+ missing keys"):
+        load_checkpoint(model, tmp_path / "part.pt")
 
 
 def test_checkpoint_with_a_value_that_is_not_a_tensor(tmp_path: Path) -> None:
@@ -825,15 +854,16 @@ def test_export_refuses_class_names_and_frame_sizes_that_do_not_fit(tmp_path: Pa
     shown by name or by number at random; a one-element frame size failed inside tuple unpacking.
     Names that do not fit are refused before the step check and the ONNX export, which take seconds
     (ten for a full-size model) and would only be thrown away."""
-    import edge3d.equivalence
-    import edge3d.exporters.onnx as exporter
+    from edge3d.exporters import onnx as exporter
+
+    from edge3d import equivalence
 
     def too_late(*_a: object, **_k: object) -> None:
         raise AssertionError("the class names were checked only after the step check or the export")
 
     model = zoo.build("d-resnet18", **TINY)
     with monkeypatch.context() as m:
-        m.setattr(edge3d.equivalence, "check_step_matches_clip", too_late)
+        m.setattr(equivalence, "check_step_matches_clip", too_late)
         m.setattr(exporter, "_quiet_export", too_late)
         with pytest.raises(ValueError, match=re.escape(says)):
             export_artifact(model, tmp_path, "m", **{"frame_size": SIZE, **kwargs})
