@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,7 @@ def export_artifact(
     std: tuple[float, ...] | None = None,
     opset: int = OPSET,
     verify: bool = True,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``out_dir/<name>.edge3d/`` with ``manifest.json`` and ``model.fp32.onnx``.
 
@@ -362,8 +363,11 @@ def export_artifact(
     one through the written ONNX graph against the step (``edge3d/equivalence.py``): a model whose
     forward code mixes frames by itself, or a graph that does not compute its step, is refused
     before the artifact is moved into place; ``model.step_check`` in the manifest records what
-    was checked (None when skipped).
+    was checked (None when skipped). ``progress`` is told each phase as it starts: a full-size
+    VoV3D takes over a minute, most of it in torch.export, and a status line that names the phase
+    shows the user the export is moving.
     """
+    say = progress or (lambda _phase: None)
     check_artifact_name(name)
     if (Path(out_dir) / MANIFEST).is_file():
         raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
@@ -380,6 +384,7 @@ def export_artifact(
     std = default_std if std is None else std
     check_normalisation(mean, std, channels)
     h, w = frame_hw(frame_size)
+    say("building the step")
     if lower:
         step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
     else:
@@ -390,6 +395,7 @@ def export_artifact(
     if verify:
         from ..equivalence import check_step_matches_clip
 
+        say("checking the step against the clip forward")
         check = check_step_matches_clip(step)
     model_info = {**(model_info or {"name": name}), "step_check": check}
     out_dir = Path(out_dir)
@@ -397,11 +403,13 @@ def export_artifact(
         from .staged import export_staged
 
         return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
-                             mean=mean, std=std, opset=opset)
+                             mean=mean, std=std, opset=opset, progress=say)
     with artifact_folder(out_dir, name) as (tmp, manifest):
         raw = tmp / "raw.onnx"
+        say("tracing the step graph (torch.export)")
         _quiet_export(step, raw, opset)
         onnx_path = tmp / "model.fp32.onnx"
+        say("simplifying the graph")
         simplify(raw, onnx_path)
         drop_raw(raw)
         manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
@@ -415,6 +423,7 @@ def export_artifact(
         if check is not None:  # the graph as written, against the step it was made from
             from ..equivalence import check_onnx_matches_step
 
+            say("checking the ONNX graph against the step in ONNX Runtime")
             manifest["model"]["step_check"]["onnx_max_error_relative"] = check_onnx_matches_step(onnx_path, step)
         manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
         manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)

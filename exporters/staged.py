@@ -10,6 +10,7 @@ here makes sure no stage still takes the frame or any node of an earlier stage's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +59,15 @@ def _io(values: list[Any]) -> list[dict[str, Any]]:
 
 
 def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_info: dict[str, Any],
-                  classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...], opset: int) -> Path:
+                  classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...], opset: int,
+                  progress: Callable[[str], None] | None = None) -> Path:
     """Write ``out_dir/<name>.edge3d/`` with ``stage<k>.fp32.onnx`` per stage and the manifest."""
     report = step.report()
     with artifact_folder(out_dir, name) as (tmp, manifest):
         files = []
         for st in step.stages:
+            if progress:
+                progress(f"tracing stage {st.index + 1} of {len(step.stages)} (torch.export)")
             raw = tmp / f"raw{st.index}.onnx"
             _export_stage(st, raw, opset)
             path = tmp / f"stage{st.index}.fp32.onnx"

@@ -873,6 +873,18 @@ def test_export_refuses_class_names_and_frame_sizes_that_do_not_fit(tmp_path: Pa
         assert Session(art).classes == list("abcde")
 
 
+def test_export_names_each_phase_as_it_starts(tmp_path: Path) -> None:
+    """A full-size VoV3D exports for over a minute; the CLI's status line shows the phase it is in."""
+    seen: list[str] = []
+    export_artifact(zoo.build("d-resnet18", **TINY), tmp_path, "m", frame_size=32, progress=seen.append)
+    assert seen == ["building the step", "checking the step against the clip forward",
+                    "tracing the step graph (torch.export)", "simplifying the graph",
+                    "checking the ONNX graph against the step in ONNX Runtime"]
+    seen.clear()
+    export_artifact(zoo.build("d-resnet18", **TINY), tmp_path, "m", frame_size=32, verify=False, progress=seen.append)
+    assert seen == ["building the step", "tracing the step graph (torch.export)", "simplifying the graph"]
+
+
 def test_an_artifact_folder_is_refused_as_an_output_folder(tiny_artifact, tmp_path: Path) -> None:
     """`-o out/x.edge3d` where `-o out` was meant wrote a second artifact inside the first."""
     art = _copy(tiny_artifact[0], tmp_path)

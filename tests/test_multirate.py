@@ -96,7 +96,11 @@ def test_single_rate_models_keep_the_plain_step_module() -> None:
 @pytest.fixture(scope="module")
 def r3d(tmp_path_factory) -> tuple[nn.Module, Path]:
     model = randomize(zoo.build("r3d18-causal", width=0.125, num_classes=5), seed=3)
-    return model, export_artifact(model, tmp_path_factory.mktemp("mr"), "r3d", frame_size=SIZE)
+    return model, export_artifact(model, tmp_path_factory.mktemp("mr"), "r3d", frame_size=SIZE,
+                                  progress=R3D_PHASES.append)
+
+
+R3D_PHASES: list[str] = []  # what the r3d fixture's export announced, in order
 
 
 def test_r3d18_causal_stages_equal_clip_in_pytorch(r3d) -> None:
@@ -158,6 +162,8 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
 
 
 def test_r3d18_causal_manifest_and_graphs(r3d) -> None:
+    assert R3D_PHASES == ["building the step", "checking the step against the clip forward",
+                          *(f"tracing stage {k} of 4 (torch.export)" for k in range(1, 5))]
     _, art = r3d
     m = json.loads((art / "manifest.json").read_text())
     assert [st["rate"] for st in m["stages"]] == [1, 2, 4, 8]
