@@ -15,6 +15,9 @@ _LAZY = {
     "to_step": ("edge3d.convert", "to_step"),
     "StepModule": ("edge3d.convert", "StepModule"),
     "inspect": ("edge3d.accounting", "inspect"),
+    # a model object in hand (not a factory the CLI can import) is exported from Python
+    "export_artifact": ("edge3d.exporters.onnx", "export_artifact"),
+    "add_precisions": ("edge3d.exporters.precision", "add_precisions"),
 }
 
 
@@ -25,3 +28,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'edge3d' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

@@ -1061,13 +1061,26 @@ def test_runtime_imports_without_torch(tiny_artifact) -> None:
         "            raise ImportError('torch is blocked in this test')\n"
         "sys.meta_path.insert(0, Block())\n"
         "import numpy as np\n"
+        "import edge3d\n"
         "from edge3d.runtime import Session\n"
         f"s = Session({str(art)!r})\n"
+        "print({'export_artifact', 'add_precisions', 'to_step'} <= set(dir(edge3d)))\n"
         f"print(s.step(np.zeros(({SIZE}, {SIZE}, 3), np.uint8)).shape, 'torch' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split()[-1] == "False"
+    assert out.stdout.split() == ["True", "(5,)", "False"]
+
+
+def test_the_exporters_are_reached_from_the_package() -> None:
+    """A model object in hand is exported from Python with edge3d.export_artifact and add_precisions."""
+    from edge3d.exporters.precision import add_precisions
+
+    import edge3d
+
+    assert edge3d.export_artifact is export_artifact and edge3d.add_precisions is add_precisions
+    with pytest.raises(AttributeError, match="module 'edge3d' has no attribute 'export'"):
+        edge3d.export  # noqa: B018
 
 
 def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
