@@ -310,8 +310,14 @@ def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path,
         fresh = [s.step_fresh(f)[1] for f, _ in frames]
     assert [r["fresh"] for r in rows] == fresh == [(t + 1) % 8 == 0 for t in range(20)]
     with Session(art) as s:  # has_output follows the phase, so a restored snapshot carries it
-        for f, _ in frames[:8]:
-            s.step(f)
+        for t, (f, _) in enumerate(frames[:8]):
+            y = s.step(f)
+            if t < 7:  # zeros, which top() would have named as class 0 at a score of 1/classes
+                assert not y.any()
+                with pytest.raises(ValueError, match="this multi-rate session has no prediction yet: its slowest "
+                                                     "stage first runs on frame 8 of each clip, counting from 1"):
+                    s.top(y)
+        assert s.top(y)[2] > 0
         snap = s.get_state()
         s.reset()
         assert not s.has_output
