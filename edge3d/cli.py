@@ -555,7 +555,9 @@ def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_so
 @friendly
 def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
-    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | rtsp://... (a stream URL) | synthetic[:SEED]")] = "synthetic",
+    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | csi:SENSOR (a Jetson CSI camera) | "
+                                        "'... ! appsink' (a GStreamer pipeline) | rtsp://... (a stream URL) | "
+                                        "synthetic[:SEED]")] = "synthetic",
     frames: Annotated[int | None, typer.Option("--frames", help="Stop after N frames (default: synthetic 300, else all).")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", help="Write one JSON line per frame here; - writes them to stdout, and the live line and "

@@ -19,7 +19,10 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 # network sources OpenCV opens through FFmpeg: IP cameras (RTSP), encoders (RTMP, SRT, UDP), HTTP
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "tcp", "http", "https")
 # how an error names the sources there are ("source X is neither ...")
-SOURCE_FORMS = "a file, a folder, camera:INDEX, a stream URL (rtsp://, http://, ...) nor synthetic[:SEED]"
+SOURCE_FORMS = ("a file, a folder, camera:INDEX, csi:SENSOR, a GStreamer pipeline ending in appsink, a stream URL "
+                "(rtsp://, http://, ...) nor synthetic[:SEED]")
+# a Jetson CSI camera's capture mode when nothing else is asked for: width, height, frames per second
+CSI_MODE = (1280, 720, 30)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -86,6 +89,41 @@ def redact(spec: str) -> str:
     return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]+):[^@/]*@", r"\1:***@", spec)
 
 
+def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
+    """The usual GStreamer pipeline for a Jetson CSI camera (nvarguscamerasrc), ending in BGR for OpenCV."""
+    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
+            f"framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR "
+            "! appsink drop=true max-buffers=1")
+
+
+def is_gstreamer(spec: str) -> bool:
+    """A GStreamer pipeline: elements joined by ``!``, which no camera or URL the CLI takes has (a file
+    of that name that exists is still read as the file)."""
+    return ("!" in spec and (" ! " in spec or spec.rstrip().endswith("appsink"))) and not Path(spec).exists()
+
+
+def opencv_has_gstreamer(cv2: Any) -> bool:
+    """Whether this OpenCV was built with GStreamer; pip's opencv-python wheels are not."""
+    return any(line.split(":", 1)[0].strip() == "GStreamer" and "YES" in line
+               for line in cv2.getBuildInformation().splitlines())
+
+
+def _open_gstreamer(pipeline: str, lost: str) -> Iterator[tuple[np.ndarray, None]]:
+    cv2 = _cv2()
+    if not opencv_has_gstreamer(cv2):
+        raise ValueError("this OpenCV is built without GStreamer (pip's opencv-python wheels are), so it cannot open "
+                         f"{lost}; use an OpenCV built with it (on a Jetson, JetPack's python3-opencv, after pip "
+                         "uninstall opencv-python-headless), or camera:INDEX for a USB camera.")
+    if "appsink" not in pipeline.rsplit("!", 1)[-1]:
+        raise ValueError(f"{lost} must end in appsink, which hands OpenCV its frames; add ' ! videoconvert ! "
+                         "video/x-raw, format=BGR ! appsink'.")
+    cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
+    if not cap.isOpened():
+        raise ValueError(f"{lost} cannot be opened by OpenCV's GStreamer; try it with gst-launch-1.0 (a fakesink "
+                         "in place of appsink) to see which element fails.")
+    return capture_frames(cap, lost=lost)
+
+
 def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
     cv2 = _cv2()
     cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG)
@@ -100,11 +138,20 @@ def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
     return capture_frames(cap, lost=None if a_file else f"stream {shown}")
 
 
-def open_source(spec: str, frame_size: int = 112) -> Iterator[tuple[np.ndarray, int | None]]:
-    """Open ``synthetic[:SEED]``, ``camera:INDEX``, a stream URL, a video file, or a folder (of
-    videos or images), its clips one after another."""
+def open_source(spec: str, frame_size: int = 112,
+                csi_mode: tuple[int, int, int] = CSI_MODE) -> Iterator[tuple[np.ndarray, int | None]]:
+    """Open ``synthetic[:SEED]``, ``camera:INDEX``, ``csi:SENSOR`` (a Jetson CSI camera, captured at
+    ``csi_mode``: width, height, fps), a GStreamer pipeline ending in appsink, a stream URL, a video
+    file, or a folder (of videos or images), its clips one after another."""
     if (scheme := stream_scheme(spec)) is not None:
         return _open_stream(spec, scheme)
+    if spec.startswith("csi:"):
+        sensor = spec.split(":", 1)[1]
+        if not sensor.isdigit():
+            raise ValueError(f"CSI source {spec!r} needs a numeric sensor id, e.g. csi:0.")
+        return _open_gstreamer(csi_pipeline(int(sensor), *csi_mode), f"CSI camera {sensor}'s pipeline")
+    if is_gstreamer(spec):
+        return _open_gstreamer(spec, "the GStreamer pipeline")
     if spec.startswith("synthetic"):
         from .data import gestures
 
@@ -212,7 +259,8 @@ def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterat
     folder of many videos holds one capture at a time.
     """
     path = Path(spec)
-    if not spec.startswith(("synthetic", "camera:")) and stream_scheme(spec) is None and path.is_dir():
+    if (not spec.startswith(("synthetic", "camera:", "csi:")) and stream_scheme(spec) is None and not is_gstreamer(spec)
+            and path.is_dir()):
         clips = _clips_in(path)
         if clips == [path]:
             return iter([(spec, _clip_frames(path))])

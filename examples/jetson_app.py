@@ -24,51 +24,18 @@ import numpy as np
 from edge3d.runtime import Session
 
 
-def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
-    """The usual GStreamer pipeline for a Jetson CSI camera (nvarguscamerasrc), ending in BGR for OpenCV."""
-    return (f"nvarguscamerasrc sensor-id={sensor} ! video/x-raw(memory:NVMM), width={width}, height={height}, "
-            f"framerate={fps}/1 ! nvvidconv ! video/x-raw, format=BGRx ! videoconvert ! video/x-raw, format=BGR "
-            "! appsink drop=true max-buffers=1")
-
-
-def _gstreamer(pipeline: str) -> Iterator[tuple[np.ndarray, None]]:
-    import cv2
-
-    cap = cv2.VideoCapture(pipeline, cv2.CAP_GSTREAMER)
-    if not cap.isOpened():
-        raise ValueError(f"OpenCV cannot open the GStreamer pipeline (is it built with GStreamer?): {pipeline}")
-
-    from edge3d.sources import capture_frames
-
-    return capture_frames(cap, lost="the GStreamer pipeline")
-
-
 def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720,
                 fps: int = 30) -> Iterator[tuple[np.ndarray, int | None]]:
-    """RGB uint8 frames (and labels where the source knows them) from any supported source.
+    """RGB uint8 frames (and labels where the source knows them) from any source ``edge3d run`` takes,
+    ``csi:N`` (captured at width × height, fps) and GStreamer pipelines included.
 
-    ``csi:N`` and GStreamer pipelines (anything containing ``!``) are opened here; files, folders,
-    ``camera:N`` and ``synthetic[:SEED]`` by ``edge3d.sources.open_source``. This is a display loop,
-    so a folder plays back to back as one stream, without the reset between videos that
-    ``edge3d run`` does.
+    This is a display loop, so a folder plays back to back as one stream, without the reset between
+    videos that ``edge3d run`` does.
     """
-    if spec.startswith("csi:"):
-        sensor = spec.split(":", 1)[1]
-        if not sensor.isdigit():
-            raise ValueError(f"CSI source {spec!r} needs a numeric sensor id, e.g. csi:0.")
-        return _gstreamer(csi_pipeline(int(sensor), width, height, fps))
-    if "!" in spec:
-        return _gstreamer(spec)
-    from edge3d.sources import SOURCE_FORMS, open_source, redact, source_frame_size
+    from edge3d.sources import open_source, source_frame_size
 
-    try:
-        # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
-        return open_source(spec, frame_size=source_frame_size(spec, frame_size))
-    except ValueError as e:
-        if SOURCE_FORMS not in str(e):
-            raise
-        raise ValueError(f"source {redact(spec)!r} is neither csi:N, a GStreamer pipeline ending in appsink, "
-                         f"{SOURCE_FORMS}; pass one of those.") from None
+    # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
+    return open_source(spec, frame_size=source_frame_size(spec, frame_size), csi_mode=(width, height, fps))
 
 
 def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:

@@ -1083,6 +1083,50 @@ def test_the_exporters_are_reached_from_the_package() -> None:
         edge3d.export  # noqa: B018
 
 
+def test_gstreamer_pipelines_and_csi_cameras_are_sources(tiny_artifact, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Jetson's CSI camera is reached only through GStreamer (nvarguscamerasrc), and pip's OpenCV has
+    no GStreamer: `run` read a pipeline as a path that does not exist. It now opens `csi:N` and
+    pipelines, says when this OpenCV cannot, and streams one where it can."""
+    cv2 = pytest.importorskip("cv2")
+    from edge3d import sources
+
+    art, _ = tiny_artifact
+    pipeline = "videotestsrc num-buffers=12 ! videoconvert ! video/x-raw, format=BGR ! appsink"
+
+    def said(source: str) -> tuple[int, str]:
+        res = CliRunner().invoke(app, ["run", str(art), "--source", source, "--quiet"], terminal_width=400)
+        return res.exit_code, " ".join(res.output.split())
+
+    built_with_it = sources.opencv_has_gstreamer(cv2)
+    if built_with_it:
+        code, out = said(pipeline)
+        assert code == 0 and "│ frames │ 12" in out.replace("  ", " "), out
+    else:
+        for source, what in ((pipeline, "the GStreamer pipeline"), ("csi:1", "CSI camera 1's pipeline")):
+            code, out = said(source)
+            assert code == 2 and out == f"error: this OpenCV is built without GStreamer (pip's opencv-python wheels " \
+                f"are), so it cannot open {what}; use an OpenCV built with it (on a Jetson, JetPack's python3-opencv, " \
+                "after pip uninstall opencv-python-headless), or camera:INDEX for a USB camera.", out
+    monkeypatch.setattr(sources, "opencv_has_gstreamer", lambda _cv2: True)  # what a GStreamer build says next
+    code, out = said("videotestsrc ! videoconvert ! fakesink")
+    assert code == 2 and "the GStreamer pipeline must end in appsink, which hands OpenCV its frames" in out, out
+    if not built_with_it:  # pip's OpenCV, told it has GStreamer: its capture does not open
+        code, out = said(pipeline)
+        assert code == 2 and "the GStreamer pipeline cannot be opened by OpenCV's GStreamer; try it with " \
+            "gst-launch-1.0" in out, out
+    code, out = said("csi:x")
+    assert code == 2 and "CSI source 'csi:x' needs a numeric sensor id, e.g. csi:0." in out
+    # a file whose name looks like a pipeline is still the file
+    odd = tmp_path / "take 1 ! final.mp4"
+    writer = cv2.VideoWriter(str(odd), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    for i in range(6):
+        writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+    writer.release()
+    code, out = said(str(odd))
+    assert code == 0 and "frames │ 6" in out, out
+
+
 def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
     runner = CliRunner()

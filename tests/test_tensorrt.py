@@ -508,7 +508,8 @@ def test_jetson_app_reports_bad_input_in_one_sentence(artifact, tmp_path):
     assert proc.returncode == 2 and f"source '{tmp_path / 'nope.mp4'}' does not exist" in proc.stderr
     proc = _app(str(artifact), "--source", "webcam", "--headless")
     # the app's own sources are named with the runtime's
-    assert proc.returncode == 2 and "is neither csi:N, a GStreamer pipeline ending in appsink, a file" in proc.stderr
+    assert proc.returncode == 2 and "is neither a file, a folder, camera:INDEX, csi:SENSOR, a GStreamer pipeline " \
+        "ending in appsink" in proc.stderr
     proc = _app(str(artifact), "--source", "csi:front", "--headless")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: CSI source 'csi:front' needs a numeric sensor " \
         "id, e.g. csi:0."
@@ -581,7 +582,10 @@ def test_overlay_draws_class_and_latency():
     assert bgr.shape == rgb.shape and (rgb == 40).all()  # the input frame is left alone
     changed = (bgr != 40).any(axis=2)
     assert changed[:60].sum() > 100 and changed[70:].sum() == 0  # two text lines at the top
-    assert "nvarguscamerasrc sensor-id=1" in jetson_app.csi_pipeline(1, 640, 480, 30)
+    from edge3d.sources import csi_pipeline
+
+    assert csi_pipeline(1, 640, 480, 30).startswith("nvarguscamerasrc sensor-id=1 ! video/x-raw(memory:NVMM), "
+                                                    "width=640, height=480, framerate=30/1 ! ")
 
 
 # --------------------------------------------------------------------------- on a GPU with TensorRT
