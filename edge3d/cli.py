@@ -576,7 +576,7 @@ def run(
 
     from .runtime import Session
     from .signals import Terminated, sigterm_as_interrupt
-    from .sources import SourceLost, labels_apply, open_streams, redact, source_frame_size
+    from .sources import SourceLost, clip_class, labels_apply, open_streams, redact, source_frame_size
 
     to_stdout = output is not None and str(output) == "-"  # `--output - | jq ...`: stdout is JSON lines only
     if not to_stdout:
@@ -588,7 +588,8 @@ def run(
         frames = 300
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
-    streams = open_streams(source, frame_size=source_frame_size(source, size))
+    # a folder of one folder per class labels its clips with the classes named by those folders
+    streams = open_streams(source, frame_size=source_frame_size(source, size), classes=session.classes)
     # a segmentation or heatmap model's map has a class per position: no top class, and the source's
     # per-frame labels cannot score it
     is_map = output_map(session.manifest) is not None
@@ -596,6 +597,8 @@ def run(
     keep_labels = labels_apply(source, session.manifest) and not is_map
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
+    clip_verdicts: dict[str, bool] = {}  # per labelled clip: whether its last prediction was its class
+    unscored: set[str] = set()  # class folders whose names are not among the artifact's classes
     first_nonfinite: int | None = None
     unpredicted = 0  # frames a multi-rate model had no output for yet (each clip's first frames)
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
@@ -614,7 +617,10 @@ def run(
             if videos:
                 session.reset()
             videos += 1
+            filed = clip_class(Path(source), Path(name)) if name != source else None
             for i, (frame, label) in enumerate(items):
+                if filed is not None and label is None:
+                    unscored.add(filed)
                 yield (name if name != source else None), i, frame, (label if keep_labels else None)
 
     try:
@@ -635,6 +641,7 @@ def run(
                 if label is not None and predicted:
                     labelled += 1
                     correct += int(idx == label)
+                    clip_verdicts[video or source] = idx == label  # until the clip's last frame
                 if sink:
                     if is_map:  # its largest and mean value: a glance at whether it is alive and finite
                         rec = {"frame": n, "max": float(f"{y.max():.6g}") if predicted else None,
@@ -717,6 +724,14 @@ def run(
                       "state overflowed[/]")
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
+    if videos > 1 and clip_verdicts:  # a folder of one folder per class: the prediction each clip ends on
+        table.add_row("per-clip accuracy (its last frame)",
+                      f"{100 * sum(clip_verdicts.values()) / len(clip_verdicts):.1f}% of {len(clip_verdicts)} clips")
+    if unscored and not is_map:
+        names = sorted(unscored, key=str.lower)
+        why = "not among this artifact's classes" if session.classes else "this artifact has no class names"
+        table.add_row("[yellow]not scored[/]", f"[yellow]clips in {', '.join(map(escape, names[:4]))}"
+                      f"{', ...' if len(names) > 4 else ''}: {why}[/]")
     if output:
         table.add_row("predictions", "stdout" if to_stdout else str(output))
     shown.print(table)

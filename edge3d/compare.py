@@ -248,7 +248,9 @@ def compare(
     labels: list[int | None] = []
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
-    description, streams = streams_of(source, int(manifest["frame"]["height"]))
+    # a folder of one folder per class labels its clips, scoring each precision's accuracy on them
+    description, streams = streams_of(source, int(manifest["frame"]["height"]),
+                                      (manifest.get("output") or {}).get("classes"))
     # a map (segmentation, heatmaps) has a class per position: agreement is counted per position, and a
     # source's per-frame labels cannot score it
     is_map = output_map(manifest) is not None

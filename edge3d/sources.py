@@ -200,55 +200,83 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()), key=_natural)
 
 
+def _videos_in(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES), key=_natural)
+
+
+def _image_folders_in(folder: Path) -> dict[Path, Path]:
+    """Each subfolder that holds images (one clip), with its first image."""
+    return {d: images[0] for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_natural)
+            if (images := _images_in(d))}
+
+
 def _clips_in(folder: Path) -> list[Path]:
     """The clips a folder holds, each checked before any frame is streamed.
 
     Its videos if it has any (each opened once, so a broken one fails here, not halfway through
     the folder with half a predictions file written); else, if it holds images, the folder itself
     is one clip, its frames in name order; else each subfolder that holds images is one clip (the
-    layout of datasets shipped as frames, one folder per video). An image clip's first image is
+    layout of datasets shipped as frames, one folder per video); else each subfolder that holds
+    videos or such folders is a class, named by the folder (UCF101's, HMDB51's and Kinetics'
+    layout), and its clips are those (see :func:`clip_class`). An image clip's first image is
     checked here and every image as its turn comes.
     """
-    videos = sorted(p for p in folder.iterdir() if p.suffix.lower() in VIDEO_SUFFIXES)
+    videos = _videos_in(folder)
     own = _images_in(folder)
-    subs = {d: images[0] for d in sorted((d for d in folder.iterdir() if d.is_dir()), key=_natural)
-            if (images := _images_in(d))}  # each folder listed once here, once more when it plays
+    subs = _image_folders_in(folder)  # each folder listed once here, once more when it plays
+    classes = {d: clips for d in sorted((d for d in folder.iterdir() if d.is_dir() and d not in subs), key=_natural)
+               if (clips := [*_videos_in(d)] or [*_image_folders_in(d)])}
     kinds = [f"{what} ({', '.join(p.name for p in found[:2])}{', ...' if len(found) > 2 else ''})"
-             for what, found in (("videos", videos), ("images", own), ("folders of images", list(subs))) if found]
+             for what, found in (("videos", videos), ("images", own), ("folders of images", list(subs)),
+                                 ("folders of clips", list(classes))) if found]
     if len(kinds) > 1:  # one kind would be played and the others skipped without a word
         raise ValueError(f"folder {folder} holds {' and '.join(kinds)}, so it is not clear which are the clips; "
                          "leave one kind in it and move the others out.")
-    for v in videos:
+    for v in videos + [c for clips in classes.values() for c in clips if not c.is_dir()]:
         _open_video(v, "check the file and its codec, or move it out of the folder").release()
     if videos:
         return videos
     firsts = {folder: own[0]} if own else subs
-    if not firsts:
+    if classes:
+        firsts = {c: _images_in(c)[0] for clips in classes.values() for c in clips if c.is_dir()}
+    elif not firsts:
         raise ValueError(f"folder {folder} holds no video files ({', '.join(sorted(VIDEO_SUFFIXES))}), no images "
-                         f"({', '.join(sorted(IMAGE_SUFFIXES))}) and no folders of images; pass a video, or a folder "
-                         "of those.")
+                         f"({', '.join(sorted(IMAGE_SUFFIXES))}), no folders of images and no folders of those; pass "
+                         "a video, or a folder of them.")
     cv2 = _cv2()
     for first in firsts.values():
         if not cv2.haveImageReader(str(first)):
             raise ValueError(f"image {first} cannot be read by OpenCV; check the file, or move it out of the folder.")
-    return list(firsts)
+    return [c for clips in classes.values() for c in clips] if classes else list(firsts)
 
 
-def _clip_frames(clip: Path) -> Iterator[tuple[np.ndarray, None]]:
+def clip_class(folder: Path, clip: Path) -> str | None:
+    """The class a clip of ``folder`` is filed under: its parent folder's name in a layout of one folder
+    per class, else None."""
+    return clip.parent.name if clip.parent != folder else None
+
+
+def _clip_frames(clip: Path, label: int | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """A video's frames, or a folder's images in name order (each must decode: a clip with a hole
-    in it is not the clip the model should see)."""
+    in it is not the clip the model should see), each with the clip's label."""
     if not clip.is_dir():
-        yield from capture_frames(_open_video(clip))
+        yield from ((frame, label) for frame, _ in capture_frames(_open_video(clip)))
         return
     cv2 = _cv2()
     for image in _images_in(clip):
         bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
         if bgr is None:
             raise ValueError(f"image {image} cannot be read by OpenCV; check the file, or move it out of the folder.")
-        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+        yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
 
 
-def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
+def _a_folder(spec: str) -> bool:
+    return (not spec.startswith(("synthetic", "camera:", "csi:")) and stream_scheme(spec) is None
+            and not is_gstreamer(spec) and Path(spec).is_dir())
+
+
+def open_streams(spec: str, frame_size: int = 112,
+                 classes: list[str] | None = None) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
     """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
 
     A folder of clips (videos, or folders of images) is several streams, each named by its path:
@@ -256,15 +284,16 @@ def open_streams(spec: str, frame_size: int = 112) -> Iterator[tuple[str, Iterat
     comparison reset between them), whereas ``open_source`` concatenates them. Every other
     source, a folder of images included, is a single stream named ``spec``. A bad source raises
     here, not at the first frame; each video of a folder is opened only when its turn comes, so a
-    folder of many videos holds one capture at a time.
+    folder of many videos holds one capture at a time. In a folder of one folder per class, each
+    frame is labelled with its folder's index in ``classes`` (None for a name not among them).
     """
     path = Path(spec)
-    if (not spec.startswith(("synthetic", "camera:", "csi:")) and stream_scheme(spec) is None and not is_gstreamer(spec)
-            and path.is_dir()):
+    if _a_folder(spec):
         clips = _clips_in(path)
         if clips == [path]:
             return iter([(spec, _clip_frames(path))])
-        return ((str(c), _clip_frames(c)) for c in clips)
+        index = {name: i for i, name in enumerate(classes or [])}
+        return ((str(c), _clip_frames(c, index.get(clip_class(path, c)))) for c in clips)
     return iter([(spec, open_source(spec, frame_size))])
 
 
@@ -273,15 +302,17 @@ def source_frame_size(spec: str, model_size: int) -> int:
     return max(model_size, 112) if spec.startswith("synthetic") else model_size
 
 
-def streams_of(source: str | Path | Iterable[Any], model_size: int) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
+def streams_of(source: str | Path | Iterable[Any], model_size: int,
+               classes: list[str] | None = None) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
     """``(description, streams)`` for a source spec (file, folder, synthetic[:SEED]) or frames.
 
     A non-string source is one stream of frames (uint8 H×W×3 images or normalised C×H×W
     float32 arrays, optionally as ``(frame, label)`` pairs): what tests and notebooks pass.
+    ``classes`` labels the clips of a folder of one folder per class (see :func:`open_streams`).
     """
     if isinstance(source, (str, Path)):
         spec = str(source)
-        return redact(spec), open_streams(spec, source_frame_size(spec, model_size))
+        return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes)
     return "frames from Python", [("frames", source)]
 
 

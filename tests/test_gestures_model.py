@@ -146,3 +146,70 @@ def test_factory_validates_options():
         build("gestures-tsm", width=1.0)
     with pytest.raises(ValueError, match=r"trained with --size 48 \(frame_size in Python\), so --size 112 cannot"):
         build("gestures", frame_size=112)
+
+
+def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artifact, tmp_path, monkeypatch):
+    """UCF101, HMDB51 and Kinetics ship one folder per class, of videos or of frame folders: `run`
+    refused that layout ("holds no video files"); it now labels each clip with its folder's class,
+    scores it as the Session does with a reset per clip, and names the folders it cannot score."""
+    cv2 = pytest.importorskip("cv2")
+    import re
+
+    from edge3d.runtime import Session
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+    from edge3d.sources import streams_of
+
+    rng = np.random.default_rng(7)
+    root = tmp_path / "clips"
+    clips = []  # (path, class index or None, RGB frames as the source reads them back)
+    for label, as_video in ((1, False), (5, True), (7, False), (None, False)):
+        folder = root / (gestures.classes[label] if label is not None else "waving")
+        folder.mkdir(parents=True)
+        for k in range(2):
+            frames = gestures.make_clip(rng, 3 if label is None else label, 12, 112)
+            if as_video:  # MJPG is lossy: the frames the model sees are those read back
+                path = folder / f"take{k}.avi"
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (112, 112))
+                for f in frames:
+                    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+                writer.release()
+                cap, frames = cv2.VideoCapture(str(path)), []
+                while (got := cap.read())[0]:
+                    frames.append(cv2.cvtColor(got[1], cv2.COLOR_BGR2RGB))
+                cap.release()
+            else:
+                path = folder / f"take{k}"
+                path.mkdir()
+                for t, f in enumerate(frames):
+                    cv2.imwrite(str(path / f"{t}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+            clips.append((path, label, list(frames)))
+    clips.sort(key=lambda c: (c[0].parent.name, c[0].name))  # folders in name order, as the source plays them
+    # what the run should score: each clip from the initial state, its frames labelled with its class
+    right = scored = 0
+    last_right = []
+    with Session(artifact) as s:
+        for _, label, frames in clips:
+            s.reset()
+            tops = [s.top(s.step(f))[0] for f in frames]
+            if label is not None:
+                right += sum(t == label for t in tops)
+                scored += len(tops)
+                last_right.append(tops[-1] == label)
+    preds = tmp_path / "p.jsonl"
+    from edge3d import cli
+
+    monkeypatch.setattr(cli.console, "width", 300)  # one table row per line
+    res = CliRunner().invoke(app, ["run", str(artifact), "--source", str(root), "--quiet", "--output", str(preds)])
+    assert res.exit_code == 0, res.output
+    said = " ".join(res.output.split())
+    assert re.search(rf"per-frame accuracy │ {100 * right / scored:.1f}% of {scored} ", said), said
+    assert re.search(rf"per-clip accuracy \(its last frame\) │ {100 * sum(last_right) / 6:.1f}% of 6 clips", said)
+    assert "not scored │ clips in waving: not among this artifact's classes" in said
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r.get("label") for r in rows] == [label for _, label, frames in clips for _ in frames]
+    assert [r["video"] for r in rows] == [str(path) for path, _, frames in clips for _ in frames]
+    # compare and calibration read the same labels through streams_of
+    _, streams = streams_of(str(root), 112, list(gestures.classes))
+    assert [[lab for _, lab in items] for _, items in streams] == [[label] * len(f) for _, label, f in clips]
