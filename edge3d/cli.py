@@ -598,6 +598,7 @@ def run(
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
     correct = labelled = n = videos = nonfinite = 0
     clip_verdicts: dict[str, bool] = {}  # per labelled clip: whether its last prediction was its class
+    whole: set[str] = set()  # the clips played to their end
     unscored: set[str] = set()  # class folders whose names are not among the artifact's classes
     first_nonfinite: int | None = None
     unpredicted = 0  # frames a multi-rate model had no output for yet (each clip's first frames)
@@ -622,6 +623,7 @@ def run(
                 if filed is not None and label is None:
                     unscored.add(filed)
                 yield (name if name != source else None), i, frame, (label if keep_labels else None)
+            whole.add(name)  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
 
     try:
         with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
@@ -724,9 +726,10 @@ def run(
                       "state overflowed[/]")
     if labelled:
         table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
-    if videos > 1 and clip_verdicts:  # a folder of one folder per class: the prediction each clip ends on
+    verdicts = [v for clip, v in clip_verdicts.items() if clip in whole]
+    if videos > 1 and verdicts:  # a folder of one folder per class: the prediction each clip ends on
         table.add_row("per-clip accuracy (its last frame)",
-                      f"{100 * sum(clip_verdicts.values()) / len(clip_verdicts):.1f}% of {len(clip_verdicts)} clips")
+                      f"{100 * sum(verdicts) / len(verdicts):.1f}% of {len(verdicts)} clips")
     if unscored and not is_map:
         names = sorted(unscored, key=str.lower)
         why = "not among this artifact's classes" if session.classes else "this artifact has no class names"

@@ -210,6 +210,11 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
     rows = [json.loads(line) for line in preds.read_text().splitlines()]
     assert [r.get("label") for r in rows] == [label for _, label, frames in clips for _ in frames]
     assert [r["video"] for r in rows] == [str(path) for path, _, frames in clips for _ in frames]
+    # a run cut short scores only the clips it played to their end
+    res = CliRunner().invoke(app, ["run", str(artifact), "--source", str(root), "--quiet", "--frames",
+                                   str(len(clips[0][2]) + len(clips[1][2]) + 3)])
+    assert re.search(rf"per-clip accuracy \(its last frame\) │ {50 * sum(last_right[:2]):.1f}% of 2 clips",
+                     " ".join(res.output.split())), res.output
     # compare and calibration read the same labels through streams_of
     _, streams = streams_of(str(root), 112, list(gestures.classes))
     assert [[lab for _, lab in items] for _, items in streams] == [[label] * len(f) for _, label, f in clips]
