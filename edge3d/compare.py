@@ -261,6 +261,7 @@ def compare(
     pick = {int((i + 1) * frames / max(polygraphy_frames, 1)) - 1 for i in range(polygraphy_frames)}
     recorded: list[dict[str, np.ndarray]] = []
     boundaries: list[int] = []
+    ends: list[int] = []  # the last frame of each stream played to its end
     n = 0
     interrupted = False
     try:
@@ -302,6 +303,8 @@ def compare(
                         progress(1)
                     if n >= frames:
                         break
+                else:  # played to its end: its last frame is the clip's prediction
+                    ends.append(n - 1)
         except KeyboardInterrupt:
             # Ctrl-C on a long comparison reports the frames every profile finished, as `run` does
             if n == 0:
@@ -316,7 +319,7 @@ def compare(
         if n == 0:
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
         report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
-                         threads)
+                         threads, [e for e in ends if e < n])
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
         report["interrupted"] = interrupted
@@ -346,10 +349,12 @@ def compare(
 
 def _report(manifest: dict[str, Any], names: list[str], description: str, n: int, boundaries: list[int],
             ref: Session, free: dict[str, Session], rec: dict[str, _Recorder], ref_top: list[Any],
-            labels: list[int | None], out_scale: float, threads: int | None) -> dict[str, Any]:
+            labels: list[int | None], out_scale: float, threads: int | None, ends: list[int]) -> dict[str, Any]:
     ref_top_a = np.asarray(ref_top)
     lab = np.asarray([-1 if v is None else v for v in labels])
     has_labels = bool((lab >= 0).any())
+    # a folder of labelled clips: each clip is also scored by the prediction it ends on
+    clip_ends = [e for e in ends if lab[e] >= 0] if len(boundaries) > 1 else []
     rows: dict[str, Any] = {}
     for p in names:
         sess = ref if p == REFERENCE else free[p]
@@ -385,11 +390,13 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
         if has_labels:
             known = lab >= 0
             row["accuracy"] = float((top[known] == lab[known]).mean())
+        if clip_ends:
+            row["clip_accuracy"] = float((top[clip_ends] == lab[clip_ends]).mean())
         rows[p] = row
     return {"artifact": manifest["_folder"], "model": manifest.get("name"), "source": description,
             "threads": threads,
             "frames": n, "streams": len(boundaries), "stream_starts": boundaries, "reference": REFERENCE,
-            "output_scale": out_scale, "labelled": has_labels,
+            "output_scale": out_scale, "labelled": has_labels, "clips_scored": len(clip_ends),
             # a map's top-1 agreement counts positions (pixels), a vector's counts frames
             "agreement_per": "position" if output_map(manifest) is not None else "frame", "profiles": rows}
 
@@ -461,7 +468,7 @@ def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latenci
 
 METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
            "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
-           "accuracy", "NaN/Inf from frame"]
+           "accuracy", "accuracy per clip (last frame)", "NaN/Inf from frame"]
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -480,6 +487,7 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
             ("-" if np.isnan(fr["growth"]) else f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})"),
             f"{100 * r['top1_agreement']:.2f}%",
             f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "-",
+            f"{100 * r['clip_accuracy']:.1f}% of {report['clips_scored']}" if "clip_accuracy" in r else "-",
             str(fr["first_nonfinite"]["frame"]) if fr.get("first_nonfinite") else "-",
         ])
     names = [f"{m} (per position)" if m == "top-1 agreement" and report.get("agreement_per") == "position" else m

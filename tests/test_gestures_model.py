@@ -215,6 +215,16 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
                                    str(len(clips[0][2]) + len(clips[1][2]) + 3)])
     assert re.search(rf"per-clip accuracy \(its last frame\) │ {50 * sum(last_right[:2]):.1f}% of 2 clips",
                      " ".join(res.output.split())), res.output
-    # compare and calibration read the same labels through streams_of
+    # compare scores the same frames and clips (here its reference alone), cut short or not
+    from edge3d.compare import compare
+
+    cut = len(clips[0][2]) + len(clips[1][2]) + 3
+    for frames, clips_scored, clip_right in ((10**6, 6, sum(last_right)), (cut, 2, sum(last_right[:2]))):
+        report = compare(artifact, ["fp32"], str(root), frames, plots=False)
+        assert report["clips_scored"] == clips_scored
+        assert report["profiles"]["fp32"]["clip_accuracy"] == pytest.approx(clip_right / clips_scored)
+    assert compare(artifact, ["fp32"], str(root), 10**6, plots=False)["profiles"]["fp32"]["accuracy"] == \
+        pytest.approx(right / scored)
+    # calibration reads the same labels through streams_of, and ignores them
     _, streams = streams_of(str(root), 112, list(gestures.classes))
     assert [[lab for _, lab in items] for _, items in streams] == [[label] * len(f) for _, label, f in clips]
