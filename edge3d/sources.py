@@ -270,6 +270,22 @@ def _clip_frames(clip: Path, label: int | None = None) -> Iterator[tuple[np.ndar
         yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), label
 
 
+def _class_key(name: str) -> str:
+    return re.sub(r"[\s_-]+", "_", name.strip().casefold())
+
+
+def class_index(classes: list[str] | None) -> Any:
+    """Folder name -> class index, None for a name that is no class. Case, spaces, hyphens and
+    underscores are not told apart ("Air Drumming" is air_drumming, as datasets and models spell
+    their classes differently), except where that would make two classes one."""
+    exact = {name: i for i, name in enumerate(classes or [])}
+    loose: dict[str, int | None] = {}
+    for name, i in exact.items():
+        key = _class_key(name)
+        loose[key] = None if key in loose else i  # two classes alike: only their exact names match
+    return lambda name: None if name is None else exact.get(name, loose.get(_class_key(name)))
+
+
 def _a_folder(spec: str) -> bool:
     return (not spec.startswith(("synthetic", "camera:", "csi:")) and stream_scheme(spec) is None
             and not is_gstreamer(spec) and Path(spec).is_dir())
@@ -292,8 +308,8 @@ def open_streams(spec: str, frame_size: int = 112,
         clips = _clips_in(path)
         if clips == [path]:
             return iter([(spec, _clip_frames(path))])
-        index = {name: i for i, name in enumerate(classes or [])}
-        return ((str(c), _clip_frames(c, index.get(clip_class(path, c)))) for c in clips)
+        index = class_index(classes)
+        return ((str(c), _clip_frames(c, index(clip_class(path, c)))) for c in clips)
     return iter([(spec, open_source(spec, frame_size))])
 
 

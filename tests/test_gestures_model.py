@@ -159,13 +159,15 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
     from typer.testing import CliRunner
 
     from edge3d.cli import app
-    from edge3d.sources import streams_of
+    from edge3d.sources import class_index, streams_of
 
     rng = np.random.default_rng(7)
     root = tmp_path / "clips"
     clips = []  # (path, class index or None, RGB frames as the source reads them back)
     for label, as_video in ((1, False), (5, True), (7, False), (None, False)):
-        folder = root / (gestures.classes[label] if label is not None else "waving")
+        # a dataset spells a class its own way: "Swipe Left" is swipe_left
+        name = {None: "waving", 1: "Swipe Left"}.get(label) or gestures.classes[label]
+        folder = root / name
         folder.mkdir(parents=True)
         for k in range(2):
             frames = gestures.make_clip(rng, 3 if label is None else label, 12, 112)
@@ -185,7 +187,7 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
                 for t, f in enumerate(frames):
                     cv2.imwrite(str(path / f"{t}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
             clips.append((path, label, list(frames)))
-    clips.sort(key=lambda c: (c[0].parent.name, c[0].name))  # folders in name order, as the source plays them
+    clips.sort(key=lambda c: (c[0].parent.name.lower(), c[0].name))  # in name order, as the source plays them
     # what the run should score: each clip from the initial state, its frames labelled with its class
     right = scored = 0
     last_right = []
@@ -225,6 +227,10 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
         assert report["profiles"]["fp32"]["clip_accuracy"] == pytest.approx(clip_right / clips_scored)
     assert compare(artifact, ["fp32"], str(root), 10**6, plots=False)["profiles"]["fp32"]["accuracy"] == \
         pytest.approx(right / scored)
+    # names alike in all but case, spaces, hyphens and underscores match, unless two classes are alike
+    index = class_index(["air_drumming", "a b", "A_B"])
+    assert [index(n) for n in ("Air Drumming", "air-drumming", "a b", "A_B", "a_b", "other")] == [0, 0, 1, 2, None,
+                                                                                                  None]
     # calibration reads the same labels through streams_of, and ignores them
     _, streams = streams_of(str(root), 112, list(gestures.classes))
     assert [[lab for _, lab in items] for _, items in streams] == [[label] * len(f) for _, label, f in clips]
