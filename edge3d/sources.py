@@ -99,7 +99,7 @@ def csi_pipeline(sensor: int, width: int, height: int, fps: int) -> str:
 def is_gstreamer(spec: str) -> bool:
     """A GStreamer pipeline: elements joined by ``!``, which no camera or URL the CLI takes has (a file
     of that name that exists is still read as the file)."""
-    return ("!" in spec and (" ! " in spec or spec.rstrip().endswith("appsink"))) and not Path(spec).exists()
+    return ("!" in spec and (" ! " in spec or spec.rstrip().endswith("appsink"))) and not os.path.exists(spec)
 
 
 def opencv_has_gstreamer(cv2: Any) -> bool:
@@ -166,9 +166,11 @@ def open_source(spec: str, frame_size: int = 112,
             raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
         return capture_frames(cap, lost=f"camera {index}")
     path = Path(spec)
-    if path.is_dir():
+    # os.path's tests, not Path's: a spec too long for a file name (a long GStreamer pipeline, say)
+    # raises "File name too long" from Path.is_dir() before Python 3.12
+    if os.path.isdir(spec):
         return (item for clip in _clips_in(path) for item in _clip_frames(clip))
-    if not path.is_file():
+    if not os.path.isfile(spec):
         if spec.lower().startswith("file:"):  # a URL copied from a browser or a file manager
             from urllib.parse import unquote, urlparse
 
@@ -176,8 +178,8 @@ def open_source(spec: str, frame_size: int = 112,
         if "://" not in spec and (path.suffix.lower() in VIDEO_SUFFIXES | IMAGE_SUFFIXES or "/" in spec
                                   or os.sep in spec):
             # meant as a path: the likely fault is the path, not the kind of source
-            where = (f"; the folder {path.parent} exists, with no {path.name}" if path.parent.is_dir() and
-                     str(path.parent) != "." else "")
+            where = (f"; the folder {path.parent} exists, with no {path.name}" if os.path.isdir(path.parent)
+                     and str(path.parent) != "." else "")
             relative = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
             raise ValueError(f"source {redact(spec)!r} does not exist{where}; check the path{relative}.")
         raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those.")
@@ -288,7 +290,7 @@ def class_index(classes: list[str] | None) -> Any:
 
 def _a_folder(spec: str) -> bool:
     return (not spec.startswith(("synthetic", "camera:", "csi:")) and stream_scheme(spec) is None
-            and not is_gstreamer(spec) and Path(spec).is_dir())
+            and not is_gstreamer(spec) and os.path.isdir(spec))
 
 
 def open_streams(spec: str, frame_size: int = 112,

@@ -1114,6 +1114,12 @@ def test_gstreamer_pipelines_and_csi_cameras_are_sources(tiny_artifact, tmp_path
             "gst-launch-1.0" in out, out
     code, out = said("csi:x")
     assert code == 2 and "CSI source 'csi:x' needs a numeric sensor id, e.g. csi:0." in out
+    # a pipeline longer than a file name may be (255 bytes) failed in Path.is_dir with "File name too long"
+    long = "videotestsrc ! " + " ! ".join(["queue max-size-buffers=1 leaky=downstream"] * 8) + " ! fakesink"
+    code, out = said(long)
+    assert len(long) > 255 and code == 2 and "the GStreamer pipeline must end in appsink" in out, out
+    code, out = said("x" * 300 + ".mp4")  # and a path as long
+    assert code == 2 and "does not exist; check the path" in out, out
     # a file whose name looks like a pipeline is still the file
     odd = tmp_path / "take 1 ! final.mp4"
     writer = cv2.VideoWriter(str(odd), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
