@@ -39,8 +39,11 @@ class RolloutReader:
     ``{"frame": (1, C, H, W), "state_in.<name>": state before the step, ...}`` for ``frames``
     steps after the first ``warmup`` steps of each stream (states start at zero, which is not
     what a running stream looks like). Several streams (a folder of videos) each start from the
-    initial state. It also keeps per-state statistics: the absolute values seen (to scale int8
-    state storage) and how many yielded feeds had a non-zero state.
+    initial state, and each gives an equal share of the frames still wanted (a short clip's
+    shortfall goes to the clips after it): taken in order, the first clips alone filled the 256
+    frames, and a folder sorted by class calibrated on its first class. It also keeps per-state
+    statistics: the absolute values seen (to scale int8 state storage) and how many yielded
+    feeds had a non-zero state.
     """
 
     def __init__(self, artifact: str | Path, source: str | Iterable[Any], frames: int, warmup: int = 16,
@@ -51,9 +54,10 @@ class RolloutReader:
         self.manifest = self.session.manifest
         self.frames, self.warmup, self.progress = frames, warmup, progress
         self.description, streams = streams_of(source, int(self.manifest["frame"]["height"]))
-        self._streams = iter(streams)
+        self._streams = list(streams)  # (name, lazy frames) pairs: nothing is opened before its turn
         self._current: Iterator[Any] | None = None
         self._t = 0
+        self._quota = 0  # the feeds the current stream may still give
         self.stream_count = 0
         self.frames_read = 0
         self.yielded = 0
@@ -78,14 +82,17 @@ class RolloutReader:
 
     def _next_frame(self) -> np.ndarray | None:
         while True:
+            if self._current is not None and self._quota <= 0:  # its share given: on to the next stream
+                self._current = None
             if self._current is None:
-                try:
-                    _, frames = next(self._streams)
-                except StopIteration:
+                if self.stream_count >= len(self._streams):
                     return None
+                _, frames = self._streams[self.stream_count]
                 self._current = iter(frames)
                 self.session.reset()
                 self._t = 0
+                left = len(self._streams) - self.stream_count
+                self._quota = -(-(self.frames - self.yielded) // left)  # ceil: the last stream takes what is left
                 self.stream_count += 1
             try:
                 item = next(self._current)
@@ -128,6 +135,7 @@ class RolloutReader:
             if any(np.any(v) for v in states.values()):
                 self.nonzero_state_feeds += 1
             self.yielded += 1
+            self._quota -= 1
             if self.progress is not None:
                 self.progress(1)
             return feed

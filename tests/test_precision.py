@@ -297,6 +297,28 @@ def test_calibration_reader_yields_real_nonzero_states(stateful: Path) -> None:
         np.testing.assert_array_equal(feeds[2][s_["input"]], ref[s_["name"]])
 
 
+@pytest.mark.parametrize("lengths, shares", [((20, 20, 20, 20), [2, 2, 2, 2]), ((3, 20, 20, 20), [1, 3, 2, 2])])
+def test_calibration_takes_an_equal_share_of_every_clip(stateful: Path, tmp_path: Path, lengths: tuple,
+                                                        shares: list) -> None:
+    """A folder sorted by class was calibrated on its first clips alone (256 frames from the first
+    class of a dataset); each clip now gives an equal share, a short one's shortfall going to the rest."""
+    cv2 = pytest.importorskip("cv2")
+    root = tmp_path / "clips"
+    for k, n in enumerate(lengths):  # clip k is all grey level 40 * (k + 1): its frames say which clip they are
+        clip = root / f"clip{k}"
+        clip.mkdir(parents=True)
+        for t in range(n):
+            cv2.imwrite(str(clip / f"{t}.png"), np.full((32, 32, 3), 40 * (k + 1), np.uint8))
+    reader = RolloutReader(stateful, str(root), frames=8, warmup=2)
+    feeds = list(reader)
+    reader.close()
+    man = load_manifest(stateful)
+    mean, std = man["frame"]["mean"][0], man["frame"]["std"][0]
+    grey = [round((float(f["frame"][0, 0, 0, 0]) * std + mean) * 255) for f in feeds]
+    assert grey == [40 * (k + 1) for k, share in enumerate(shares) for _ in range(share)]
+    assert reader.info()["streams"] == len(lengths) and reader.info()["frames"] == 8
+
+
 def test_manifest_entries_and_embedded_metadata(dresnet: Path) -> None:
     man = load_manifest(dresnet)
     for profile in ("fp16", "int8", "int8-lowmem", "int8-cpu"):
