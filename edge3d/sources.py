@@ -7,6 +7,7 @@ only for files and cameras, so the synthetic source works without the ``video`` 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -220,7 +221,8 @@ def _clips_in(folder: Path) -> list[Path]:
     is one clip, its frames in name order; else each subfolder that holds images is one clip (the
     layout of datasets shipped as frames, one folder per video); else each subfolder that holds
     videos or such folders is a class, named by the folder (UCF101's, HMDB51's and Kinetics'
-    layout), and its clips are those (see :func:`clip_class`). An image clip's first image is
+    layout), and its clips are those (see :func:`clip_class`), taken one class after another (the
+    first clip of each class, then the second of each, ...). An image clip's first image is
     checked here and every image as its turn comes.
     """
     videos = _videos_in(folder)
@@ -249,7 +251,9 @@ def _clips_in(folder: Path) -> list[Path]:
     for first in firsts.values():
         if not cv2.haveImageReader(str(first)):
             raise ValueError(f"image {first} cannot be read by OpenCV; check the file, or move it out of the folder.")
-    return [c for clips in classes.values() for c in clips] if classes else list(firsts)
+    if classes:  # round robin over the classes: a run cut short by --frames still sees every class
+        return [c for turn in itertools.zip_longest(*classes.values()) for c in turn if c is not None]
+    return list(firsts)
 
 
 def clip_class(folder: Path, clip: Path) -> str | None:

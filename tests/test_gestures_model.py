@@ -187,7 +187,8 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
                 for t, f in enumerate(frames):
                     cv2.imwrite(str(path / f"{t}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
             clips.append((path, label, list(frames)))
-    clips.sort(key=lambda c: (c[0].parent.name.lower(), c[0].name))  # in name order, as the source plays them
+    # the first clip of each class in name order, then the second of each: a run cut short sees every class
+    clips.sort(key=lambda c: (c[0].stem, c[0].parent.name.lower()))
     # what the run should score: each clip from the initial state, its frames labelled with its class
     right = scored = 0
     last_right = []
