@@ -152,7 +152,9 @@ def _window_session(model, shape: tuple[int, int, int], window: int, folder: Pat
     with quiet():
         torch.onnx.export(model.eval(), (clip,), str(path), input_names=["clip"], output_names=["scores"],
                           opset_version=18, dynamo=True, verbose=False)
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), clip.numpy()
+    so = ort.SessionOptions()
+    so.log_severity_level = 4  # a window too long for the memory is raised, and said in one sentence
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), clip.numpy()
 
 
 def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int, int] | None = None,

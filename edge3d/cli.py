@@ -141,6 +141,11 @@ def friendly(fn: F) -> F:
                 raise
             _error(str(e))
             raise typer.Exit(1) from None
+        except Exception as e:  # onnxruntime's own exceptions derive from Exception alone
+            if "Failed to allocate memory" not in str(e):  # its arena, for a graph's activations
+                raise
+            _error(_out_of_memory(fn.__name__, str(e)))
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -149,13 +154,16 @@ def _out_of_memory(verb: str, detail: str) -> str:
     """One sentence for an allocation that failed, with the size asked for where the message has it."""
     import re
 
-    asked = re.search(r"allocate (\d+) bytes", detail)  # torch; numpy says "Unable to allocate 1.2 GiB for ..."
+    # torch says "allocate 123 bytes", onnxruntime "buffer of size 123", numpy "Unable to allocate 1.2 GiB for ..."
+    asked = re.search(r"allocate (\d+) bytes", detail) or re.search(r"buffer of size (\d+)", detail)
     numpy = re.search(r"allocate ([\d.]+ ?\w+)", detail)
     size = f"{int(asked.group(1)) / 2**30:.1f} GiB" if asked else numpy.group(1) if numpy else ""
     what = f" (one allocation of {size} failed)" if size else ""
     fix = ("use a smaller --size or --width: the frames and activations grow with the square of --size, the "
            "weights with the square of --width" if verb in ("export", "inspect", "bench")
            else "free memory, or use fewer streams")
+    if verb == "bench":  # the sliding-window graph holds --window frames' activations at once
+        fix += ", and those of the sliding window with --window"
     return f"{verb.replace('_', '-')} ran out of memory{what}; {fix}."
 
 

@@ -1425,6 +1425,26 @@ def test_cli_bench_rejects_zero_counts(flag: str) -> None:
     assert res.exit_code == 2 and f"{flag} must be at least 1" in res.output
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the address-space limit (RLIMIT_AS) is Linux's")
+def test_a_window_too_long_for_the_memory_is_one_sentence(tmp_path: Path) -> None:
+    """onnxruntime raises its arena's "Failed to allocate memory" as an exception of its own, not a
+    MemoryError: `bench --window 200000` ended in a traceback. Here the process's address space is
+    capped, so the allocation really fails, whatever the machine's memory and overcommit."""
+    import resource
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, 5 * 2**30))
+
+    proc = subprocess.run([sys.executable, "-m", "edge3d.cli", "bench", "d-resnet18", *TINY_FLAGS, "--window",
+                           "200000", "--frames", "1", "--rounds", "1", "--no-verify"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=cap, cwd=tmp_path,
+                          env={**os.environ, "COLUMNS": "400"})
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "onnxruntime" not in proc.stderr, said
+    assert re.search(r"error: bench ran out of memory \(one allocation of [\d.]+ GiB failed\); use a smaller --size "
+                     r"or --width: .* and those of the sliding window with --window\.$", said), said
+
+
 def test_cli_bench_json_reports_every_measurement(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Timings are not asserted (shared machines); the report's structure and MAC count are.
     The host is named by the device tree where there is one, as on a Jetson (a file stands in here)."""

@@ -52,7 +52,9 @@ def _load_session(path: Path, threads: int | None):
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         so.intra_op_num_threads = int(threads)
-    so.log_severity_level = 3
+    # fatal only: a failed run (its arena out of memory, say) is raised with the same message, which the
+    # caller turns into one sentence; ORT's own log line would come first, in red
+    so.log_severity_level = 4
     try:
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for corrupt files
