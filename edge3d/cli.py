@@ -389,7 +389,8 @@ def export(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
                             "forward (the check that refuses forward code mixing frames outside edge3d.nn).")] = False,
     profile: Annotated[str, typer.Option("--profile", help="Precisions to build, comma separated: fp32,fp16,int8,...")] = "fp32",
-    calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration.")] = None,
+    calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration: a video, a folder of clips (each gives an "
+                                                 "equal share), or synthetic[:SEED] (the default).")] = None,
     calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
     target: Annotated[str, typer.Option("--target", help="onnx, or tensorrt to also build engines.")] = "onnx",
     streams: Annotated[int | None, typer.Option(
@@ -922,7 +923,10 @@ def build(
 def compare(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder with the precisions to compare.")],
     profiles: Annotated[str | None, typer.Option("--profiles", help="Comma separated, e.g. fp32,fp16,int8 (default: all built).")] = None,
-    source: Annotated[str | None, typer.Option("--source", help="FILE.mp4 | FOLDER | synthetic[:SEED] (default: synthetic).")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="FILE.mp4 | FOLDER (of clips, or of one folder of clips per class: "
+                                                        "scored per frame and per clip) | camera:INDEX | csi:SENSOR | "
+                                                        "a GStreamer pipeline | synthetic[:SEED] (default: synthetic)."
+                                                        )] = None,
     frames: Annotated[int, typer.Option("--frames", help="Frames to stream through every profile.")] = 1000,
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for report.json, report.md and the plots.")] = Path("compare"),
     save_polygraphy_inputs: Annotated[bool, typer.Option("--save-polygraphy-inputs", help="Also write a few step inputs (frame + states) for `polygraphy run --load-inputs`.")] = False,
