@@ -1440,6 +1440,11 @@ def test_a_window_too_long_for_the_memory_is_one_sentence(tmp_path: Path) -> Non
                           capture_output=True, text=True, timeout=300, preexec_fn=cap, cwd=tmp_path,
                           env={**os.environ, "COLUMNS": "400"})
     said = " ".join(proc.stderr.split())
+    # on 16 cores with a CUDA build of torch, the thread pools (a malloc arena of 64 MiB of address space
+    # each) did not start within the cap: the process aborted before the allocation this test is about
+    if proc.returncode < 0 and "Resource temporarily unavailable" in proc.stderr:
+        pytest.skip("this machine's libraries and threads do not start within the 5 GiB address space the test "
+                    "sets, so the allocation it checks is never reached")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "onnxruntime" not in proc.stderr, said
     assert re.search(r"error: bench ran out of memory \(one allocation of [\d.]+ GiB failed\); use a smaller --size "
                      r"or --width: .* and those of the sliding window with --window\.$", said), said
