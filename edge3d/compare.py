@@ -319,7 +319,7 @@ def compare(
         if n == 0:
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
         report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
-                         threads, [e for e in ends if e < n])
+                         threads, ends)
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
         report["interrupted"] = interrupted
