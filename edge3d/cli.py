@@ -104,8 +104,13 @@ def friendly(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .signals import Terminated, sigterm_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            # SIGTERM (`timeout`, `docker stop`) unwinds as Ctrl-C does, so an export's staging
+            # folder is removed and compare still writes its report; its default killed the process
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except ModuleNotFoundError as e:
             package = (e.name or "").split(".")[0]
             if package not in EXTRA_OF:
@@ -120,14 +125,14 @@ def friendly(fn: F) -> F:
             raise typer.Exit(2) from None
         except OSError as e:  # a path the command had to read or write; its own checks missed it
             if e.filename:
-                _error(f"cannot use {e.filename} ({e.strerror or e}); check the path and that you may read and "
-                       "write there.")
+                _error(_path_error(e))
             else:  # a failed write or flush (a full disk) names no file
                 _error(f"writing a file failed ({e.strerror or e}); check the free space and the output paths.")
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("interrupted")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            terminated = isinstance(e, Terminated)
+            err_console.print("terminated" if terminated else "interrupted")
+            raise typer.Exit(143 if terminated else 130) from None
         except MemoryError as e:  # numpy's: a Session or a buffer larger than the memory
             _error(_out_of_memory(fn.__name__, str(e)))
             raise typer.Exit(2) from None
@@ -148,6 +153,19 @@ def friendly(fn: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _path_error(e: OSError) -> str:
+    """One sentence for a path the command could not use. A file it was creating (a hidden staging
+    folder beside an artifact, a report) names the folder it could not write in: the user never typed
+    the staging name, and the fix is about the folder."""
+    import errno
+
+    path = Path(os.fsdecode(e.filename))
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not path.exists() and path.parent.is_dir():
+        return (f"cannot write in {path.parent} ({e.strerror}); write somewhere you may, or change the folder's "
+                "permissions.")
+    return f"cannot use {path} ({e.strerror or e}); check the path and that you may read and write there."
 
 
 def _out_of_memory(verb: str, detail: str) -> str:
@@ -992,8 +1010,10 @@ def compare(
         console.print(f"  polygraphy run {model} --onnxrt --load-inputs {shlex.quote(str(out / f))}",
                       soft_wrap=True, highlight=False, markup=False)
     if report.get("interrupted"):
-        err_console.print(f"interrupted after {report['frames']} frames; the report covers those.")
-        raise typer.Exit(130)
+        terminated = report.get("interrupted_by") == "SIGTERM"
+        err_console.print(f"{'terminated' if terminated else 'interrupted'} after {report['frames']} frames; the "
+                          "report covers those.")
+        raise typer.Exit(143 if terminated else 130)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ from .runtime.manifest import (
     require_single_graph,
     state_io_names,
 )
+from .signals import Terminated
 from .sources import labels_apply, split_item, streams_of
 
 REFERENCE = "fp32"
@@ -264,6 +265,7 @@ def compare(
     ends: list[int] = []  # the last frame of each stream played to its end
     n = 0
     interrupted = False
+    interrupted_by = None
     try:
         try:
             for _, stream in streams:
@@ -305,11 +307,12 @@ def compare(
                         break
                 else:  # played to its end: its last frame is the clip's prediction
                     ends.append(n - 1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             # Ctrl-C on a long comparison reports the frames every profile finished, as `run` does
             if n == 0:
                 raise
             interrupted = True
+            interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             del ref_top[n:], labels[n:], ref_largest[n:]
             boundaries[:] = [b for b in boundaries if b < n]
             for r in rec.values():
@@ -323,6 +326,7 @@ def compare(
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
         report["interrupted"] = interrupted
+        report["interrupted_by"] = interrupted_by  # SIGINT (Ctrl-C) or SIGTERM; the CLI's exit code tells them apart
         if REFERENCE in report["profiles"]:
             report["profiles"][REFERENCE]["free_running"]["first_nonfinite"] = ref_nonfinite
         latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}

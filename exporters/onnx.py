@@ -16,7 +16,6 @@ import logging
 import numbers
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -38,6 +37,7 @@ from ..runtime.manifest import (
     NAME,
     class_count,
     file_sha256,
+    staging_folder,
     state_io_names,
 )
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
@@ -294,7 +294,7 @@ def artifact_folder(out_dir: Path, name: str) -> Iterator[tuple[Path, dict[str, 
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{name}.edge3d"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out_dir))
+    tmp = staging_folder(out_dir, f".{name}.")
     manifest: dict[str, Any] = {}
     try:
         yield tmp, manifest

@@ -33,6 +33,7 @@ from ..runtime.manifest import (
     load_manifest,
     precision_entry,
     require_single_graph,
+    staging_folder,
     state_io_names,
 )
 
@@ -204,7 +205,7 @@ def _write_model(repo: Path, cfg: Any, header: str, source: Path, model_file: st
     from google.protobuf import text_format
 
     final = repo / cfg.name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}.", dir=repo))
+    tmp = staging_folder(repo, f".{cfg.name}.")
     try:
         (tmp / "1").mkdir()
         shutil.copyfile(source, tmp / "1" / model_file)

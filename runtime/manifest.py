@@ -13,6 +13,7 @@ import math
 import numbers
 import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +220,26 @@ def check_file_hash(path: Path, recorded: str | None) -> None:
             f"{path.name} is not the file manifest.json records (its sha256 differs): it is corrupt or truncated, "
             "or was changed after export; re-export the artifact, or copy it again."
         )
+
+
+def staging_folder(parent: Path, prefix: str) -> Path:
+    """A new hidden folder in ``parent`` to assemble an artifact or a Triton model in before it is
+    renamed into place.
+
+    ``tempfile.mkdtemp`` makes its folder 0700 whatever the umask, and a folder keeps its mode when
+    renamed: the exported artifact, and the Triton model, could then be read by their owner alone, not
+    by a camera app's service account or a Triton container running as another user. ``mkdir``
+    applies the umask, as for any folder the user makes.
+    """
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free name for a temporary folder in {parent}; remove the hidden {prefix}* folders "
+                          "there.")
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -326,6 +326,7 @@ def test_ctrl_c_reports_the_frames_every_profile_finished(stateful: Path, tmp_pa
     series = np.load(out / "series.npz")
     assert all(len(series[k]) == 25 for k in series.files) and len(series.files) == 6
     assert json.loads((out / "report.json").read_text())["interrupted"] is True
+    assert report["interrupted_by"] == "SIGINT"
     assert "25 frames in 1 stream(s) (interrupted" in (out / "report.md").read_text()
     full = compare(stateful, ["fp32", "fp16", "int8"], frames[:25], 25, threads=1, plots=False)
     assert not full["interrupted"]
@@ -358,3 +359,30 @@ def test_ctrl_c_reports_the_frames_every_profile_finished(stateful: Path, tmp_pa
     said = " ".join(res.output.split())  # the table's title wraps with its width
     assert "20 frames, interrupted" in said and "interrupted after 20 frames; the report covers those" in said
     assert json.loads((tmp_path / "cli" / "report.json").read_text())["frames"] == 20
+
+    # SIGTERM (`timeout`, `docker stop`) killed it outright, with no report; now it ends the same way, exit 143.
+    # The signal is sent for real; the test's own handler stands for the default, which would kill pytest.
+    import os
+    import signal
+
+    def not_taken(signum: int, frame: object) -> None:
+        raise RuntimeError("SIGTERM reached the test's own handler: compare did not take it")
+
+    def terminating_cosine(a: np.ndarray, b: np.ndarray) -> float:
+        calls["n"] += 1
+        if calls["n"] == 2 * 20 + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return cosine(a, b)
+
+    calls["n"] = 0
+    monkeypatch.setattr(compare_module, "_cosine", terminating_cosine)
+    previous = signal.signal(signal.SIGTERM, not_taken)
+    try:
+        res = CliRunner().invoke(app, ["compare", str(stateful), "--profiles", "fp32,fp16,int8", "--source",
+                                       str(video), "--frames", "60", "--out", str(tmp_path / "term")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert res.exit_code == 143, res.output
+    assert "terminated after 20 frames; the report covers those" in " ".join(res.output.split())
+    saved = json.loads((tmp_path / "term" / "report.json").read_text())
+    assert saved["frames"] == 20 and saved["interrupted_by"] == "SIGTERM"

@@ -103,6 +103,22 @@ def test_repository_for_exported_model(stream_artifact: Path, tmp_path: Path) ->
     assert "oldest" in (model_dir / "config.pbtxt").read_text().split("name:")[0]  # the why, as a comment
 
 
+def test_model_folder_takes_the_umask_so_a_server_running_as_another_user_can_read_it(stream_artifact: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The model folder was a tempfile.mkdtemp folder (0700) renamed into place: a Triton container
+    running as another user could not read it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        repo = write_repository(stream_artifact, tmp_path / "repo", max_batch=2)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((repo / "tiny").stat().st_mode) == 0o755
+    assert stat.S_IMODE((repo / "tiny" / "config.pbtxt").stat().st_mode) == 0o644
+
+
 def test_rewrite_replaces_only_our_model(stream_artifact: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     (repo / "someone_else" / "1").mkdir(parents=True)
