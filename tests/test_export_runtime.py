@@ -780,20 +780,37 @@ def test_cli_output_folder_that_is_a_file_and_a_folder_of_artifacts(tiny_artifac
     assert res.exit_code == 0 and json.loads(res.output)["macs_per_frame"] > 0
 
 
-def test_cli_reports_an_os_error_as_one_sentence(capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_an_os_error_as_one_sentence(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Root ignores permissions, so the errors are raised here rather than provoked. A file being
+    created in a folder the user may not write (export's hidden staging folder) names the folder:
+    the message named `.tiny.k3x9abcd`, which the user never typed."""
+    import errno
+
     import typer
 
     from edge3d.cli import friendly
 
-    @friendly
-    def writes() -> None:
-        raise PermissionError(13, "Permission denied", "/data/report.json")
+    def said_for(error: OSError) -> str:
+        @friendly
+        def writes() -> None:
+            raise error
 
-    with pytest.raises(typer.Exit) as e:
-        writes()
-    assert e.value.exit_code == 2
-    said = " ".join(capsys.readouterr().err.split())
+        with pytest.raises(typer.Exit) as e:
+            writes()
+        assert e.value.exit_code == 2
+        return " ".join(capsys.readouterr().err.split())
+
+    said = said_for(PermissionError(errno.EACCES, "Permission denied", "/data/report.json"))
     assert said.startswith("error: cannot use /data/report.json (Permission denied)") and "Traceback" not in said
+    staging = tmp_path / ".tiny.k3x9abcd"
+    for error in (PermissionError(errno.EACCES, "Permission denied", str(staging)),
+                  OSError(errno.EROFS, "Read-only file system", str(staging))):
+        said = said_for(error)
+        assert said.startswith(f"error: cannot write in {tmp_path} ({error.strerror}); write somewhere you may")
+        assert ".tiny" not in said
+    (tmp_path / "model.onnx").write_bytes(b"")  # a file that exists and cannot be read is named itself
+    said = said_for(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "model.onnx")))
+    assert said.startswith(f"error: cannot use {tmp_path / 'model.onnx'} (Permission denied)")
 
 
 def test_missing_precision_names_the_fix(tiny_artifact) -> None:
@@ -1067,6 +1084,33 @@ def test_runtime_imports_without_torch(tiny_artifact) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", "(5,)", "False"]
+
+
+def test_onnxruntime_telemetry_is_off_unless_the_user_turns_it_on(tiny_artifact, tmp_path: Path) -> None:
+    """onnxruntime 1.29+ keeps a device id and an event queue under ~/.cache/Microsoft and sends them
+    to Microsoft unless ORT_DISABLE_TELEMETRY (or CI) is set; every `edge3d run` wrote them. Importing
+    edge3d first turns it off; a user's own setting stands (0 keeps it on, and is the control here)."""
+    art, _ = tiny_artifact
+    code = (
+        "import numpy as np\n"
+        "from edge3d.runtime import Session\n"
+        f"Session({str(art)!r}).step(np.zeros(({SIZE}, {SIZE}, 3), np.uint8))\n"
+    )
+
+    def telemetry_files(setting: str | None) -> list[str]:
+        home = tmp_path / f"home-{setting}"
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in ("CI", "ORT_DISABLE_TELEMETRY", "ORT_RUNNING_UNIT_TESTS")}
+        env["HOME"] = str(home)
+        if setting is not None:
+            env["ORT_DISABLE_TELEMETRY"] = setting
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return sorted(p.name for p in home.rglob("*") if p.is_file())
+
+    if not telemetry_files("0"):
+        pytest.skip("this onnxruntime keeps no telemetry files (it predates 1.29, or was built without telemetry)")
+    assert telemetry_files(None) == []
 
 
 def test_the_exporters_are_reached_from_the_package() -> None:
@@ -1641,6 +1685,53 @@ def test_cli_run_stopped_by_sigterm_keeps_every_prediction_and_prints_the_summar
     lines = preds.read_text().splitlines()
     assert len(lines) == frames > 200
     assert [json.loads(x)["frame"] for x in lines] == list(range(frames))
+
+
+def _sigterm_not_handled(signum: int, frame: object) -> None:
+    raise RuntimeError("SIGTERM reached the test's own handler: the CLI did not take it")
+
+
+def test_cli_export_stopped_by_sigterm_exits_143_and_leaves_no_staging_folder(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM (`timeout`, `docker stop`) killed an export outright, leaving its hidden staging folder
+    (up to the whole graph) in the output folder; it now unwinds as Ctrl-C does. The signal is sent
+    for real, while the graph is traced; the test's own handler stands for the default one."""
+    import signal
+    import time
+
+    from edge3d.exporters import onnx as onnx_exporter
+
+    def traced_then_killed(*args: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+
+    monkeypatch.setattr(onnx_exporter, "_quiet_export", traced_then_killed)
+    previous = signal.signal(signal.SIGTERM, _sigterm_not_handled)
+    try:
+        res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
+                                       "-o", str(tmp_path / "out")])
+        assert signal.getsignal(signal.SIGTERM) is _sigterm_not_handled  # restored after the command
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert res.exit_code == 143, res.output
+    assert "terminated" in res.output
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_exported_artifact_folder_takes_the_umask_so_other_users_can_read_it(tiny_artifact, tmp_path: Path) -> None:
+    """The artifact was assembled in a tempfile.mkdtemp folder, always 0700, and renamed into place
+    with that mode: a camera app's service account could not read what its owner exported."""
+    import stat
+
+    _, model = tiny_artifact
+    for umask, mode in ((0o022, 0o755), (0o027, 0o750)):
+        old = os.umask(umask)
+        try:
+            art = export_artifact(model, tmp_path / oct(umask), "tiny", frame_size=SIZE, verify=False)
+        finally:
+            os.umask(old)
+        assert stat.S_IMODE(art.stat().st_mode) == mode
+        assert {stat.S_IMODE(f.stat().st_mode) for f in art.iterdir()} == {mode & 0o666}
 
 
 def test_cli_run_output_dash_writes_json_lines_to_stdout_for_a_pipe(tiny_artifact, tmp_path: Path) -> None:
