@@ -491,11 +491,10 @@ def export(
     dropped = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"):
-        classes_list = getattr(m, "class_names", None)
+        # the model's class_names, frame_mean and frame_std are taken by export_artifact itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
-                               model_info=info, classes=classes_list, verify=not no_verify,
-                               progress=lambda phase: status.update(f"{what}: {escape(phase)}..."),
-                               **({"mean": m.frame_mean, "std": m.frame_std} if hasattr(m, "frame_mean") else {}))
+                               model_info=info, verify=not no_verify,
+                               progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
     if check:

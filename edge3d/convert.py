@@ -179,6 +179,21 @@ class StepModule(nn.Module):
         return (out, *[t for group in new for t in group])
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs: torch.compile's ``OptimizedModule`` (its compiled forward failed in
+    Inductor on the step check's clip, and its attributes such as ``frame_mean`` are the model's) and
+    ``DataParallel`` / ``DistributedDataParallel`` (whose attributes are not). A model trained under
+    either is exported as the model itself; its weights are the same tensors."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def to_step(
     model: nn.Module,
     frame_shape: Sequence[int] = (3, 112, 112),
@@ -198,6 +213,7 @@ def to_step(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"to_step needs a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap(model)
     if len(frame_shape) != 3 or not all(is_positive_int(v) for v in frame_shape):
         raise ValueError(f"frame_shape must be (C, H, W) with positive sizes, got {tuple(frame_shape)}; "
                          "e.g. (3, 112, 112).")

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import __version__
 from ..accounting import count_macs, dtype_name
-from ..convert import StepModule, to_step
+from ..convert import StepModule, to_step, unwrap
 from ..runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -345,7 +345,7 @@ def export_artifact(
     name: str,
     *,
     frame_size: int | tuple[int, int] = 112,
-    channels: int = 3,
+    channels: int | None = None,
     lower: bool = True,
     model_info: dict[str, Any] | None = None,
     classes: list[str] | None = None,
@@ -366,8 +366,24 @@ def export_artifact(
     was checked (None when skipped). ``progress`` is told each phase as it starts: a full-size
     VoV3D takes over a minute, most of it in torch.export, and a status line that names the phase
     shows the user the export is moving.
+
+    What is left out comes from the model, as ``edge3d export`` takes it: ``channels`` from its
+    ``frame_channels`` attribute or first convolution, ``mean``/``std`` from ``frame_mean``/``frame_std``,
+    ``classes`` from ``class_names``. A model trained with its own statistics is then fed the frames it
+    was trained on from Python too, not the defaults.
     """
+    from ..models import frame_channels
+
     say = progress or (lambda _phase: None)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"export_artifact needs a torch.nn.Module, got {type(model).__name__}.")
+    model = unwrap(model)
+    own = model.model if isinstance(model, StepModule) else model  # the user's module, for its attributes
+    if channels is None:
+        channels = model.frame_shape[0] if isinstance(model, StepModule) else frame_channels(model)
+    mean = getattr(own, "frame_mean", None) if mean is None else mean
+    std = getattr(own, "frame_std", None) if std is None else std
+    classes = getattr(own, "class_names", None) if classes is None else classes
     check_artifact_name(name)
     if (Path(out_dir) / MANIFEST).is_file():
         raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "

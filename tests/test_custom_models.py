@@ -599,6 +599,47 @@ def test_a_grey_camera_model_at_a_non_square_size_exports_and_streams(user_modul
         export_artifact(model, tmp_path / "rgb-stats", "g", frame_size=16, channels=1, mean=(0.4,) * 3, std=(0.2,))
 
 
+def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers(user_module: str,
+                                                                                tmp_path: Path) -> None:
+    """From Python, export_artifact ignored the model's frame_mean, frame_std and class_names (the
+    artifact then normalised frames with 0.45 / 0.225: a model trained on other statistics was fed
+    other inputs, silently) and assumed three channels; the CLI took all four. A torch.compile'd
+    model failed in Inductor on the step check's clip, and DataParallel hid the attributes."""
+    from edge3d.exporters.onnx import export_artifact
+
+    module = __import__(user_module)
+
+    class ThermalNet(module.Grey):
+        frame_mean, frame_std = (0.3,), (0.2,)
+        class_names = ["person", "vehicle", "animal"]
+
+    model = randomize(ThermalNet(num_classes=3), seed=21).eval()
+    art = export_artifact(model, tmp_path, "thermal", frame_size=(12, 16))
+    manifest = Session(art).manifest
+    frame = manifest["frame"]
+    assert (frame["channels"], frame["mean"], frame["std"]) == (1, [0.3], [0.2])
+    assert manifest["output"]["classes"] == ["person", "vehicle", "animal"]
+    raw = np.random.default_rng(4).integers(0, 256, (40, 12, 16), dtype=np.uint8)
+    clip = torch.from_numpy((raw / 255 - 0.3) / 0.2).float()[None, None]  # (1, 1, T, H, W), its own statistics
+    with torch.no_grad():
+        ref = model(clip)[0].numpy()
+    with Session(art) as s:
+        out = np.stack([s.step(f) for f in raw], axis=1)
+        assert s.top(out[:, -1])[1] == ThermalNet.class_names[int(ref[:, -1].argmax())]
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    # the caller's own values still win
+    given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
+                                    std=(0.25,), verify=False)).manifest["frame"]
+    assert (given["mean"], given["std"]) == ([0.5], [0.25])
+
+    for wrapped, where in ((torch.compile(model), "compiled"), (torch.nn.DataParallel(model), "dp")):
+        wrapped_art = export_artifact(wrapped, tmp_path / where, "thermal", frame_size=(12, 16))
+        got = Session(wrapped_art).manifest
+        assert got["model"]["source_hash"] == manifest["model"]["source_hash"]
+        assert got["frame"] == frame and got["output"]["classes"] == manifest["output"]["classes"]
+        assert got["model"]["step_check"]["frames"] == 10
+
+
 def test_a_zoo_model_exports_at_a_non_square_size(tmp_path: Path) -> None:
     from edge3d import zoo
 
