@@ -88,7 +88,7 @@ def size_text(frame_size: int | tuple[int, int]) -> str:
 
 # The optional packages a verb may import, and the extra that installs each. A runtime-only install
 # (numpy, onnxruntime, the CLI: what a Jetson gets) has none of them.
-EXTRA_OF = {"torch": "export", "onnx": "export", "onnxscript": "export", "cv2": "video",
+EXTRA_OF = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export", "cv2": "video",
             "matplotlib": "plots", "tritonclient": "triton", "polygraphy": "tensorrt"}
 EXTRA_HOLDS = {"export": "PyTorch and onnx", "video": "OpenCV", "plots": "matplotlib", "triton": "tritonclient",
                "tensorrt": "polygraphy"}
@@ -117,7 +117,8 @@ def friendly(fn: F) -> F:
                 raise
             extra = EXTRA_OF[package]
             first = " (the CPU build of PyTorch first, see the README)" if extra == "export" else ""
-            _error(f"{fn.__name__.replace('_', '-')} needs {EXTRA_HOLDS[extra]}, which this installation lacks; "
+            holds = package if package == "safetensors" else EXTRA_HOLDS[extra]  # an export extra added later
+            _error(f"{fn.__name__.replace('_', '-')} needs {holds}, which this installation lacks; "
                    f"pip install {f'edge3d[{extra}]'!r}{first}.")
             raise typer.Exit(2) from None
         except ValueError as e:

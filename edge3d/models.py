@@ -99,6 +99,27 @@ def _strip_prefix(state: dict[str, Any], own: dict[str, Any], path: Path) -> dic
 BN_COUNTER = "num_batches_tracked"
 
 
+def _is_safetensors(path: Path) -> bool:
+    """safetensors: an 8-byte little-endian header length, then that many bytes of JSON."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else 0
+        return 1 < size < path.stat().st_size and f.read(1) == b"{"
+
+
+def _load_safetensors(path: Path) -> dict[str, Any]:
+    """The tensors of a safetensors file: the format Hugging Face and many training scripts save
+    weights in (torch.load cannot read it). It holds tensors only, so nothing is unpickled."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, ValueError, TypeError) as e:  # a truncated file, a header that is not its tensors
+        raise ValueError(f"checkpoint {path} is a safetensors file that cannot be read ({e}); save the weights "
+                         "again.") from e
+
+
 def _checkpoint_kind(path: Path) -> str:
     """The rest of a sentence for a file that is plainly not a state_dict, else ''.
 
@@ -109,12 +130,6 @@ def _checkpoint_kind(path: Path) -> str:
 
     with open(path, "rb") as f:
         head = f.read(8)
-        # safetensors: an 8-byte little-endian header length, then that many bytes of JSON
-        header = int.from_bytes(head, "little") if len(head) == 8 else 0
-        safetensors = 1 < header < path.stat().st_size and f.read(1) == b"{"
-    if safetensors:
-        return ("a safetensors file; convert it with torch.save(safetensors.torch.load_file(path), 'weights.pt') "
-                "and pass that file.")
     # torch.save writes a zip ("PK") or, in the legacy format, a pickle (0x80); an ONNX model starts
     # with its ir_version field (tag 0x08)
     if path.suffix == ".onnx" or head[:1] == b"\x08":
@@ -126,6 +141,25 @@ def _checkpoint_kind(path: Path) -> str:
                 return ("a TorchScript archive (torch.jit.save); save its weights with "
                         "torch.save(torch.jit.load(path).state_dict(), 'weights.pt') and pass that file.")
     return ""
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load of weights only; a file it cannot read is one sentence."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's own warnings would come before the one sentence
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise ValueError(
+                f"checkpoint {path} holds pickled Python objects (a whole model saved with torch.save(model), "
+                "say), which edge3d does not unpickle because unpickling runs code; load it where you trust "
+                "it and save model.state_dict() instead."
+            ) from e
+        raise ValueError(f"checkpoint {path} cannot be read by torch.load ({type(e).__name__}); "
+                         "save it with torch.save(model.state_dict(), path).") from e
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model") -> None:
@@ -143,22 +177,11 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
     if not path.is_file():
         what = "is not a regular file" if path.exists() else "does not exist"
         raise ValueError(f"checkpoint {path} {what}; pass the path of a saved state_dict.")
-    kind = _checkpoint_kind(path)
+    safetensors = _is_safetensors(path)
+    kind = "" if safetensors else _checkpoint_kind(path)
     if kind:
         raise ValueError(f"checkpoint {path} is {kind}")
-    try:
-        with warnings.catch_warnings():  # torch's own warnings would come before the one sentence
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise ValueError(
-                f"checkpoint {path} holds pickled Python objects (a whole model saved with torch.save(model), "
-                "say), which edge3d does not unpickle because unpickling runs code; load it where you trust "
-                "it and save model.state_dict() instead."
-            ) from e
-        raise ValueError(f"checkpoint {path} cannot be read by torch.load ({type(e).__name__}); "
-                         "save it with torch.save(model.state_dict(), path).") from e
+    state = _load_safetensors(path) if safetensors else _torch_load(path)
     state = _unwrap(state)
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict.")

@@ -515,7 +515,8 @@ def test_checkpoint_mismatch(tmp_path: Path) -> None:
     ("torchscript", "is a TorchScript archive (torch.jit.save); save its weights with "
                     "torch.save(torch.jit.load(path).state_dict(), 'weights.pt')"),
     ("whole-model", "holds pickled Python objects (a whole model saved with torch.save(model), say)"),
-    ("safetensors", "is a safetensors file; convert it with torch.save(safetensors.torch.load_file(path)"),
+    ("safetensors", "is a safetensors file that cannot be read ("),
+    ("safetensors-other-model", "does not match the model: "),
     ("under-net", "holds no tensors at its top level (its keys: epoch, net, optimizer); the weights look to be "
                   "under 'net': save them with torch.save(checkpoint['net'], 'weights.pt') and pass that file."),
     ("no-weights", "holds no tensors at its top level (its keys: epoch, optimizer); save the model's weights with "
@@ -540,9 +541,15 @@ def test_files_that_are_not_a_state_dict_are_named(tiny_artifact, tmp_path: Path
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated, and still about
             torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
-    elif kind == "safetensors":  # the format: an 8-byte little-endian header length, JSON, raw tensor bytes
-        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
-        path.write_bytes(len(header).to_bytes(8, "little") + header + np.zeros(2, np.float32).tobytes())
+    elif kind == "safetensors":  # cut short, as by a failed copy: the header promises bytes that are gone
+        from safetensors.torch import save_file
+
+        save_file(model.state_dict(), str(path))
+        path.write_bytes(path.read_bytes()[:-100])
+    elif kind == "safetensors-other-model":
+        from safetensors.torch import save_file
+
+        save_file({"w": torch.zeros(2)}, str(path))
     elif kind == "under-net":  # a training script's own key, which edge3d cannot guess
         torch.save({"epoch": 3, "net": model.state_dict(), "optimizer": {"state": {}, "param_groups": []}}, path)
     elif kind == "no-weights":
@@ -581,6 +588,36 @@ def test_training_checkpoints_load_as_saved(tmp_path: Path, wrap) -> None:
     with torch.no_grad():
         clip = torch.randn(1, 3, 4, 32, 32)
         torch.testing.assert_close(fresh.eval()(clip), trained(clip), rtol=0, atol=0)
+
+
+def test_a_safetensors_checkpoint_exports_like_the_state_dict(tmp_path: Path) -> None:
+    """Hugging Face and many trainers save weights as safetensors, which torch.load cannot read:
+    --checkpoint refused the file and told the user to convert it. It loads now, float16 weights and
+    a wrapper's prefix included, and nothing in it is unpickled (the format holds tensors only)."""
+    from safetensors.torch import save_file
+
+    from edge3d.models import load_checkpoint
+
+    trained = randomize(zoo.build("d-resnet18", **TINY), seed=13)
+    sd = trained.state_dict()
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    torch.save(sd, tmp_path / "ck.pt")
+    runner = CliRunner()
+    for ck, out in (("model.safetensors", "st"), ("ck.pt", "pt")):
+        res = runner.invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
+                                  "--checkpoint", str(tmp_path / ck), "-o", str(tmp_path / out), "--no-verify"])
+        assert res.exit_code == 0, res.output
+    hashes = [json.loads((tmp_path / o / "d-resnet18.edge3d" / "manifest.json").read_text())["model"]["source_hash"]
+              for o in ("st", "pt")]
+    assert hashes[0] == hashes[1]  # the same weights as the torch.save'd state_dict
+    # half-precision weights under DataParallel's prefix, as saved for sharing: cast to the model's float32
+    save_file({f"module.{k}": v.half() if v.is_floating_point() else v for k, v in sd.items()},
+              str(tmp_path / "half.safetensors"))
+    fresh = zoo.build("d-resnet18", **TINY)
+    load_checkpoint(fresh, tmp_path / "half.safetensors")
+    for k, v in sd.items():
+        want = v.half().float() if v.is_floating_point() else v
+        assert fresh.state_dict()[k].dtype == v.dtype and torch.equal(fresh.state_dict()[k], want), k
 
 
 def test_a_checkpoint_with_two_copies_of_the_model_is_refused_naming_both(tmp_path: Path) -> None:
