@@ -32,14 +32,18 @@ def count_macs(step: StepModule, batch: int = 1) -> int:
     return int(counter.get_total_flops()) // 2 // batch
 
 
-def inspect(model: nn.Module, frame_size: int | tuple[int, int] = 112, channels: int = 3) -> dict[str, Any]:
+def inspect(model: nn.Module, frame_size: int | tuple[int, int] = 112, channels: int | None = None) -> dict[str, Any]:
     """Report of a model's streaming cost: params, MACs per frame and every state tensor.
 
-    ``model`` may be a clip-mode model or an existing :class:`StepModule`.
+    ``model`` may be a clip-mode model or an existing :class:`StepModule`. ``channels`` left out is
+    the model's, as ``edge3d inspect`` and ``export_artifact`` take it (a grey model has one).
     """
     if isinstance(model, StepModule):
         step = model
     else:
+        from .models import frame_channels
+
+        channels = frame_channels(model, channels)
         if isinstance(frame_size, int):
             frame_size = (frame_size, frame_size)
         if not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2:

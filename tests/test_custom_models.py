@@ -627,12 +627,20 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
         out = np.stack([s.step(f) for f in raw], axis=1)
         assert s.top(out[:, -1])[1] == ThermalNet.class_names[int(ref[:, -1].argmax())]
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    import edge3d
+
+    assert edge3d.inspect(model, (12, 16))["states"][0]["shape"] == [2, 12, 16]  # two past grey frames, not RGB
     # the caller's own values still win
     given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
                                     std=(0.25,), verify=False)).manifest["frame"]
     assert (given["mean"], given["std"]) == ([0.5], [0.25])
 
-    for wrapped, where in ((torch.compile(model), "compiled"), (torch.nn.DataParallel(model), "dp")):
+    import warnings
+
+    with warnings.catch_warnings():  # importing torch's compiler stack warns that TorchScript is deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        compiled = torch.compile(model)
+    for wrapped, where in ((compiled, "compiled"), (torch.nn.DataParallel(model), "dp")):
         wrapped_art = export_artifact(wrapped, tmp_path / where, "thermal", frame_size=(12, 16))
         got = Session(wrapped_art).manifest
         assert got["model"]["source_hash"] == manifest["model"]["source_hash"]
