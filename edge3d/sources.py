@@ -225,6 +225,9 @@ def _clips_in(folder: Path) -> list[Path]:
     first clip of each class, then the second of each, ...). An image clip's first image is
     checked here and every image as its turn comes.
     """
+    if (folder / "manifest.json").is_file():  # `edge3d run ART --source ART`, or the two swapped
+        raise ValueError(f"source {folder} is an edge3d artifact, not frames; give the artifact as the first "
+                         "argument and a video, a folder of them, camera:N or synthetic as the source.")
     videos = _videos_in(folder)
     own = _images_in(folder)
     subs = _image_folders_in(folder)  # each folder listed once here, once more when it plays

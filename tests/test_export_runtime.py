@@ -1019,6 +1019,24 @@ def test_a_file_given_as_the_artifact_is_named_as_a_file(tmp_path: Path, monkeyp
     assert os.listdir(".") == ["clip.mp4"]
 
 
+def test_an_artifact_given_as_the_source_is_named_as_an_artifact(tiny_artifact, tiny_with_fp16,
+                                                                tmp_path: Path) -> None:
+    """`--source out/x.edge3d` listed the video and image kinds the folder lacks, as for any empty folder."""
+    from edge3d.exporters.precision import add_precisions
+
+    art, _ = tiny_artifact
+    says = f"source {art} is an edge3d artifact, not frames; give the artifact as the first argument"
+    for args in (["run", str(art), "--source", str(art)], ["compare", str(tiny_with_fp16), "--source", str(art),
+                                                           "--out", str(tmp_path / "c")]):
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
+    copy = tmp_path / art.name
+    shutil.copytree(art, copy)
+    with pytest.raises(ValueError, match=re.escape(f"source {art} is an edge3d artifact")):
+        add_precisions(copy, ["int8"], calib_source=str(art))
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(art))
+
+
 @pytest.fixture
 def http_folder(tmp_path: Path):
     """A folder served over HTTP on localhost, as an IP camera or a media server would serve video."""
