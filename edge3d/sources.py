@@ -34,16 +34,24 @@ def _cv2():
     of OpenCV and FFmpeg internals before the one sentence the CLI gives; a user who wants them
     back sets ``OPENCV_LOG_LEVEL`` or ``OPENCV_FFMPEG_LOGLEVEL``, which are left as they are.
     """
+    from .runtime.preprocess import cv2_import_error, optional_cv2
+
     os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET, read when a capture opens
-    try:
-        import cv2
-    except ImportError as e:
-        raise ValueError(
-            "reading video files, images and cameras needs OpenCV; pip install 'edge3d[video]' "
-            "(or use --source synthetic)."
-        ) from e
+    cv2 = optional_cv2()
+    if cv2 is None:
+        broken = cv2_import_error()  # installed but not importable: another OpenCV would be the wrong fix
+        raise ValueError(f"reading video files, images and cameras needs OpenCV, and {broken} (or use --source "
+                         "synthetic)." if broken else
+                         "reading video files, images and cameras needs OpenCV; pip install 'edge3d[video]' "
+                         "(or use --source synthetic).")
     if "OPENCV_LOG_LEVEL" not in os.environ:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+        # cv2.utils.logging is OpenCV 4.10's and later; 4.8 and 4.9 (JetPack 6 ships 4.8) have cv2.setLogLevel,
+        # with the same levels (2 is ERROR)
+        logging = getattr(getattr(cv2, "utils", None), "logging", None)
+        if logging is not None:
+            logging.setLogLevel(logging.LOG_LEVEL_ERROR)
+        elif hasattr(cv2, "setLogLevel"):
+            cv2.setLogLevel(2)
     return cv2
 
 

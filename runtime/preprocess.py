@@ -6,10 +6,49 @@ exactly as at training time. Doing it here keeps every app and backend consisten
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import numbers
+from typing import Any
 
 import numpy as np
+
+_CV2: dict[str, Any] = {}  # the import's outcome, once per process: "module", or "error" (None: not installed)
+
+
+def optional_cv2() -> Any:
+    """OpenCV, or None where it cannot be imported; tried once per process.
+
+    An OpenCV built against NumPy 1.x under NumPy 2 (JetPack 6's, once pip has put NumPy 2 in the
+    venv) fails to import after NumPy prints some twenty lines and a stack to stderr. ``resize``
+    tried the import for every frame, so a camera app printed that block thirty times a second.
+    The attempt's stderr is kept out of the terminal; :func:`cv2_import_error` says what went wrong.
+    """
+    if "module" not in _CV2:
+        said = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(said):
+                import cv2
+            _CV2.update(module=cv2, error=None)
+        except ImportError as e:
+            _CV2.update(module=None, error=None if getattr(e, "name", None) == "cv2" and
+                        isinstance(e, ModuleNotFoundError) else _cv2_failure(e, said.getvalue()))
+    return _CV2["module"]
+
+
+def cv2_import_error() -> str | None:
+    """Why an installed OpenCV cannot be imported, with the fix; None when it imports or is not installed."""
+    optional_cv2()
+    return _CV2["error"]
+
+
+def _cv2_failure(e: ImportError, said: str) -> str:
+    if "NumPy 1.x" in said or "_ARRAY_API" in str(e) or "numpy.core.multiarray failed to import" in str(e):
+        return (f"the installed OpenCV was built against NumPy 1.x, and this environment has NumPy {np.__version__}; "
+                "pip install 'numpy<2' (JetPack's OpenCV, the one with GStreamer for CSI cameras, is such a build), "
+                "or an OpenCV built for NumPy 2")
+    return f"the installed OpenCV cannot be imported ({e}); reinstall it"
 
 
 def _area_axis0(f: np.ndarray, dst: int) -> np.ndarray:
@@ -40,14 +79,11 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = frame.shape[:2]
     if (h, w) == (height, width):
         return frame
-    try:
-        import cv2
-
+    cv2 = optional_cv2()
+    if cv2 is not None:
         interp = cv2.INTER_AREA if (height < h and width < w) else cv2.INTER_LINEAR
         out = cv2.resize(frame, (width, height), interpolation=interp)
         return out[..., None] if out.ndim < frame.ndim else out  # OpenCV drops a single channel's axis
-    except ImportError:
-        pass
     f = frame.astype(np.float32)
     if height < h and width < w:
         out = np.moveaxis(_area_axis0(np.moveaxis(_area_axis0(f, height), 1, 0), width), 0, 1)
