@@ -201,6 +201,7 @@ def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst
     """A runtime-only install (no OpenCV, as on a device) must feed the model the frame the workstation
     fed it: area averaging when shrinking, bilinear otherwise, within one grey level of OpenCV."""
     cv2 = pytest.importorskip("cv2")
+    from edge3d.runtime import preprocess
     from edge3d.runtime.preprocess import resize
 
     rng = np.random.default_rng(0)
@@ -209,7 +210,7 @@ def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst
         shrink = dst[0] < src[0] and dst[1] < src[1]
         want = cv2.resize(img, dst[::-1], interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR).astype(int)
         with monkeypatch.context() as m:
-            m.setitem(sys.modules, "cv2", None)  # import cv2 now raises ImportError
+            m.setattr(preprocess, "_CV2", {"module": None, "error": None})  # the import's outcome, as without OpenCV
             got = resize(img, *dst)
         assert got.shape == (*dst, 3) and got.dtype == np.uint8
         diff = np.abs(got.astype(int) - want)
