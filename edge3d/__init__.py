@@ -13,8 +13,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 # ONNX Runtime 1.29+ (its official Linux wheels) records telemetry by default: a device id and a
-# queue of events (the OS, the executable's path, the network type) under ~/.cache/Microsoft, for
-# Microsoft's collector. A camera app should not phone home because it runs a model, so edge3d turns it off before
+# queue of events (the OS, CPU and memory, the executable's path, one per session created) under
+# ~/.cache/Microsoft, for Microsoft's collector. A camera app should not phone home because it runs a model, so edge3d turns it off before
 # onnxruntime is first imported, unless the user has set the variable (ORT_DISABLE_TELEMETRY=0 keeps it on).
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 

@@ -18,6 +18,7 @@ that ran before it keep their new state.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 def _load_session(path: Path, threads: int | None):
     import onnxruntime as ort
 
+    if os.environ.get("ORT_DISABLE_TELEMETRY", "").strip().lower() in ("1", "true", "yes"):
+        # importing edge3d sets it; an app that imported onnxruntime first started telemetry with that
+        # import, and this stops the events recorded for each session created
+        ort.disable_telemetry_events()
     if threads is not None and not is_positive_int(threads):
         raise ValueError(f"--threads (threads in Python) must be a positive integer, got {threads!r}; leave it out "
                          "for ONNX Runtime's default of one per core.")
