@@ -32,6 +32,8 @@ app = typer.Typer(  # the help text is _main's docstring
 )
 console = Console()
 err_console = Console(stderr=True)
+# `run` into a log (a service's journal, `docker logs`, a file) has no live line: its text every this many seconds
+STATUS_EVERY_S = 10.0
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -652,6 +654,9 @@ def run(
                 yield (name if name != source else None), i, frame, (label if keep_labels else None)
             whole.add(name)  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
 
+    # a terminal redraws the live line in place; a log gets it as a plain line now and then
+    plain_status = not quiet and not shown.is_terminal
+    next_status = time.monotonic() + STATUS_EVERY_S
     try:
         with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
             for video, clip_frame, frame, label in frames_of_every_video():
@@ -701,8 +706,12 @@ def run(
                     s = session.stats.summary()
                     top = (f"output: {map_shape} map" if is_map and predicted else
                            f"top: [bold]{escape(cls)}[/] ({score:.2f})" if predicted else "no output yet")
-                    live.update(f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
-                                f"cache {format_bytes(session.cache_bytes)}  {top}")
+                    status = (f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
+                              f"cache {format_bytes(session.cache_bytes)}  {top}")
+                    live.update(status)
+                    if plain_status and time.monotonic() >= next_status:
+                        shown.print(status, highlight=False)
+                        next_status = time.monotonic() + STATUS_EVERY_S
                 if frames is not None and n >= frames:
                     break
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) is how a camera run ends: the summary is still wanted

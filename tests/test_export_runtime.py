@@ -1764,6 +1764,26 @@ def test_cli_run_stopped_by_sigterm_keeps_every_prediction_and_prints_the_summar
     assert [json.loads(x)["frame"] for x in lines] == list(range(frames))
 
 
+def test_cli_run_into_a_log_prints_the_live_line_now_and_then(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under systemd or docker, stdout is no terminal: the live line was never shown, so a camera's log
+    stayed empty until it stopped, days later. There it is printed as plain lines, every
+    STATUS_EVERY_S seconds (10; 0 here, so every update), and not at all with --quiet."""
+    from edge3d import cli
+
+    art, _ = tiny_artifact
+    args = ["run", str(art), "--source", "synthetic", "--frames", "12"]
+    res = CliRunner().invoke(app, args)  # the default interval: no line in a run of a second or two
+    assert res.exit_code == 0 and not re.search(r"^frame \d+ ", res.output, re.M), res.output
+    monkeypatch.setattr(cli, "STATUS_EVERY_S", 0.0)
+    res = CliRunner().invoke(app, args)
+    lines = re.findall(r"^frame (\d+)  \d+ fps  [\d.]+ ms/frame  cache [\d.]+ [kM]B  top: \w+ \([01]\.\d\d\)$",
+                       res.output, re.M)
+    assert res.exit_code == 0 and lines == ["1", "4", "8", "12"], res.output
+    assert "\x1b" not in res.output and "ms/frame p50" in res.output  # plain text, and the summary after
+    res = CliRunner().invoke(app, [*args, "--quiet"])
+    assert res.exit_code == 0 and not re.search(r"^frame \d+ ", res.output, re.M)
+
+
 def _sigterm_not_handled(signum: int, frame: object) -> None:
     raise RuntimeError("SIGTERM reached the test's own handler: the CLI did not take it")
 
