@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,9 @@ def _cv2():
     return cv2
 
 
+LIVE_GRACE_S = 2.0  # how long a live source may fail its reads before it counts as lost
+
+
 class SourceLost(RuntimeError):
     """A live source (a camera, a GStreamer pipeline) stopped delivering frames.
 
@@ -70,12 +74,21 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
     frame, :class:`SourceLost` is raised instead of ending quietly, so that the app or
     ``edge3d run`` can say so and exit non-zero (a service manager then restarts it). A source
     that gives no frame at all ends quietly, and the caller reports that it gave none.
+
+    A live source also fails a read now and then (an RTSP packet lost, a USB camera's first reads
+    while it starts): it is lost only when no read succeeds for ``LIVE_GRACE_S`` seconds. One
+    failed read used to end a camera service's run, and its restart dropped every stream's state.
     """
     cv2 = _cv2()
     n = 0
     try:
         while True:
             ok, bgr = cap.read()
+            if not ok and lost is not None:
+                deadline = time.monotonic() + LIVE_GRACE_S
+                while not ok and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    ok, bgr = cap.read()
             if not ok:
                 if lost is not None and n:
                     raise SourceLost(f"{lost} stopped delivering frames after {n} frames; check its connection.")

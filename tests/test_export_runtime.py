@@ -1662,6 +1662,39 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_f
     assert res.exit_code == 1 and "camera 3 stopped delivering frames after 11 frames" in res.output, res.output
 
 
+def test_a_live_source_rides_out_failed_reads_and_is_lost_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An RTSP camera drops a read now and then, and a USB camera fails its first reads while it starts:
+    one failed read ended the run (and a service's restart lost every stream's state). A capture that
+    follows a script of reads stands in for the camera; a file still ends at its first failed read."""
+    pytest.importorskip("cv2")
+    import time
+
+    from edge3d import sources
+
+    class Scripted:
+        def __init__(self, script: str) -> None:
+            self.script, self.reads, self.released = iter(script), 0, False
+
+        def read(self):
+            self.reads += 1
+            ok = next(self.script, "x") == "o"
+            return ok, np.full((4, 4, 3), self.reads, np.uint8) if ok else None
+
+        def release(self) -> None:
+            self.released = True
+
+    monkeypatch.setattr(sources, "LIVE_GRACE_S", 0.3)
+    cap = Scripted("xxoooxxoo")  # two failed first reads, a hiccup of two
+    frames, t0 = [], time.monotonic()
+    with pytest.raises(sources.SourceLost, match="camera 0 stopped delivering frames after 5 frames"):
+        for f, _ in sources.capture_frames(cap, lost="camera 0"):
+            frames.append(int(f[0, 0, 0]))
+    assert frames == [3, 4, 5, 8, 9] and cap.released
+    assert 0.3 <= time.monotonic() - t0 < 5  # lost once nothing came for the grace, not at the first failure
+    file = Scripted("ooxoo")
+    assert [int(f[0, 0, 0]) for f, _ in sources.capture_frames(file)] == [1, 2] and file.reads == 3
+
+
 def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifact, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C is how a camera run ends; the user still wants the table, and exit code 130."""
