@@ -91,6 +91,25 @@ def board_model() -> str | None:
     return text.strip("\x00 \n") or None
 
 
+def vector_isa(flags: set[str]) -> str | None:
+    """The widest SIMD the CPU reports, and AMX where it has it: two hosts of the same core count ran
+    the same step at 0.64 and 0.85 of their MatMul yardstick, and the ISA is the first thing to
+    compare ("avx512, amx" against "avx2")."""
+    wide = next((name for flag, name in (("avx512f", "avx512"), ("avx2", "avx2"), ("sve", "sve"),
+                                         ("asimd", "neon"), ("neon", "neon"), ("sse4_2", "sse4.2"))
+                 if flag in flags), None)
+    return ", ".join(n for n in (wide, "amx" if "amx_tile" in flags else None) if n) or None
+
+
+def host_line(h: dict[str, Any]) -> str:
+    """The host of a report in one line: board, CPU, family/model, SIMD, logical CPUs, library versions."""
+    family = f", family/model {h['cpu_family_model']}" if h.get("cpu_family_model") else ""
+    family += f", {h['cpu_vector_isa']}" if h.get("cpu_vector_isa") else ""
+    board = f"{h['board']}, " if h.get("board") else ""
+    return (f"{board}{h['cpu']}{family} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
+            + (f", torch {h['torch']}" if h.get("torch") else ""))
+
+
 def host_info() -> dict[str, Any]:
     """The machine and library versions a report was measured with.
 
@@ -107,7 +126,7 @@ def host_info() -> dict[str, Any]:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
             key = key.strip()
-            if key in ("model name", "cpu family", "model", "cpu MHz") and key not in cpu:
+            if key in ("model name", "cpu family", "model", "cpu MHz", "flags", "Features") and key not in cpu:
                 cpu[key] = value.strip()
     except OSError:  # not Linux
         pass
@@ -116,6 +135,7 @@ def host_info() -> dict[str, Any]:
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "cpu_family_model": f"{cpu['cpu family']}/{cpu['model']}" if "cpu family" in cpu and "model" in cpu else None,
         "cpu_mhz": float(cpu["cpu MHz"]) if "cpu MHz" in cpu else None,
+        "cpu_vector_isa": vector_isa(set((cpu.get("flags") or cpu.get("Features") or "").split())),
         "logical_cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "numpy": np.__version__,
     }

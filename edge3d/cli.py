@@ -823,12 +823,9 @@ def bench(
     if as_json:
         print(text)
         return
-    h = report["host"]
-    family = f", family/model {h['cpu_family_model']}" if h.get("cpu_family_model") else ""
-    board = f"{h['board']}, " if h.get("board") else ""
-    console.print(f"host: {board}{h['cpu']}{family} ({h['logical_cpus']} logical CPUs), onnxruntime {h['onnxruntime']}"
-                  + (f", torch {h['torch']}" if h.get("torch") else "")
-                  + "; compare ratios only with runs on the same host.")
+    from .bench_streams import host_line
+
+    console.print(f"host: {host_line(report['host'])}; compare ratios only with runs on the same host.")
     console.print(f"edge3d bench: {target}")  # a path as a table title would wrap mid-name
     table = Table(title="measurements")
     table.add_column("measurement")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench_streams import host_info, host_line
 from .profiles import split_names
 from .runtime import Session
 from .runtime.manifest import (
@@ -327,6 +328,8 @@ def compare(
         report["reference_first_nonfinite"] = ref_nonfinite
         report["interrupted"] = interrupted
         report["interrupted_by"] = interrupted_by  # SIGINT (Ctrl-C) or SIGTERM; the CLI's exit code tells them apart
+        # the ms/frame of each precision depend on the CPU (INT8 on VNNI or AMX, say): name it, as bench does
+        report["host"] = host_info()
         if REFERENCE in report["profiles"]:
             report["profiles"][REFERENCE]["free_running"]["first_nonfinite"] = ref_nonfinite
         latencies = {p: np.asarray((ref if p == REFERENCE else free[p]).stats.ms) for p in names}
@@ -504,6 +507,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s)"
              f"{' (interrupted: the frames every profile finished)' if report.get('interrupted') else ''}; "
              f"reference {report['reference']}; output scale (max |fp32 output|) {report['output_scale']:.4g}.", "",
+             *([f"Host: {host_line(report['host'])}; compare ms/frame only with reports from the same host.", ""]
+               if report.get("host") else []),
              "TF = teacher-forced per-step error (each profile fed the FP32 states); drift = free-running "
              "(each profile carries its own state), max abs error and cosine similarity against FP32; "
              "growth = mean drift of the last quarter over the third quarter (about 1 when bounded), in "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -127,6 +128,11 @@ def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, state
     assert saved["profiles"]["int8-lowmem"]["cache_bytes"] < saved["profiles"]["fp16"]["cache_bytes"] \
         < saved["profiles"]["fp32"]["cache_bytes"]
     assert "| int8-lowmem |" in (out / "report.md").read_text()
+    # each precision's ms/frame belongs to the CPU it ran on (INT8 on VNNI or AMX): the host is named, as by bench
+    import onnxruntime
+
+    assert saved["host"]["onnxruntime"] == onnxruntime.__version__ and saved["host"]["logical_cpus"] == os.cpu_count()
+    assert f"Host: {saved['host']['cpu']}" in (out / "report.md").read_text()
     # a bounded reference (the GRU's state; the running mean's sum is left out) raises no growth note
     assert 0.5 < saved["reference_state_growth"]["ratio"] < 2
     assert "grows without bound" not in (out / "report.md").read_text()
