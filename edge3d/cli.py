@@ -478,6 +478,7 @@ def export(
         require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
         with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
             _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        _say_abandoned(Path(model_path))
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels)
     if wants:  # before the FP32 stages are written, not after
@@ -510,6 +511,21 @@ def export(
                       f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
     with _disk_full(_written_to(path, triton_repo), "the fp32 artifact and the precisions written before it are kept"):
         _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+    _say_abandoned(path)
+
+
+def _say_abandoned(artifact: Path) -> None:
+    """Name the staging folders that exports killed outright (out of memory, a power cut) left beside
+    the artifact or inside it: hidden, up to a graph each, and removed by nobody."""
+    from .runtime.manifest import abandoned_staging
+
+    name = artifact.name.removesuffix(".edge3d")
+    left = abandoned_staging(artifact.parent, f".{name}.") + abandoned_staging(artifact, ".precision.")
+    if left:
+        size = sum(f.stat().st_size for d in left for f in d.rglob("*") if f.is_file())
+        console.print(f"  [yellow]{len(left)} hidden folder(s) of {size / 1e6:.1f} MB were left by an export that was "
+                      f"killed (out of memory, say); remove them: rm -r "
+                      f"{escape(' '.join(shlex.quote(str(d)) for d in left))}[/]", soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,13 @@ import onnx
 
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
-from ..runtime.manifest import is_positive_int, load_manifest, require_single_graph, resolve_artifact
+from ..runtime.manifest import (
+    is_positive_int,
+    load_manifest,
+    require_single_graph,
+    resolve_artifact,
+    staging_folder,
+)
 from .onnx import embed_manifest, file_sha256, weight_bytes, write_manifest
 
 _DTYPE_NAMES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -151,7 +156,7 @@ def add_precisions(
         check_quantiser()
     fp32_path = folder / manifest["precisions"]["fp32"]["file"]
     entries: dict[str, dict[str, Any]] = {}
-    tmp = Path(tempfile.mkdtemp(prefix=".precision.", dir=folder))
+    tmp = staging_folder(folder, ".precision.")
     qdq_cache: dict[str, tuple[Path, Any]] = {}
     try:
         for p in profiles:

@@ -229,10 +229,12 @@ def staging_folder(parent: Path, prefix: str) -> Path:
     ``tempfile.mkdtemp`` makes its folder 0700 whatever the umask, and a folder keeps its mode when
     renamed: the exported artifact, and the Triton model, could then be read by their owner alone, not
     by a camera app's service account or a Triton container running as another user. ``mkdir``
-    applies the umask, as for any folder the user makes.
+    applies the umask, as for any folder the user makes. The name carries this process's id, so that
+    one left behind by a killed export (the OOM killer, a power cut) can be told from one in use:
+    :func:`abandoned_staging`.
     """
     for _ in range(100):
-        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        path = Path(parent) / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
         try:
             path.mkdir()
         except FileExistsError:
@@ -240,6 +242,26 @@ def staging_folder(parent: Path, prefix: str) -> Path:
         return path
     raise FileExistsError(f"no free name for a temporary folder in {parent}; remove the hidden {prefix}* folders "
                           "there.")
+
+
+def abandoned_staging(parent: Path, prefix: str) -> list[Path]:
+    """The staging folders with ``prefix`` in ``parent`` whose process is gone: an export killed
+    outright (SIGKILL, out of memory) leaves its hidden folder, up to a whole graph, with no one to
+    remove it. Only named, never removed here: the folder may be on a disk another machine writes to."""
+    import glob
+
+    found = []
+    for d in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}", d.name)
+        if not (m and d.is_dir()):
+            continue
+        try:
+            os.kill(int(m[1]), 0)  # signal 0: is there such a process
+        except PermissionError:
+            continue  # there is, another user's
+        except (ProcessLookupError, OverflowError, OSError):
+            found.append(d)  # none, or an id no process can have
+    return found
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

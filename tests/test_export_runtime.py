@@ -1854,6 +1854,32 @@ def test_cli_export_stopped_by_sigterm_exits_143_and_leaves_no_staging_folder(tm
     assert list((tmp_path / "out").iterdir()) == []
 
 
+def test_export_names_the_staging_folders_that_killed_exports_left(tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer on a big model) cannot be caught: the hidden staging folder stays, up to
+    a graph in size. The next export names those whose process is gone, and removes none (a folder in
+    use by a running export, or one edge3d did not make, is left out of it)."""
+    out = tmp_path / "out"
+    dead = out / ".d-resnet18.999999999-abcdef12"  # an id no process has (Linux's pid_max is at most 2**22)
+    live = out / f".d-resnet18.{os.getpid()}-0123abcd"  # this process: an export in progress
+    other = out / ".d-resnet18.notes"
+    for d in (dead, live, other):
+        d.mkdir(parents=True)
+    (dead / "raw.onnx").write_bytes(b"\0" * 2_500_000)
+    res = CliRunner().invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "32",
+                                   "-o", str(out), "--no-verify"], terminal_width=400)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    assert f"1 hidden folder(s) of 2.5 MB were left by an export that was killed (out of memory, say); remove them: " \
+           f"rm -r {dead}" in said
+    assert live.name not in said and other.name not in said
+    assert dead.is_dir() and live.is_dir() and other.is_dir()
+    # the staging folder of an in-place export of precisions, inside the artifact
+    art = out / "d-resnet18.edge3d"
+    (art / ".precision.999999999-0000ffff").mkdir()
+    res = CliRunner().invoke(app, ["export", str(art), "--profile", "fp16"], terminal_width=400)
+    assert res.exit_code == 0 and "2 hidden folder(s) of 2.5 MB" in " ".join(res.output.split()), res.output
+
+
 def test_exported_artifact_folder_takes_the_umask_so_other_users_can_read_it(tiny_artifact, tmp_path: Path) -> None:
     """The artifact was assembled in a tempfile.mkdtemp folder, always 0700, and renamed into place
     with that mode: a camera app's service account could not read what its owner exported."""
