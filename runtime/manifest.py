@@ -250,6 +250,8 @@ def abandoned_staging(parent: Path, prefix: str) -> list[Path]:
     remove it. Only named, never removed here: the folder may be on a disk another machine writes to."""
     import glob
 
+    if os.name != "posix":  # os.kill(pid, 0) tests for a process on POSIX; on Windows it would end that process
+        return []
     found = []
     for d in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
         m = re.fullmatch(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}", d.name)
