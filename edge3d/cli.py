@@ -478,7 +478,7 @@ def export(
         require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
         with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
             _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
-        _say_abandoned(Path(model_path))
+        _say_abandoned(Path(model_path).parent, Path(model_path))
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels)
     if wants:  # before the FP32 stages are written, not after
@@ -511,16 +511,16 @@ def export(
                       f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
     with _disk_full(_written_to(path, triton_repo), "the fp32 artifact and the precisions written before it are kept"):
         _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
-    _say_abandoned(path)
+    _say_abandoned(path.parent, path)
 
 
-def _say_abandoned(artifact: Path) -> None:
-    """Name the staging folders that exports killed outright (out of memory, a power cut) left beside
-    the artifact or inside it: hidden, up to a graph each, and removed by nobody."""
+def _say_abandoned(*folders: Path) -> None:
+    """Name the staging folders that exports killed outright (out of memory, a power cut) left in these
+    folders (beside an artifact, inside it, in a Triton repository): hidden, up to a graph each, and
+    removed by nobody."""
     from .runtime.manifest import abandoned_staging
 
-    name = artifact.name.removesuffix(".edge3d")
-    left = abandoned_staging(artifact.parent, f".{name}.") + abandoned_staging(artifact, ".precision.")
+    left = [d for folder in folders for d in abandoned_staging(folder)]
     if left:
         size = sum(f.stat().st_size for d in left for f in d.rglob("*") if f.is_file())
         console.print(f"  [yellow]{len(left)} hidden folder(s) of {size / 1e6:.1f} MB were left by an export that was "
@@ -938,6 +938,7 @@ def triton(
     # printed to be pasted into a shell: quoted where the path has spaces or shell characters
     console.print(f"  tritonserver --model-repository={shlex.quote(str(repo.resolve()))}", soft_wrap=True,
                   highlight=False, markup=False)
+    _say_abandoned(repo)
 
 
 # --------------------------------------------------------------------------- build
@@ -1025,6 +1026,10 @@ def compare(
                   + (f"; it needs {TREND_FRAMES} frames or more." if report["frames"] < TREND_FRAMES else "."))
     for note in report_notes(report):
         console.print(f"[bold red]{escape(note)}[/]")
+    if report.get("host"):  # each precision's ms/frame belongs to this CPU
+        from .bench_streams import host_line
+
+        console.print(f"host: {escape(host_line(report['host']))}", highlight=False, soft_wrap=True)
     console.print(f"wrote [bold]{escape(str(out / 'report.json'))}[/], "
                   + ", ".join(["report.md", *report.get("plots", []), "series.npz"]))
     if report.get("plots_skipped"):

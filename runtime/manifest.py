@@ -244,17 +244,15 @@ def staging_folder(parent: Path, prefix: str) -> Path:
                           "there.")
 
 
-def abandoned_staging(parent: Path, prefix: str) -> list[Path]:
-    """The staging folders with ``prefix`` in ``parent`` whose process is gone: an export killed
-    outright (SIGKILL, out of memory) leaves its hidden folder, up to a whole graph, with no one to
-    remove it. Only named, never removed here: the folder may be on a disk another machine writes to."""
-    import glob
-
+def abandoned_staging(parent: Path) -> list[Path]:
+    """The staging folders in ``parent`` (see :func:`staging_folder`) whose process is gone: an export
+    killed outright (SIGKILL, out of memory) leaves its hidden folder, up to a whole graph, with no one
+    to remove it. Only named, never removed here: the folder may be on a disk another machine writes to."""
     if os.name != "posix":  # os.kill(pid, 0) tests for a process on POSIX; on Windows it would end that process
         return []
     found = []
-    for d in sorted(Path(parent).glob(f"{glob.escape(prefix)}*")):
-        m = re.fullmatch(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}", d.name)
+    for d in sorted(Path(parent).glob(".*")):
+        m = re.fullmatch(r"\..+\.(\d+)-[0-9a-f]{8}", d.name)
         if not (m and d.is_dir()):
             continue
         try:

@@ -182,7 +182,8 @@ def test_cli_compare(tmp_path: Path, stateful: Path, video: Path, monkeypatch: p
     assert "edge3d compare" in r.output and "int8-lowmem" in r.output and "fp16" in r.output
     assert "…" not in r.output  # no profile name or number cut short
     assert "polygraphy run" in r.output and "[I]" not in r.output
-    assert json.loads((out / "report.json").read_text())["frames"] == 40
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["frames"] == 40 and f"host: {saved['host']['cpu']}" in r.output
     said = "".join(r.output.split())
     unnamed = [f.name for f in out.iterdir() if f.name not in said]
     assert not unnamed, f"compare wrote {unnamed} without saying so"

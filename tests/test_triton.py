@@ -286,6 +286,13 @@ def test_cli_triton(stream_artifact: Path, tmp_path: Path) -> None:
     import shlex
 
     assert shlex.split(line) == ["tritonserver", f"--model-repository={repo.resolve()}"]
+    assert "left by an export that was killed" not in ok.output
+    # a write killed outright (SIGKILL) left its staging folder: the next write names it and leaves it
+    dead = repo / ".cams.999999999-abcdef12"
+    (dead / "1").mkdir(parents=True)
+    again = runner.invoke(app, ["triton", str(stream_artifact), "-o", str(repo), "--max-batch", "6", "--instances", "3",
+                                "--name", "cams"], terminal_width=400)
+    assert again.exit_code == 0 and f"rm -r {shlex.quote(str(dead))}" in again.output and dead.is_dir(), again.output
     cfg = parse_config(repo / "cams")
     assert cfg.max_batch_size == 6 and cfg.instance_group[0].count == 3
     for flags, says in ((["--instances", "0"], "--instances (instances in Python) must be a positive integer, got 0."),
