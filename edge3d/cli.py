@@ -88,12 +88,12 @@ def size_text(frame_size: int | tuple[int, int]) -> str:
     return f"{h}×{w}"
 
 
-# The optional packages a verb may import, and the extra that installs each. A runtime-only install
-# (numpy, onnxruntime, the CLI: what a Jetson gets) has none of them.
-EXTRA_OF = {"torch": "export", "onnx": "export", "onnxscript": "export", "safetensors": "export", "cv2": "video",
-            "matplotlib": "plots", "tritonclient": "triton", "polygraphy": "tensorrt"}
-EXTRA_HOLDS = {"export": "PyTorch and onnx", "video": "OpenCV", "plots": "matplotlib", "triton": "tritonclient",
-               "tensorrt": "polygraphy"}
+# The optional packages a verb may import: the extra that installs each, and what a message calls it.
+# A runtime-only install (numpy, onnxruntime, the CLI: what a Jetson gets) has none of them.
+_TORCH_ONNX = ("export", "PyTorch and onnx")
+EXTRA_OF = {"torch": _TORCH_ONNX, "onnx": _TORCH_ONNX, "onnxscript": _TORCH_ONNX, "safetensors": ("export", "safetensors"),
+            "cv2": ("video", "OpenCV"), "matplotlib": ("plots", "matplotlib"), "tritonclient": ("triton", "tritonclient"),
+            "polygraphy": ("tensorrt", "polygraphy")}
 
 
 def _error(text: str) -> None:
@@ -117,9 +117,8 @@ def friendly(fn: F) -> F:
             package = (e.name or "").split(".")[0]
             if package not in EXTRA_OF:
                 raise
-            extra = EXTRA_OF[package]
+            extra, holds = EXTRA_OF[package]
             first = " (the CPU build of PyTorch first, see the README)" if extra == "export" else ""
-            holds = package if package == "safetensors" else EXTRA_HOLDS[extra]  # an export extra added later
             _error(f"{fn.__name__.replace('_', '-')} needs {holds}, which this installation lacks; "
                    f"pip install {f'edge3d[{extra}]'!r}{first}.")
             raise typer.Exit(2) from None
