@@ -259,8 +259,8 @@ def abandoned_staging(parent: Path) -> list[Path]:
             os.kill(int(m[1]), 0)  # signal 0: is there such a process
         except PermissionError:
             continue  # there is, another user's
-        except (ProcessLookupError, OverflowError, OSError):
-            found.append(d)  # none, or an id no process can have
+        except (OSError, OverflowError):
+            found.append(d)  # none (ProcessLookupError), or an id no process can have
     return found
 
 
