@@ -477,7 +477,7 @@ def export(
         require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
         with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
             _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
-        _say_abandoned(Path(model_path).parent, Path(model_path))
+        _say_abandoned(model_path.parent, model_path)
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels)
     if wants:  # before the FP32 stages are written, not after
