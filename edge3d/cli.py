@@ -201,10 +201,22 @@ def _is_artifact(target: str) -> bool:
     path_like = os.sep in target or "/" in target or target.startswith((".", "~")) or p.suffix in (".edge3d", ".onnx")
     factory_like = ":" in target[len(p.drive):]  # package.module:factory (past a Windows drive letter)
     a_file = p.is_file() and bool(p.suffix)  # zoo names have no suffix; "clip.mp4" is no model
+    # A bare word naming a folder here and no zoo model ("edge3d inspect runs") means the folder:
+    # "unknown model 'runs'" would send the user to the zoo list for a folder that holds no artifact.
+    if p.is_dir() and not (artifacts_in(p) or path_like or factory_like or target in _zoo_names()):
+        raise ValueError(f"{target} is a folder here with no artifact in it (no manifest.json) and no zoo model; "
+                         f"point to a folder written by `edge3d export`, or name a zoo model (`edge3d zoo`) or "
+                         f"package.module:factory.")
     if (p.is_dir() and (artifacts_in(p) or path_like)) or (path_like and not factory_like and not p.exists()) or (
             a_file and not factory_like):
         resolve_artifact(p)  # raises, naming the artifacts inside p, or one beside it, if there are any
     return False
+
+
+def _zoo_names() -> list[str]:
+    from . import zoo
+
+    return zoo.names()
 
 
 def _out_folder(path: Path, flag: str) -> None:

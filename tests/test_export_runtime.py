@@ -1020,6 +1020,23 @@ def test_a_file_given_as_the_artifact_is_named_as_a_file(tmp_path: Path, monkeyp
     assert os.listdir(".") == ["clip.mp4"]
 
 
+def test_a_bare_folder_name_that_is_no_model_is_named_as_a_folder(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`edge3d inspect runs` for a folder `runs` here that holds no artifact said "unknown model 'runs';
+    choose one of d-resnet18, ...", about a folder the user can see."""
+    monkeypatch.chdir(tmp_path)
+    Path("runs").mkdir()
+    for verb in ("inspect", "export", "bench"):
+        res = CliRunner().invoke(app, [verb, "runs"])
+        said = " ".join(res.output.split())
+        assert res.exit_code == 2 and "runs is a folder here with no artifact in it (no manifest.json) and no zoo " \
+            "model" in said and "unknown model" not in said, (verb, said)
+    Path("d-resnet18").mkdir()  # a zoo name is the model even where a folder has its name
+    res = CliRunner().invoke(app, ["inspect", "d-resnet18", "--width", "0.25", "--size", "32", "--classes", "3"])
+    assert res.exit_code == 0 and "head.temporal.history" in res.output, res.output
+    assert sorted(os.listdir(".")) == ["d-resnet18", "runs"]
+
+
 def test_an_artifact_given_as_the_source_is_named_as_an_artifact(tiny_artifact, tiny_with_fp16,
                                                                 tmp_path: Path) -> None:
     """`--source out/x.edge3d` listed the video and image kinds the folder lacks, as for any empty folder."""
