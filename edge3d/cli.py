@@ -315,7 +315,8 @@ def inspect(
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
         for name, p in m["precisions"].items():
-            prec.add_row(name, p["file"], format_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
+            files = p.get("files") or [p["file"]]  # a multi-rate artifact: a graph per stage, weights of all
+            prec.add_row(name, ", ".join(files), format_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
                          format_bytes(p["weight_bytes"]) if "weight_bytes" in p else "-")
         console.print(prec)
         _print_stages(m.get("stages", []), m.get("buffers", []))
@@ -342,7 +343,7 @@ def _print_stages(stages: list[dict], buffers: list[dict]) -> None:
     for st in stages:
         names = [i["name"] if isinstance(i, dict) else i for i in st["inputs"]]
         outs = [o["name"] if isinstance(o, dict) else o for o in st["outputs"]]
-        table.add_row(str(st["index"]), f"{st['rate']} frames", ", ".join(names), ", ".join(outs),
+        table.add_row(str(st["index"]), "frame" if st["rate"] == 1 else f"{st['rate']} frames", ", ".join(names), ", ".join(outs),
                       str(len(st["states"])))
     console.print(table)
     if buffers:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import hashlib
 from collections import defaultdict
 from typing import Any
 
 import onnx
+from onnx import numpy_helper
 
 # Ops that only move or reshape data: a value read from an accumulator through them is still the
 # raw (large) sum or count, so they must stay float32 too, up to the first arithmetic op
@@ -147,3 +149,40 @@ def kept_by_profile(graph: onnx.GraphProto, keep_op_types: tuple[str, ...] | lis
 def unmatched_layers(graph: onnx.GraphProto, keep_layers: tuple[str, ...] | list[str]) -> list[str]:
     """Layer patterns that match no node: almost always a typo, so the builders reject them."""
     return [p for p in keep_layers if not kept_by_profile(graph, (), (p,))]
+
+
+def share_identical_initializers(graph: onnx.GraphProto) -> int:
+    """Point every node at one copy of each distinct weight; return how many copies were dropped.
+
+    ONNX Runtime's Conv+BatchNorm fusion writes a fused weight per Conv node, so a layer the graph
+    runs several times with one set of weights (SGS steps its post-SGS layers over 8 bins,
+    unrolled) came out with a copy per run: the SGS stage's graph held 8× its parameters, in the
+    file and in memory. Copies must match in dtype, shape and every byte, so sharing them is exact.
+    A graph with subgraphs (Loop, If, Scan), which may name outer initializers, is left as it is,
+    and so is an initializer that is also a graph input or output (a caller may feed or read it).
+    """
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return 0
+    exposed = {v.name for v in graph.input} | {v.name for v in graph.output}
+    first: dict[tuple[int, tuple[int, ...], bytes], list[tuple[str, bytes]]] = defaultdict(list)
+    alias: dict[str, str] = {}
+    for t in graph.initializer:
+        if t.name in exposed or t.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        raw = numpy_helper.to_array(t).tobytes()
+        same = first[(t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())]
+        match = next((name for name, seen in same if seen == raw), None)
+        if match is None:
+            same.append((t.name, raw))
+        else:
+            alias[t.name] = match
+    if not alias:
+        return 0
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            if name in alias:
+                n.input[i] = alias[name]
+    keep = [t for t in graph.initializer if t.name not in alias]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return len(alias)

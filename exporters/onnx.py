@@ -130,7 +130,7 @@ def simplify(src: Path, dst: Path) -> None:
     import onnxruntime as ort
 
     from .fold import fold_bn_into_conv_sums
-    from .graph import SCOPES_KEY
+    from .graph import SCOPES_KEY, share_identical_initializers
 
     raw = onnx.load(str(src), load_external_data=False)  # external weights stay where they are
     if raw.ir_version > oldest_ir_version(raw):  # so an older onnxruntime (1.17) can load it here too
@@ -151,6 +151,7 @@ def simplify(src: Path, dst: Path) -> None:
         if n.name in meta and not n.metadata_props:
             n.metadata_props.extend(meta[n.name])
     fold_bn_into_conv_sums(model)  # a BN after a sum of convs, which ORT leaves alone
+    share_identical_initializers(model.graph)  # one copy of a layer's weights however often it runs
     # Folding leaves value_info behind for tensors no node produces any more (e.g. the 5-D
     # weights before they were reshaped to 2-D kernels); drop them so the graph says only true things.
     produced = {o for n in model.graph.node for o in n.output}

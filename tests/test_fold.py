@@ -74,3 +74,40 @@ def test_bn_is_left_alone_when_the_sum_is_needed_before_it() -> None:
     before = model.SerializeToString()
     assert fold_bn_into_conv_sums(model) == 0
     assert model.SerializeToString() == before
+
+
+def test_copies_of_one_weight_are_shared_and_different_weights_are_not() -> None:
+    """ORT's Conv+BN fusion writes a fused weight per Conv node; a layer run several times (SGS's
+    post-SGS layers over 8 unrolled bins) kept a copy per run."""
+    from edge3d.exporters.graph import share_identical_initializers
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    near = w.copy()
+    near.flat[7] = np.nextafter(near.flat[7], np.float32(np.inf))  # one ulp off: a different weight
+    weights = {"w_run0": w, "w_run1": w.copy(), "w_run2": w.copy(), "w_near": near,
+               "w_shape": w.reshape(4, 36, 1, 1).copy()}  # same bytes, another shape
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    nodes, x = [], "x"
+    for i, name in enumerate(["w_run0", "w_run1", "w_near", "w_run2"]):
+        nodes.append(helper.make_node("Conv", [x, name], [f"h{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        x = f"h{i}"
+    nodes.append(helper.make_node("Reshape", [x, "to_flat"], ["flat"], name="flat"))
+    inits.append(numpy_helper.from_array(np.array([1, 36, 1, 1], np.int64), "to_flat"))
+    nodes.append(helper.make_node("Conv", ["flat", "w_shape"], ["y"], name="conv_last"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((1, 4, 3, 3)).astype(np.float32)}
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+
+    before = run(model)
+    assert share_identical_initializers(model.graph) == 2
+    assert sorted(t.name for t in model.graph.initializer) == ["to_flat", "w_near", "w_run0", "w_shape"]
+    assert [n.input[1] for n in model.graph.node if n.op_type == "Conv"] == [
+        "w_run0", "w_run0", "w_near", "w_run0", "w_shape"]
+    onnx.checker.check_model(model)
+    np.testing.assert_array_equal(run(model), before)
+    assert share_identical_initializers(model.graph) == 0  # nothing left to share

@@ -159,3 +159,7 @@ def test_sgs_artifact_equals_dynamic_reference_and_reports_bins(model, tmp_path)
         Session(art, streams=2)
     # and so the export checked its stage graphs on one stream, as the runtime can run them
     assert 0 <= manifest["model"]["step_check"]["onnx_max_error_relative"] <= 1e-4
+    # The post-SGS layers run once per bin, unrolled, with one set of weights: the stage graphs hold
+    # them once (ONNX Runtime's Conv+BN fusion had written a copy per bin, K times the parameters).
+    params = sum(p.numel() for p in model.parameters())
+    assert manifest["precisions"]["fp32"]["weight_bytes"] <= 1.1 * 4 * params, (manifest["precisions"], params)
