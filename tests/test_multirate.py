@@ -286,6 +286,21 @@ def test_run_on_a_multi_rate_artifact_reports_each_stage(r3d) -> None:
                     3: ("every 8 frames", 2)}, res.output
 
 
+def test_inspect_names_every_stage_graph_and_its_rate(r3d) -> None:
+    """The precisions table named only stage0's file beside the weights of all four, and a stage run
+    every frame was "1 frames"."""
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    _, art = r3d
+    res = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert all(f"stage{k}.fp32.onnx" in res.output for k in range(4)), res.output  # no other table names files
+    rates = re.findall(r"│ (\d)\s+│ (frame|\d+ frames)\s+│", res.output)
+    assert rates == [("0", "frame"), ("1", "2 frames"), ("2", "4 frames"), ("3", "8 frames")], res.output
+
+
 def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path, monkeypatch) -> None:
     """Frames 0-6 of a stride-8 model have no output yet: the JSONL gave them class '0' at score
     1/classes (the softmax of zeros), and stages not run yet read '0.00 ms/run'."""
