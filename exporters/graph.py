@@ -151,6 +151,10 @@ def unmatched_layers(graph: onnx.GraphProto, keep_layers: tuple[str, ...] | list
     return [p for p in keep_layers if not kept_by_profile(graph, (), (p,))]
 
 
+# (op type, input index) of the weights of the ops that carry them
+WEIGHT_SLOTS = {("Conv", 1), ("ConvTranspose", 1), ("Gemm", 1), ("MatMul", 1)}
+
+
 def share_identical_initializers(graph: onnx.GraphProto) -> int:
     """Point every node at one copy of each distinct weight; return how many copies were dropped.
 
@@ -158,16 +162,26 @@ def share_identical_initializers(graph: onnx.GraphProto) -> int:
     runs several times with one set of weights (SGS steps its post-SGS layers over 8 bins,
     unrolled) came out with a copy per run: the SGS stage's graph held 8× its parameters, in the
     file and in memory. Copies must match in dtype, shape and every byte, so sharing them is exact.
-    A graph with subgraphs (Loop, If, Scan), which may name outer initializers, is left as it is,
-    and so is an initializer that is also a graph input or output (a caller may feed or read it).
+
+    Only weights are shared: tensors that every consumer takes as the weight of a Conv, Gemm or
+    MatMul. A bias must stay each node's own, because INT8 quantises it with the scale of that
+    node's input (two zero biases of an untrained model are byte-identical, and quantisers that
+    meet one bias under two scales get one of them wrong). A graph with subgraphs (Loop, If, Scan),
+    which may name outer initializers, is left as it is, and so is a tensor that is also a graph
+    input or output (a caller may feed or read it).
     """
     if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
         return 0
     exposed = {v.name for v in graph.input} | {v.name for v in graph.output}
+    slots: dict[str, set[tuple[str, int]]] = defaultdict(set)
+    for n in graph.node:
+        for i, name in enumerate(n.input):
+            slots[name].add((n.op_type, i))
     first: dict[tuple[int, tuple[int, ...], bytes], list[tuple[str, bytes]]] = defaultdict(list)
     alias: dict[str, str] = {}
     for t in graph.initializer:
-        if t.name in exposed or t.data_location == onnx.TensorProto.EXTERNAL:
+        if t.name in exposed or t.data_location == onnx.TensorProto.EXTERNAL or not slots[t.name] or not (
+                slots[t.name] <= WEIGHT_SLOTS):
             continue
         raw = numpy_helper.to_array(t).tobytes()
         same = first[(t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())]

@@ -90,7 +90,9 @@ def test_copies_of_one_weight_are_shared_and_different_weights_are_not() -> None
     inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
     nodes, x = [], "x"
     for i, name in enumerate(["w_run0", "w_run1", "w_near", "w_run2"]):
-        nodes.append(helper.make_node("Conv", [x, name], [f"h{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
+        # zero biases, byte-identical, stay each conv's own: INT8 quantises a bias with its node's input scale
+        inits.append(numpy_helper.from_array(np.zeros(4, np.float32), f"b{i}"))
+        nodes.append(helper.make_node("Conv", [x, name, f"b{i}"], [f"h{i}"], name=f"conv{i}", pads=[1, 1, 1, 1]))
         x = f"h{i}"
     nodes.append(helper.make_node("Reshape", [x, "to_flat"], ["flat"], name="flat"))
     inits.append(numpy_helper.from_array(np.array([1, 36, 1, 1], np.int64), "to_flat"))
@@ -105,7 +107,8 @@ def test_copies_of_one_weight_are_shared_and_different_weights_are_not() -> None
 
     before = run(model)
     assert share_identical_initializers(model.graph) == 2
-    assert sorted(t.name for t in model.graph.initializer) == ["to_flat", "w_near", "w_run0", "w_shape"]
+    assert sorted(t.name for t in model.graph.initializer) == ["b0", "b1", "b2", "b3", "to_flat", "w_near", "w_run0",
+                                                               "w_shape"]
     assert [n.input[1] for n in model.graph.node if n.op_type == "Conv"] == [
         "w_run0", "w_run0", "w_near", "w_run0", "w_shape"]
     onnx.checker.check_model(model)
