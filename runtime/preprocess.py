@@ -165,7 +165,14 @@ class FramePreprocessor:
     def __call__(self, frame: np.ndarray, out: np.ndarray) -> None:
         """Write the preprocessed frame into ``out`` (C, H, W); raise ValueError on bad input."""
         if not isinstance(frame, np.ndarray):
-            raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}.")
+            kind = type(frame)
+            # the runtime never imports torch, so a tensor is recognised by its module's name
+            fix = ("pass frame.cpu().numpy()" if kind.__module__.split(".")[0] == "torch"
+                   else "pass np.asarray(frame, np.uint8) for an image, np.float32 for a normalised one"
+                   if isinstance(frame, (list, tuple))
+                   else "pass np.asarray(frame)" if hasattr(frame, "__array__")  # a PIL image, say
+                   else "pass an H×W×3 uint8 image or a normalised float32 array")
+            raise ValueError(f"frame must be a numpy array, got {kind.__name__}; {fix}.")
         c, h, w = self.shape
         if frame.dtype == np.uint8:
             if c == 1 and 0 not in frame.shape and (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (1, 3))):

@@ -270,6 +270,34 @@ def test_the_conversion_a_layout_error_names_gives_the_rgb_frame(tiny_artifact) 
         assert np.array_equal(s.step(fix(bad)), Session(art).step(meant))
 
 
+def test_a_frame_that_is_no_numpy_array_is_named_with_the_conversion(tiny_artifact) -> None:
+    """A torch tensor, a nested list or an image object was "frame must be a numpy array, got Tensor":
+    the hint is code a user pastes, and what it makes must step as the frame it stands for."""
+    import torch
+
+    art, _ = tiny_artifact
+    rgb = np.random.default_rng(6).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    norm = np.random.default_rng(7).standard_normal((3, SIZE, SIZE)).astype(np.float32)
+
+    class Picture:  # an image type with the array protocol, as PIL's Image has
+        def __array__(self, dtype=None, copy=None):
+            return rgb
+
+    cases = [(torch.from_numpy(rgb), "pass frame.cpu().numpy()", lambda f: f.cpu().numpy(), rgb),
+             (rgb.tolist(), "pass np.asarray(frame, np.uint8) for an image", lambda f: np.asarray(f, np.uint8), rgb),
+             (norm.tolist(), "pass np.asarray(frame, np.uint8) for an image, np.float32 for a normalised one", lambda f: np.asarray(f, np.float32), norm),
+             (Picture(), "pass np.asarray(frame)", np.asarray, rgb)]
+    for bad, hint, fix, meant in cases:
+        s = Session(art)
+        with pytest.raises(ValueError, match=rf"^frame must be a numpy array, got {type(bad).__name__}; "
+                                             rf"{re.escape(hint)}"):
+            s.step(bad)
+        assert s.stats.frames == 0
+        assert np.array_equal(s.step(fix(bad)), Session(art).step(meant))
+    with pytest.raises(ValueError, match="got str; pass an H×W×3 uint8 image or a normalised float32 array"):
+        Session(art).step("frame.png")
+
+
 def test_a_big_endian_float_frame_is_the_same_frame(tiny_artifact) -> None:
     # as read from a file written on another machine: refused as an unsupported dtype before
     art, _ = tiny_artifact
