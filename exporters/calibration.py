@@ -19,6 +19,8 @@ from ..runtime.manifest import state_io_names
 from ..sources import split_item, streams_of
 
 _SAMPLE = 4096  # values of each state kept per calibration feed for percentile ranges
+# how the messages name the option, for the CLI user and for the notebook user of add_precisions alike
+CALIB_SOURCE = "--calib-source (calib_source= in Python)"
 
 
 
@@ -29,7 +31,7 @@ def default_calib_source() -> str:
     if synthetic_available():
         return "synthetic"
     raise ValueError("INT8 calibration needs frames and the synthetic source is not available here; "
-                     "pass --calib-source VIDEO|FOLDER.")
+                     f"pass a video or a folder of them as {CALIB_SOURCE}.")
 
 
 class RolloutReader:
@@ -77,7 +79,7 @@ class RolloutReader:
             if self._pending is None:
                 raise ValueError(
                     f"calibration source {self.description!r} gave no frames after the {self.warmup} warm-up "
-                    "frames of each stream; pass a longer video, a folder of videos or synthetic via --calib-source."
+                    f"frames of each stream; pass a longer video, a folder of videos or synthetic as {CALIB_SOURCE}."
                 )
 
     def _next_frame(self) -> np.ndarray | None:
@@ -174,4 +176,4 @@ def check_calib_source(source: str | Path, model_size: int = 112) -> None:
         for _ in frames:
             return
     raise ValueError(f"calibration source {description!r} gave no frames; pass a video, a folder of videos "
-                     "or synthetic via --calib-source.")
+                     f"or synthetic as {CALIB_SOURCE}.")

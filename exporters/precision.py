@@ -143,7 +143,7 @@ def add_precisions(
     written under a temporary name and moved into place, and the manifest is rewritten
     atomically after each precision, so an interrupted build never leaves a broken artifact.
     """
-    from .calibration import RolloutReader, default_calib_source
+    from .calibration import CALIB_SOURCE, RolloutReader, default_calib_source
     from .fp16 import convert_fp16
     from .int8 import quantize_qdq, store_states_int8
 
@@ -225,7 +225,7 @@ def add_precisions(
                     console.print(f"[bold yellow]warning:[/] {cal['source']} ran out after {cal['frames']} of the "
                                   f"{cal['frames_requested']} calibration frames asked for (each stream's first "
                                   f"{cal['warmup']} are warm-up); ranges seen on so few frames may clip others, so "
-                                  "pass a longer --calib-source, or several clips in a folder.", highlight=False)
+                                  f"pass a longer {CALIB_SOURCE}, or several clips in a folder.", highlight=False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return entries
