@@ -201,8 +201,8 @@ def check_staged_onnx_matches_step(folder: Path, step: nn.Module, frames: int, s
     """The multi-rate form: a random clip through the stage graphs as the runtime runs them (its
     staged session routes each stage's outputs into the buffers the next stage reads) against
     ``step.run_clip``; ``frames`` should be whole runs of the slowest stage. ``folder`` holds the
-    stage graphs and a manifest.json that records them. An SGS stage is traced at batch 1, so its
-    artifacts are checked on one stream.
+    stage graphs and a manifest.json that records them. A stage graph whose batch its forward code
+    fixed at 1 is checked on one stream, as it can run.
     """
     from .runtime import Session
 

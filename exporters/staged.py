@@ -33,8 +33,11 @@ from .onnx import (
 
 
 def _export_stage(stage: Stage, path: Path, opset: int) -> None:
-    inputs = list(stage.example_inputs(1))
-    states = list(stage.initial_states(1))
+    """Trace one stage with its stream axis dynamic, on two streams, as the single-rate export does:
+    traced on one, the SGS stage's batched matmuls specialised the axis to 1 and the graph took one
+    stream only."""
+    inputs = list(stage.example_inputs(2))
+    states = list(stage.initial_states(2))
     names_in = stage.input_names + [state_io_names(s.name)[0] for s in stage.specs]
     names_out = stage.output_names + [state_io_names(s.name)[1] for s in stage.specs]
     batch = torch.export.Dim("streams", min=1, max=4096)
@@ -47,7 +50,7 @@ def _export_stage(stage: Stage, path: Path, opset: int) -> None:
 
 def _io(values: list[Any]) -> list[dict[str, Any]]:
     """Name, shape and dtype of graph inputs or outputs. The batch axis is "N" where the graph
-    leaves it free, else its fixed size (an SGS stage is traced at batch 1)."""
+    leaves it free, else its fixed size (a stage whose forward code fixed its batch)."""
     out = []
     for v in values:
         t = v.type.tensor_type
@@ -115,7 +118,7 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             from ..equivalence import check_staged_onnx_matches_step
 
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # what the runtime reads; rewritten below
-            one_batch = any(i["shape"][0] != "N" for st in stages for i in st["inputs"])  # an SGS stage
+            one_batch = any(i["shape"][0] != "N" for st in stages for i in st["inputs"])  # code that fixed its batch
             check["onnx_max_error_relative"] = check_staged_onnx_matches_step(tmp, step, check["frames"],
                                                                               streams=1 if one_batch else 2)
     return out_dir / f"{name}.edge3d"

@@ -62,9 +62,9 @@ class StagedSession(Session):
                           if isinstance(i.shape[0], int) and i.shape[0] != streams), None)
             if fixed:
                 name, b = fixed
-                raise ValueError(f"stage {st['index']} of this artifact takes a batch of exactly {b} ({name}), as an "
-                                 f"SGS stage does, so one session cannot hold {streams} streams; open one Session "
-                                 "per stream.")
+                raise ValueError(f"stage {st['index']} of this artifact takes a batch of exactly {b} ({name}), so one "
+                                 f"session cannot hold {streams} streams; re-export it (SGS stages exported before "
+                                 "edge3d traced stages on two streams took one), or open one Session per stream.")
             self._sess.append((sess, got_out))
         self._stage_ms: list[deque[float]] = [deque(maxlen=10000) for _ in self._stages]
         self._bins: deque[np.ndarray] = deque(maxlen=10000)

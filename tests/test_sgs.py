@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import randomize
@@ -151,15 +152,50 @@ def test_sgs_artifact_equals_dynamic_reference_and_reports_bins(model, tmp_path)
     assert bins == bins_ref and bins[1] == 1
     assert np.abs(np.stack(outs, 1) - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
     assert s.stage_summary()["bins_used"]["chunks"] == 3
-    # The SGS stage is traced at batch 1: the manifest says so (it said "N"), and a session for more
-    # streams is refused when it opens, not with an ONNX Runtime dimension error at the first chunk.
+    # The stages take any number of streams (traced on one, the SGS stage's graph took exactly one),
+    # and the export checked the stage graphs on two.
     manifest = json.loads((art / "manifest.json").read_text())
-    assert [i["shape"][0] for st in manifest["stages"] for i in st["inputs"]] == ["N", 1]
-    with pytest.raises(ValueError, match="takes a batch of exactly 1 .* open one Session per stream"):
-        Session(art, streams=2)
-    # and so the export checked its stage graphs on one stream, as the runtime can run them
+    assert [i["shape"][0] for st in manifest["stages"] for i in st["inputs"]] == ["N", "N"]
     assert 0 <= manifest["model"]["step_check"]["onnx_max_error_relative"] <= 1e-4
     # The post-SGS layers run once per bin, unrolled, with one set of weights: the stage graphs hold
     # them once (ONNX Runtime's Conv+BN fusion had written a copy per bin, K times the parameters).
     params = sum(p.numel() for p in model.parameters())
     assert manifest["precisions"]["fp32"]["weight_bytes"] <= 1.1 * 4 * params, (manifest["precisions"], params)
+
+
+def test_sgs_streams_batched_in_one_session_each_equal_their_dynamic_reference(model, tmp_path) -> None:
+    """Three streams in one session, each with its own bins per chunk: every stream's outputs and B'
+    equal the dynamic reference run on that stream alone."""
+    art = export_artifact(model, tmp_path, "sgs", frame_size=SIZE)
+    g = torch.Generator().manual_seed(0)  # frames of random brightness, so chunks differ in their bins
+    clips = torch.randn(3, 3, 3 * K, SIZE, SIZE, generator=g) * (0.2 + 5 * torch.rand(3, 1, 3 * K, 1, 1, generator=g))
+    with torch.no_grad():
+        ref = model(clips).numpy()  # (3, classes, 3): the reference runs each sample on its own
+        bins_ref = model.bins_used(clips).tolist()
+    s = Session(art, streams=3)
+    outs, bins = [], []
+    for t in range(clips.shape[2]):
+        y = s.step_batch(list(clips[:, :, t].numpy()))
+        if s.last_fresh:
+            outs.append(y.copy())
+            bins.append(s.last_extras["bins_used"].tolist())
+    assert np.array(bins).T.tolist() == bins_ref
+    assert len({tuple(b) for b in np.array(bins_ref).T.tolist()}) > 1  # in some chunk, streams differ in B'
+    got = np.stack(outs, axis=2)  # (3, classes, 3)
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, float(np.abs(ref).max()))
+    # An artifact whose stage takes one stream (as SGS stages were exported before) is refused for
+    # more when the session opens, not with an ONNX Runtime dimension error at the first chunk.
+    from edge3d.runtime.manifest import file_sha256
+
+    stage1 = art / "stage1.fp32.onnx"
+    g = onnx.load(str(stage1))
+    for v in [*g.graph.input, *g.graph.output]:
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(g, str(stage1))
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["precisions"]["fp32"]["sha256"][1] = file_sha256(stage1)
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert Session(art).step(clips[0, :, 0].numpy()) is not None  # one stream still runs
+    with pytest.raises(ValueError, match=r"stage 1 of this artifact takes a batch of exactly 1 \(buffer.sgs\), so one "
+                                         r"session cannot hold 2 streams; re-export it .* or open one Session per"):
+        Session(art, streams=2)
