@@ -37,10 +37,14 @@ def check_streamable(model: nn.Module) -> None:
     for path, m in model.named_modules():
         where = path or type(model).__name__
         if isinstance(m, nn.Conv3d):
-            kt, st, pt = m.kernel_size[0], m.stride[0], _temporal(m.padding)
-            if kt != 1 or st != 1 or pt not in (0, None):
+            kt, st = m.kernel_size[0], m.stride[0]
+            # padding "same" or "valid" pads time by nothing when the temporal kernel is 1 (a per-frame conv);
+            # indexed as a sequence, "same" read as padding 's' in the refusal
+            pt = m.padding if isinstance(m.padding, str) else _temporal(m.padding)
+            if kt != 1 or st != 1 or pt not in (0, None, "same", "valid"):
+                what = repr(pt) if isinstance(pt, str) else pt
                 raise UnsupportedModelError(
-                    f"{where}: torch.nn.Conv3d with temporal kernel {kt}, stride {st}, padding {pt} is "
+                    f"{where}: torch.nn.Conv3d with temporal kernel {kt}, stride {st}, padding {what} is "
                     "not causal; replace it with edge3d.nn.CausalConv3d (temporal stride 1)."
                 )
         elif isinstance(m, (nn.MaxPool3d, nn.AvgPool3d)):

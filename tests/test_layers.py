@@ -212,11 +212,44 @@ def test_bad_temporal_stride_and_future_padding_rejected() -> None:
         enn.CausalConv3d(3, 3, 3, padding=(1, 1, 1))
 
 
+@pytest.mark.parametrize("kernel, dilation", [((3, 3, 3), 1), ((2, 4, 2), 1), ((3, 2, 3), (2, 2, 3)),
+                                              ((1, 5, 4), 1)])
+def test_same_padding_is_torchs_spatially_and_causal_in_time(kernel, dilation) -> None:
+    """padding='same' (as torch.nn.Conv3d takes it) was refused: "padding must be non-negative
+    integers". Even kernels pad their odd row and column after, as torch does."""
+    layer = randomize(enn.CausalConv3d(3, 5, kernel, padding="same", dilation=dilation), 1)
+    clip = torch.randn(2, 3, 9, 10, 11)
+    ref = nn.Conv3d(3, 5, kernel, padding="same", dilation=dilation)
+    with torch.no_grad():
+        ref.weight.copy_(layer.weight)
+        ref.bias.copy_(layer.bias)
+        h = layer.history  # torch pads time h // 2 before and the rest after: its frame t + h // 2 is our t
+        want = ref(torch.nn.functional.pad(clip, (0, 0, 0, 0, h, 0)))[:, :, h // 2:h // 2 + clip.shape[2]]
+        got = layer(clip)
+    assert got.shape == (2, 5, 9, 10, 11)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for lower in (True, False):  # the exported 2-D form and the naive Conv3d one
+        assert_close_every_frame(stream(edge3d.to_step(layer, (3, 10, 11), lower=lower), clip), got)
+    assert enn.CausalConv3d(3, 5, kernel, padding="valid").padding == (0, 0)
+
+
+def test_a_per_frame_torch_conv3d_takes_same_padding() -> None:
+    # nn.Conv3d((1, 3, 3), padding="same") pads time by nothing, yet it was refused as "padding s"
+    model = randomize(Wrapped(nn.Conv3d(3, 3, (1, 3, 3), padding="same")), 2)
+    clip = torch.randn(1, 3, 5, 8, 8)
+    with torch.no_grad():
+        assert_close_every_frame(stream(edge3d.to_step(model, (3, 8, 8)), clip), model(clip))
+    with pytest.raises(UnsupportedModelError, match="temporal kernel 3, stride 1, padding 'same' is not causal"):
+        edge3d.to_step(Wrapped(nn.Conv3d(3, 3, (3, 3, 3), padding="same")), (3, 8, 8))
+
+
 @pytest.mark.parametrize("build, says", [
     (lambda: enn.CausalConv3d(3, 8, 0), "kernel_size must be positive integers, got 0"),
     (lambda: enn.CausalConv3d(3, 8, (2, 0, 3)), "kernel_size must be positive integers, got (2, 0, 3)"),
     (lambda: enn.CausalConv3d(3, 8, 3, dilation=0), "dilation must be positive integers, got 0"),
     (lambda: enn.CausalConv3d(3, 8, 3, padding=-1), "padding must be non-negative integers, got -1"),
+    (lambda: enn.CausalConv3d(3, 8, 3, stride=(1, 2, 2), padding="same"), "padding='same' needs spatial stride 1"),
+    (lambda: enn.CausalConv3d(3, 8, 3, padding="full"), "padding 'full' is not one of 'same', 'valid' or integers"),
     (lambda: enn.CausalConv3d(3, 8, 2.5), "kernel_size must be positive integers, got 2.5"),
     (lambda: enn.CausalConv3d(0, 8, 3), "in_channels must be a positive integer, got 0"),
     (lambda: enn.CausalConv3d(3, 8, 3, groups=0), "groups must be a positive integer, got 0"),

@@ -79,7 +79,7 @@ class CausalConv3d(StreamingModule):
         out_channels: int,
         kernel_size: int | tuple[int, int, int],
         stride: int | tuple[int, int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
         dilation: int | tuple[int, int, int] = 1,
         groups: int = 1,
         bias: bool = True,
@@ -89,6 +89,20 @@ class CausalConv3d(StreamingModule):
         k = _triple(kernel_size, "kernel_size", owner)
         s = _triple(stride, "stride", owner)
         d = _triple(dilation, "dilation", owner)
+        # Spatial "same" as torch.nn.Conv3d pads it (time is causal whatever the string): d·(k−1) in all,
+        # half before, the odd one after, which needs stride 1 there; "valid" is no padding.
+        self._pad_after = (0, 0)  # the odd one of "same" after an even kernel: (rows, columns)
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            if s[1:] != (1, 1):
+                raise ValueError(f"{owner}: padding='same' needs spatial stride 1 (as torch.nn.Conv3d), got "
+                                 f"stride {s}; pass the spatial padding as integers.")
+            total = [di * (ki - 1) for ki, di in zip(k[1:], d[1:], strict=True)]
+            padding = tuple(t // 2 for t in total)
+            self._pad_after = (total[0] % 2, total[1] % 2)
+        elif isinstance(padding, str):
+            raise ValueError(f"{owner}: padding {padding!r} is not one of 'same', 'valid' or integers.")
         if isinstance(padding, (tuple, list)) and len(padding) == 3:
             if padding[0] != 0:
                 raise ValueError(
@@ -129,7 +143,7 @@ class CausalConv3d(StreamingModule):
                 f"groups={self.groups}, bias={self.bias is not None}")
 
     def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(x, (0, 0, 0, 0, self.history, 0))
+        x = F.pad(x, (0, self._pad_after[1], 0, self._pad_after[0], self.history, 0))
         st = self.temporal_stride
         if st > 1:
             # Drop the first s-1 padded frames so that output j ends at input frame j·s + s − 1.
@@ -183,6 +197,8 @@ class CausalConv3d(StreamingModule):
         contiguous slice when the taps are adjacent); grouped: one grouped Conv2d per tap, summed.
         """
         st, pd, dl = self.stride[1:], self.padding, self.dilation[1:]
+        if any(self._pad_after):  # the extra row and column of "same" after an even kernel
+            full = F.pad(full, (0, self._pad_after[1], 0, self._pad_after[0]))
         taps = [full[:, j * c:(j + 1) * c] for j in idx]
         if self.groups == 1:
             adjacent = all(b - a == 1 for a, b in zip(idx, idx[1:], strict=False))
@@ -204,7 +220,8 @@ class CausalConv3d(StreamingModule):
         (cache,) = state
         past = cache.reshape(n, self.history, c, *cache.shape[2:]).permute(0, 2, 1, 3, 4)
         full = torch.cat([past, frame], dim=2)
-        y = F.conv3d(full, self.weight, self.bias, (1, *self.stride[1:]), (0, *self.padding),
+        padded = F.pad(full, (0, self._pad_after[1], 0, self._pad_after[0])) if any(self._pad_after) else full
+        y = F.conv3d(padded, self.weight, self.bias, (1, *self.stride[1:]), (0, *self.padding),
                      self.dilation, self.groups)
         new_cache = full[:, :, 1:].permute(0, 2, 1, 3, 4).reshape(cache.shape)
         return (y if ctx.keep_time else y.squeeze(2)), (new_cache,)
