@@ -233,6 +233,19 @@ def test_same_padding_is_torchs_spatially_and_causal_in_time(kernel, dilation) -
     assert enn.CausalConv3d(3, 5, kernel, padding="valid").padding == (0, 0)
 
 
+@pytest.mark.parametrize("kernel", [3, (2, 4)])
+def test_recurrent_conv_takes_same_padding(kernel) -> None:
+    layer = randomize(enn.RecurrentConv(3, 4, kernel, padding="same"), 3)
+    clip = torch.randn(2, 3, 12, 9, 7)
+    with torch.no_grad():
+        ref = layer(clip)
+    assert ref.shape == (2, 4, 12, 9, 7)
+    step = edge3d.to_step(layer, (3, 9, 7))
+    assert step.state_specs[0].shape == (4, 9, 7)
+    assert_close_every_frame(stream(step, clip), ref)
+    assert enn.RecurrentConv(3, 4, 3, padding="valid").state_specs((3, 9, 7))[0].shape == (4, 7, 5)
+
+
 def test_a_per_frame_torch_conv3d_takes_same_padding() -> None:
     # nn.Conv3d((1, 3, 3), padding="same") pads time by nothing, yet it was refused as "padding s"
     model = randomize(Wrapped(nn.Conv3d(3, 3, (1, 3, 3), padding="same")), 2)
@@ -256,6 +269,7 @@ def test_a_per_frame_torch_conv3d_takes_same_padding() -> None:
     (lambda: enn.CausalTemporalAggregation(8, kernel_size=0), "kernel_size must be positive integers"),
     (lambda: enn.RecurrentConv(3, 8, 0), "RecurrentConv(3, 8): kernel_size must be positive integers, got 0"),
     (lambda: enn.RecurrentConv(3, 0, 3), "out_channels must be a positive integer, got 0"),
+    (lambda: enn.RecurrentConv(3, 8, 3, stride=2, padding="same"), "padding='same' needs stride 1"),
     (lambda: enn.SpatialMaxPool3d(0), "SpatialMaxPool3d(0): kernel_size must be positive integers, got 0"),
     (lambda: enn.SpatialMaxPool3d(3, stride=0), "stride must be positive integers, got 0"),  # it became 3
     (lambda: enn.SpatialMaxPool3d((3, 3)), "kernel_size must be an int, got (3, 3)"),

@@ -28,14 +28,21 @@ class RecurrentConv(StreamingModule):
         out_channels: int,
         kernel_size: int | tuple[int, int],
         stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
+        padding: int | tuple[int, int] | str = 0,
         bias: bool = False,
     ) -> None:
         super().__init__()
         owner = f"RecurrentConv({in_channels}, {out_channels})"
         _channels(owner, in_channels=in_channels, out_channels=out_channels)
-        self.xh = nn.Conv2d(in_channels, out_channels, _pair(kernel_size, "kernel_size", owner),
-                            _pair(stride, "stride", owner), _pair(padding, "padding", owner, minimum=0), bias=bias)
+        k, s = _pair(kernel_size, "kernel_size", owner), _pair(stride, "stride", owner)
+        if padding == "same" and s != (1, 1):
+            raise ValueError(f"{owner}: padding='same' needs stride 1 (as torch.nn.Conv2d), got stride {s}; pass "
+                             "the padding as integers.")
+        if isinstance(padding, str) and padding not in ("same", "valid"):
+            raise ValueError(f"{owner}: padding {padding!r} is not one of 'same', 'valid' or integers.")
+        # "same" and "valid" go to torch's Conv2d as they are: it pads an even kernel's odd row after
+        pad = padding if isinstance(padding, str) else _pair(padding, "padding", owner, minimum=0)
+        self.xh = nn.Conv2d(in_channels, out_channels, k, s, pad, bias=bias)
         self.hh = nn.Conv2d(out_channels, out_channels, 1, bias=False)
         with torch.no_grad():
             self.hh.weight.copy_(torch.eye(out_channels).view(out_channels, out_channels, 1, 1))
@@ -43,7 +50,10 @@ class RecurrentConv(StreamingModule):
         self.receptive_field = 0  # unbounded: depends on every frame so far
 
     def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        (kh, kw), (sh, sw), (ph, pw) = self.xh.kernel_size, self.xh.stride, self.xh.padding
+        (kh, kw), (sh, sw), pad = self.xh.kernel_size, self.xh.stride, self.xh.padding
+        if pad == "same":
+            return h, w
+        ph, pw = (0, 0) if pad == "valid" else pad
         return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
     def forward_clip(self, x: torch.Tensor) -> torch.Tensor:
