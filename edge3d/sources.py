@@ -253,13 +253,23 @@ def _clips_in(folder: Path) -> list[Path]:
     own = _images_in(folder)
     subs = _image_folders_in(folder)  # each folder listed once here, once more when it plays
     classes = {d: clips for d in sorted((d for d in folder.iterdir() if d.is_dir() and d not in subs), key=_natural)
-               if (clips := [*_videos_in(d)] or [*_image_folders_in(d)])}
-    kinds = [f"{what} ({', '.join(p.name for p in found[:2])}{', ...' if len(found) > 2 else ''})"
-             for what, found in (("videos", videos), ("images", own), ("folders of images", list(subs)),
-                                 ("folders of clips", list(classes))) if found]
+               if (clips := [*_videos_in(d), *_image_folders_in(d)])}
+
+    def named(what: str, found: list[Path]) -> str:
+        return f"{what} ({', '.join(p.name for p in found[:2])}{', ...' if len(found) > 2 else ''})"
+
+    kinds = [named(what, found) for what, found in (("videos", videos), ("images", own),
+                                                    ("folders of images", list(subs)),
+                                                    ("folders of clips", list(classes))) if found]
     if len(kinds) > 1:  # one kind would be played and the others skipped without a word
         raise ValueError(f"folder {folder} holds {' and '.join(kinds)}, so it is not clear which are the clips; "
                          "leave one kind in it and move the others out.")
+    for d, clips in classes.items():  # a class of videos and folders of images: its folders went unplayed
+        as_videos, as_images = [c for c in clips if not c.is_dir()], [c for c in clips if c.is_dir()]
+        if as_videos and as_images:
+            raise ValueError(f"class folder {d} holds {named('videos', as_videos)} and "
+                             f"{named('folders of images', as_images)}; give each class one kind of clip (extract "
+                             "the videos' frames to folders, or encode the folders as videos).")
     for v in videos + [c for clips in classes.values() for c in clips if not c.is_dir()]:
         _open_video(v, "check the file and its codec, or move it out of the folder").release()
     if videos:

@@ -1477,6 +1477,21 @@ def test_a_folder_mixing_videos_images_and_folders_of_images_is_refused(tiny_art
     shutil.rmtree(root / "clip_a")
     res = CliRunner().invoke(app, ["run", str(art), "--source", str(root), "--output", str(preds)])
     assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 4  # one kind: the images, one clip
+    # one class folder of videos and folders of images: it played the videos and skipped the folders
+    classes = tmp_path / "classes"
+    _write_frames(classes / "wave" / "take1", frames, ["1.png", "2.png", "3.png"])
+    _write_frames(classes / "swipe" / "take1", frames, ["1.png", "2.png", "3.png"])
+    writer = cv2.VideoWriter(str(classes / "wave" / "take2.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25, (32, 32))
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(classes), "--output", str(preds)])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and f"class folder {classes / 'wave'} holds videos (take2.mp4) and folders of images " \
+        "(take1); give each class one kind of clip" in said, said
+    (classes / "wave" / "take2.mp4").unlink()
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(classes), "--output", str(preds)])
+    assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 6, res.output  # 2 clips of 3 frames
 
 
 def test_cli_run_a_broken_image_is_named(tiny_artifact, tmp_path: Path) -> None:
