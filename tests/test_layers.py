@@ -212,6 +212,7 @@ def test_bad_temporal_stride_and_future_padding_rejected() -> None:
         enn.CausalConv3d(3, 3, 3, padding=(1, 1, 1))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")  # torch's reference, below
 @pytest.mark.parametrize("kernel, dilation", [((3, 3, 3), 1), ((2, 4, 2), 1), ((3, 2, 3), (2, 2, 3)),
                                               ((1, 5, 4), 1)])
 def test_same_padding_is_torchs_spatially_and_causal_in_time(kernel, dilation) -> None:
