@@ -73,6 +73,10 @@ class CausalConv3d(StreamingModule):
     in which this layer reads a buffer of its last s input frames.
     """
 
+    # the odd row and column of padding="same" after an even kernel: (rows, columns). A class default
+    # too, so a layer pickled whole before "same" existed still runs.
+    _pad_after: tuple[int, int] = (0, 0)
+
     def __init__(
         self,
         in_channels: int,
@@ -91,7 +95,6 @@ class CausalConv3d(StreamingModule):
         d = _triple(dilation, "dilation", owner)
         # Spatial "same" as torch.nn.Conv3d pads it (time is causal whatever the string): d·(k−1) in all,
         # half before, the odd one after, which needs stride 1 there; "valid" is no padding.
-        self._pad_after = (0, 0)  # the odd one of "same" after an even kernel: (rows, columns)
         if padding == "valid":
             padding = 0
         elif padding == "same":
