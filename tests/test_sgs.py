@@ -19,6 +19,7 @@ from edge3d.exporters.onnx import export_artifact
 from edge3d.runtime import Session
 
 import edge3d
+from edge3d import nn as enn
 from edge3d import zoo
 from edge3d.nn.sgs import SimilarityGuidedSampling, compaction
 
@@ -102,6 +103,37 @@ def test_random_chunks(model, seed: int) -> None:
     torch.manual_seed(seed)
     f = features(model) * (1 + 3 * torch.rand(1, 1, K, 1, 1))
     check(model, f)
+
+
+def test_the_bins_run_as_one_batch_and_equal_the_bins_stepped_one_by_one(model) -> None:
+    """The post-SGS layers ran bin by bin, unrolled: every conv 8 times per chunk at batch N, its
+    weights read each time. They now run once with the bins folded into the batch; the causal
+    convs of res5 (3×1×1) must still see only the bins before each one, zeros before the first."""
+    stage = edge3d.to_step(model, (3, SIZE, SIZE)).stages[1]
+    assert stage.batch_bins
+    torch.manual_seed(5)
+    window = (features(model, 2 * K) * (1 + 3 * torch.rand(1, 1, 2 * K, 1, 1)))  # chunks of 1 to K bins
+    windows = torch.cat([window[:, :, :K], window[:, :, K:], torch.zeros_like(window[:, :, :K])])
+    windows = windows.permute(0, 2, 1, 3, 4).reshape(3, -1, *windows.shape[3:])
+    with torch.no_grad():
+        batched, used = stage(windows)
+        stage.batch_bins = False
+        try:
+            unrolled, used_unrolled = stage(windows)
+        finally:
+            stage.batch_bins = True
+    assert used.tolist() == used_unrolled.tolist() and len(set(used.tolist())) > 1, used
+    torch.testing.assert_close(batched, unrolled, rtol=1e-5, atol=1e-6)
+
+
+def test_a_post_sgs_layer_the_batch_cannot_run_steps_the_bins_one_by_one() -> None:
+    """A temporal shift carries one bin into the next: the stage falls back to stepping the bins."""
+    m = randomize(zoo.build("sgs-resnet18", width=0.25, num_classes=5, chunk=K), seed=2)
+    m.post = torch.nn.Sequential(enn.TemporalShift(), *m.post)
+    randomize(m, seed=2)
+    assert not edge3d.to_step(m, (3, SIZE, SIZE)).stages[1].batch_bins
+    torch.manual_seed(6)
+    check(m, features(m) * (1 + 3 * torch.rand(1, 1, K, 1, 1)))
 
 
 def test_compaction_moves_occupied_bins_to_the_front() -> None:
