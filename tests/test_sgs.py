@@ -126,6 +126,34 @@ def test_the_bins_run_as_one_batch_and_equal_the_bins_stepped_one_by_one(model) 
     torch.testing.assert_close(batched, unrolled, rtol=1e-5, atol=1e-6)
 
 
+def test_a_dilated_grouped_causal_conv_over_all_bins_equals_the_bins_stepped() -> None:
+    """A causal conv after SGS with temporal dilation 2 and groups reads bin j − 2: with every bin
+    occupied (the identity embedding of test_all_different_frames_fill_every_bin), both forms agree."""
+    m = randomize(zoo.build("sgs-resnet18", width=0.25, num_classes=5, chunk=K), seed=2)
+    c = m.post[-1].conv3.out_channels
+    m.post = torch.nn.Sequential(*m.post, enn.CausalConv3d(c, c, (2, 3, 3), padding=1, dilation=(2, 1, 1), groups=2))
+    randomize(m, seed=3)
+    with torch.no_grad():
+        for fc in (m.sgs.fc1, m.sgs.fc2):
+            fc.weight.zero_()
+            fc.bias.zero_()
+            fc.weight[0, 0] = 1.0
+        f = features(m)
+        f[0, 0] = 0.0
+        for t, v in enumerate([2 * i + 1 for i in range(K - 1)] + [2 * K]):
+            f[0, 0, t] = v
+    stage = edge3d.to_step(m, (3, SIZE, SIZE)).stages[1]
+    assert stage.batch_bins
+    window = f.permute(0, 2, 1, 3, 4).reshape(1, -1, *f.shape[3:])
+    with torch.no_grad():
+        batched, used = stage(window)
+        stage.batch_bins = False
+        unrolled, _ = stage(window)
+    assert used.tolist() == [K]
+    assert (batched - unrolled).abs().max() <= 1e-5 * max(1.0, float(unrolled.abs().max()))
+    assert check(m, f) == K  # and the stage equals the dynamic reference
+
+
 def test_a_post_sgs_layer_the_batch_cannot_run_steps_the_bins_one_by_one() -> None:
     """A temporal shift carries one bin into the next: the stage falls back to stepping the bins."""
     m = randomize(zoo.build("sgs-resnet18", width=0.25, num_classes=5, chunk=K), seed=2)
