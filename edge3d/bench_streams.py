@@ -39,7 +39,27 @@ import numpy as np
 
 DISTINCT_FRAMES = 8  # distinct frames per stream, cycled: enough to keep caches honest, little memory
 WARMUP_CALLS = 3
-PAUSE_S = 0.01  # before each timed call (see _time_point)
+PAUSE_S = 0.01  # before each timed call at least, then until the process is idle (see settle)
+SETTLE_WINDOW_S = 0.005
+SETTLE_MAX_S = 1.0
+
+
+def settle(min_s: float) -> None:
+    """Sleep ``min_s``, then until this process's threads have gone idle (under a tenth of a core over
+    5 ms), for at most a second.
+
+    ONNX Runtime's pool threads spin after a run before they sleep. A fixed 10 ms pause was enough
+    on the hosts it was set on, but on a 2-core Xeon (host C, onnxruntime 1.32) one session's
+    threads spun for 25 ms and four sessions' for 70 ms: the next timed call shared the cores with
+    them, and bench-streams put a full-size d-resnet18 at 68 frames/s where it runs 117.
+    """
+    time.sleep(min_s)
+    end = time.perf_counter() + SETTLE_MAX_S
+    while time.perf_counter() < end:
+        c0 = time.process_time()
+        time.sleep(SETTLE_WINDOW_S)
+        if time.process_time() - c0 < 0.1 * SETTLE_WINDOW_S:
+            return
 
 
 def _trim_heap() -> None:
@@ -66,6 +86,17 @@ def _rss_bytes() -> int:
     except OSError:
         scale = 1 if sys.platform == "darwin" else 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def _frame_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
+    f = manifest["frame"]
+    return int(f["channels"]), int(f["height"]), int(f["width"])
+
+
+def _period(manifest: dict[str, Any]) -> int:
+    """Frames per timed call: one cycle of every stage of a multi-rate artifact, so each call does the
+    same work (a median over single frames would time stage 0 alone), else 1."""
+    return int(manifest.get("output_period", 1)) if "stages" in manifest else 1
 
 
 def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.ndarray:
@@ -154,16 +185,17 @@ def interleaved_times(fns: dict[str, Any], calls: int, pause_s: float = 0.0
 
     Interleaving call by call makes a slow spell on a shared machine hit every mode alike. CPU
     time (all threads of this process) still counts only the work done when other jobs hold
-    the cores, which wall time does not. ``pause_s`` before each timed call lets ONNX Runtime's
-    pool threads, which spin for a while after a run, go idle so the next call does not pay for
-    the previous one's spin. Each function is called with the call's index.
+    the cores, which wall time does not. ``pause_s`` > 0 waits before each timed call at least that
+    long and until ONNX Runtime's pool threads, which spin for a while after a run, have gone idle
+    (:func:`settle`), so the next call does not pay for the previous one's spin. Each function is
+    called with the call's index.
     """
     wall: dict[str, list[float]] = {m: [] for m in fns}
     cpu: dict[str, list[float]] = {m: [] for m in fns}
     for i in range(calls):
         for mode, fn in fns.items():
             if pause_s:
-                time.sleep(pause_s)
+                settle(pause_s)
             c0, t0 = time.process_time(), time.perf_counter()
             fn(i)
             wall[mode].append((time.perf_counter() - t0) * 1e3)
@@ -179,23 +211,40 @@ def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[s
 
 def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None,
                 max_batch: int | None = None) -> dict[str, float]:
-    """Throughput and gather/scatter cost for N streams, in this process."""
+    """Throughput and gather/scatter cost for N streams, in this process.
+
+    A multi-rate artifact's streams share one phase, so no call steps a subset of them: it has no
+    gather/scatter figures (None), and each timed call steps a whole cycle of its stages."""
     from .runtime import Session
 
     batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
                       max_batch=max_batch)
     separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
-    shape = batched._backend.frame_shape
-    data = _frames(shape, n)
+    period = _period(batched.manifest)
+    data = _frames(_frame_shape(batched.manifest), n)
     perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(1)  # every stream, not in order
 
     def batched_call(i: int) -> None:
-        batched.step_batch(data[i % DISTINCT_FRAMES])
+        for k in range(i * period, (i + 1) * period):
+            batched.step_batch(data[k % DISTINCT_FRAMES])
 
     def separate_round(i: int) -> None:
-        f = data[i % DISTINCT_FRAMES]
-        for s, sess in enumerate(separate):
-            sess.step(f[s])
+        for k in range(i * period, (i + 1) * period):
+            f = data[k % DISTINCT_FRAMES]
+            for s, sess in enumerate(separate):
+                sess.step(f[s])
+
+    if period > 1 or "stages" in batched.manifest:
+        for i in range(WARMUP_CALLS):
+            batched_call(i)
+            separate_round(i)
+        (batched_ms, batched_cpu), (separate_ms, separate_cpu) = _interleave(
+            {"batched": batched_call, "separate": separate_round}, frames, PAUSE_S).values()
+        for sess in [batched, *separate]:
+            sess.close()
+        return {**_throughput(n, period, batched_ms, batched_cpu, separate_ms, separate_cpu),
+                **dict.fromkeys(("full_call_ms", "subset_call_ms", "subset_over_full", "gather_scatter_ms",
+                                 "gather_scatter_share", "gather_scatter_cpu_ms", "gather_scatter_share_cpu"))}
 
     def subset_call(i: int) -> None:
         batched.step_batch(data[i % DISTINCT_FRAMES][perm], perm)
@@ -220,15 +269,7 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     for sess in [batched, *separate]:
         sess.close()
     return {
-        "batched_ms_per_call": batched_ms,
-        "separate_ms_per_round": separate_ms,
-        "separate_ms_per_call": separate_ms / n,
-        "batched_fps": 1e3 * n / batched_ms,
-        "separate_fps": 1e3 * n / separate_ms,
-        "batched_over_separate": separate_ms / batched_ms,
-        "batched_cpu_ms_per_call": batched_cpu,
-        "separate_cpu_ms_per_round": separate_cpu,
-        "batched_over_separate_cpu": separate_cpu / batched_cpu,
+        **_throughput(n, period, batched_ms, batched_cpu, separate_ms, separate_cpu),
         "full_call_ms": full_ms,
         "subset_call_ms": subset_ms,
         "subset_over_full": subset_ms / full_ms,
@@ -236,6 +277,23 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
         "gather_scatter_share": gs_ms / full_ms,
         "gather_scatter_cpu_ms": gs_cpu,
         "gather_scatter_share_cpu": gs_cpu / full_cpu,
+    }
+
+
+def _throughput(n: int, period: int, batched_ms: float, batched_cpu: float, separate_ms: float,
+                separate_cpu: float) -> dict[str, float]:
+    """A call steps ``period`` frames of each of N streams (batched) or of N sessions (a round)."""
+    return {
+        "frames_per_call": period,
+        "batched_ms_per_call": batched_ms,
+        "separate_ms_per_round": separate_ms,
+        "separate_ms_per_call": separate_ms / n,
+        "batched_fps": 1e3 * n * period / batched_ms,
+        "separate_fps": 1e3 * n * period / separate_ms,
+        "batched_over_separate": separate_ms / batched_ms,
+        "batched_cpu_ms_per_call": batched_cpu,
+        "separate_cpu_ms_per_round": separate_cpu,
+        "batched_over_separate_cpu": separate_cpu / batched_cpu,
     }
 
 
@@ -251,13 +309,13 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
         sessions = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
     _trim_heap()
     created = _rss_bytes()  # weights, sessions and the runtime's own buffers, before any activation
-    data = _frames(sessions[0]._backend.frame_shape, n)
-    for i in range(WARMUP_CALLS):
+    data = _frames(_frame_shape(sessions[0].manifest), n)
+    for i in range(WARMUP_CALLS * _period(sessions[0].manifest)):  # every stage has run, its activations held
         if mode == "batched":
-            sessions[0].step_batch(data[i])
+            sessions[0].step_batch(data[i % DISTINCT_FRAMES])
         else:
             for s, sess in enumerate(sessions):
-                sess.step(data[i, s])
+                sess.step(data[i % DISTINCT_FRAMES, s])
     del data
     gc.collect()
     _trim_heap()
@@ -306,20 +364,25 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     figures are compared with, and ``method`` (how each number was measured).
     """
     from .runtime import Session
-    from .runtime.manifest import load_manifest, require_single_graph, resolve_artifact
+    from .runtime.manifest import resolve_artifact
 
     if not streams or any(not isinstance(n, int) or n < 1 for n in streams):
         raise ValueError(f"streams must be positive integers, e.g. 1,2,4,8; got {streams!r}.")
     if frames < 1:
         raise ValueError(f"frames must be at least 1, got {frames}.")
     artifact = resolve_artifact(artifact_path)
-    require_single_graph(load_manifest(artifact), "bench-streams")
     probe = Session(artifact, profile=profile, backend="onnxruntime", threads=threads)
-    be = probe._backend
-    state_bytes = probe.cache_bytes
-    frame_bytes = int(np.prod(be.frame_shape)) * be.frame_dtype.itemsize
-    output_bytes = int(np.prod(be.output_shape)) * be.output_dtype.itemsize
     manifest = probe.manifest
+    state_bytes = probe.cache_bytes
+    runtime_bytes = None  # a multi-rate session's buffers are laid out per stage: not this formula
+    if "stages" not in manifest:
+        # What the runtime itself allocates per batched stream: two state sets (ping-pong), one frame
+        # row and one output row. A subset call adds two more state sets (staging). With max_batch,
+        # one state set per stream; the staging pair is fixed at max_batch rows.
+        be = probe._backend
+        frame_bytes = int(np.prod(be.frame_shape)) * be.frame_dtype.itemsize
+        output_bytes = int(np.prod(be.output_shape)) * be.output_dtype.itemsize
+        runtime_bytes = (1 if max_batch else 2) * state_bytes + frame_bytes + output_bytes
     probe.close()
     rows = []
     for n in streams:
@@ -360,16 +423,15 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "timed_calls": frames,
         "state_bytes_per_stream": state_bytes,
         "state_bytes_without_input_history": manifest.get("state_bytes"),
-        # What the runtime itself allocates per batched stream: two state sets (ping-pong), one
-        # frame row and one output row. A subset call adds two more state sets (staging). With
-        # max_batch, one state set per stream; the staging pair is fixed at max_batch rows.
-        "runtime_buffer_bytes_per_stream": (1 if max_batch else 2) * state_bytes + frame_bytes + output_bytes,
+        "runtime_buffer_bytes_per_stream": runtime_bytes,
+        "frames_per_call": _period(manifest),
         "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
         "rows": rows,
         "method": {
             "throughput": "median wall ms per call, the modes interleaved call by call; separate = N "
                           "one-stream Sessions stepped one after another on the same frames; *_cpu_* = median "
-                          "process CPU ms of the same calls",
+                          "process CPU ms of the same calls; a call steps frames_per_call frames of each stream "
+                          "(a multi-rate artifact: one cycle of its stages, output_period frames)",
             "gather_scatter": "backend.gather + backend.scatter of all N rows in shuffled order, timed alone, "
                               "over the median full in-order call of the same N; subset_over_full = a shuffled "
                               "call of all N streams (gather, run, scatter) over the in-order call, interleaved",
@@ -397,9 +459,13 @@ def format_rows(report: dict[str, Any]) -> tuple[list[list[str]], list[list[str]
         v = row.get(key)
         return "-" if v is None or not state else f"{v / state:.2f}x"
 
+    def share(row: dict[str, Any]) -> str:  # None for a multi-rate artifact, whose calls take every stream
+        v = row.get("gather_scatter_share")
+        return "-" if v is None else f"{100 * v:.1f}%"
+
     speed = [[str(r["streams"]), f"{r['batched_fps']:.1f}", f"{r['separate_fps']:.1f}",
               f"{r['batched_over_separate']:.2f}x", f"{r['batched_over_separate_cpu']:.2f}x",
-              f"{r['batched_ms_per_call']:.1f}", f"{100 * r['gather_scatter_share']:.1f}%"] for r in report["rows"]]
+              f"{r['batched_ms_per_call']:.1f}", share(r)] for r in report["rows"]]
     memory = [[str(r["streams"]), mb(r, "rss_per_extra_batched_stream"), times(r, "rss_per_extra_batched_stream"),
                mb(r, "rss_per_extra_batched_stream_marginal"), mb(r, "rss_per_extra_batched_stream_before_steps"),
                mb(r, "rss_per_extra_session")] for r in report["rows"]]

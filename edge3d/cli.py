@@ -907,7 +907,9 @@ def bench_streams(
         return
     console.print(f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, {profile}, "
                   f"state {format_bytes(report['state_bytes_per_stream'])} per stream"
-                  + (f", chunks of {max_batch}" if max_batch else ""))
+                  + (f", chunks of {max_batch}" if max_batch else "")
+                  + (f"; a call steps {report['frames_per_call']} frames of each stream, one cycle of the stages"
+                     if report.get("frames_per_call", 1) > 1 else ""))
     speed, memory = format_rows(report)
     for title, headers, rows, caption in (
             ("throughput: N streams in one batched Session vs N Sessions", THROUGHPUT_HEADERS, speed, None),

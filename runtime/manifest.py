@@ -40,8 +40,8 @@ def multirate_message(name: str, what: str) -> str:
 
 def require_single_graph(manifest: dict[str, Any], what: str) -> None:
     """Multi-rate artifacts (manifest "stages") run FP32 on ONNX Runtime only: precisions, TensorRT,
-    Triton and the multi-stream benchmark each take one graph with one set of states, and would
-    otherwise fail deep inside on the first stage's graph."""
+    Triton, compare and bench each take one graph with one set of states, and would otherwise fail
+    deep inside on the first stage's graph."""
     if "stages" in manifest:
         raise ArtifactError(multirate_message(str(manifest.get("name", "the artifact")), what))
 

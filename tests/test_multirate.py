@@ -240,8 +240,8 @@ def test_unsupported_rate_changes_fail_at_export_with_the_path(model: nn.Module,
 
 
 def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tmp_path: Path) -> None:
-    """Precisions, TensorRT, Triton, compare and both benchmarks take one graph; on a staged artifact
-    each used to fail deep inside (a KeyError, an AttributeError, a wrong build script)."""
+    """Precisions, TensorRT, Triton, compare and bench take one graph; on a staged artifact each used to
+    fail deep inside (a KeyError, an AttributeError, a wrong build script)."""
     from typer.testing import CliRunner
 
     from edge3d.cli import app
@@ -250,7 +250,7 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
     before = sorted(p.name for p in art.iterdir())
     runner = CliRunner()
     for args in (["triton", str(art), "-o", str(tmp_path / "repo")], ["compare", str(art), "--out", str(tmp_path / "c")],
-                 ["bench-streams", str(art), "--streams", "1", "--frames", "2", "--no-rss"], ["build", str(art)],
+                 ["build", str(art)],
                  ["bench", str(art), "--frames", "2", "--rounds", "1"]):
         res = runner.invoke(app, args, terminal_width=400)
         assert res.exit_code == 2, (args, res.output)
@@ -299,6 +299,42 @@ def test_inspect_names_every_stage_graph_and_its_rate(r3d) -> None:
     assert all(f"stage{k}.fp32.onnx" in res.output for k in range(4)), res.output  # no other table names files
     rates = re.findall(r"│ (\d)\s+│ (frame|\d+ frames)\s+│", res.output)
     assert rates == [("0", "frame"), ("1", "2 frames"), ("2", "4 frames"), ("3", "8 frames")], res.output
+
+
+def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypatch) -> None:
+    """bench-streams refused multi-rate artifacts. Each timed call now steps one cycle of the stages
+    (8 frames), so every call runs the slowest stage once; its streams share one phase, so there is
+    no subset call and no gather/scatter figure."""
+    from edge3d.runtime.staged import StagedSession
+
+    from edge3d import bench_streams
+
+    _, art = r3d
+    frames_stepped: dict[int, int] = {}
+    real = StagedSession.step_batch
+
+    def counting(self, frames, stream_ids=None):
+        frames_stepped[self.streams] = frames_stepped.get(self.streams, 0) + 1
+        return real(self, frames, stream_ids)
+
+    monkeypatch.setattr(StagedSession, "step_batch", counting)
+    r = bench_streams.measure_streams(art, [2], frames=3, threads=1, rss=False)
+    row = r["rows"][0]
+    assert r["frames_per_call"] == row["frames_per_call"] == 8
+    # warm-up and timed calls of the two-stream session, each a cycle of 8 frames
+    assert frames_stepped[2] == 8 * (bench_streams.WARMUP_CALLS + 3)
+    assert row["batched_fps"] == pytest.approx(1e3 * 2 * 8 / row["batched_ms_per_call"])
+    assert row["gather_scatter_share"] is None and row["subset_over_full"] is None
+    assert r["runtime_buffer_bytes_per_stream"] is None
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    res = CliRunner().invoke(app, ["bench-streams", str(art), "--streams", "1,2", "--frames", "2", "--no-rss"],
+                             terminal_width=200)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "a call steps 8 frames of each stream, one cycle of the stages" in said, said
+    assert re.search(r"│ 2 │.*│\s+- │", res.output), res.output  # gather+scatter: none
 
 
 def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path, monkeypatch) -> None:

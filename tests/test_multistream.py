@@ -290,6 +290,31 @@ def test_measure_streams_report(stream_artifact: Path) -> None:
     assert three["rss_per_extra_batched_stream_marginal"] == pytest.approx(three["rss_per_extra_batched_stream"])
 
 
+def test_settle_waits_until_the_process_is_idle() -> None:
+    """A fixed 10 ms pause before each timed call was shorter than ONNX Runtime's threads spin after a
+    run on some hosts (25 ms for one session, 70 ms for four), so the call shared the cores with them."""
+    import threading
+    import time
+
+    from edge3d.bench_streams import settle
+
+    def spin(seconds: float) -> None:  # a pool thread spinning after a run
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    t = threading.Thread(target=spin, args=(0.2,))
+    t0 = time.perf_counter()
+    t.start()
+    settle(0.01)
+    waited = time.perf_counter() - t0
+    t.join()
+    assert waited >= 0.19, waited  # not before the spinning stopped
+    t0 = time.perf_counter()
+    settle(0.01)
+    assert time.perf_counter() - t0 < 0.5  # an idle process goes on at once
+
+
 def test_cli_bench_streams_json(stream_artifact: Path) -> None:
     import json
 
