@@ -210,7 +210,7 @@ def _interleave(fns: dict[str, Any], calls: int, pause_s: float = 0.0) -> dict[s
 
 
 def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int | None,
-                max_batch: int | None = None) -> dict[str, float]:
+                max_batch: int | None = None, spin: bool = True) -> dict[str, float]:
     """Throughput and gather/scatter cost for N streams, in this process.
 
     A multi-rate artifact's streams share one phase, so no call steps a subset of them: it has no
@@ -218,8 +218,9 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     from .runtime import Session
 
     batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
-                      max_batch=max_batch)
-    separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads) for _ in range(n)]
+                      max_batch=max_batch, spin=spin)
+    separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads, spin=spin)
+                for _ in range(n)]
     period = _period(batched.manifest)
     data = _frames(_frame_shape(batched.manifest), n)
     perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(1)  # every stream, not in order
@@ -353,11 +354,12 @@ def _rss_points(artifact: Path, streams: list[int], profile: str, threads: int |
 
 def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, *, profile: str = "fp32",
                     threads: int | None = None, rss: bool = True, rss_repeats: int = 3,
-                    max_batch: int | None = None) -> dict[str, Any]:
+                    max_batch: int | None = None, spin: bool = True) -> dict[str, Any]:
     """Batched vs separate sessions for every N in ``streams``: throughput, gather/scatter, memory.
 
     ``max_batch`` runs the batched session in chunks (``Session(max_batch=...)``), the
-    memory-lean scheme for many streams; None steps all N in one ping-pong call.
+    memory-lean scheme for many streams; None steps all N in one ping-pong call. ``spin=False``
+    times every session with ONNX Runtime's pool threads sleeping between runs (``Session(spin=False)``).
 
     ``frames`` is the number of timed calls per mode and N (each batched call steps N frames).
     Returns a JSON-able dict: ``rows`` (one per N), the per-stream byte counts the memory
@@ -386,7 +388,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     probe.close()
     rows = []
     for n in streams:
-        rows.append({"streams": n, **_time_point(artifact, n, frames, profile, threads, max_batch)})
+        rows.append({"streams": n, **_time_point(artifact, n, frames, profile, threads, max_batch, spin)})
     if rss:
         points = _rss_points(artifact, streams, profile, threads, rss_repeats, max_batch)
         base = points[("batched", 1)]
@@ -419,6 +421,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "backend": "onnxruntime",
         "threads": threads,
         "max_batch": max_batch,
+        "spin": spin,
         "host": host_info(),
         "timed_calls": frames,
         "state_bytes_per_stream": state_bytes,

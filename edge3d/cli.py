@@ -887,6 +887,9 @@ def bench_streams(
     max_batch: Annotated[int | None, typer.Option(
         "--max-batch", help="Step the batched session in chunks of at most this many streams "
                             "(Session(max_batch=...)): about one state's bytes per extra stream.")] = None,
+    no_spin: Annotated[bool, typer.Option(
+        "--no-spin", help="Let ONNX Runtime's threads sleep between runs (Session(spin=False)): N sessions "
+                          "stepped in turn in one process otherwise spin against each other.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
 ) -> None:
     """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
@@ -901,13 +904,13 @@ def bench_streams(
     counts = _stream_counts(streams)
     with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
         report = measure_streams(artifact, counts, frames, profile=profile, threads=threads, rss=not no_rss,
-                                 max_batch=max_batch)
+                                 max_batch=max_batch, spin=not no_spin)
     if as_json:
         print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         return
     console.print(f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, {profile}, "
                   f"state {format_bytes(report['state_bytes_per_stream'])} per stream"
-                  + (f", chunks of {max_batch}" if max_batch else "")
+                  + (f", chunks of {max_batch}" if max_batch else "") + (", threads not spinning" if no_spin else "")
                   + (f"; a call steps {report['frames_per_call']} frames of each stream, one cycle of the stages"
                      if report.get("frames_per_call", 1) > 1 else ""))
     speed, memory = format_rows(report)

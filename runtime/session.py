@@ -182,6 +182,8 @@ class Session:
     ``max_batch`` (ONNX Runtime) runs calls over many streams in chunks of at most that many
     rows, so each extra stream costs about its state bytes instead of two state sets plus
     activations (see ``runtime/backend/onnxrt.py``); leave it None for a few streams.
+    ``spin=False`` (ONNX Runtime) lets its pool threads sleep when a run ends: for several sessions
+    stepped in turn in one process, whose spinning threads otherwise compete (see ``_load_session``).
     Threads may share a session: its calls run one at a time (see ``serialised``).
     """
 
@@ -194,16 +196,19 @@ class Session:
         return super().__new__(cls)
 
     def __init__(self, path: str | Path, profile: str | None = None, backend: str = "auto", streams: int = 1,
-                 threads: int | None = None, max_batch: int | None = None) -> None:
+                 threads: int | None = None, max_batch: int | None = None, spin: bool = True) -> None:
         self._open(path, profile, streams)
         profile = self.profile
         self.backend_name = _pick_backend(backend, self.manifest, profile)
         options: dict[str, Any] = {}
         if self.backend_name == "onnxruntime":
-            options = {"threads": threads, "max_batch": max_batch}
+            options = {"threads": threads, "max_batch": max_batch, "spin": spin}
         elif max_batch is not None:
             raise ValueError("max_batch (stepping many streams in chunks) is an ONNX Runtime option; on TensorRT "
                              "build the engine for the streams you need (`edge3d build --streams N`) instead.")
+        elif spin is not True:
+            raise ValueError("spin (whether ONNX Runtime's threads spin between runs) is an ONNX Runtime option; "
+                             "TensorRT has no such threads, so leave it out.")
         self._backend = backends.create(self.backend_name, self.manifest, profile, self.streams, **options)
 
     def _open(self, path: str | Path, profile: str | None, streams: int) -> None:

@@ -27,7 +27,7 @@ class StagedSession(Session):
     """A :class:`Session` over an artifact whose manifest has ``stages`` (see the module doc)."""
 
     def __init__(self, path: str | Path, profile: str | None = None, backend: str = "auto", streams: int = 1,
-                 threads: int | None = None, max_batch: int | None = None) -> None:
+                 threads: int | None = None, max_batch: int | None = None, spin: bool = True) -> None:
         from .backend.onnxrt import _load_session
 
         if max_batch is not None:
@@ -50,7 +50,7 @@ class StagedSession(Session):
         self._sess = []
         hashes = self.precision.get("sha256") or [None] * len(self.precision["files"])
         for st, file, sha in zip(self._stages, self.precision["files"], hashes, strict=True):
-            sess = _load_session(folder / file, threads)
+            sess = _load_session(folder / file, threads, spin)
             want_in = [i["name"] for i in st["inputs"]] + [state_io_names(n)[0] for n in st["states"]]
             want_out = [o["name"] for o in st["outputs"]] + [state_io_names(n)[1] for n in st["states"]]
             got_in, got_out = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]

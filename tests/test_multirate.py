@@ -326,6 +326,9 @@ def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypa
     assert row["batched_fps"] == pytest.approx(1e3 * 2 * 8 / row["batched_ms_per_call"])
     assert row["gather_scatter_share"] is None and row["subset_over_full"] is None
     assert r["runtime_buffer_bytes_per_stream"] is None
+    still = Session(art, spin=False)  # every stage's graph lets its threads sleep
+    assert [sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            for sess, _ in still._sess] == ["0"] * 4
     from typer.testing import CliRunner
 
     from edge3d.cli import app
