@@ -235,7 +235,7 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
             for s, sess in enumerate(separate):
                 sess.step(f[s])
 
-    if period > 1 or "stages" in batched.manifest:
+    if "stages" in batched.manifest:
         for i in range(WARMUP_CALLS):
             batched_call(i)
             separate_round(i)

@@ -159,8 +159,8 @@ def share_identical_initializers(graph: onnx.GraphProto) -> int:
     """Point every node at one copy of each distinct weight; return how many copies were dropped.
 
     ONNX Runtime's Conv+BatchNorm fusion writes a fused weight per Conv node, so a layer the graph
-    runs several times with one set of weights (SGS steps its post-SGS layers over 8 bins,
-    unrolled) came out with a copy per run: the SGS stage's graph held 8× its parameters, in the
+    runs several times with one set of weights (an SGS stage stepping its post-SGS layers over 8 bins,
+    unrolled, where a layer keeps it from running the bins as one batch) came out with a copy per run: the SGS stage's graph held 8× its parameters, in the
     file and in memory. Copies must match in dtype, shape and every byte, so sharing them is exact.
 
     Only weights are shared: tensors that every consumer takes as the weight of a Conv, Gemm or

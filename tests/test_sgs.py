@@ -154,7 +154,7 @@ def test_a_dilated_grouped_causal_conv_over_all_bins_equals_the_bins_stepped() -
     assert check(m, f) == K  # and the stage equals the dynamic reference
 
 
-def test_a_post_sgs_layer_the_batch_cannot_run_steps_the_bins_one_by_one() -> None:
+def test_a_post_sgs_layer_the_batch_cannot_run_steps_the_bins_one_by_one(tmp_path) -> None:
     """A temporal shift carries one bin into the next: the stage falls back to stepping the bins."""
     m = randomize(zoo.build("sgs-resnet18", width=0.25, num_classes=5, chunk=K), seed=2)
     m.post = torch.nn.Sequential(enn.TemporalShift(), *m.post)
@@ -162,6 +162,12 @@ def test_a_post_sgs_layer_the_batch_cannot_run_steps_the_bins_one_by_one() -> No
     assert not edge3d.to_step(m, (3, SIZE, SIZE)).stages[1].batch_bins
     torch.manual_seed(6)
     check(m, features(m) * (1 + 3 * torch.rand(1, 1, K, 1, 1)))
+    # The unrolled steps run one set of weights K times: the graph holds it once (ONNX Runtime's Conv+BN
+    # fusion had written a copy per step, K times the parameters)
+    art = export_artifact(m, tmp_path, "sgs_shift", frame_size=SIZE)
+    params = sum(p.numel() for p in m.parameters())
+    weights = json.loads((art / "manifest.json").read_text())["precisions"]["fp32"]["weight_bytes"]
+    assert weights <= 1.1 * 4 * params, (weights, params)
 
 
 def test_compaction_moves_occupied_bins_to_the_front() -> None:
