@@ -485,7 +485,8 @@ def test_run_and_the_jetson_app_give_onnxruntime_their_threads(artifact, monkeyp
 
     seen = []
     load = onnxrt._load_session
-    monkeypatch.setattr(onnxrt, "_load_session", lambda path, threads: seen.append(threads) or load(path, threads))
+    monkeypatch.setattr(onnxrt, "_load_session",
+                        lambda path, threads, spin=True: seen.append(threads) or load(path, threads, spin))
     res = CliRunner().invoke(app, ["run", str(artifact), "--frames", "3", "--threads", "1", "--quiet"])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["run", str(artifact), "--frames", "3", "--quiet"])
