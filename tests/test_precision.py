@@ -428,11 +428,11 @@ def test_a_built_graph_this_onnxruntime_cannot_load_fails_the_export_and_changes
     before = _contents(art)
     real = onnxrt._load_session
 
-    def refuse_new_graphs(path: Path, threads):
+    def refuse_new_graphs(path: Path, threads, spin=True):
         if path.parent != art:  # the graph being built, still in the export's temporary folder
             raise ArtifactError("ONNX Runtime cannot load it") from RuntimeError(
                 "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Invalid model. Node input 'x' is not a graph input")
-        return real(path, threads)
+        return real(path, threads, spin)
 
     monkeypatch.setattr(onnxrt, "_load_session", refuse_new_graphs)
     with pytest.raises(ValueError, match=r"cannot load the fp16 graph edge3d just built \(.*Node input 'x' is not a "
