@@ -48,10 +48,10 @@ def settle(min_s: float) -> None:
     """Sleep ``min_s``, then until this process's threads have gone idle (under a tenth of a core over
     5 ms), for at most a second.
 
-    ONNX Runtime's pool threads spin after a run before they sleep. A fixed 10 ms pause was enough
-    on the hosts it was set on, but on a 2-core Xeon (host C, onnxruntime 1.32) one session's
-    threads spun for 25 ms and four sessions' for 70 ms: the next timed call shared the cores with
-    them, and bench-streams put a full-size d-resnet18 at 68 frames/s where it runs 117.
+    ONNX Runtime's pool threads spin after a run before they sleep. The benchmark paused a fixed
+    10 ms, but on a 2-core Xeon (host C, onnxruntime 1.32) one session's threads spun for 25 ms and
+    four sessions' for 70 ms: the next timed call shared the cores with them, and bench-streams put
+    a full-size d-resnet18 at 68 frames/s where it runs 117.
     """
     time.sleep(min_s)
     end = time.perf_counter() + SETTLE_MAX_S
