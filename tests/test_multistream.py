@@ -312,7 +312,7 @@ def test_settle_waits_until_the_process_is_idle() -> None:
     assert waited >= 0.19, waited  # not before the spinning stopped
     t0 = time.perf_counter()
     settle(0.01)
-    assert time.perf_counter() - t0 < 0.5  # an idle process goes on at once
+    assert time.perf_counter() - t0 < 0.9  # an idle process goes on before the 1 s cap
 
 
 def test_sessions_can_let_onnx_runtimes_threads_sleep_between_runs(stream_artifact: Path) -> None:
