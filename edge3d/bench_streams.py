@@ -235,55 +235,38 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
             for s, sess in enumerate(separate):
                 sess.step(f[s])
 
-    if "stages" in batched.manifest:
-        for i in range(WARMUP_CALLS):
-            batched_call(i)
-            separate_round(i)
-        (batched_ms, batched_cpu), (separate_ms, separate_cpu) = _interleave(
-            {"batched": batched_call, "separate": separate_round}, frames, PAUSE_S).values()
-        for sess in [batched, *separate]:
-            sess.close()
-        return {**_throughput(n, period, batched_ms, batched_cpu, separate_ms, separate_cpu),
-                **dict.fromkeys(("full_call_ms", "subset_call_ms", "subset_over_full", "gather_scatter_ms",
-                                 "gather_scatter_share", "gather_scatter_cpu_ms", "gather_scatter_share_cpu"))}
-
     def subset_call(i: int) -> None:
         batched.step_batch(data[i % DISTINCT_FRAMES][perm], perm)
 
-    backend = batched._backend
-    chunk = backend.max_batch or n
+    multi_rate = "stages" in batched.manifest  # its calls take every stream: no subset, no gather/scatter
+    backend = None if multi_rate else batched._backend
+    chunk = (backend.max_batch if backend else None) or n
 
     def gather_scatter(_: int) -> None:
         for a in range(0, n, chunk):  # as a call moves them: at most one chunk of rows at a time
             backend.gather(perm[a:a + chunk])
             backend.scatter(perm[a:a + chunk])
 
+    warm = (batched_call, separate_round) if multi_rate else (batched_call, separate_round, subset_call, gather_scatter)
     for i in range(WARMUP_CALLS):
-        for fn in (batched_call, separate_round, subset_call, gather_scatter):
+        for fn in warm:
             fn(i)
     vs_separate = _interleave({"batched": batched_call, "separate": separate_round}, frames, PAUSE_S)
-    # Subset vs full on the batched session alone, so no other session's threads are around.
-    vs_subset = _interleave({"full": batched_call, "subset": subset_call}, frames, PAUSE_S)
-    gs_ms, gs_cpu = _interleave({"gather_scatter": gather_scatter}, max(20, frames))["gather_scatter"]
     (batched_ms, batched_cpu), (separate_ms, separate_cpu) = vs_separate["batched"], vs_separate["separate"]
-    (full_ms, full_cpu), (subset_ms, _) = vs_subset["full"], vs_subset["subset"]
+    subset: dict[str, float | None] = dict.fromkeys(
+        ("full_call_ms", "subset_call_ms", "subset_over_full", "gather_scatter_ms", "gather_scatter_share",
+         "gather_scatter_cpu_ms", "gather_scatter_share_cpu"))
+    if not multi_rate:
+        # Subset vs full on the batched session alone, so no other session's threads are around.
+        vs_subset = _interleave({"full": batched_call, "subset": subset_call}, frames, PAUSE_S)
+        gs_ms, gs_cpu = _interleave({"gather_scatter": gather_scatter}, max(20, frames))["gather_scatter"]
+        (full_ms, full_cpu), (subset_ms, _) = vs_subset["full"], vs_subset["subset"]
+        subset = {"full_call_ms": full_ms, "subset_call_ms": subset_ms, "subset_over_full": subset_ms / full_ms,
+                  "gather_scatter_ms": gs_ms, "gather_scatter_share": gs_ms / full_ms, "gather_scatter_cpu_ms": gs_cpu,
+                  "gather_scatter_share_cpu": gs_cpu / full_cpu}
     for sess in [batched, *separate]:
         sess.close()
-    return {
-        **_throughput(n, period, batched_ms, batched_cpu, separate_ms, separate_cpu),
-        "full_call_ms": full_ms,
-        "subset_call_ms": subset_ms,
-        "subset_over_full": subset_ms / full_ms,
-        "gather_scatter_ms": gs_ms,
-        "gather_scatter_share": gs_ms / full_ms,
-        "gather_scatter_cpu_ms": gs_cpu,
-        "gather_scatter_share_cpu": gs_cpu / full_cpu,
-    }
-
-
-def _throughput(n: int, period: int, batched_ms: float, batched_cpu: float, separate_ms: float,
-                separate_cpu: float) -> dict[str, float]:
-    """A call steps ``period`` frames of each of N streams (batched) or of N sessions (a round)."""
+    # a call steps `period` frames of each of N streams (batched) or of N sessions (a round)
     return {
         "frames_per_call": period,
         "batched_ms_per_call": batched_ms,
@@ -295,6 +278,7 @@ def _throughput(n: int, period: int, batched_ms: float, batched_cpu: float, sepa
         "batched_cpu_ms_per_call": batched_cpu,
         "separate_cpu_ms_per_round": separate_cpu,
         "batched_over_separate_cpu": separate_cpu / batched_cpu,
+        **subset,
     }
 
 
