@@ -194,6 +194,7 @@ def _is_artifact(target: str) -> bool:
     if (p / MANIFEST).is_file() or (p.is_file() and (p.name == MANIFEST or p.suffix == ".onnx")):
         return True
     from .runtime.manifest import artifacts_in, resolve_artifact
+    from .zoo import names as zoo_names  # torch-free: the optional entries load only when it is called
 
     # A bare word may be a zoo name that happens to match a local folder; a path, or a folder holding
     # artifacts (`-o out` writes out/NAME.edge3d), is meant as an artifact. So is a path that does not
@@ -203,7 +204,7 @@ def _is_artifact(target: str) -> bool:
     a_file = p.is_file() and bool(p.suffix)  # zoo names have no suffix; "clip.mp4" is no model
     # A bare word naming a folder here and no zoo model ("edge3d inspect runs") means the folder:
     # "unknown model 'runs'" would send the user to the zoo list for a folder that holds no artifact.
-    if p.is_dir() and not (artifacts_in(p) or path_like or factory_like or target in _zoo_names()):
+    if p.is_dir() and not (artifacts_in(p) or path_like or factory_like or target in zoo_names()):
         raise ValueError(f"{target} is a folder here with no artifact in it (no manifest.json) and no zoo model; "
                          f"point to a folder written by `edge3d export`, or name a zoo model (`edge3d zoo`) or "
                          f"package.module:factory.")
@@ -211,12 +212,6 @@ def _is_artifact(target: str) -> bool:
             a_file and not factory_like):
         resolve_artifact(p)  # raises, naming the artifacts inside p, or one beside it, if there are any
     return False
-
-
-def _zoo_names() -> list[str]:
-    from . import zoo
-
-    return zoo.names()
 
 
 def _out_folder(path: Path, flag: str) -> None:
