@@ -177,7 +177,8 @@ def share_identical_initializers(graph: onnx.GraphProto) -> int:
     for n in graph.node:
         for i, name in enumerate(n.input):
             slots[name].add((n.op_type, i))
-    first: dict[tuple[int, tuple[int, ...], bytes], list[tuple[str, bytes]]] = defaultdict(list)
+    # kept by digest, not by bytes (a second copy of every weight); a digest match is compared in full
+    first: dict[tuple[int, tuple[int, ...], bytes], list[onnx.TensorProto]] = defaultdict(list)
     alias: dict[str, str] = {}
     for t in graph.initializer:
         if t.name in exposed or t.data_location == onnx.TensorProto.EXTERNAL or not slots[t.name] or not (
@@ -185,9 +186,9 @@ def share_identical_initializers(graph: onnx.GraphProto) -> int:
             continue
         raw = numpy_helper.to_array(t).tobytes()
         same = first[(t.data_type, tuple(t.dims), hashlib.sha256(raw).digest())]
-        match = next((name for name, seen in same if seen == raw), None)
+        match = next((s.name for s in same if numpy_helper.to_array(s).tobytes() == raw), None)
         if match is None:
-            same.append((t.name, raw))
+            same.append(t)
         else:
             alias[t.name] = match
     if not alias:
