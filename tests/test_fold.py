@@ -99,7 +99,7 @@ def test_copies_of_one_weight_are_shared_and_different_weights_are_not() -> None
     nodes.append(helper.make_node("Conv", ["flat", "w_shape"], ["y"], name="conv_last"))
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 1, 1])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     feed = {"x": rng.standard_normal((1, 4, 3, 3)).astype(np.float32)}
 
     def run(m: onnx.ModelProto) -> np.ndarray:
