@@ -607,10 +607,13 @@ def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_so
 @friendly
 def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
-    source: Annotated[str, typer.Option("--source", help="FILE.mp4 | FOLDER | camera:INDEX | csi:SENSOR (a Jetson CSI camera) | "
-                                        "'... ! appsink' (a GStreamer pipeline) | rtsp://... (a stream URL) | "
-                                        "synthetic[:SEED]")] = "synthetic",
-    frames: Annotated[int | None, typer.Option("--frames", help="Stop after N frames (default: synthetic 300, else all).")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", metavar="<str>",
+        help="FILE.mp4 | FOLDER | camera:INDEX | csi:SENSOR (a Jetson CSI camera) | '... ! appsink' (a GStreamer "
+             "pipeline) | rtsp://... (a stream URL) | synthetic[:SEED]. Give it once per camera for several: one "
+             "stream each, all stepped in one batched call.")] = None,
+    frames: Annotated[int | None, typer.Option(
+        "--frames", help="Stop after N frames of each source (default: synthetic 300, else all).")] = None,
     output: Annotated[Path | None, typer.Option(
         "--output", help="Write one JSON line per frame here; - writes them to stdout, and the live line and "
                          "summary to stderr, for a pipe.")] = None,
@@ -630,29 +633,48 @@ def run(
     from .signals import Terminated, sigterm_as_interrupt
     from .sources import SourceLost, clip_class, labels_apply, open_streams, redact, source_frame_size
 
+    specs = source or ["synthetic"]
+    many = len(specs) > 1  # several cameras: stream i is the i-th --source, all stepped in one call
     to_stdout = output is not None and str(output) == "-"  # `--output - | jq ...`: stdout is JSON lines only
     if not to_stdout:
         _output_file(output, "--output")
-    shown = err_console if to_stdout else console
-    session = Session(artifact, profile=profile, backend=backend, threads=threads)
-    size = session.manifest["frame"]["height"]
-    if frames is None and source.startswith("synthetic"):
-        frames = 300
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
-    # a folder of one folder per class labels its clips with the classes named by those folders
-    streams = open_streams(source, frame_size=source_frame_size(source, size), classes=session.classes)
+    shown = err_console if to_stdout else console
+    session = Session(artifact, profile=profile, backend=backend, threads=threads, streams=len(specs))
+    staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
+    size = session.manifest["frame"]["height"]
+    # the synthetic source never ends: 300 frames unless told otherwise
+    limits = [frames if frames is not None else 300 if s.startswith("synthetic") else None for s in specs]
+    try:
+        # a folder of one folder per class labels its clips with the classes named by those folders;
+        # every source is opened (and a bad one named) before the first frame
+        clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes))
+                    for s in specs]
+        if staged and many:
+            folder = next((s for s, c in zip(specs, clips_of, strict=True) if len(c) > 1), None)
+            if folder is not None:
+                raise ValueError(f"--source {redact(folder)} is a folder of {len(clips_of[specs.index(folder)])} "
+                                 "clips, and a multi-rate artifact steps all its streams in one phase, so one stream "
+                                 "cannot restart at each clip; run that folder with --source alone.")
+    except BaseException:
+        session.close()
+        raise
     # a segmentation or heatmap model's map has a class per position: no top class, and the source's
     # per-frame labels cannot score it
     is_map = output_map(session.manifest) is not None
     map_shape = "×".join(map(str, session.manifest["output"]["shape"][1:]))
-    keep_labels = labels_apply(source, session.manifest) and not is_map
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
-    correct = labelled = n = videos = nonfinite = 0
-    clip_verdicts: dict[str, bool] = {}  # per labelled clip: whether its last prediction was its class
-    whole: set[str] = set()  # the clips played to their end
+    n = nonfinite = 0
+    counts = [0] * len(specs)  # frames per stream
+    videos = [0] * len(specs)
+    correct = [0] * len(specs)
+    labelled = [0] * len(specs)
+    last_top: list[str | None] = [None] * len(specs)  # each stream's latest top class, for the live line
+    clip_verdicts: dict[tuple[int, str], bool] = {}  # per labelled clip: whether its last prediction was its class
+    whole: set[tuple[int, str]] = set()  # the clips played to their end
     unscored: set[str] = set()  # class folders whose names are not among the artifact's classes
-    first_nonfinite: int | None = None
+    first_nonfinite: str | None = None
     unpredicted = 0  # frames a multi-rate model had no output for yet (each clip's first frames)
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = 0  # the exit code when stopped by a signal
@@ -662,86 +684,118 @@ def run(
         return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
                 "the file lacks the last predictions; free space or pass --output on another disk.")
 
-    def frames_of_every_video():
+    def frames_of_every_video(i: int):
         # Each video of a folder is its own clip: it starts from the initial state, as in compare and
         # calibration, rather than from the last frames of the video before it.
-        nonlocal videos
-        for name, items in streams:
-            if videos:
-                session.reset()
-            videos += 1
-            filed = clip_class(Path(source), Path(name)) if name != source else None
-            for i, (frame, label) in enumerate(items):
+        spec = specs[i]
+        keep_labels = labels_apply(spec, session.manifest) and not is_map
+        for k, (name, items) in enumerate(clips_of[i]):
+            if k:
+                session.reset(i if many else None)
+            videos[i] += 1
+            filed = clip_class(Path(spec), Path(name)) if name != spec else None
+            for j, (frame, label) in enumerate(items):
                 if filed is not None and label is None:
                     unscored.add(filed)
-                yield (name if name != source else None), i, frame, (label if keep_labels else None)
-            whole.add(name)  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
+                yield (name if name != spec else None), j, frame, (label if keep_labels else None)
+            whole.add((i, name))  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
+
+    def record(i: int, video: str | None, clip_frame: int, label: int | None, y: np.ndarray, predicted: bool,
+               ms: float) -> dict[str, Any]:
+        """Score stream i's frame and return its JSON line."""
+        nonlocal nonfinite, first_nonfinite, unpredicted
+        idx, cls, score = session.top(y) if predicted and not is_map else (None, None, None)
+        unpredicted += not predicted
+        if predicted and not np.isfinite(y).all():
+            nonfinite += 1
+            if first_nonfinite is None:
+                first_nonfinite = f"{counts[i]}" + (f" of stream {i}" if many else "")
+        if label is not None and predicted:
+            labelled[i] += 1
+            correct[i] += int(idx == label)
+            clip_verdicts[(i, video or specs[i])] = idx == label  # until the clip's last frame
+        last_top[i] = (f"{map_shape} map" if is_map and predicted else
+                       f"[bold]{escape(cls)}[/] ({score:.2f})" if predicted else None)
+        rec: dict[str, Any] = {"stream": i} if many else {}
+        if is_map:  # its largest and mean value: a glance at whether it is alive and finite
+            rec.update({"frame": counts[i], "max": float(f"{y.max():.6g}") if predicted else None,
+                        "mean": float(f"{y.mean():.6g}") if predicted else None, "ms": round(ms, 3)})
+        else:
+            rec.update({"frame": counts[i], "top": idx, "class": cls,
+                        "score": None if score is None else round(score, 5), "ms": round(ms, 3)})
+        if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
+            rec["fresh"] = session.last_fresh
+        if video is not None:  # one of several clips: which, and the frame's place in it
+            rec["video"], rec["clip_frame"] = video, clip_frame
+        if label is not None:
+            rec["label"] = label
+        return rec
 
     # a terminal redraws the live line in place; a log gets it as a plain line now and then
     plain_status = not quiet and not shown.is_terminal
     next_status = time.monotonic() + STATUS_EVERY_S
+    gens = [frames_of_every_video(i) for i in range(len(specs))]
+    running = list(range(len(specs)))  # the streams still delivering, below their --frames
     try:
         with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
-            for video, clip_frame, frame, label in frames_of_every_video():
+            while running:
+                got = [(i, item) for i in running if (item := next(gens[i], None)) is not None]
+                if not got or (staged and many and len(got) < len(specs)):
+                    break  # every source ended; or, for one phase, the first one did
+                running = [i for i, _ in got]
                 t0 = time.perf_counter()
-                y = session.step(frame)
+                if many:  # one batched call for every stream with a frame (a subset once some have ended)
+                    ys = session.step_batch([item[2] for _, item in got],
+                                            None if len(got) == len(specs) else running)
+                else:
+                    ys = session.step(got[0][1][2])[None]
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
-                call_ms.append(ms)
+                call_ms.append(ms / len(got))
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
                 predicted = session.has_output
-                idx, cls, score = session.top(y) if predicted and not is_map else (None, None, None)
-                unpredicted += not predicted
-                if predicted and not np.isfinite(y).all():
-                    nonfinite += 1
-                    if first_nonfinite is None:
-                        first_nonfinite = n
-                if label is not None and predicted:
-                    labelled += 1
-                    correct += int(idx == label)
-                    clip_verdicts[video or source] = idx == label  # until the clip's last frame
-                if sink:
-                    if is_map:  # its largest and mean value: a glance at whether it is alive and finite
-                        rec = {"frame": n, "max": float(f"{y.max():.6g}") if predicted else None,
-                               "mean": float(f"{y.mean():.6g}") if predicted else None, "ms": round(ms, 3)}
-                    else:
-                        rec = {"frame": n, "top": idx, "class": cls,
-                               "score": None if score is None else round(score, 5), "ms": round(ms, 3)}
-                    if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
-                        rec["fresh"] = session.last_fresh
-                    if video is not None:  # one of several clips: which, and the frame's place in it
-                        rec["video"], rec["clip_frame"] = video, clip_frame
-                    if label is not None:
-                        rec["label"] = label
-                    try:
-                        sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
-                        if to_stdout:
-                            sink.flush()  # a line per frame as it happens, not per 8 kB block
-                    except BrokenPipeError:  # the reader has gone (`| head`): an end like --frames
-                        n += 1
-                        _silence_stdout()
-                        break
-                    except OSError as e:  # a full SD card on a camera that runs for days
-                        n += 1  # this frame was stepped and scored
-                        lost = write_failed(e)
-                        break
-                n += 1
-                if not quiet and (n % 4 == 0 or n == 1):
+                stop = False
+                for (i, (video, clip_frame, _, label)), y in zip(got, ys, strict=True):
+                    rec = record(i, video, clip_frame, label, y, predicted, ms)
+                    counts[i] += 1
+                    n += 1
+                    if sink and not stop:
+                        try:
+                            sink.write(json.dumps(json_safe(rec), allow_nan=False) + "\n")
+                            if to_stdout:
+                                sink.flush()  # a line per frame as it happens, not per 8 kB block
+                        except BrokenPipeError:  # the reader has gone (`| head`): an end like --frames
+                            _silence_stdout()
+                            stop = True
+                        except OSError as e:  # a full SD card on a camera that runs for days
+                            lost = write_failed(e)  # this frame was stepped and scored
+                            stop = True
+                if stop:
+                    break
+                if not quiet and (n % 4 == 0 or n == len(got)):
                     s = session.stats.summary()
-                    top = (f"output: {map_shape} map" if is_map and predicted else
-                           f"top: [bold]{escape(cls)}[/] ({score:.2f})" if predicted else "no output yet")
-                    status = (f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
-                              f"cache {format_bytes(session.cache_bytes)}  {top}")
+                    if many:
+                        tops = "  ".join(f"{i}: {last_top[i] or 'no output yet'}" for i in range(min(len(specs), 4)))
+                        status = (f"{len(running)}/{len(specs)} streams  frames {n}  {s['fps']:.0f} fps  "
+                                  f"{s['ms_p50']:.2f} ms/call  {tops}{'  ...' if len(specs) > 4 else ''}")
+                    else:
+                        status = (f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
+                                  f"cache {format_bytes(session.cache_bytes)}  "
+                                  + (f"output: {last_top[0]}" if is_map and predicted
+                                     else f"top: {last_top[0]}" if predicted else "no output yet"))
                     live.update(status)
                     if plain_status and time.monotonic() >= next_status:
                         shown.print(status, highlight=False)
                         next_status = time.monotonic() + STATUS_EVERY_S
-                if frames is not None and n >= frames:
-                    break
+                running = [i for i in running if limits[i] is None or counts[i] < limits[i]]
+                if staged and many and len(running) < len(specs):
+                    break  # one phase: the streams end together
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) is how a camera run ends: the summary is still wanted
         interrupted = 143 if isinstance(e, Terminated) else 130
     except SourceLost as e:  # an unplugged camera: the summary, then the reason and exit code 1
-        lost = str(e)
+        lost = str(e) + (f" The run stopped its other {len(specs) - 1} streams with it." if many else "")
     finally:
+        for g in gens:
+            g.close()  # lets go of each camera or video
         if sink and not to_stdout:
             try:
                 sink.close()  # flushes: where a small run finds the disk full
@@ -752,20 +806,26 @@ def run(
         if interrupted:
             err_console.print("interrupted" if interrupted == 130 else "terminated")
             raise typer.Exit(interrupted)
-        raise ValueError(f"source {redact(source)!r} gave no frames; check the file, camera or stream.")
+        if many:
+            raise ValueError("no source gave a frame; check the files, cameras or streams.")
+        raise ValueError(f"source {redact(specs[0])!r} gave no frames; check the file, camera or stream.")
     s = session.stats.summary()
     stopped = {130: " (interrupted)", 143: " (terminated)"}.get(interrupted, "")
     table = Table(title=f"edge3d run: {artifact}{stopped}", show_header=False)
-    table.add_row("frames", str(n) + (f" from {videos} clips, each from the initial state" if videos > 1 else ""))
-    table.add_row("model ms/frame p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
-    table.add_row("model fps", f"{s['fps']:.1f}")
+    clips = sum(videos)
+    restarts = f"{clips} clips, each from the initial state" if clips > len(specs) else ""
+    table.add_row("frames", f"{n} from {len(specs)} sources, stepped together" + (f"; {restarts}" if restarts else "")
+                  if many else f"{n} from {restarts}" if restarts else str(n))
+    per = "call" if many else "frame"
+    table.add_row(f"model ms/{per} p50 / p95 / p99", f"{s['ms_p50']:.2f} / {s['ms_p95']:.2f} / {s['ms_p99']:.2f}")
+    table.add_row("model fps" + (" (all streams)" if many else ""), f"{s['fps']:.1f}")
     table.add_row("ms/frame with resize, p50 / p95",
                   " / ".join(f"{v:.2f}" for v in np.percentile(np.asarray(call_ms), [50, 95])))
     if is_map:
         table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
-    if hasattr(session, "stage_summary"):  # multi-rate artifact: ms per stage, bins used
+    if staged:  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:
             every = "every frame" if r["rate"] == 1 else f"every {r['rate']} frames"
@@ -783,10 +843,14 @@ def run(
         table.add_row("[bold red]outputs not finite[/]",
                       f"[bold red]{nonfinite} frames, from frame {first_nonfinite}; `edge3d compare` says which "
                       "state overflowed[/]")
-    if labelled:
-        table.add_row("per-frame accuracy", f"{100 * correct / labelled:.1f}% of {labelled}")
+    if many:  # which stream is which camera, as the JSON lines' "stream" numbers them
+        for i, spec in enumerate(specs):
+            acc = f", per-frame accuracy {100 * correct[i] / labelled[i]:.1f}%" if labelled[i] else ""
+            table.add_row(f"stream {i}", f"{escape(redact(spec))}: {counts[i]} frames{acc}")
+    if sum(labelled):
+        table.add_row("per-frame accuracy", f"{100 * sum(correct) / sum(labelled):.1f}% of {sum(labelled)}")
     verdicts = [v for clip, v in clip_verdicts.items() if clip in whole]
-    if videos > 1 and verdicts:  # a folder of one folder per class: the prediction each clip ends on
+    if clips > len(specs) and verdicts:  # a folder of one folder per class: the prediction each clip ends on
         table.add_row("per-clip accuracy (its last frame)",
                       f"{100 * sum(verdicts) / len(verdicts):.1f}% of {len(verdicts)} clips")
     if unscored and not is_map:
@@ -804,7 +868,6 @@ def run(
         raise typer.Exit(1)
 
 
-# --------------------------------------------------------------------------- bench
 @app.command()
 @friendly
 def bench(

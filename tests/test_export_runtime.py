@@ -1388,6 +1388,79 @@ def test_cli_run_starts_each_video_of_a_folder_from_the_initial_state(tiny_artif
     assert [(r["top"], r["score"]) for r in both[8:]] == [(r["top"], r["score"]) for r in alone]
 
 
+def _write_mp4(path: Path, frames: int, seed: int) -> None:
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(seed)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 48))
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _same_predictions(got: list[dict], alone: list[dict]) -> None:
+    """One batched call computes each stream's row as one session would, up to float rounding."""
+    assert [r["top"] for r in got] == [r["top"] for r in alone]
+    assert np.allclose([r["score"] for r in got], [r["score"] for r in alone], atol=2e-5)
+
+
+def test_cli_run_streams_several_sources_together_as_each_alone(tiny_artifact, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--source` given twice took the last one silently: a user with two cameras saw one. Each source
+    is now its own stream of one batched Session: a folder's clips restart only their stream, a source
+    that ends leaves the others running, and every stream predicts what it predicts alone."""
+    from edge3d import cli
+
+    monkeypatch.setattr(cli.console, "width", 300)  # one table row per line
+    art, _ = tiny_artifact
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    _write_mp4(clips / "a.mp4", 4, seed=1)
+    _write_mp4(clips / "b.mp4", 6, seed=2)
+    _write_mp4(tmp_path / "c.mp4", 12, seed=3)
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(art), "--source", str(clips), "--source", str(tmp_path / "c.mp4"),
+                              "--output", str(tmp_path / "both.jsonl")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "22 from 2 sources, stepped together; 3 clips, each from the initial state" in text, res.output
+    assert f"stream 0 │ {clips}: 10 frames" in text and f"stream 1 │ {tmp_path / 'c.mp4'}: 12 frames" in text
+    rows = _rows(tmp_path / "both.jsonl")
+    assert [r["stream"] for r in rows[:4]] == [0, 1, 0, 1]  # one frame of each per call
+    first = [r for r in rows if r["stream"] == 0]
+    second = [r for r in rows if r["stream"] == 1]
+    assert [r["frame"] for r in first] == list(range(10)) and [r["frame"] for r in second] == list(range(12))
+    assert [r["video"] for r in first] == [str(clips / "a.mp4")] * 4 + [str(clips / "b.mp4")] * 6
+    assert [r["stream"] for r in rows[20:]] == [1, 1]  # stream 0 ended; stream 1 ran on alone
+    for name, got in (("b.mp4", first[4:]), ("c.mp4", second)):
+        video = clips / name if name == "b.mp4" else tmp_path / name
+        res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(tmp_path / "alone.jsonl")])
+        assert res.exit_code == 0, res.output
+        alone = _rows(tmp_path / "alone.jsonl")
+        assert "stream" not in alone[0]  # one source: the lines are as they were
+        _same_predictions(got, alone)  # b restarted from the initial state, and c was not reset with it
+
+
+def test_cli_run_frames_counts_per_source(tiny_artifact, tmp_path: Path) -> None:
+    art, _ = tiny_artifact
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic:1", "--source", "synthetic:2", "--frames", "6",
+                              "--output", str(tmp_path / "p.jsonl"), "--quiet"], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = _rows(tmp_path / "p.jsonl")
+    assert [r["stream"] for r in rows] == [0, 1] * 6
+    for i, seed in enumerate((1, 2)):
+        res = runner.invoke(app, ["run", str(art), "--source", f"synthetic:{seed}", "--frames", "6",
+                                  "--output", str(tmp_path / "alone.jsonl"), "--quiet"])
+        assert res.exit_code == 0, res.output
+        _same_predictions([r for r in rows if r["stream"] == i], _rows(tmp_path / "alone.jsonl"))
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(tmp_path / "missing.mp4")])
+    assert res.exit_code != 0 and "missing.mp4" in res.output, res.output
+
+
 def _write_frames(folder: Path, frames: np.ndarray, names: list[str]) -> None:
     """RGB frames as lossless PNGs, so what OpenCV reads back is exactly what was written."""
     cv2 = pytest.importorskip("cv2")

@@ -116,10 +116,13 @@ def test_trained_model_is_causal(artifact, heldout_logits, streams):
     assert np.abs(out[t + 1 :] - ref[t + 1 : t + 40]).max() > 1e-3  # the future does change later outputs
 
 
-def test_cli_run_synthetic(artifact, tmp_path):
+def test_cli_run_synthetic(artifact, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
+    from edge3d import cli
     from edge3d.cli import app
+
+    monkeypatch.setattr(cli.console, "width", 200)  # one table row per line
 
     preds = tmp_path / "p.jsonl"
     result = CliRunner().invoke(app, ["run", str(artifact), "--source", "synthetic:7", "--frames", "100",
@@ -133,6 +136,16 @@ def test_cli_run_synthetic(artifact, tmp_path):
         rec = json.loads(line)
         assert {"frame", "top", "class", "score", "ms", "label"} <= set(rec)
         assert rec["frame"] == i and rec["class"] == gestures.classes[rec["top"]]
+    # two cameras: each stream scored against its own labels, and the total over both
+    result = CliRunner().invoke(app, ["run", str(artifact), "--source", "synthetic:7", "--source", "synthetic:8",
+                                      "--frames", "60", "--output", str(preds)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in preds.read_text().splitlines()]
+    text = " ".join(result.output.split())
+    hits = [sum(r["top"] == r["label"] for r in rows if r["stream"] == i) for i in (0, 1)]
+    for i, seed in enumerate((7, 8)):
+        assert f"synthetic:{seed}: 60 frames, per-frame accuracy {100 * hits[i] / 60:.1f}%" in text, result.output
+    assert f"per-frame accuracy │ {100 * sum(hits) / 120:.1f}% of 120" in text, result.output
 
 
 def test_factory_validates_options():

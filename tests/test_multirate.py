@@ -455,3 +455,47 @@ def test_stage_graphs_that_differ_from_the_step_are_refused(tmp_path: Path, monk
         export_artifact(model, tmp_path, "faulty", frame_size=SIZE)
     assert not list(tmp_path.iterdir())  # neither the artifact nor its temporary folder
     assert export_artifact(model, tmp_path, "unchecked", frame_size=SIZE, verify=False).is_dir()
+
+
+def test_run_steps_several_sources_of_a_multi_rate_artifact_in_one_phase(r3d, tmp_path) -> None:
+    """A multi-rate session keeps all its streams in one phase: several cameras step together, the run
+    ends with the first source that ends, and a folder of clips (which would restart one stream) is
+    refused before any frame."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    cv2 = pytest.importorskip("cv2")
+    _, art = r3d
+    runner = CliRunner()
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic:1", "--source", "synthetic:2", "--frames", "16",
+                              "--quiet", "--output", str(tmp_path / "p.jsonl")], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [r["stream"] for r in rows] == [0, 1] * 16
+    for i, seed in enumerate((1, 2)):
+        res = runner.invoke(app, ["run", str(art), "--source", f"synthetic:{seed}", "--frames", "16", "--quiet",
+                                  "--output", str(tmp_path / "alone.jsonl")])
+        assert res.exit_code == 0, res.output
+        alone = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
+        got = [r for r in rows if r["stream"] == i]
+        assert [(r["top"], r["fresh"]) for r in got] == [(r["top"], r["fresh"]) for r in alone]
+        assert np.allclose([r["score"] or 0 for r in got], [r["score"] or 0 for r in alone], atol=2e-5)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        writer = cv2.VideoWriter(str(clips / name), cv2.VideoWriter_fourcc(*"mp4v"), 25, (SIZE, SIZE))
+        for _ in range(3):
+            writer.write(np.zeros((SIZE, SIZE, 3), np.uint8))
+        writer.release()
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(clips), "--output",
+                              str(tmp_path / "none.jsonl")], terminal_width=200)
+    assert res.exit_code == 2, res.output
+    assert f"--source {clips} is a folder of 2 clips, and a multi-rate artifact steps all its streams in one " \
+           "phase" in " ".join(res.output.split()), res.output
+    assert not (tmp_path / "none.jsonl").exists()  # refused before the output file was opened
+    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(clips / "a.mp4"),
+                              "--quiet"], terminal_width=200)
+    assert res.exit_code == 0 and "6 from 2 sources" in " ".join(res.output.split()), res.output  # 3 frames each
