@@ -4,13 +4,15 @@
     python examples/jetson_app.py ARTIFACT --source camera:0
     python examples/jetson_app.py ARTIFACT --source "v4l2src device=/dev/video0 ! videoconvert ! appsink"
     python examples/jetson_app.py ARTIFACT --source synthetic --backend onnxruntime --frames 100 --headless
+    python examples/jetson_app.py ARTIFACT --source csi:0 --source csi:1     # two cameras, one batched call
 
 It needs only the runtime (the edge3d wheel without extras, see docs/jetson.md), OpenCV, and on the
 device TensorRT + pycuda for ``--backend tensorrt``. Every frame goes through ``Session.step``:
 the model sees one frame at a time and carries its temporal state itself, so the app holds no clip
 buffer. The top class (a map output's largest value, for a segmentation model) and the model's
 ms/frame are drawn on the frame; ``--headless`` skips the window (over SSH, in a service) and stats
-are printed every ``--log-every`` frames either way.
+are printed every ``--log-every`` frames either way. ``--source`` given several times opens one
+window per camera and steps them all with one ``Session.step_batch`` call per frame round.
 """
 
 from __future__ import annotations
@@ -54,13 +56,14 @@ def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Stream a camera through an edge3d artifact and show the top class.")
     p.add_argument("artifact", help="artifact folder written by `edge3d export`")
-    p.add_argument("--source", default="csi:0",
+    p.add_argument("--source", action="append", default=None,
                    help="csi:N | camera:N | FILE.mp4 | FOLDER | rtsp://... (any stream URL) | synthetic[:SEED] | "
-                        "a GStreamer pipeline ending in appsink")
+                        "a GStreamer pipeline ending in appsink (default csi:0); repeat it for several cameras")
     p.add_argument("--profile", default=None,
                    help="precision to run (fp32, fp16, int8, ...; default: that of the .onnx file given, else fp32)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt"])
-    p.add_argument("--frames", type=int, default=None, help="stop after N frames (default: until the source ends)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="stop after N frames of each source (default: until the sources end)")
     p.add_argument("--headless", action="store_true", help="no window; only the logged stats")
     p.add_argument("--log-every", type=int, default=30, help="print stats every N frames")
     p.add_argument("--width", type=int, default=1280, help="CSI capture width")
@@ -80,14 +83,25 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: {flag} must be at least 1, got {value}.", file=sys.stderr)
             return 2
+    sources = args.source or ["csi:0"]
+    many = len(sources) > 1
     try:
-        session = Session(args.artifact, profile=args.profile, backend=args.backend, threads=args.threads)
-        frames = open_frames(args.source, session.manifest["frame"]["height"], args.width, args.height, args.fps)
-    except ValueError as e:  # bad artifact, profile, backend or source: one sentence, no traceback
+        # one stream per camera: their states live in one session, and each frame round is one call
+        session = Session(args.artifact, profile=args.profile, backend=args.backend, threads=args.threads,
+                          streams=len(sources))
+    except ValueError as e:  # bad artifact, profile or backend: one sentence, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        cameras = [open_frames(s, session.manifest["frame"]["height"], args.width, args.height, args.fps)
+                   for s in sources]
+    except ValueError as e:  # a bad source
+        session.close()
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"edge3d {session.manifest['name']}: backend {session.backend_name}, profile {session.profile}, "
-          f"state {session.cache_bytes / 1e3:.1f} kB per stream", flush=True)
+          f"state {session.cache_bytes / 1e3:.1f} kB per stream" + (f", {len(sources)} streams" if many else ""),
+          flush=True)
     from edge3d.runtime.manifest import output_map
 
     from edge3d.signals import sigterm_as_interrupt
@@ -95,64 +109,95 @@ def main(argv: list[str] | None = None) -> int:
 
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
-    keep_labels = labels_apply(args.source, session.manifest) and not is_map  # gesture labels: gesture models
-    window = "edge3d"
+    keep_labels = [labels_apply(s, session.manifest) and not is_map for s in sources]  # gesture labels: gesture models
+    # a multi-rate session keeps its streams in one phase: they step together, or not at all
+    lockstep = hasattr(session, "stage_summary")
+    windows = [f"edge3d {i}: {redact(s)}" if many else "edge3d" for i, s in enumerate(sources)]
     if not args.headless:
         import cv2
 
         try:  # before the first frame: a headless OpenCV build, or no display, cannot open a window
-            cv2.namedWindow(window)
+            for window in windows:
+                cv2.namedWindow(window)
         except cv2.error:
             session.close()
             print("error: this OpenCV cannot open a window (a headless build such as opencv-python-headless, or "
                   "no display); pass --headless to log the stats only.", file=sys.stderr)
             return 2
-    n = correct = labelled = 0
+    n = correct = labelled = 0  # n: frame rounds, one frame of each camera still running
+    counts = [0] * len(sources)
+    shown = ["no output yet"] * len(sources)
     lost = ""
+    running = list(range(len(sources)))
     t_start = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
-            for rgb, label in frames:
-                y = session.step(rgb)
+            while running:
+                got = [(i, item) for i in running if (item := next(cameras[i], None)) is not None]
+                if not got or (lockstep and len(got) < len(sources)):
+                    break
+                running = [i for i, _ in got]
+                if many:
+                    ys = session.step_batch([rgb for _, (rgb, _) in got],
+                                            None if len(got) == len(sources) else running)
+                else:
+                    ys = session.step(got[0][1][0])[None]
                 predicted = session.has_output  # a multi-rate model's first frames: none
-                idx, name, score = session.top(y) if predicted and not is_map else (None, None, None)
-                shown = (f"map max {y.max():.2f}" if is_map and predicted else
-                         f"top {name} ({score:.2f})" if predicted else "no output yet")
                 ms = session.stats.ms[-1]
                 n += 1
-                if label is not None and keep_labels and predicted:
-                    labelled += 1
-                    correct += int(idx == label)
+                quit_key = False
+                for (i, (rgb, label)), y in zip(got, ys, strict=True):
+                    idx, name, score = session.top(y) if predicted and not is_map else (None, None, None)
+                    shown[i] = (f"map max {y.max():.2f}" if is_map and predicted else
+                                f"top {name} ({score:.2f})" if predicted else "no output yet")
+                    counts[i] += 1
+                    if label is not None and keep_labels[i] and predicted:
+                        labelled += 1
+                        correct += int(idx == label)
+                    if not args.headless:
+                        import cv2
+
+                        cv2.imshow(windows[i], overlay(rgb, shown[i], ms))
                 if not args.headless:
                     import cv2
 
-                    cv2.imshow(window, overlay(rgb, shown, ms))
-                    if cv2.waitKey(1) & 0xFF in (27, ord("q")):
-                        break
+                    quit_key = cv2.waitKey(1) & 0xFF in (27, ord("q"))
                 if n % args.log_every == 0:
                     s = session.stats.summary()
-                    print(f"frame {n}: model {s['ms_p50']:.2f} ms/frame p50, {s['ms_p95']:.2f} p95; "
-                          f"app {n / (time.perf_counter() - t_start):.1f} fps; {shown}", flush=True)
-                if args.frames is not None and n >= args.frames:
+                    tops = "; ".join(f"{i}: {shown[i]}" for i in running) if many else shown[0]
+                    print(f"frame {n}: model {s['ms_p50']:.2f} ms/{'call' if many else 'frame'} p50, "
+                          f"{s['ms_p95']:.2f} p95; app {n / (time.perf_counter() - t_start):.1f} {'rounds/s' if many else 'fps'}; "
+                          f"{tops}",
+                          flush=True)
+                running = [i for i in running if args.frames is None or counts[i] < args.frames]
+                if quit_key or (lockstep and len(running) < len(sources)):
                     break
     except KeyboardInterrupt:
         pass
     except SourceLost as e:  # a camera that stops is a failure the service manager should see
         lost = str(e)
     finally:
+        for camera in cameras:
+            camera.close()
         session.close()
         if not args.headless:
             import cv2
 
             cv2.destroyAllWindows()
     if n == 0:
-        print(f"error: source {redact(args.source)!r} gave no frames; check the camera, file, stream or pipeline.",
-              file=sys.stderr)
+        which = f"source {redact(sources[0])!r}" if not many else "no source"
+        print(f"error: {which} gave no frames; check the camera, file, stream or pipeline.", file=sys.stderr)
         return 2
     s = session.stats.summary()
     acc = f", per-frame accuracy {100 * correct / labelled:.1f}%" if labelled else ""
-    print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
-          f"app {n / (time.perf_counter() - t_start):.1f} fps{acc}", flush=True)
+    rate = n / (time.perf_counter() - t_start)
+    if many:  # a round is one frame of each camera still running
+        each = ", ".join(f"stream {i}: {c}" for i, c in enumerate(counts))
+        print(f"done: {sum(counts)} frames ({each}), model {s['ms_p50']:.2f} ms/call p50 ({s['ms_p99']:.2f} p99), "
+              f"app {rate:.1f} rounds/s{acc}", flush=True)
+    else:
+        print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
+              f"app {rate:.1f} fps{acc}", flush=True)
     if lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1

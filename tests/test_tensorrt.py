@@ -476,6 +476,24 @@ def test_jetson_app_runs_headless_on_the_synthetic_source(artifact):
     assert "done: 100 frames" in proc.stdout and "per-frame accuracy" not in proc.stdout
 
 
+def test_jetson_app_steps_several_cameras_in_one_call_as_each_alone(artifact, clip):
+    """A second --source replaced the first: an app told to watch two cameras watched one. Each camera is
+    now a stream of one Session, stepped together, and shows what it shows when it runs alone."""
+    pytest.importorskip("edge3d.data.gestures")
+    common = ("--backend", "onnxruntime", "--frames", "12", "--headless", "--log-every", "1")
+    both = _app(str(artifact), "--source", str(clip), "--source", "synthetic:3", *common)
+    assert both.returncode == 0, both.stderr
+    lines = both.stdout.splitlines()
+    assert lines[0].endswith(", 2 streams") and lines[-1].startswith("done: 24 frames (stream 0: 12, stream 1: 12)")
+    rounds = [dict(part.split(": ", 1) for part in ln.split("; ")[2:]) for ln in lines if ln.startswith("frame ")]
+    assert len(rounds) == 12
+    for i, source in enumerate((str(clip), "synthetic:3")):
+        alone = _app(str(artifact), "--source", source, *common)
+        assert alone.returncode == 0, alone.stderr
+        shown = [ln.split("; ")[2] for ln in alone.stdout.splitlines() if ln.startswith("frame ")]
+        assert [r[str(i)] for r in rounds] == shown
+
+
 def test_run_and_the_jetson_app_give_onnxruntime_their_threads(artifact, monkeypatch, capsys):
     """--threads reaches the ONNX Runtime session (a Jetson app leaves cores to the camera pipeline)."""
     from edge3d.runtime.backend import onnxrt
