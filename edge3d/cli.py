@@ -391,6 +391,15 @@ def _silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _one_source(values: list[str] | None, flag: str, what: str) -> str | None:
+    """The one source a command reads. Click keeps the last of a repeated option, so two videos given
+    as two flags would have been read as the second alone, without a word."""
+    if values and len(values) > 1:
+        raise ValueError(f"{flag} was given {len(values)} times, and {what} reads one source; put the videos (or "
+                         "frame folders) in one folder and pass that folder.")
+    return values[0] if values else None
+
+
 def _output_file(path: Path | None, flag: str) -> None:
     """Fail before the work (a minute of benchmark, a whole video), not after it, when its output
     file has no folder to go into; other OSErrors on writing are `friendly`'s one sentence."""
@@ -417,7 +426,7 @@ def export(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
                             "forward (the check that refuses forward code mixing frames outside edge3d.nn).")] = False,
     profile: Annotated[str, typer.Option("--profile", help="Precisions to build, comma separated: fp32,fp16,int8,...")] = "fp32",
-    calib_source: Annotated[str | None, typer.Option("--calib-source", help="Frames for INT8 calibration: a video, a folder of clips (each gives an "
+    calib_sources: Annotated[list[str] | None, typer.Option("--calib-source", metavar="<str>", help="Frames for INT8 calibration: a video, a folder of clips (each gives an "
                                                  "equal share), or synthetic[:SEED] (the default).")] = None,
     calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
     target: Annotated[str, typer.Option("--target", help="onnx, or tensorrt to also build engines.")] = "onnx",
@@ -444,6 +453,7 @@ def export(
                             ", whose precisions are added in place", "export the model again")
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
+    calib_source = _one_source(calib_sources, "--calib-source", "calibration")
     _out_folder(out, "-o")
     if triton_repo is not None:
         _out_folder(triton_repo, "--triton-repo")
@@ -1041,7 +1051,7 @@ def build(
 def compare(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder with the precisions to compare.")],
     profiles: Annotated[str | None, typer.Option("--profiles", help="Comma separated, e.g. fp32,fp16,int8 (default: all built).")] = None,
-    source: Annotated[str | None, typer.Option("--source", help="FILE.mp4 | FOLDER (of clips, or of one folder of clips per class: "
+    sources: Annotated[list[str] | None, typer.Option("--source", metavar="<str>", help="FILE.mp4 | FOLDER (of clips, or of one folder of clips per class: "
                                                         "scored per frame and per clip) | camera:INDEX | csi:SENSOR | "
                                                         "a GStreamer pipeline | synthetic[:SEED] (default: synthetic)."
                                                         )] = None,
@@ -1060,6 +1070,7 @@ def compare(
     from .runtime.manifest import load_manifest
 
     _out_folder(out, "-o")
+    source = _one_source(sources, "--source", "compare")
     manifest = load_manifest(artifact)
     names = split_names(profiles) or list(manifest["precisions"])
     if "fp32" not in names:

@@ -369,6 +369,10 @@ def streams_of(source: str | Path | Iterable[Any], model_size: int,
     if isinstance(source, (str, Path)):
         spec = str(source)
         return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
+        # read as frames, each path failed as "frame dtype <U5 is not supported"
+        raise ValueError(f"the source is a list of {len(source)} paths, and one source is read; put the videos (or "
+                         "frame folders) in one folder and pass that folder, or pass frames.")
     return "frames from Python", [("frames", source)]
 
 

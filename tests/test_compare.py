@@ -193,10 +193,24 @@ def test_cli_compare(tmp_path: Path, stateful: Path, video: Path, monkeypatch: p
         (["--profiles", "fp32,int4", "--source", str(video)], "has no 'int4' precision"),
         (["--profiles", "fp32,int8", "--source", str(empty)], "holds no video files"),
         (["--profiles", "fp32,int8", "--source", str(video), "--frames", "0"], "--frames must be an integer of at least 1"),
+        (["--source", str(video), "--source", str(empty)], "--source was given 2 times, and compare reads one source"),
     ):
         r = runner.invoke(app, ["compare", str(stateful), *args, "--out", str(tmp_path / "x")], terminal_width=250)
         assert r.exit_code == 2, r.output
         assert words in r.output and "Traceback" not in r.output
+
+
+def test_a_list_of_paths_as_the_source_is_named_as_such(stateful: Path, video: Path, tmp_path: Path) -> None:
+    """A list is a source of frames from Python, so two video paths were read as two frames and refused
+    as "frame dtype <U…" instead of as the paths they are."""
+    said = "the source is a list of 2 paths, and one source is read; put the videos"
+    with pytest.raises(ValueError, match=said):
+        compare(stateful, ["fp32", "fp16"], [str(video), video], 10)
+    copy = shutil.copytree(stateful, tmp_path / "copy")
+    before = sorted(p.name for p in copy.iterdir())
+    with pytest.raises(ValueError, match=said):
+        add_precisions(copy, ["int8"], calib_source=[str(video), str(video)])
+    assert sorted(p.name for p in copy.iterdir()) == before
 
 
 def test_compare_needs_no_torch(stateful: Path, video: Path, tmp_path: Path) -> None:

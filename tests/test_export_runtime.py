@@ -738,6 +738,10 @@ def test_export_leaves_no_weights_file_the_exporter_put_beside_its_graph(tmp_pat
     (["--calib-frames", "64"], "--calib-frames calibrates INT8 profiles only; add one, e.g. --profile int8, or drop "
                                "--calib-frames."),
     (["--profile", "fp16", "--calib-source", "synthetic"], "--calib-source calibrates INT8 profiles only"),
+    # a repeated option keeps only its last value, so the first video would have been skipped silently
+    (["--profile", "int8", "--calib-source", "a.mp4", "--calib-source", "b.mp4"],
+     "--calib-source was given 2 times, and calibration reads one source; put the videos (or frame folders) in "
+     "one folder and pass that folder."),
     (["--name", "../escaped"], "'../escaped' is not a plain name"),
     (["--name", "a b"], "'a b' is not a plain name"),
     (["--triton-repo", "FILE"], "--triton-repo"),
