@@ -27,6 +27,53 @@ from rich.table import Table
 from .profiles import split_names
 from .runtime.manifest import MANIFEST, format_bytes, json_safe, output_map
 
+
+def repeated_options(params: Sequence[Any], args: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """Options that take one value yet appear more than once in ``args``, with the values given.
+
+    Click keeps the last value of a repeated option without a word: `--profile fp16 --profile int8`
+    built int8 alone, and `--frames 100 ... --frames 10` ran 10 frames.
+    """
+    single = {}
+    for param in params:
+        if getattr(param, "param_type_name", "") != "option" or param.multiple or param.is_flag or param.count:
+            continue
+        for opt in param.opts:
+            single[opt] = param
+    seen: dict[Any, tuple[str, list[str]]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            break
+        name, eq, value = arg.partition("=")
+        param = single.get(name if eq else arg)
+        if param is not None:
+            if not eq:
+                value = args[i + 1] if i + 1 < len(args) else ""
+                i += 1
+            seen.setdefault(param, (name if eq else arg, []))[1].append(value)  # named as first typed
+        i += 1
+    return [(name, values) for name, values in seen.values() if len(values) > 1]
+
+
+class OnceCommand(typer.core.TyperCommand):
+    """Refuses an option given twice where it takes one value, naming both values."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        for name, values in repeated_options(self.params, args):
+            param = next(p for p in self.params if name in getattr(p, "opts", ()))
+            help_text = (param.help or "").lower()
+            listed = ", ".join(values)
+            if "comma separated" in help_text or "e.g. 1,2" in help_text:  # the options that take lists
+                fix = f"only the last would count; give them as one comma-separated list: {name} {','.join(values)}"
+            else:
+                fix = "it takes one value, so only the last would count; give it once"
+            _error(f"{name} was given {len(values)} times ({listed}), and {fix}.")
+            raise typer.Exit(2)
+        return super().parse_args(ctx, args)
+
+
 app = typer.Typer(  # the help text is _main's docstring
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
@@ -237,7 +284,7 @@ def _load(model: str, classes: int | None, size: str | None, width: float | None
 
 
 # --------------------------------------------------------------------------- zoo
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def zoo() -> None:
     """List the model zoo."""
@@ -269,7 +316,7 @@ def _refuse_model_flags(target: str, flags: list[tuple[str, Any]], whose: str = 
 
 
 # --------------------------------------------------------------------------- inspect
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def inspect(
     target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, an artifact folder, or an "
@@ -411,7 +458,7 @@ def _output_file(path: Path | None, flag: str) -> None:
                          "another path.")
 
 
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def export(
     model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory, or an artifact folder to add "
@@ -613,7 +660,7 @@ def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_so
 
 
 # --------------------------------------------------------------------------- run
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def run(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
@@ -878,7 +925,7 @@ def run(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def bench(
     target: Annotated[str, typer.Argument(help="Zoo name / package.module:factory, or an artifact folder.")],
@@ -943,7 +990,7 @@ def bench(
 
 
 # --------------------------------------------------------------------------- bench-streams
-@app.command("bench-streams")
+@app.command("bench-streams", cls=OnceCommand)
 @friendly
 def bench_streams(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
@@ -998,7 +1045,7 @@ def bench_streams(
 
 
 # --------------------------------------------------------------------------- triton
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def triton(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
@@ -1027,7 +1074,7 @@ def triton(
 
 
 # --------------------------------------------------------------------------- build
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def build(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder written by `edge3d export`.")],
@@ -1046,7 +1093,7 @@ def build(
 
 
 # --------------------------------------------------------------------------- compare
-@app.command()
+@app.command(cls=OnceCommand)
 @friendly
 def compare(
     artifact: Annotated[Path, typer.Argument(help="An artifact folder with the precisions to compare.")],

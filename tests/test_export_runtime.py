@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import typer
 from conftest import TINY, randomize, tiny_zoo_cases
 from edge3d.exporters.onnx import export_artifact
 from edge3d.runtime import ArtifactError, Session
@@ -725,6 +726,42 @@ def test_export_leaves_no_weights_file_the_exporter_put_beside_its_graph(tmp_pat
     art = export_artifact(model, tmp_path, "m", frame_size=32)
     assert sorted(p.name for p in art.iterdir()) == ["manifest.json", "model.fp32.onnx"]
     assert Session(art).step(np.zeros((3, 32, 32), np.float32)).shape == (5,)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["export", "d-resnet18", "--profile", "fp16", "--profile", "int8", "-o", "OUT"],
+     "--profile was given 2 times (fp16, int8), and only the last would count; give them as one comma-separated "
+     "list: --profile fp16,int8."),
+    (["run", "ART", "--frames", "100", "--quiet", "--frames=10"],
+     "--frames was given 2 times (100, 10), and it takes one value, so only the last would count; give it once."),
+    (["bench-streams", "ART", "--streams", "1,2", "--streams", "4"],
+     "--streams was given 2 times (1,2, 4), and only the last would count; give them as one comma-separated list: "
+     "--streams 1,2,4."),
+    (["export", "d-resnet18", "-o", "OUT", "--out", "OUT2"], "-o was given 2 times (OUT, OUT2)"),
+])
+def test_an_option_given_twice_is_refused_naming_both_values(tiny_artifact, tmp_path: Path, args: list[str],
+                                                             message: str) -> None:
+    """Click keeps the last value of a repeated option silently: `--profile fp16 --profile int8` built
+    int8 alone. A flag given twice, and `--source` of `run` (one stream per source), stay allowed."""
+    art, _ = tiny_artifact
+    args = [str(art) if a == "ART" else str(tmp_path / a) if a.startswith("OUT") else a for a in args]
+    res = CliRunner().invoke(app, args, terminal_width=300)
+    assert res.exit_code == 2, res.output
+    assert message in " ".join(res.output.split()).replace(str(tmp_path) + "/", "")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+    res = CliRunner().invoke(app, ["run", str(art), "--frames", "3", "--quiet", "--quiet"])
+    assert res.exit_code == 0, res.output
+
+
+def test_repeated_options_reads_every_spelling() -> None:
+    from edge3d.cli import OnceCommand, repeated_options, run
+
+    params = OnceCommand("run", callback=run, params=typer.main.get_command(app).commands["run"].params).params
+    assert repeated_options(params, ["A", "--frames", "3", "--frames=4"]) == [("--frames", ["3", "4"])]
+    assert repeated_options(params, ["A", "--source", "a", "--source", "b", "--quiet", "--quiet"]) == []
+    # after "--" every word is an argument; an option's value is not read as an option
+    assert repeated_options(params, ["A", "--frames", "3", "--", "--frames", "4"]) == []
+    assert repeated_options(params, ["A", "--output", "--frames", "--frames", "4"]) == []
 
 
 @pytest.mark.parametrize(("flags", "message"), [
