@@ -476,6 +476,7 @@ def _plots(out: Path, report: dict[str, Any], rec: dict[str, _Recorder], latenci
 METRICS = ["ms/frame p50", "ms/frame p95", "cache / stream", "weights", "TF err max", "TF err mean",
            "drift end err", "drift end cosine", "drift worst @ frame", "drift growth (vs TF)", "top-1 agreement",
            "accuracy", "accuracy per clip (last frame)", "NaN/Inf from frame"]
+SCORED_ONLY = {"accuracy", "accuracy per clip (last frame)"}
 
 
 def table_rows(report: dict[str, Any]) -> list[list[str]]:
@@ -499,7 +500,9 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
         ])
     names = [f"{m} (per position)" if m == "top-1 agreement" and report.get("agreement_per") == "position" else m
              for m in METRICS]
-    return [[m, *[c[i] for c in cols]] for i, m in enumerate(names)]
+    rows = [[m, *[c[i] for c in cols]] for i, m in enumerate(names)]
+    # accuracy needs a labelled source, per-clip accuracy a folder of clips: a row of dashes says nothing
+    return [r for r in rows if r[0] not in SCORED_ONLY or any(v != "-" for v in r[1:])]
 
 
 def markdown(report: dict[str, Any]) -> str:

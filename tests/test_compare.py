@@ -91,6 +91,10 @@ def test_compare_scores_synthetic_labels_only_for_a_gesture_model(stateful: Path
     report = compare(stateful, ["fp32", "int8"], "synthetic:2", 12, plots=False)
     assert report["frames"] == 12 and not report["labelled"]
     assert all("accuracy" not in row for row in report["profiles"].values())
+    # nor does the table give accuracy rows of dashes
+    assert [r[0] for r in table_rows(report) if "accuracy" in r[0]] == []
+    report["profiles"]["int8"]["accuracy"] = 0.5  # a labelled source: that row, and the clip row stays out
+    assert [r for r in table_rows(report) if "accuracy" in r[0]] == [["accuracy", "-", "50.0%"]]
 
 
 def test_a_run_too_short_for_a_drift_trend_shows_none_for_every_profile(stateful: Path) -> None:
