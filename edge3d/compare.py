@@ -485,11 +485,13 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     Metrics down, profiles across: a handful of profiles fit an 80-column terminal, a dozen
     metrics across do not. Shared by the rich table and report.md.
     """
+    largest = {k: max(r[k] for r in report["profiles"].values()) for k in ("cache_bytes", "weight_bytes")}
     cols = []
     for r in report["profiles"].values():
         tf, fr = r["teacher_forced"], r["free_running"]
         cols.append([
-            f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", format_bytes(r["cache_bytes"]), format_bytes(r["weight_bytes"]),
+            f"{r['ms_p50']:.3f}", f"{r['ms_p95']:.3f}", format_bytes(r["cache_bytes"], largest["cache_bytes"]),
+            format_bytes(r["weight_bytes"], largest["weight_bytes"]),
             f"{tf['max_abs_err']:.3g}", f"{tf['mean_abs_err']:.3g}", f"{fr['end_abs_err']:.3g}",
             f"{fr['end_cosine']:.5f}", f"{fr['worst_abs_err']:.3g} @ {fr['worst_frame']}",
             ("-" if np.isnan(fr["growth"]) else f"{fr['growth']:.2f} ({fr['growth_vs_step']:.2f})"),

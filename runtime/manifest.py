@@ -306,6 +306,10 @@ def memory_available() -> int | None:
     return None
 
 
-def format_bytes(n: float) -> str:
-    """Bytes for people: kB below 100 kB, else MB (10^6 B, as the D3D paper counts cache)."""
-    return f"{n / 1e6:.3f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+def format_bytes(n: float, like: float | None = None) -> str:
+    """Bytes for people: kB below 100 kB, else MB (10^6 B, as the D3D paper counts cache).
+
+    ``like`` picks the unit that value would get, so a row of sizes reads in one unit (0.102 MB
+    beside 0.051 MB, not beside 51.2 kB) and compares at a glance.
+    """
+    return f"{n / 1e6:.3f} MB" if (n if like is None else like) >= 1e5 else f"{n / 1e3:.1f} kB"

@@ -95,6 +95,9 @@ def test_compare_scores_synthetic_labels_only_for_a_gesture_model(stateful: Path
     assert [r[0] for r in table_rows(report) if "accuracy" in r[0]] == []
     report["profiles"]["int8"]["accuracy"] = 0.5  # a labelled source: that row, and the clip row stays out
     assert [r for r in table_rows(report) if "accuracy" in r[0]] == [["accuracy", "-", "50.0%"]]
+    # one unit along a row: fp16's half-size cache read as kB beside the fp32 cache in MB
+    report["profiles"]["fp32"]["cache_bytes"], report["profiles"]["int8"]["cache_bytes"] = 102_400, 51_200
+    assert next(r for r in table_rows(report) if r[0] == "cache / stream")[1:] == ["0.102 MB", "0.051 MB"]
 
 
 def test_a_run_too_short_for_a_drift_trend_shows_none_for_every_profile(stateful: Path) -> None:
