@@ -319,7 +319,7 @@ def _refuse_model_flags(target: str, flags: list[tuple[str, Any]], whose: str = 
 @app.command(cls=OnceCommand)
 @friendly
 def inspect(
-    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory, an artifact folder, or an "
+    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory (or path/to/file.py:factory), an artifact folder, or an "
                                           "ONNX file written by `edge3d export` (its manifest is embedded).")],
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
@@ -461,7 +461,7 @@ def _output_file(path: Path | None, flag: str) -> None:
 @app.command(cls=OnceCommand)
 @friendly
 def export(
-    model: Annotated[str, typer.Argument(help="Zoo name or package.module:factory, or an artifact folder to add "
+    model: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder to add "
                                                "the --profile precisions to in place.")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
                                              show_default="out")] = None,
@@ -928,7 +928,7 @@ def run(
 @app.command(cls=OnceCommand)
 @friendly
 def bench(
-    target: Annotated[str, typer.Argument(help="Zoo name / package.module:factory, or an artifact folder.")],
+    target: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder.")],
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
     window: Annotated[int | None, typer.Option(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect as pyinspect
 import warnings
 from pathlib import Path
@@ -20,14 +21,19 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     if ":" not in spec:
         return zoo.build(spec, **options)  # checks the options itself
     zoo.check_options(options)
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.rpartition(":")  # the last colon: C:\\models\\net.py:build
     if not module_name or not attr:
         raise ValueError(f"model {spec!r} is neither a zoo name nor package.module:factory; pass e.g. "
                          "mypackage.models:build.")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        factory = getattr(_import_module(module_name), attr)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"cannot import {spec!r} ({e}); edge3d looks on PYTHONPATH and in the current folder, "
+                         f"or give the file: path/to/{module_name.rpartition('.')[2]}.py:{attr}.") from e
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
+    except ValueError:  # a .py path that is no file: said already
+        raise
     except SyntaxError as e:  # the user's own module: where to look, not edge3d's traceback
         raise ValueError(f"{module_name} has a syntax error ({e.msg}, {e.filename} line {e.lineno}); fix it and "
                          "run this again.") from e
@@ -46,6 +52,34 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module.")
     return model
+
+
+def _import_module(name: str) -> Any:
+    """``package.module`` from PYTHONPATH or the current folder, or a ``.py`` file by its path.
+
+    The `edge3d` command's sys.path starts at its own bin folder, not where the user stands, so
+    ``edge3d export mynet:build`` beside mynet.py failed with "No module named 'mynet'"; the current
+    folder goes last, after the installed packages, so a folder named like one cannot shadow it.
+    """
+    import os
+    import sys
+
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{name} is not a file; give the path of the .py file that holds the factory, "
+                             "or package.module.")
+        folder = str(path.resolve().parent)
+        if folder not in sys.path:  # so that the file's own imports of its neighbours work
+            sys.path.append(folder)
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules.setdefault(path.stem, module)  # tracing looks classes up by their module's name
+        module_spec.loader.exec_module(module)
+        return module
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    return importlib.import_module(name)
 
 
 # Training scripts commonly save {"state_dict": ...} (Lightning), {"model_state_dict": ..., "optimizer_state_dict":

@@ -18,7 +18,7 @@ It saves a checkpoint, checks that stepping frame by frame equals the clip forwa
 artifact and streams 64 frames through it with the torch-free runtime. The same export from the
 command line, with the factory ``build`` of this file::
 
-    PYTHONPATH=examples edge3d export custom_model:build --checkpoint /tmp/custom/ck.pt \
+    edge3d export examples/custom_model.py:build --checkpoint /tmp/custom/ck.pt \
         --size 64 --classes 6 -o /tmp/custom
 """
 
@@ -74,7 +74,7 @@ class TinyStreamNet(nn.Module):
 
 
 def build(num_classes: int = 6, width: float = 1.0) -> TinyStreamNet:
-    """The factory `edge3d export custom_model:build` calls, with --classes and --width."""
+    """The factory `edge3d export examples/custom_model.py:build` calls, with --classes and --width."""
     return TinyStreamNet(num_classes, width)
 
 

@@ -241,6 +241,43 @@ def user_module(tmp_path_factory) -> str:
         sys.modules.pop(name + suffix, None)
 
 
+def test_a_factory_is_found_beside_the_user_and_by_its_file_path(tmp_path: Path) -> None:
+    """The `edge3d` command's sys.path starts at its bin folder: `edge3d inspect mynet:build` typed beside
+    mynet.py said "No module named 'mynet'", and `./mynet.py:build` failed on a relative import."""
+    import os
+    import subprocess
+
+    exe = Path(sys.executable).parent / "edge3d"
+    if not exe.exists():
+        pytest.skip("no edge3d console script beside this Python (install the package with pip)")
+    name = f"mynet_{uuid.uuid4().hex[:8]}"
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / f"{name}_layers.py").write_text(  # a neighbour the factory's file imports
+        "import torch\nfrom torch import nn\nfrom edge3d.nn import CausalConv3d\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.stem = CausalConv3d(3, 4, (3, 3, 3), padding=(0, 1, 1))\n"
+        "        self.fc = nn.Linear(4, 2)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.stem(x).mean((3, 4)).transpose(1, 2)).transpose(1, 2)\n")
+    (project / f"{name}.py").write_text(f"from {name}_layers import Net\n\n\ndef build():\n    return Net()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"COLUMNS": "200"}
+
+    def inspect(spec: str, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(exe), "inspect", spec, "--size", "16"], cwd=cwd, capture_output=True, text=True,
+                              env=env, timeout=300)
+
+    for spec, cwd in ((f"{name}:build", project), (f"./{name}.py:build", project),
+                      (f"{project / name}.py:build", tmp_path)):
+        done = inspect(spec, cwd)
+        assert done.returncode == 0, (spec, done.stderr)
+        assert "stem.cache" in done.stdout  # the causal conv's two past frames
+    done = inspect(f"{name}:build", tmp_path)  # not beside it: both ways are named
+    assert done.returncode == 2 and "edge3d looks on PYTHONPATH and in the current folder, or give the file: " \
+        f"path/to/{name}.py:build." in done.stderr, done.stderr
+    done = inspect("missing.py:build", tmp_path)
+    assert done.returncode == 2 and "missing.py is not a file" in done.stderr, done.stderr
+
+
 def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_module: str, tmp_path: Path) -> None:
     module = __import__(user_module)
     model = randomize(module.build(num_classes=3, width=0.5), seed=4).eval()
