@@ -987,6 +987,8 @@ def bench(
         lo, hi = report["ratio_range_over_rounds"][k]
         ratios.add_row(k, f"{v:.2f}", f"{lo:.2f}–{hi:.2f}", targets.get(k, "").replace(">=", "≥").replace("<=", "≤"))
     console.print(ratios)
+    for why in report.get("not_measured", {}).values():
+        console.print(f"[yellow]not measured:[/] {escape(why)}")
 
 
 # --------------------------------------------------------------------------- bench-streams

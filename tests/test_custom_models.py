@@ -389,6 +389,32 @@ def test_bench_refuses_what_export_refuses_and_times_it_with_no_verify(user_modu
     assert json.loads(res.output)["results"]["step_ms"] > 0
 
 
+def test_bench_times_a_model_whose_window_torch_onnx_cannot_export(tmp_path: Path) -> None:
+    """AdaptiveAvgPool3d((None, 1, 1)) streams (edge3d pools each frame), but torch.onnx has no ONNX function
+    for the clip forward's aten._adaptive_avg_pool3d: bench died on torch.onnx's page of traceback. It now
+    times everything else and says what it left out."""
+    import json
+
+    (tmp_path / "pooled.py").write_text(
+        "import torch\nfrom torch import nn\nfrom edge3d.nn import CausalConv3d\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n"
+        "        self.c = CausalConv3d(3, 4, (3, 3, 3), padding=(0, 1, 1))\n"
+        "        self.pool = nn.AdaptiveAvgPool3d((None, 1, 1))\n        self.fc = nn.Conv3d(4, 2, 1)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.pool(torch.relu(self.c(x)))).flatten(2)\n\n\n"
+        "def build():\n    return Net()\n")
+    args = ["bench", f"{tmp_path / 'pooled.py'}:build", "--size", "16", "--frames", "4", "--rounds", "1",
+            "--window", "4"]
+    res = CliRunner().invoke(app, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    assert "aten._adaptive_avg_pool3d" in report["not_measured"]["window"]
+    assert "step_vs_window_speedup" not in report["ratios"] and "window_ms_per_output_frame" not in report["results"]
+    assert report["ratios"]["lowered_vs_conv3d_speedup"] > 0 and report["ratios"]["exported_vs_eager_speedup"] > 0
+    res = CliRunner().invoke(app, args, terminal_width=300)
+    assert res.exit_code == 0 and "not measured: the 4-frame window's clip forward did not export to ONNX (torch.onnx " \
+        "has no ONNX function for aten._adaptive_avg_pool3d)" in " ".join(res.output.split()), res.output
+
+
 def test_the_step_check_reports_a_failing_or_non_finite_clip_forward(user_module: str) -> None:
     import edge3d
     from edge3d.equivalence import StepMismatchError, check_step_matches_clip
