@@ -697,6 +697,10 @@ def run(
         _output_file(output, "--output")
     if frames is not None and frames < 1:
         raise ValueError(f"--frames must be at least 1, got {frames}.")
+    twice = next((s for s in specs if specs.count(s) > 1 and s.startswith(("camera:", "csi:"))), None)
+    if twice is not None:  # the second open fails as "will not open", on a camera that just did
+        raise ValueError(f"--source {twice} is given {specs.count(twice)} times, and a camera device feeds one "
+                         "reader; give each camera once.")
     shown = err_console if to_stdout else console
     session = Session(artifact, profile=profile, backend=backend, threads=threads, streams=len(specs))
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase

@@ -32,8 +32,9 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
                          f"or give the file: path/to/{module_name.rpartition('.')[2]}.py:{attr}.") from e
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
-    except ValueError:  # a .py path that is no file: said already
-        raise
+    except _NoFactoryFile as e:
+        raise ValueError(f"cannot import {spec!r} ({e}); give the path of the .py file that holds the factory, or "
+                         "package.module:factory.") from e
     except SyntaxError as e:  # the user's own module: where to look, not edge3d's traceback
         raise ValueError(f"{module_name} has a syntax error ({e.msg}, {e.filename} line {e.lineno}); fix it and "
                          "run this again.") from e
@@ -54,6 +55,10 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     return model
 
 
+class _NoFactoryFile(Exception):
+    """A ``path/to/file.py`` model spec whose file is not there (not an error raised by the file's own code)."""
+
+
 def _import_module(name: str) -> Any:
     """``package.module`` from PYTHONPATH or the current folder, or a ``.py`` file by its path.
 
@@ -67,8 +72,7 @@ def _import_module(name: str) -> Any:
     if name.endswith(".py") or "/" in name or os.sep in name:
         path = Path(name).expanduser()
         if not path.is_file():
-            raise ValueError(f"{name} is not a file; give the path of the .py file that holds the factory, "
-                             "or package.module.")
+            raise _NoFactoryFile(f"{name} is not a file")
         folder = str(path.resolve().parent)
         if folder not in sys.path:  # so that the file's own imports of its neighbours work
             sys.path.append(folder)

@@ -275,7 +275,8 @@ def test_a_factory_is_found_beside_the_user_and_by_its_file_path(tmp_path: Path)
     assert done.returncode == 2 and "edge3d looks on PYTHONPATH and in the current folder, or give the file: " \
         f"path/to/{name}.py:build." in done.stderr, done.stderr
     done = inspect("missing.py:build", tmp_path)
-    assert done.returncode == 2 and "missing.py is not a file" in done.stderr, done.stderr
+    assert done.returncode == 2 and "cannot import 'missing.py:build' (missing.py is not a file); give the path " \
+        "of the .py file that holds the factory" in done.stderr, done.stderr
 
 
 def test_a_user_factory_exports_with_its_checkpoint_and_matches_pytorch(user_module: str, tmp_path: Path) -> None:

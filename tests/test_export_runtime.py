@@ -1500,6 +1500,10 @@ def test_cli_run_frames_counts_per_source(tiny_artifact, tmp_path: Path) -> None
         _same_predictions([r for r in rows if r["stream"] == i], _rows(tmp_path / "alone.jsonl"))
     res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(tmp_path / "missing.mp4")])
     assert res.exit_code != 0 and "missing.mp4" in res.output, res.output
+    res = runner.invoke(app, ["run", str(art), "--source", "camera:0", "--source", "synthetic", "--source", "camera:0"],
+                        terminal_width=300)
+    assert res.exit_code == 2 and "--source camera:0 is given 2 times, and a camera device feeds one reader" in \
+        res.output, res.output
 
 
 def _write_frames(folder: Path, frames: np.ndarray, names: list[str]) -> None:
