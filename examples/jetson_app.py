@@ -71,7 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fps", type=int, default=30, help="CSI capture frame rate")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime intra-op threads (default: one per core); leave cores to the camera pipeline")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # argparse keeps the last of a repeated option: `--frames 100 ... --frames 10` ran 10 frames unsaid
+    given = [a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)]
+    for flag in ("--profile", "--backend", "--frames", "--log-every", "--width", "--height", "--fps", "--threads"):
+        if given.count(flag) > 1:
+            p.error(f"{flag} was given {given.count(flag)} times, and it takes one value; give it once "
+                    "(only --source repeats, once per camera)")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -492,6 +492,8 @@ def test_jetson_app_steps_several_cameras_in_one_call_as_each_alone(artifact, cl
         assert alone.returncode == 0, alone.stderr
         shown = [ln.split("; ")[2] for ln in alone.stdout.splitlines() if ln.startswith("frame ")]
         assert [r[str(i)] for r in rounds] == shown
+    twice = _app(str(artifact), "--source", "synthetic", "--frames", "12", "--headless", "--frames=3")
+    assert twice.returncode == 2 and "--frames was given 2 times, and it takes one value; give it once" in twice.stderr
 
 
 def test_run_and_the_jetson_app_give_onnxruntime_their_threads(artifact, monkeypatch, capsys):
