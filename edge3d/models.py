@@ -28,8 +28,12 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     try:
         factory = getattr(_import_module(module_name), attr)
     except ModuleNotFoundError as e:
+        parts = module_name.split(".")
+        if e.name not in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}:  # a package the module imports
+            raise ValueError(f"importing {module_name} raised ModuleNotFoundError ({e}); install that package where "
+                             "edge3d runs.") from e
         raise ValueError(f"cannot import {spec!r} ({e}); edge3d looks on PYTHONPATH and in the current folder, "
-                         f"or give the file: path/to/{module_name.rpartition('.')[2]}.py:{attr}.") from e
+                         f"or give the file: path/to/{parts[-1]}.py:{attr}.") from e
     except (ImportError, AttributeError) as e:
         raise ValueError(f"cannot import {spec!r} ({e}); pass package.module:factory importable from here.") from e
     except _NoFactoryFile as e:

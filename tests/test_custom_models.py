@@ -274,6 +274,10 @@ def test_a_factory_is_found_beside_the_user_and_by_its_file_path(tmp_path: Path)
     done = inspect(f"{name}:build", tmp_path)  # not beside it: both ways are named
     assert done.returncode == 2 and "edge3d looks on PYTHONPATH and in the current folder, or give the file: " \
         f"path/to/{name}.py:build." in done.stderr, done.stderr
+    (project / "needs.py").write_text("import no_such_package_here\n")  # a package the user's module lacks
+    done = inspect("needs:build", project)
+    assert done.returncode == 2 and "importing needs raised ModuleNotFoundError (No module named " \
+        "'no_such_package_here'); install that package where edge3d runs." in done.stderr, done.stderr
     done = inspect("missing.py:build", tmp_path)
     assert done.returncode == 2 and "cannot import 'missing.py:build' (missing.py is not a file); give the path " \
         "of the .py file that holds the factory" in done.stderr, done.stderr
