@@ -688,7 +688,15 @@ def run(
 
     from .runtime import Session
     from .signals import Terminated, sigterm_as_interrupt
-    from .sources import SourceLost, clip_class, labels_apply, open_streams, redact, source_frame_size
+    from .sources import (
+        SourceLost,
+        clip_class,
+        frame_rounds,
+        labels_apply,
+        open_streams,
+        redact,
+        source_frame_size,
+    )
 
     specs = source or ["synthetic"]
     many = len(specs) > 1  # several cameras: stream i is the i-th --source, all stepped in one call
@@ -796,18 +804,13 @@ def run(
     plain_status = not quiet and not shown.is_terminal
     next_status = time.monotonic() + STATUS_EVERY_S
     gens = [frames_of_every_video(i) for i in range(len(specs))]
-    running = list(range(len(specs)))  # the streams still delivering, below their --frames
     try:
         with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
-            while running:
-                got = [(i, item) for i in running if (item := next(gens[i], None)) is not None]
-                if not got or (staged and many and len(got) < len(specs)):
-                    break  # every source ended; or, for one phase, the first one did
-                running = [i for i, _ in got]
+            for got in frame_rounds(gens, limits, lockstep=staged):
                 t0 = time.perf_counter()
                 if many:  # one batched call for every stream with a frame (a subset once some have ended)
                     ys = session.step_batch([item[2] for _, item in got],
-                                            None if len(got) == len(specs) else running)
+                                            None if len(got) == len(specs) else [i for i, _ in got])
                 else:
                     ys = session.step(got[0][1][2])[None]
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
@@ -836,7 +839,7 @@ def run(
                     s = session.stats.summary()
                     if many:
                         tops = "  ".join(f"{i}: {last_top[i] or 'no output yet'}" for i in range(min(len(specs), 4)))
-                        status = (f"{len(running)}/{len(specs)} streams  frames {n}  {s['fps']:.0f} fps  "
+                        status = (f"{len(got)}/{len(specs)} streams  frames {n}  {s['fps']:.0f} fps  "
                                   f"{s['ms_p50']:.2f} ms/call  {tops}{'  ...' if len(specs) > 4 else ''}")
                     else:
                         status = (f"frame {n}  {s['fps']:.0f} fps  {s['ms_p50']:.2f} ms/frame  "
@@ -847,9 +850,6 @@ def run(
                     if plain_status and time.monotonic() >= next_status:
                         shown.print(status, highlight=False)
                         next_status = time.monotonic() + STATUS_EVERY_S
-                running = [i for i in running if limits[i] is None or counts[i] < limits[i]]
-                if staged and many and len(running) < len(specs):
-                    break  # one phase: the streams end together
     except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM) is how a camera run ends: the summary is still wanted
         interrupted = 143 if isinstance(e, Terminated) else 130
     except SourceLost as e:  # an unplugged camera: the summary, then the reason and exit code 1

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge3d.runtime.manifest import output_map
 
     from edge3d.signals import sigterm_as_interrupt
-    from edge3d.sources import SourceLost, labels_apply, redact
+    from edge3d.sources import SourceLost, frame_rounds, labels_apply, redact
 
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
@@ -135,18 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     counts = [0] * len(sources)
     shown = ["no output yet"] * len(sources)
     lost = ""
-    running = list(range(len(sources)))
     t_start = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
-            while running:
-                got = [(i, item) for i in running if (item := next(cameras[i], None)) is not None]
-                if not got or (lockstep and len(got) < len(sources)):
-                    break
-                running = [i for i, _ in got]
+            for got in frame_rounds(cameras, [args.frames] * len(sources), lockstep=lockstep):
                 if many:
                     ys = session.step_batch([rgb for _, (rgb, _) in got],
-                                            None if len(got) == len(sources) else running)
+                                            None if len(got) == len(sources) else [i for i, _ in got])
                 else:
                     ys = session.step(got[0][1][0])[None]
                 predicted = session.has_output  # a multi-rate model's first frames: none
@@ -171,13 +166,12 @@ def main(argv: list[str] | None = None) -> int:
                     quit_key = cv2.waitKey(1) & 0xFF in (27, ord("q"))
                 if n % args.log_every == 0:
                     s = session.stats.summary()
-                    tops = "; ".join(f"{i}: {shown[i]}" for i in running) if many else shown[0]
+                    tops = "; ".join(f"{i}: {shown[i]}" for i, _ in got) if many else shown[0]
                     print(f"frame {n}: model {s['ms_p50']:.2f} ms/{'call' if many else 'frame'} p50, "
                           f"{s['ms_p95']:.2f} p95; app {n / (time.perf_counter() - t_start):.1f} {'rounds/s' if many else 'fps'}; "
                           f"{tops}",
                           flush=True)
-                running = [i for i in running if args.frames is None or counts[i] < args.frames]
-                if quit_key or (lockstep and len(running) < len(sources)):
+                if quit_key:
                     break
     except KeyboardInterrupt:
         pass

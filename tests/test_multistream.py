@@ -420,3 +420,24 @@ def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None
             s.top(outs)
         with pytest.raises(ValueError, match=r"top\(\) got 9 values, but this artifact's output has 5"):
             s.top(np.zeros(9))  # another model's output, which this one's class names would misname
+
+
+def test_frame_rounds_stop_each_stream_at_its_end_or_limit_and_all_of_them_in_lockstep() -> None:
+    from edge3d.sources import frame_rounds
+
+    read: list[str] = []
+
+    def stream(name: str, n: int):
+        for k in range(n):
+            read.append(f"{name}{k}")
+            yield f"{name}{k}"
+
+    rounds = list(frame_rounds([stream("a", 2), stream("b", 5), stream("c", 9)], [None, 3, None]))
+    assert rounds == [[(0, "a0"), (1, "b0"), (2, "c0")], [(0, "a1"), (1, "b1"), (2, "c1")],
+                      [(1, "b2"), (2, "c2")], *[[(2, f"c{k}")] for k in range(3, 9)]]
+    assert "b3" not in read  # a stream at its limit is not read again
+    read.clear()
+    rounds = list(frame_rounds([stream("a", 2), stream("b", 5)], lockstep=True))
+    assert rounds == [[(0, "a0"), (1, "b0")], [(0, "a1"), (1, "b1")]]  # the first to end ends both
+    assert list(frame_rounds([stream("a", 4), stream("b", 5)], [2, None], lockstep=True)) == \
+        [[(0, "a0"), (1, "b0")], [(0, "a1"), (1, "b1")]]
