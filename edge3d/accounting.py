@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .convert import StepModule, to_step
+from .convert import StepModule, modes_kept, to_step
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.int8: "int8",
                 torch.uint8: "uint8", torch.int64: "int64", torch.int32: "int32"}
@@ -38,31 +38,36 @@ def inspect(model: nn.Module, frame_size: int | tuple[int, int] = 112, channels:
     ``model`` may be a clip-mode model or an existing :class:`StepModule`. ``channels`` left out is
     the model's, as ``edge3d inspect`` and ``export_artifact`` take it (a grey model has one).
     """
-    if isinstance(model, StepModule):
-        step = model
-    else:
-        from .models import frame_channels
+    if not isinstance(model, nn.Module):
+        hint = (f": build it first, edge3d.zoo.build({model!r}) for a zoo model" if isinstance(model, str)
+                else "")
+        raise ValueError(f"inspect needs a torch.nn.Module, got {type(model).__name__}{hint}.")
+    with modes_kept(model.model if isinstance(model, StepModule) else model):  # the caller may go on training it
+        if isinstance(model, StepModule):
+            step = model
+        else:
+            from .models import frame_channels
 
-        channels = frame_channels(model, channels)
-        if isinstance(frame_size, int):
-            frame_size = (frame_size, frame_size)
-        if not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2:
-            # to_step gets (C, H, W); a bare unpack let a float, a string or a (C, H, W) fail as a TypeError
-            raise ValueError(f"frame_size must be an integer or an (H, W) pair, got {frame_size!r}; the channels "
-                             "are the separate `channels` argument.")
-        step = to_step(model, (channels, *frame_size))
-    if hasattr(step, "report"):  # multi-rate: per-stage MACs, states and buffers (edge3d.staged)
-        return step.report()
-    states = [
-        {"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "kind": s.kind,
-         "bytes": s.bytes, "layer": s.layer, "input_history": s.input_history}
-        for s in step.state_specs
-    ]
-    return {
-        "params": sum(p.numel() for p in step.model.parameters()),
-        "macs_per_frame": count_macs(step),
-        "state_bytes": sum(s["bytes"] for s in states if not s["input_history"]),
-        "input_history_bytes": sum(s["bytes"] for s in states if s["input_history"]),
-        "frame_shape": list(step.frame_shape),
-        "states": states,
-    }
+            channels = frame_channels(model, channels)
+            if isinstance(frame_size, int):
+                frame_size = (frame_size, frame_size)
+            if not isinstance(frame_size, (tuple, list)) or len(frame_size) != 2:
+                # to_step gets (C, H, W); a bare unpack let a float, a string or a (C, H, W) fail as a TypeError
+                raise ValueError(f"frame_size must be an integer or an (H, W) pair, got {frame_size!r}; the channels "
+                                 "are the separate `channels` argument.")
+            step = to_step(model, (channels, *frame_size))
+        if hasattr(step, "report"):  # multi-rate: per-stage MACs, states and buffers (edge3d.staged)
+            return step.report()
+        states = [
+            {"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "kind": s.kind,
+             "bytes": s.bytes, "layer": s.layer, "input_history": s.input_history}
+            for s in step.state_specs
+        ]
+        return {
+            "params": sum(p.numel() for p in step.model.parameters()),
+            "macs_per_frame": count_macs(step),
+            "state_bytes": sum(s["bytes"] for s in states if not s["input_history"]),
+            "input_history_bytes": sum(s["bytes"] for s in states if s["input_history"]),
+            "frame_shape": list(step.frame_shape),
+            "states": states,
+        }

@@ -556,7 +556,7 @@ def export(
             "checkpoint": str(checkpoint) if checkpoint else None}
     art_name = name or model.split(":")[-1]
     # by the names the graphs get: fp32 always, a profile file by the name inside it
-    dropped = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
+    dropped, earlier = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"):
         # the model's class_names, frame_mean and frame_std are taken by export_artifact itself
@@ -569,7 +569,11 @@ def export(
         console.print(f"  verified on {check['frames']} random frames: {_step_check_text(check)}")
     else:
         console.print("  [yellow]not verified against the clip forward or in ONNX Runtime (--no-verify)[/]")
-    if dropped:
+    if earlier is not None and not _same_model(earlier, model):
+        console.print(f"  [yellow]replaced the artifact there, an export of {escape(earlier)}, not {escape(model)}"
+                      + (f" (its {', '.join(dropped)} too)" if dropped else "")
+                      + "; to keep two models side by side, give each its own --name[/]")
+    elif dropped:
         console.print(f"  [yellow]replaced the artifact there, without its {', '.join(dropped)} (made from the "
                       f"earlier weights); add {'it' if len(dropped) == 1 else 'them'} again with `edge3d export "
                       f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
@@ -611,17 +615,33 @@ def _written_to(artifact: Path, triton_repo: Path | None) -> str:
     return f"{artifact} (or {triton_repo})" if triton_repo is not None else str(artifact)
 
 
-def _not_carried_over(folder: Path, profiles: list[str]) -> list[str]:
-    """The precisions of an artifact that a new export will replace, and not write again.
+def _not_carried_over(folder: Path, profiles: list[str]) -> tuple[list[str], str | None]:
+    """The precisions of an artifact that a new export will replace, and not write again, and the model
+    that artifact was exported from.
 
     A re-export after retraining replaces the artifact whole, so the INT8 graph calibrated on the
-    old weights goes; saying so beats the user finding out from `run --profile int8` on a device.
+    old weights goes; saying so beats the user finding out from `run --profile int8` on a device. The
+    model is named because two files' factories both called `build` give one artifact name, and the
+    second export replaced the first model's artifact with only "made from the earlier weights" said.
     """
     try:
-        old = json.loads((folder / MANIFEST).read_text())["precisions"]
+        manifest = json.loads((folder / MANIFEST).read_text())
+        old = manifest["precisions"]
     except (OSError, ValueError, KeyError, TypeError):  # none there, or not one we can read: nothing to say
-        return []
-    return [p for p in old if p not in profiles] if isinstance(old, dict) else []
+        return [], None
+    model = manifest.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    return ([p for p in old if p not in profiles] if isinstance(old, dict) else []), name if isinstance(name, str) else None
+
+
+def _same_model(a: str, b: str) -> bool:
+    """Two MODEL arguments naming one model: `./net.py:build` and `net.py:build` are the same file."""
+    if a == b:
+        return True
+    (fa, _, ka), (fb, _, kb) = a.rpartition(":"), b.rpartition(":")
+    if ka != kb or not (fa.endswith(".py") and fb.endswith(".py")):
+        return False
+    return Path(fa).resolve() == Path(fb).resolve()  # from the folder typed in, as the earlier export likely was
 
 
 DEFAULT_MAX_STREAMS = 8  # export's --streams, when it applies

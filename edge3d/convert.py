@@ -8,7 +8,8 @@ switch to their step implementation while the context is active.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -181,6 +182,23 @@ class StepModule(nn.Module):
             out = out.select(self.output_time_axis, 0)
         new = [ctx.new_states.get(m, by_layer[m]) for m in self._layers]
         return (out, *[t for group in new for t in group])
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Give each module back the train/eval mode it had, once the block is done.
+
+    The step needs eval mode (batch statistics over time are not causal), but ``export_artifact``
+    and ``inspect`` take a model from a notebook, often mid-training: leaving it in eval mode let
+    training go on with frozen BatchNorm statistics and no dropout, without a word. Each module is
+    restored, not the root's flag: a model may keep some BatchNorms frozen while it trains.
+    """
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []  # refused later
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,7 +29,7 @@ from torch import nn
 
 from .. import __version__
 from ..accounting import count_macs, dtype_name
-from ..convert import StepModule, to_step, unwrap
+from ..convert import StepModule, modes_kept, to_step, unwrap
 from ..runtime.manifest import (
     FORMAT_VERSION,
     MANIFEST,
@@ -380,68 +380,71 @@ def export_artifact(
         raise ValueError(f"export_artifact needs a torch.nn.Module, got {type(model).__name__}.")
     model = unwrap(model)
     own = model.model if isinstance(model, StepModule) else model  # the user's module, for its attributes
-    if channels is None:
-        channels = model.frame_shape[0] if isinstance(model, StepModule) else frame_channels(model)
-    mean = getattr(own, "frame_mean", None) if mean is None else mean
-    std = getattr(own, "frame_std", None) if std is None else std
-    classes = getattr(own, "class_names", None) if classes is None else classes
-    check_artifact_name(name)
-    if (Path(out_dir) / MANIFEST).is_file():
-        raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
-                         f"such as {Path(out_dir).parent}.")
-    final = Path(out_dir) / f"{name}.edge3d"
-    if final.exists() and not (final / MANIFEST).is_file():  # replacing it would delete whatever it holds
-        raise ValueError(f"{final} exists and is not an edge3d artifact, which export would replace; move it away, "
-                         "or pass another output folder (-o) or --name.")
-    weights = check_fits_one_file(model, name)
-    # the exporter's graph and the simplified one sit side by side until the first is dropped
-    check_disk_space(Path(out_dir), 2 * weights + 2**20, f"exporting {name} (its float32 weights twice)")
-    default_mean, default_std = default_normalisation(channels)  # for each of the frame's channels
-    mean = default_mean if mean is None else mean
-    std = default_std if std is None else std
-    check_normalisation(mean, std, channels)
-    h, w = frame_hw(frame_size)
-    say("building the step")
-    if lower:
-        step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
-    else:
-        step = to_step(model, (channels, h, w), keep_time=True, lower=False)
-    # before the checks and the export, which take seconds: the names must fit the output
-    classes = check_classes(classes, step_output_shape(step)) if classes is not None else None
-    check = None
-    if verify:
-        from ..equivalence import check_step_matches_clip
+    with modes_kept(own):  # the step switches it to eval mode; the caller may go on training it
+        if channels is None:
+            channels = model.frame_shape[0] if isinstance(model, StepModule) else frame_channels(model)
+        mean = getattr(own, "frame_mean", None) if mean is None else mean
+        std = getattr(own, "frame_std", None) if std is None else std
+        classes = getattr(own, "class_names", None) if classes is None else classes
+        check_artifact_name(name)
+        if Path(out_dir).exists() and not Path(out_dir).is_dir():  # mkdir said only "[Errno 17] File exists"
+            raise ValueError(f"out_dir {out_dir} is a file, not a folder; pass the folder to write {name}.edge3d into.")
+        if (Path(out_dir) / MANIFEST).is_file():
+            raise ValueError(f"out_dir {out_dir} is an artifact folder; pass the folder to write {name}.edge3d into, "
+                             f"such as {Path(out_dir).parent}.")
+        final = Path(out_dir) / f"{name}.edge3d"
+        if final.exists() and not (final / MANIFEST).is_file():  # replacing it would delete whatever it holds
+            raise ValueError(f"{final} exists and is not an edge3d artifact, which export would replace; move it away, "
+                             "or pass another output folder (-o) or --name.")
+        weights = check_fits_one_file(model, name)
+        # the exporter's graph and the simplified one sit side by side until the first is dropped
+        check_disk_space(Path(out_dir), 2 * weights + 2**20, f"exporting {name} (its float32 weights twice)")
+        default_mean, default_std = default_normalisation(channels)  # for each of the frame's channels
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
+        check_normalisation(mean, std, channels)
+        h, w = frame_hw(frame_size)
+        say("building the step")
+        if lower:
+            step = model if isinstance(model, StepModule) else to_step(model, (channels, h, w))
+        else:
+            step = to_step(model, (channels, h, w), keep_time=True, lower=False)
+        # before the checks and the export, which take seconds: the names must fit the output
+        classes = check_classes(classes, step_output_shape(step)) if classes is not None else None
+        check = None
+        if verify:
+            from ..equivalence import check_step_matches_clip
 
-        say("checking the step against the clip forward")
-        check = check_step_matches_clip(step)
-    model_info = {**(model_info or {"name": name}), "step_check": check}
-    out_dir = Path(out_dir)
-    if hasattr(step, "stages"):  # multi-rate: one graph per stage (exporters/staged.py)
-        from .staged import export_staged
+            say("checking the step against the clip forward")
+            check = check_step_matches_clip(step)
+        model_info = {**(model_info or {"name": name}), "step_check": check}
+        out_dir = Path(out_dir)
+        if hasattr(step, "stages"):  # multi-rate: one graph per stage (exporters/staged.py)
+            from .staged import export_staged
 
-        return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
-                             mean=mean, std=std, opset=opset, progress=say)
-    with artifact_folder(out_dir, name) as (tmp, manifest):
-        raw = tmp / "raw.onnx"
-        say("tracing the step graph (torch.export)")
-        _quiet_export(step, raw, opset)
-        onnx_path = tmp / "model.fp32.onnx"
-        say("simplifying the graph")
-        simplify(raw, onnx_path)
-        drop_raw(raw)
-        manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
-                                       mean=mean, std=std, lowered=lower))
-        manifest["precisions"]["fp32"] = {
-            "file": onnx_path.name, "profile": "fp32",
-            "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},
-        }
-        set_metadata(onnx_path, {k: v for k, v in manifest.items() if k != "precisions"})
-        onnx.checker.check_model(str(onnx_path), full_check=True)
-        if check is not None:  # the graph as written, against the step it was made from
-            from ..equivalence import check_onnx_matches_step
+            return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
+                                 mean=mean, std=std, opset=opset, progress=say)
+        with artifact_folder(out_dir, name) as (tmp, manifest):
+            raw = tmp / "raw.onnx"
+            say("tracing the step graph (torch.export)")
+            _quiet_export(step, raw, opset)
+            onnx_path = tmp / "model.fp32.onnx"
+            say("simplifying the graph")
+            simplify(raw, onnx_path)
+            drop_raw(raw)
+            manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
+                                           mean=mean, std=std, lowered=lower))
+            manifest["precisions"]["fp32"] = {
+                "file": onnx_path.name, "profile": "fp32",
+                "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},
+            }
+            set_metadata(onnx_path, {k: v for k, v in manifest.items() if k != "precisions"})
+            onnx.checker.check_model(str(onnx_path), full_check=True)
+            if check is not None:  # the graph as written, against the step it was made from
+                from ..equivalence import check_onnx_matches_step
 
-            say("checking the ONNX graph against the step in ONNX Runtime")
-            manifest["model"]["step_check"]["onnx_max_error_relative"] = check_onnx_matches_step(onnx_path, step)
-        manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
-        manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)
-    return out_dir / f"{name}.edge3d"
+                say("checking the ONNX graph against the step in ONNX Runtime")
+                manifest["model"]["step_check"]["onnx_max_error_relative"] = check_onnx_matches_step(onnx_path, step)
+            manifest["precisions"]["fp32"]["weight_bytes"] = weight_bytes(onnx_path)
+            manifest["precisions"]["fp32"]["sha256"] = file_sha256(onnx_path)
+        return out_dir / f"{name}.edge3d"

@@ -5,6 +5,7 @@ is imported when a Session is created.
 """
 
 from .manifest import FORMAT_VERSION, ArtifactError, load_manifest
+from .preprocess import FrameScaleWarning
 from .session import Session, Stats
 
-__all__ = ["FORMAT_VERSION", "ArtifactError", "Session", "Stats", "load_manifest"]
+__all__ = ["FORMAT_VERSION", "ArtifactError", "FrameScaleWarning", "Session", "Stats", "load_manifest"]

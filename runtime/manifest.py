@@ -14,6 +14,7 @@ import numbers
 import os
 import re
 import secrets
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +172,8 @@ def precision_entry(m: dict[str, Any], profile: str) -> dict[str, Any]:
 
         known = builtin_names()
         fix = (f"did you mean {profile.lower()!r}?" if profile.lower() in m["precisions"] else
-               f"add it with `edge3d export ... --profile {profile}`" if profile in known else
+               f"add it with `edge3d export {shlex.quote(m.get('_folder', 'ARTIFACT'))} --profile {profile}`"
+               if profile in known else
                f"pick one of those, or export one of the profiles {', '.join(known)} or a profile .toml")
         raise ArtifactError(f"the artifact has no {profile!r} precision (it has {', '.join(m['precisions'])}); {fix}.")
     return m["precisions"][profile]

@@ -10,6 +10,9 @@ import contextlib
 import io
 import math
 import numbers
+import os
+import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -147,6 +150,20 @@ def _layout_hint(shape: tuple[int, ...], c: int) -> str:
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 
+def _outside_runtime() -> int:
+    """The stacklevel of the first caller outside the runtime package: a warning points at the user's
+    `step()` line, whichever of step, step_batch and their lock wrapper led to it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+class FrameScaleWarning(UserWarning):
+    """A float frame far outside the range normalised pixels span: probably 0-255 pixels, not normalised."""
+
+
 class FramePreprocessor:
     """Turns one raw frame into the graph's normalised (C, H, W) float32 input, validating it."""
 
@@ -157,6 +174,14 @@ class FramePreprocessor:
         std = np.asarray(frame_spec.get("std", [1.0] * self.channels), np.float32)
         self.scale = (1.0 / (255.0 * std)).reshape(-1, 1, 1)
         self.offset = (mean / std).reshape(-1, 1, 1)
+        # The span of normalised pixels (pixel 0 or 255, any channel). A float frame far beyond it is
+        # most likely 0-255 pixels cast with astype(np.float32), which pass every shape check and
+        # stream confident garbage: warned about, once, not refused, since the float path is also how
+        # 16-bit thermal or depth frames reach a model trained on values of its own scale. 16x leaves
+        # room for frames normalised with other statistics, or augmented; a dark frame slips under it.
+        self.span = (float((-mean / std).min()), float(((1.0 - mean) / std).max()))
+        self.limit = 16.0 * max(abs(v) for v in self.span)
+        self.warned = False
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -212,6 +237,16 @@ class FramePreprocessor:
         # instead of reaching the state. ``out`` holds no state; the next call overwrites it.
         with np.errstate(over="ignore", invalid="ignore"):
             np.copyto(out, frame, casting="unsafe")
-        if not np.isfinite(out).all():
+        low, high = float(out.min()), float(out.max())  # NaN propagates through both, Inf reaches one
+        if not (math.isfinite(low) and math.isfinite(high)):
             raise ValueError(f"frame contains NaN or Inf, or values beyond the {out.dtype} range; pass finite "
                              "values (the stream's state is unchanged).")
+        if max(-low, high) > self.limit and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"float frame holds values from {low:.4g} to {high:.4g}, far beyond the {self.span[0]:.3g} to "
+                f"{self.span[1]:.3g} that normalised pixels span: if these are 0-255 pixels, pass the H×W×{c} "
+                "uint8 image, which step() resizes and normalises, or normalise it first as (pixel / 255 - mean) "
+                "/ std with the manifest's frame mean and std; if the model takes values of this scale, export it "
+                "with a frame_mean and frame_std that describe them. (Said once per session.)",
+                FrameScaleWarning, stacklevel=_outside_runtime())

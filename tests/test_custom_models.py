@@ -3,6 +3,7 @@ mistakes a user makes with a factory, each one sentence."""
 
 from __future__ import annotations
 
+import json
 import sys
 import uuid
 from pathlib import Path
@@ -747,3 +748,37 @@ def test_a_bad_size_is_one_sentence(tmp_path: Path, model: str, size: str, messa
     res = CliRunner().invoke(app, ["export", model, *small, "--size", size, "-o", str(tmp_path / "out")],
                              terminal_width=400)
     assert res.exit_code == 2 and message in res.output and not (tmp_path / "out").exists()
+
+
+def test_an_export_over_another_models_artifact_of_the_same_name_names_that_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two files' factories both called `build` export to one `build.edge3d`: the second replaced the first
+    model's artifact saying only that its precisions were "made from the earlier weights". The same file
+    typed another way (`./a/net.py`) is the same model, a re-export, and keeps that message."""
+    monkeypatch.chdir(tmp_path)
+    net = ("import torch\nfrom torch import nn\nfrom edge3d.nn import CausalConv3d\n\n\nclass Net(nn.Module):\n"
+           "    def __init__(self):\n        super().__init__()\n"
+           "        self.stem = CausalConv3d(3, 4, (2, 3, 3), padding=(0, 1, 1))\n"
+           "        self.fc = nn.Linear(4, {classes})\n\n"
+           "    def forward(self, x):\n        return self.fc(self.stem(x).mean((3, 4)).transpose(1, 2)).transpose(1, 2)\n"
+           "\n\ndef build():\n    return Net()\n")
+    for folder, classes in (("a", 2), ("b", 3)):
+        Path(folder).mkdir()
+        Path(folder, f"net_{folder}_{uuid.uuid4().hex[:8]}.py").write_text(net.format(classes=classes))
+    (a,), (b,) = (sorted(str(p) for p in Path(f).glob("*.py")) for f in ("a", "b"))
+
+    def export(spec: str, *flags: str) -> str:
+        res = CliRunner().invoke(app, ["export", f"{spec}:build", "--size", "16", "-o", "out", "--no-verify", *flags])
+        assert res.exit_code == 0, res.output
+        return " ".join(res.output.split())
+
+    export(a, "--profile", "fp32,fp16")
+    said = export(f"./{a}")
+    assert "without its fp16 (made from the earlier weights)" in said and "an export of" not in said, said
+    export(a, "--profile", "fp32,fp16")
+    said = export(b)
+    assert f"replaced the artifact there, an export of {a}:build, not {b}:build (its fp16 too); to keep two models " \
+        "side by side, give each its own --name" in said, said
+    manifest = json.loads(Path("out/build.edge3d/manifest.json").read_text())
+    assert manifest["model"]["name"] == f"{b}:build" and manifest["output"]["shape"][-1] == 3
+    assert "replaced" not in export(b)  # b over b: nothing dropped, the same model

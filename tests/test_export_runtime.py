@@ -253,6 +253,39 @@ BAD_FRAMES = [
 ]
 
 
+def test_a_float_frame_of_0_255_pixels_is_warned_about_once_and_its_fix_steps_as_the_image(tiny_artifact) -> None:
+    """`frame.astype(np.float32).transpose(2, 0, 1)` of an OpenCV image passed every check and streamed
+    garbage without a word: normalised pixels span -2 to 2.44 under the default statistics, these reach
+    255. It is a warning, once per session, not an error: 16-bit thermal or depth frames reach a model
+    trained on their own scale the same way. The fix it gives, normalising with the manifest's mean and
+    std, must step as the uint8 image does; frames a few times beyond the span, as frames normalised with
+    other statistics or augmented are, say nothing."""
+    import warnings
+
+    from edge3d.runtime import FrameScaleWarning
+
+    art, _ = tiny_artifact
+    spec = json.loads((art / "manifest.json").read_text())["frame"]
+    mean, std = (np.asarray(spec[k], np.float32).reshape(3, 1, 1) for k in ("mean", "std"))
+    rgb = np.random.default_rng(10).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    pixels = rgb.transpose(2, 0, 1).astype(np.float32)
+    s = Session(art)
+    with pytest.warns(FrameScaleWarning, match=r"from 0 to 255, far beyond the -2 to 2\.44 that normalised pixels "
+                                               r"span: if these are 0-255 pixels, pass the H×W×3 uint8 image") as said:
+        s.step(pixels)
+    assert said[0].filename == __file__  # pointed at the caller's line, not inside the runtime
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.step(pixels)  # once per session: a camera loop is not flooded
+        np.testing.assert_allclose(Session(art).step((pixels / 255 - mean) / std), Session(art).step(rgb),
+                                   rtol=1e-5, atol=1e-5)
+        wide = np.random.default_rng(11).standard_normal((3, SIZE, SIZE)).astype(np.float32)
+        Session(art).step(wide * (30 / np.abs(wide).max()))  # up to 30: twelve times the span, not pixels
+    with pytest.warns(FrameScaleWarning):
+        Session(art).step(pixels - 128)  # centred but not scaled: still far beyond
+
+
+
 def test_the_conversion_a_layout_error_names_gives_the_rgb_frame(tiny_artifact) -> None:
     """Each hint is code a user pastes: what it makes must step as the RGB frame it stands for."""
     import cv2
@@ -922,8 +955,8 @@ def test_cli_reports_an_os_error_as_one_sentence(capsys: pytest.CaptureFixture[s
 
 def test_missing_precision_names_the_fix(tiny_artifact) -> None:
     art, _ = tiny_artifact
-    with pytest.raises(ArtifactError, match="add it with `edge3d export ... --profile int8`"):
-        Session(art, profile="int8")
+    with pytest.raises(ArtifactError, match=f"add it with `edge3d export {re.escape(str(art))} --profile int8`"):
+        Session(art, profile="int8")  # the artifact's own path, to paste: it was `edge3d export ...`
     with pytest.raises(ArtifactError, match="pick one of those.*int8-cpu") as e:
         Session(art, profile="fp64")
     assert "--profile fp64" not in str(e.value)
@@ -1018,6 +1051,11 @@ def test_an_artifact_folder_is_refused_as_an_output_folder(tiny_artifact, tmp_pa
             f"{art.parent}." in said, (args, said)
     with pytest.raises(ValueError, match="is an artifact folder; pass the folder to write m.edge3d into"):
         export_artifact(zoo.build("d-resnet18", **TINY), art, "m", frame_size=SIZE)
+    assert sorted(q.name for q in art.iterdir()) == before
+    # a file as the output folder: from Python this was FileExistsError's "[Errno 17] File exists"
+    with pytest.raises(ValueError, match=r"out_dir .*manifest.json is a file, not a folder; pass the folder to "
+                                         r"write m.edge3d into\."):
+        export_artifact(zoo.build("d-resnet18", **TINY), art / "manifest.json", "m", frame_size=SIZE)
     assert sorted(q.name for q in art.iterdir()) == before
 
 
@@ -2137,3 +2175,32 @@ def test_a_disk_that_fills_while_precisions_are_added_is_named(tiny_artifact, tm
         assert Session(art).step(np.zeros((3, SIZE, SIZE), np.float32)).shape == (5,)  # still whole
     finally:
         subprocess.run(["umount", str(small)], capture_output=True)
+
+
+def test_export_and_inspect_leave_a_training_model_in_the_modes_it_had(tmp_path: Path) -> None:
+    """A model exported from a notebook mid-training came back in eval mode: training went on with frozen
+    BatchNorm statistics, without a word. Each module gets its own mode back (one BatchNorm frozen on
+    purpose stays frozen), its running statistics are untouched, and the artifact is still the eval-mode
+    model's: its first output equals the eval model's first frame."""
+    import copy
+
+    from edge3d import inspect
+
+    model = randomize(zoo.build("d-resnet18", **TINY), seed=12).train()
+    frozen = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d))
+    frozen.eval()
+    modes = [m.training for m in model.modules()]
+    assert any(modes) and not all(modes)
+    before = copy.deepcopy(model.state_dict())
+    art = export_artifact(model, tmp_path, "training", frame_size=SIZE)
+    assert [m.training for m in model.modules()] == modes
+    inspect(model, SIZE)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    frame = np.random.default_rng(13).standard_normal((3, SIZE, SIZE)).astype(np.float32)
+    with torch.no_grad():
+        want = copy.deepcopy(model).eval()(torch.from_numpy(frame)[None, :, None])[0, :, 0].numpy()
+    np.testing.assert_allclose(Session(art).step(frame), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"inspect needs a torch.nn.Module, got str: build it first, "
+                                         r"edge3d.zoo.build\('d-resnet18'\)"):
+        inspect("d-resnet18", SIZE)
