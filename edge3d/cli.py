@@ -297,13 +297,13 @@ def zoo() -> None:
                   caption="--size defaults to 112 (48 for the trained gesture models), --width to 1")
     table.add_column("name", no_wrap=True)
     table.add_column("model", overflow="fold")
-    table.add_column("paper", overflow="fold")
+    table.add_column("paper")
     table.add_column("--head", overflow="fold")
     table.add_column("--classes", no_wrap=True)
     for name in z.names():
         e = z.ZOO[name]
         classes = str(e.defaults["num_classes"]) if "num_classes" in e.defaults else "trained"
-        table.add_row(name, e.summary, e.paper, ", ".join(e.heads), classes)
+        table.add_row(name, e.summary, z.PAPERS.get(e.paper, e.paper), ", ".join(e.heads), classes)
     console.print(table)
 
 

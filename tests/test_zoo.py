@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,12 @@ def test_cli_zoo_and_inspect_json() -> None:
     # D3D's Kinetics-600 (its Table 4), Kinetics-400 elsewhere; the gesture models' classes are fixed
     assert (shown["d-resnet18"], shown["rcn-resnet18"], shown["vov3d-l"], shown["gestures"]) == \
         ("600", "400", "400", "trained")
+    # each paper is cited by authors and title, which wrap at spaces: the keys, one unbroken word each,
+    # were cut mid-word ("deep-analysis-2" / "d-3d-temporal-m" / "odules")
+    words = set(re.split(r"[\s│]+", res.output))
+    for name in zoo.names():
+        cited = zoo.PAPERS[zoo.ZOO[name].paper]
+        assert set(cited.split()) <= words, (name, cited)
     res = runner.invoke(app, ["inspect", "d-resnet18", "--json"])
     assert res.exit_code == 0, res.output
     report = json.loads(res.output)

@@ -50,6 +50,18 @@ _ENTRIES = [
 ]
 ZOO: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 
+# Each paper key as `edge3d zoo` cites it: first authors and a short title. The keys alone, one
+# unbroken word each, were cut mid-word at 80 columns ("deep-analysis-2d-3d-temporal-m / odules").
+PAPERS = {
+    "dissected-3d-cnns": "Köpüklü et al., Dissected 3D CNNs",
+    "recurrent-convolutions-rcn": "Singh and Cuzzolin, Recurrent Convolutions for Causal 3D CNNs",
+    "deep-analysis-2d-3d-temporal-modules": "Chen et al., Deep Analysis of CNN-based Spatio-temporal "
+                                            "Representations",
+    "adaptive-temporal-feature-resolution-sgs": "Fayyaz et al., 3D CNNs with Adaptive Temporal Feature "
+                                                "Resolutions",
+    "vov3d": "Lee et al., Diverse Temporal Aggregation (VoV3D)",
+}
+
 
 def register(entry: ZooEntry) -> None:
     """Add a model to the zoo (used by optional modules such as VoV3D and the gesture demo)."""
