@@ -57,10 +57,11 @@ def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
     """The contract's ratios from one round's median timings (the overhead comes from pairs)."""
     step = ms["step"]
     ratios = {"step_gflops_vs_matmul": (2 * macs / step) / (2 * MATMUL_N**3 / ms["matmul"])}
-    for name, key in (("lowered_vs_conv3d_speedup", "conv3d"), ("step_vs_window_speedup", "window"),
-                      ("exported_vs_eager_speedup", "eager")):
+    for name, key in (("lowered_vs_conv3d_speedup", "conv3d"), ("step_vs_window_speedup", "window")):
         if key in ms:
             ratios[name] = ms[key] / step
+    if "eager" in ms:  # against the faster of PyTorch's two step loops: the baseline never flatters the step
+        ratios["exported_vs_eager_speedup"] = min(ms["eager"], ms["eager_conv3d"]) / step
     return ratios
 
 
@@ -259,19 +260,28 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
                 not_measured["window"] = (f"the {window}-frame window's clip forward did not export to ONNX ({e}), "
                                           "so step_vs_window_speedup is left out")
                 say(f"[yellow]{not_measured['window']}[/]")
-            step = to_step(model, shape)
-            states = step.initial_states(1)
+            # PyTorch's step loop two ways: edge3d's lowered step (Conv2d over the stacked cache) and the
+            # model's own causal Conv3d over its cached frames, as a user without edge3d steps it. On
+            # host C the Conv3d form ran 1.13x faster in eager mode (15.2 vs 17.1 ms, d-resnet18),
+            # the opposite of ONNX Runtime, so the speedup is taken against whichever is faster.
             tframes = torch.from_numpy(clip_frames)
 
-            def eager(_: int) -> None:
-                nonlocal states
-                with torch.no_grad():
-                    _, *states = step(tframes[next(it) % len(tframes)][None], *states)
+            def eager_loop(step: Any) -> Callable[[int], None]:
+                states = step.initial_states(1)
+
+                def call(_: int) -> None:
+                    nonlocal states
+                    with torch.no_grad():
+                        _, *states = step(tframes[next(it) % len(tframes)][None], *states)
+                return call
+
+            eager = eager_loop(to_step(model, shape))
+            eager_conv3d = eager_loop(to_step(model, shape, keep_time=True, lower=False))
 
             groups.append(({"conv3d": lambda _: sess3d.step(next_frame())}, per_round))
             if wsess is not None:
                 groups.append(({"window": lambda _: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)))
-            groups.append(({"eager": eager}, max(4, frames // 2 // rounds)))
+            groups.append(({"eager": eager, "eager_conv3d": eager_conv3d}, max(4, frames // 2 // rounds)))
         say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
         macs = manifest["macs_per_frame"]
         ms, round_ms, ratios, ratio_range = _summarise(_in_rounds(groups, rounds), macs)
@@ -279,9 +289,11 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
         results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
         results["matmul_gflops"] = 2 * MATMUL_N**3 / (ms["matmul"] * 1e-3) / 1e9
         for name, key in (("conv3d_step_ms", "conv3d"), ("window_ms_per_output_frame", "window"),
-                          ("torch_eager_step_ms", "eager")):
+                          ("torch_eager_lowered_step_ms", "eager"), ("torch_eager_conv3d_step_ms", "eager_conv3d")):
             if key in ms:
                 results[name] = ms[key]
+        if "eager" in ms:  # the baseline of exported_vs_eager_speedup
+            results["torch_eager_step_ms"] = min(ms["eager"], ms["eager_conv3d"])
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
