@@ -271,7 +271,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
 
                 def call(_: int) -> None:
                     nonlocal states
-                    with torch.no_grad():
+                    with torch.inference_mode():  # PyTorch's fastest eager path: ~2% under no_grad here
                         _, *states = step(tframes[next(it) % len(tframes)][None], *states)
                 return call
 
