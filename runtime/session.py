@@ -122,6 +122,17 @@ def require_mapping(snapshot: Any) -> None:
         raise ValueError(f"snapshot is a {type(snapshot).__name__}; pass the dict get_state() returned.")
 
 
+def require_only_states(snapshot: Mapping, states: Any) -> None:
+    """A snapshot naming states this artifact lacks was taken from another artifact. Where its other
+    names and shapes happened to match (a model whose first conv has the same cache), it was restored
+    in part without a word, and the stream went on from another model's state."""
+    extra = [str(k) for k in snapshot if k not in states]
+    if extra:
+        raise ValueError(f"snapshot holds {', '.join(map(repr, extra[:3]))}{' ...' if len(extra) > 3 else ''}, "
+                         "which this artifact has no state of: it was taken from another artifact; pass a dict "
+                         "from get_state() of a session of this one.")
+
+
 def serialised(method: Any) -> Any:
     """One call at a time per session, from any number of threads.
 
@@ -330,6 +341,7 @@ class Session:
         source = ("a snapshot of a session with the same artifact, profile and streams" if stream is None else
                   "a one-stream snapshot, get_state(stream=k), of a session with the same artifact and profile")
         dtypes = self._backend.state_dtypes()
+        require_only_states(snapshot, dtypes)
         for s in self.manifest["states"]:
             name = s["name"]
             if name not in snapshot:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .manifest import ArtifactError, check_file_hash, state_io_names
-from .session import Session, check_frame_count, require_mapping, serialised
+from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
 
 class StagedSession(Session):
@@ -126,6 +126,7 @@ class StagedSession(Session):
         require_mapping(snapshot)
         self._whole_phase(stream, "set_state")
         current = self.get_state()
+        require_only_states(snapshot, current)
         for n, a in current.items():
             if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:
                 raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape; pass a dict from get_state() "

@@ -159,7 +159,10 @@ def test_bad_snapshot_is_rejected_and_leaves_the_state(tiny_artifact) -> None:
     for bad, says in ((None, "snapshot is a NoneType"), ([1, 2], "snapshot is a list"),
                       ({**wrong_shape, first: zeroed_first[first]}, "expected float32"),
                       ({**wrong_dtype, first: zeroed_first[first]}, "is float64"),
-                      ({**missing, first: zeroed_first[first]}, f"lacks state {last!r}")):
+                      ({**missing, first: zeroed_first[first]}, f"lacks state {last!r}"),
+                      # another artifact's snapshot, its other names and shapes matching: was restored in part
+                      ({**zeroed_first, "head.h": before[first]}, "holds 'head.h', which this artifact has no "
+                                                                   "state of: it was taken from another artifact")):
         with pytest.raises(ValueError, match=says):
             s.set_state(bad)
         after = s.get_state()  # the valid first state of a bad snapshot was not written either

@@ -151,7 +151,9 @@ def test_r3d18_causal_artifact_equals_clip_through_session(r3d) -> None:
     assert 0 <= check["onnx_max_error_relative"] <= 1e-4  # the stage graphs, run as the runtime runs them
     assert s.cache_bytes == sum(s.state_breakdown.values()) > sum(summary["buffer_bytes"].values()) > 0
     snap = s.get_state()
-    for bad, says in ((None, "snapshot is a NoneType"), ({}, "snapshot lacks state")):
+    for bad, says in ((None, "snapshot is a NoneType"), ({}, "snapshot lacks state"),
+                      ({**snap, "c1.cache": snap[next(iter(snap))]}, "holds 'c1.cache', which this artifact has "
+                                                                       "no state of")):
         with pytest.raises(ValueError, match=says):
             s.set_state(bad)
     after = s.get_state()
