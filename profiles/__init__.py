@@ -132,6 +132,14 @@ def _list(data: dict[str, Any], key: str, default: tuple[str, ...], where: str) 
     return tuple(value)
 
 
+def _did_you_mean(key: str, keys: Any) -> str:
+    """A misspelt key (`weigth_dtype`) is named with the key meant: among twelve, it is easy to miss."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse_profile(data: dict[str, Any], where: str = "profile") -> Profile:
     """Validate a decoded TOML table; every problem is one sentence naming the key and the fix."""
     unknown = sorted(set(data) - _KEYS)
@@ -140,7 +148,8 @@ def parse_profile(data: dict[str, Any], where: str = "profile") -> Profile:
         raise ValueError(f"profile {where}: {misplaced[0]!r} belongs in the [calibration] table; move it below "
                          "the [calibration] line.")
     if unknown:
-        raise ValueError(f"profile {where}: unknown key {unknown[0]!r}; the keys are {', '.join(sorted(_KEYS))}.")
+        raise ValueError(f"profile {where}: unknown key {unknown[0]!r}{_did_you_mean(unknown[0], _KEYS)}; the keys "
+                         f"are {', '.join(sorted(_KEYS))}.")
     name = data.get("name")
     if name is None:
         raise ValueError(f"profile {where} has no name; add a line such as name = \"int8-mine\" (it names "
@@ -171,8 +180,8 @@ def parse_profile(data: dict[str, Any], where: str = "profile") -> Profile:
         raise ValueError(f"profile {where}: [calibration] must be a table.")
     unknown = sorted(set(calib) - _CALIB_KEYS)
     if unknown:
-        raise ValueError(f"profile {where}: unknown calibration key {unknown[0]!r}; "
-                         f"the keys are {', '.join(sorted(_CALIB_KEYS))}.")
+        raise ValueError(f"profile {where}: unknown calibration key {unknown[0]!r}"
+                         f"{_did_you_mean(unknown[0], _CALIB_KEYS)}; the keys are {', '.join(sorted(_CALIB_KEYS))}.")
     if floating:
         calibration = Calibration("none", 0, int(calib.get("warmup", 16)))
     else:

@@ -73,7 +73,10 @@ def test_user_profile_by_path(tmp_path: Path) -> None:
     ('name = "x"\nweight_dtype = "int8"\naccumulator_dtype = "float16"\n', "accumulator_dtype"),
     ('name = "x"\nweight_dtype = "int8"\nactivation_dtype = "uint8"\nstate_dtype = "int8"\n', "symmetric"),
     ('name = "Bad Name"\n', "name"),
-    ('name = "x"\nweigth_dtype = "float16"\n', "unknown key"),
+    ('name = "x"\nweigth_dtype = "float16"\n', "unknown key 'weigth_dtype' (did you mean 'weight_dtype'?)"),
+    ('name = "x"\nweight_dtype = "int8"\n[calibration]\nframs = 32\n',
+     "unknown calibration key 'frams' (did you mean 'frames'?)"),
+    ('name = "x"\nspeed = "fast"\n', "unknown key 'speed'; the keys are"),  # nothing close: no guess
     ('weight_dtype = "float16"\n', "has no name; add a line such as name = "),
     ('name = "x"\nweight_dtype = "int8"\nwarmup = 0\n[calibration]\nframes = 32\n',
      "'warmup' belongs in the [calibration] table"),  # written above its table, it is a top-level key
