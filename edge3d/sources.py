@@ -204,8 +204,17 @@ def open_source(spec: str, frame_size: int = 112,
                      and str(path.parent) != "." else "")
             relative = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
             raise ValueError(f"source {redact(spec)!r} does not exist{where}; check the path{relative}.")
-        raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those.")
+        raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those{_meant(spec)}.")
     return capture_frames(_open_video(path))
+
+
+def _meant(spec: str) -> str:
+    """`Synthetic`, `synthtic:3` or `cam:0`: a source word misspelt, named with the word meant."""
+    import difflib
+
+    head, colon, rest = spec.partition(":")
+    close = difflib.get_close_matches(head.lower(), ["synthetic", "camera", "csi"], n=1, cutoff=0.6)
+    return f" (did you mean {close[0] + colon + rest!r}?)" if close else ""
 
 
 def _open_video(path: Path, fix: str = "check the file and its codec"):

@@ -1418,6 +1418,11 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert res.exit_code == 2 and f"does not exist; the folder {tmp_path} exists, with no nope.mp4" in res.output
     res = runner.invoke(app, ["run", str(art), "--source", "webcam"])  # no path in sight: the forms there are
     assert res.exit_code == 2 and "is neither a file, a folder, camera:INDEX" in res.output
+    assert "did you mean" not in res.output  # nothing close to guess from
+    for typo, meant in (("Synthetic:3", "synthetic:3"), ("synthtic", "synthetic"), ("cam:0", "camera:0"),
+                        ("CSI:1", "csi:1")):  # a source word misspelt, or capitalised: named with the word meant
+        res = runner.invoke(app, ["run", str(art), "--source", typo], terminal_width=400)
+        assert res.exit_code == 2 and f"pass one of those (did you mean {meant!r}?)." in res.output, res.output
     url = (tmp_path / "my clip.mp4").as_uri()  # file:///.../my%20clip.mp4, as a browser copies it
     res = runner.invoke(app, ["run", str(art), "--source", url], terminal_width=300)
     assert res.exit_code == 2 and f"is a file URL; pass the path itself: {tmp_path / 'my clip.mp4'}" in res.output
