@@ -102,6 +102,10 @@ def test_cli_bad_model_and_head() -> None:
     assert res.exit_code == 2 and "unknown model 'no-such-model'" in res.output and "did you mean" not in res.output
     res = runner.invoke(app, ["inspect", "d-resnet-18"])
     assert res.exit_code == 2 and "unknown model 'd-resnet-18'; did you mean 'd-resnet18'?" in res.output
+    # a family's short name, or the name in capitals: the full names it starts, or the name meant
+    for typed, meant in (("tsm", "'tsm-resnet18'"), ("vov3d", "'vov3d-m' or 'vov3d-l'"), ("D-RESNET50", "'d-resnet50'")):
+        res = runner.invoke(app, ["inspect", typed], terminal_width=400)
+        assert res.exit_code == 2 and f"unknown model {typed!r}; did you mean {meant}? choose one of" in res.output
     res = runner.invoke(app, ["inspect", "tsm-resnet18", "--head", "transformer"])
     assert res.exit_code == 2 and "has no head 'transformer'" in res.output and "did you mean" not in res.output
     res = runner.invoke(app, ["inspect", "d-resnet18", "--head", "GRU"])

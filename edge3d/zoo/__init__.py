@@ -85,8 +85,10 @@ def _load_optional() -> None:
 def get(name: str) -> ZooEntry:
     _load_optional()
     if name not in ZOO:
-        near = difflib.get_close_matches(name, list(ZOO), n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
+        # a family's short name ("tsm", "vov3d") is a prefix, too far from the full names for difflib
+        near = ([n for n in ZOO if n.startswith(name.lower())] if len(name) >= 3 else []) \
+            or difflib.get_close_matches(name.lower(), list(ZOO), n=1)
+        hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
         raise ValueError(f"unknown model {name!r}; {hint}choose one of {', '.join(ZOO)} or pass package.module:factory.")
     return ZOO[name]
 
