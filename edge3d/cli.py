@@ -15,7 +15,7 @@ import shlex
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -270,13 +270,14 @@ def _out_folder(path: Path, flag: str) -> None:
 
 
 def _load(model: str, classes: int | None, size: str | None, width: float | None, head: str | None,
-          checkpoint: Path | None = None, channels: int | None = None):
-    """The model, its frame size (an int, or (height, width)) and its channels per frame."""
+          checkpoint: Path | None = None, channels: int | None = None, labelled: int | None = None):
+    """The model, its frame size (an int, or (height, width)) and its channels per frame; ``labelled``
+    is the number of --labels names, the class count where --classes is left out and the model takes one."""
     from .models import build_model, check_channels, frame_channels, load_checkpoint
 
     asked = frame_size_option(size)
     check_channels(channels)  # flags first: a typo should not wait for the model to build
-    m = build_model(model, num_classes=classes, frame_size=asked, width=width, head=head)
+    m = build_model(model, num_classes=classes, frame_size=asked, width=width, head=head, labelled=labelled)
     if checkpoint is not None:
         load_checkpoint(m, checkpoint, model)
     frame_size = asked or getattr(m, "frame_size", None) or 112
@@ -468,6 +469,10 @@ def export(
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     name: Annotated[str | None, typer.Option("--name", help="Artifact name (default: the model name).")] = None,
+    labels: Annotated[Path | None, typer.Option(
+        "--labels", help="Class names, in output order: one per line, UCF101's classInd.txt (1 ApplyEyeMakeup), "
+                         "a CSV of id,name, or JSON (a list, or name -> index). Sets --classes when that is left "
+                         "out.")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
@@ -496,11 +501,20 @@ def export(
     if in_place:
         _refuse_model_flags(model, [("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
                                     ("--size", size), ("--width", width), ("--head", head), ("--name", name),
-                                    ("--channels", channels), ("--no-lower", no_lower), ("--no-verify", no_verify)],
+                                    ("--channels", channels), ("--no-lower", no_lower), ("--no-verify", no_verify),
+                                    ("--labels", labels)],
                             ", whose precisions are added in place", "export the model again")
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
     calib_source = _one_source(calib_sources, "--calib-source", "calibration")
+    class_names = None
+    if labels is not None:
+        from .labels import read_labels
+
+        class_names = read_labels(labels)
+        if classes is not None and classes != len(class_names):
+            raise ValueError(f"--labels {labels} names {len(class_names)} classes and --classes is {classes}; drop "
+                             "--classes (the labels set it) or fix the file.")
     _out_folder(out, "-o")
     if triton_repo is not None:
         _out_folder(triton_repo, "--triton-repo")
@@ -544,7 +558,8 @@ def export(
             _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
         _say_abandoned(model_path.parent, model_path)
         return
-    m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels)
+    m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels,
+                                          labelled=len(class_names) if class_names is not None else None)
     if wants:  # before the FP32 stages are written, not after
         from .staged import require_single_rate
 
@@ -553,15 +568,17 @@ def export(
                                        {"num_classes": classes, "frame_size": frame_size_option(size),
                                         "width": width, "head": head, "channels": channels}.items()
                                        if v is not None},
-            "checkpoint": str(checkpoint) if checkpoint else None}
+            "checkpoint": str(checkpoint) if checkpoint else None, **({"labels": str(labels)} if labels else {})}
     art_name = name or model.split(":")[-1]
     # by the names the graphs get: fp32 always, a profile file by the name inside it
     dropped, earlier = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
-    with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"):
-        # the model's class_names, frame_mean and frame_std are taken by export_artifact itself
+    with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
+            _labels_named(labels, model):
+        # the model's frame_mean and frame_std, and its class_names where --labels is left out, are taken by
+        # export_artifact itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
-                               model_info=info, verify=not no_verify,
+                               model_info=info, verify=not no_verify, classes=class_names,
                                progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
@@ -632,6 +649,20 @@ def _not_carried_over(folder: Path, profiles: list[str]) -> tuple[list[str], str
     model = manifest.get("model")
     name = model.get("name") if isinstance(model, dict) else None
     return ([p for p in old if p not in profiles] if isinstance(old, dict) else []), name if isinstance(name, str) else None
+
+
+@contextlib.contextmanager
+def _labels_named(labels: Path | None, model: str) -> Iterator[None]:
+    """A --labels file of the wrong length is named, with what to change: the export only knew "names"."""
+    from .exporters.onnx import ClassCountError
+
+    try:
+        yield
+    except ClassCountError as e:
+        if labels is None:
+            raise
+        raise ValueError(f"--labels {labels} names {e.given} classes and {model} has {e.outputs}; give one name per "
+                         "class, in output order (--classes sets the count where the model takes it).") from e
 
 
 def _same_model(a: str, b: str) -> bool:

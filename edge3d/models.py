@@ -13,12 +13,20 @@ from torch import nn
 
 
 def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | None = None,
-                width: float | None = None, head: str | None = None) -> nn.Module:
-    """A zoo name, or ``package.module:factory`` called with the options it accepts."""
+                width: float | None = None, head: str | None = None, labelled: int | None = None) -> nn.Module:
+    """A zoo name, or ``package.module:factory`` called with the options it accepts.
+
+    ``labelled``: the number of class names given (``--labels``), passed as ``num_classes`` where
+    ``num_classes`` is left out and the model takes it; a model whose classes are fixed (a trained
+    zoo model, a factory without the parameter) is built as it is, and the names are checked
+    against its output by the export, which names the two counts.
+    """
     from . import zoo
 
     options = {"num_classes": num_classes, "frame_size": frame_size, "width": width, "head": head}
     if ":" not in spec:
+        if num_classes is None and labelled is not None and "num_classes" in zoo.get(spec).defaults:
+            options["num_classes"] = labelled
         return zoo.build(spec, **options)  # checks the options itself
     zoo.check_options(options)
     module_name, _, attr = spec.rpartition(":")  # the last colon: C:\\models\\net.py:build
@@ -49,6 +57,10 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
         raise ValueError(f"{spec} is not callable ({type(factory).__name__}); point it at a function that builds "
                          "the model.")
     kwargs = _factory_kwargs(spec, factory, options)
+    params = pyinspect.signature(factory).parameters
+    if num_classes is None and labelled is not None and (
+            "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())):
+        kwargs["num_classes"] = labelled
     try:
         model = factory(**kwargs)
     except Exception as e:  # the user's own code: its message, not edge3d's traceback

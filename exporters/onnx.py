@@ -199,6 +199,15 @@ def weight_bytes(path: Path) -> int:
                    for t in model.graph.initializer))
 
 
+class ClassCountError(ValueError):
+    """Class names whose count is not the model's: ``edge3d export --labels`` names the file with both counts."""
+
+    def __init__(self, given: int, outputs: int) -> None:
+        super().__init__(f"{given} class names for a model with {outputs} classes; pass one name per class (per "
+                         "output channel of a map), in output order (or none).")
+        self.given, self.outputs = given, outputs
+
+
 def check_classes(classes: list[str] | None, output_shape: tuple[int, ...]) -> list[str] | None:
     """The class names as a list, refused unless they are strings, one per class (per channel of a map)."""
     if classes is None:
@@ -207,8 +216,7 @@ def check_classes(classes: list[str] | None, output_shape: tuple[int, ...]) -> l
     if isinstance(classes, str) or not all(isinstance(n, str) for n in classes):
         raise ValueError(f"classes must be a list of class names (strings), got {classes!r:.80}.")
     if len(classes) != outputs:
-        raise ValueError(f"{len(classes)} class names for a model with {outputs} classes; pass one name per "
-                         "class (per output channel of a map), in output order (or none).")
+        raise ClassCountError(len(classes), outputs)
     return list(classes)
 
 
@@ -349,7 +357,7 @@ def export_artifact(
     channels: int | None = None,
     lower: bool = True,
     model_info: dict[str, Any] | None = None,
-    classes: list[str] | None = None,
+    classes: list[str] | str | os.PathLike | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     opset: int = OPSET,
@@ -371,7 +379,8 @@ def export_artifact(
     What is left out comes from the model, as ``edge3d export`` takes it: ``channels`` from its
     ``frame_channels`` attribute or first convolution, ``mean``/``std`` from ``frame_mean``/``frame_std``,
     ``classes`` from ``class_names``. A model trained with its own statistics is then fed the frames it
-    was trained on from Python too, not the defaults.
+    was trained on from Python too, not the defaults. ``classes`` may also be the path of a label file,
+    in any layout ``edge3d export --labels`` reads (``edge3d/labels.py``).
     """
     from ..models import frame_channels
 
@@ -386,6 +395,10 @@ def export_artifact(
         mean = getattr(own, "frame_mean", None) if mean is None else mean
         std = getattr(own, "frame_std", None) if std is None else std
         classes = getattr(own, "class_names", None) if classes is None else classes
+        if isinstance(classes, (str, os.PathLike)):  # a label file, as `edge3d export --labels` takes
+            from ..labels import read_labels
+
+            classes = read_labels(classes)
         check_artifact_name(name)
         if Path(out_dir).exists() and not Path(out_dir).is_dir():  # mkdir said only "[Errno 17] File exists"
             raise ValueError(f"out_dir {out_dir} is a file, not a folder; pass the folder to write {name}.edge3d into.")

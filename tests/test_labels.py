@@ -1,0 +1,114 @@
+"""`edge3d export --labels`: class names from the label files datasets ship, in output order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, randomize
+from edge3d.exporters.onnx import export_artifact
+from typer.testing import CliRunner
+
+from edge3d import zoo
+from edge3d.cli import app
+from edge3d.labels import read_labels
+
+TINY_FLAGS = ["--width", "0.125", "--size", "32"]
+UCF = ["ApplyEyeMakeup", "ApplyLipstick", "Archery"]
+
+
+@pytest.mark.parametrize("name, text, want", [
+    ("plain.txt", "wave\n\nswipe left\n  none  \n", ["wave", "swipe left", "none"]),  # blank lines skipped
+    ("classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n3 Archery\n", UCF),  # UCF101: numbered from 1
+    ("shuffled.txt", "2 b\n0 c\n1 a\n", ["c", "a", "b"]),  # by index, not by line
+    ("bom.txt", "\ufeffwave\nswipe\n", ["wave", "swipe"]),  # a Windows editor's byte-order mark
+    ("k.csv", "id,name\n0,abseiling\n1,air drumming\n2,answering questions\n",
+     ["abseiling", "air drumming", "answering questions"]),  # Kinetics' label CSV, with its header
+    ("one.csv", "wave\nswipe\n", ["wave", "swipe"]),
+    ("list.json", '["wave", "swipe"]', ["wave", "swipe"]),
+    ("to_index.json", '{"wave": 1, "swipe": 0, "none": 2}', ["swipe", "wave", "none"]),  # name -> index
+    ("from_index.json", '{"1": "wave", "0": "swipe"}', ["swipe", "wave"]),  # index -> name
+    ("digits.txt", "3d printing\n10 pin bowling\n", ["3d printing", "10 pin bowling"]),  # not all numbered
+])
+def test_each_label_layout_reads_in_output_order(tmp_path: Path, name: str, text: str, want: list[str]) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    assert read_labels(path) == want
+
+
+@pytest.mark.parametrize("name, content, says", [
+    ("gap.txt", "1 a\n3 b\n", "the indices run from 1 to 3 without 2; they must count up from 0 (or from 1)"),
+    ("twice.txt", "0 a\n1 b\n1 c\n", "index 1 is on line 2 and line 3; give each class one index"),
+    ("late.json", '{"a": 5, "b": 6}', "the indices run from 5 to 6 without 0"),
+    ("empty.txt", "\n\n", "holds no class names; put one name per line"),
+    ("bad.json", '{"a": "b"', "is not valid JSON"),
+    ("mixed.json", '["a", 3]', "must hold only non-empty strings"),
+    ("nested.json", '{"a": [1]}', "JSON must be a list of names, or an object mapping each name to its index"),
+    ("latin1.txt", b"caf\xe9\n", "is not UTF-8 text"),
+])
+def test_a_label_file_that_cannot_be_read_in_order_is_one_sentence(tmp_path: Path, name: str, content: str | bytes,
+                                                                   says: str) -> None:
+    """A wrong order labels every prediction wrongly without a sign, so anything ambiguous is refused."""
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match="labels file .*" + says.replace("(", r"\(").replace(")", r"\)")) as e:
+        read_labels(path)
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+    with pytest.raises(ValueError, match="does not exist"):
+        read_labels(tmp_path / "absent.txt")
+
+
+def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_folders(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint holds no class names: an artifact exported from one printed indices, and `run` could not
+    score a dataset laid out as one folder per class, which it matches against the artifact's classes.
+    UCF101's classInd.txt names them and, without --classes, sets the count too."""
+    import cv2
+
+    monkeypatch.chdir(tmp_path)
+    Path("classInd.txt").write_text("".join(f"{i + 1} {n}\n" for i, n in enumerate(UCF)))
+    res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--labels", "classInd.txt", "-o", "out"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads(Path("out/d-resnet18.edge3d/manifest.json").read_text())
+    assert manifest["output"]["classes"] == UCF and manifest["output"]["shape"] == ["N", 3]
+    rng = np.random.default_rng(0)
+    for cls in UCF[:2]:
+        clip = Path("ucf", cls, f"v_{cls}_g01_c01")
+        clip.mkdir(parents=True)
+        for i in range(4):
+            assert cv2.imwrite(str(clip / f"{i:05d}.jpg"), rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    res = CliRunner().invoke(app, ["run", "out/d-resnet18.edge3d", "--source", "ucf", "--output", "p.jsonl"],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in Path("p.jsonl").read_text().splitlines()]
+    assert len(lines) == 8 and {x["class"] for x in lines} <= set(UCF)
+    assert "per-frame accuracy" in res.output and "per-clip accuracy" in res.output  # the folders were scored
+
+
+def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("two.txt").write_text("wave\nswipe\n")
+    res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--labels", "two.txt", "--classes", "3"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "--labels two.txt names 2 classes and --classes is 3; drop --classes (the labels " \
+        "set it) or fix the file." in said, said
+    # a trained zoo model's classes are fixed: it is built as it is and the names are counted against it
+    res = CliRunner().invoke(app, ["export", "gestures", "--labels", "two.txt", "--no-verify"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "--labels two.txt names 2 classes and gestures has 9; give one name per class, " \
+        "in output order" in said, said
+    assert not Path("out").exists()  # refused before anything was written
+    res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--no-verify"])
+    assert res.exit_code == 0
+    res = CliRunner().invoke(app, ["export", "out/d-resnet18.edge3d", "--labels", "two.txt", "--profile", "fp16"])
+    assert res.exit_code == 2 and "--labels applies to a model" in " ".join(res.output.split())
+
+
+def test_export_artifact_takes_a_label_file_from_python(tmp_path: Path) -> None:
+    (tmp_path / "labels.json").write_text(json.dumps({"swipe": 1, "wave": 0, "none": 2}))
+    model = randomize(zoo.build("d-resnet18", **{**TINY, "num_classes": 3}), seed=3)
+    art = export_artifact(model, tmp_path, "m", frame_size=32, classes=tmp_path / "labels.json", verify=False)
+    assert json.loads((art / "manifest.json").read_text())["output"]["classes"] == ["wave", "swipe", "none"]
