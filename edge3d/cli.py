@@ -740,6 +740,8 @@ def run(
     from .runtime import Session
     from .signals import Terminated, sigterm_as_interrupt
     from .sources import (
+        KEEP_UP,
+        KeepingUp,
         SourceLost,
         clip_class,
         frame_rounds,
@@ -799,6 +801,8 @@ def run(
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = 0  # the exit code when stopped by a signal
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
+    pace = KeepingUp()  # whether the run takes each camera's frames as fast as it sends them
+    playing: list[Any] = [None] * len(specs)  # each stream's current clip (a camera's carries its frame rate)
 
     def write_failed(e: OSError) -> str:
         return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
@@ -814,6 +818,7 @@ def run(
                 session.reset(i if many else None)
             videos[i] += 1
             filed = clip_class(Path(spec), Path(name)) if name != spec else None
+            playing[i] = items
             for j, (frame, label) in enumerate(items):
                 if filed is not None and label is None:
                     unscored.add(filed)
@@ -866,6 +871,9 @@ def run(
                     ys = session.step(got[0][1][2])[None]
                 ms = (time.perf_counter() - t0) * 1e3  # resize and normalise included; stats time the graph
                 call_ms.append(ms / len(got))
+                for i, _ in got:
+                    if (behind := pace.took(i, playing[i], time.monotonic())) is not None:
+                        shown.print(f"[yellow]{escape(behind)}[/]")
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
                 predicted = session.has_output
                 stop = False
@@ -937,6 +945,10 @@ def run(
         table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
+    for name, sent, taken in pace.rates().values():  # a camera: whether the run kept up with it
+        kept = taken >= KEEP_UP * sent
+        table.add_row(f"{name} frame rate", ("" if kept else "[yellow]") + f"sends {sent:g} fps, the run took "
+                      f"{taken:.1f}" + ("" if kept else " (fell behind)[/]"))
     if staged:  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:

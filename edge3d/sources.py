@@ -99,6 +99,87 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
         cap.release()
 
 
+class LiveFrames:
+    """A live source's frames (as :func:`capture_frames` gives them) and the rate it sends them at.
+
+    A camera does not wait for the model: when the model takes fewer frames a second than the camera
+    sends, the rest queue up (an RTSP stream's buffers: the predictions fall further and further
+    behind the scene) or are dropped by the driver (the model then sees a lower frame rate than the
+    camera's, and a temporal model's motion per frame changes). `edge3d run` compares the rate it
+    took frames at with ``fps`` and says so; ``fps`` is None where the source does not report a
+    plausible one (RTSP streams sometimes report 90000, their clock).
+    """
+
+    def __init__(self, cap: Any, name: str) -> None:
+        fps = float(cap.get(_cv2().CAP_PROP_FPS) or 0) if hasattr(cap, "get") else 0.0
+        self.fps: float | None = fps if 1 <= fps <= MAX_LIVE_FPS else None
+        self.name = name
+        self._frames = capture_frames(cap, lost=name)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, None]]:
+        return self._frames
+
+    def __next__(self) -> tuple[np.ndarray, None]:
+        return next(self._frames)
+
+    def close(self) -> None:
+        self._frames.close()  # releases the capture
+
+
+MAX_LIVE_FPS = 240  # above this a reported rate is a stream's clock, not its frames
+RATE_WINDOW_S = 5.0  # the span over which the rate frames are taken at is compared with a live source's
+KEEP_UP = 0.9  # taking fewer than this share of a live source's frames a second is falling behind
+
+
+class KeepingUp:
+    """Whether a run takes each live source's frames as fast as the source sends them.
+
+    Fed one call per frame taken; the rate is measured over windows of ``RATE_WINDOW_S`` from the
+    first frame (a camera's start-up is not counted), and a source is named once, the first time a
+    window falls under ``KEEP_UP`` of its rate. A file is read as fast as the model goes and is never named.
+    """
+
+    def __init__(self, taker: str = "the run") -> None:
+        self.taker = taker  # who took the frames, as the sentence names it
+        self._seen: dict[int, list[float]] = {}  # stream -> [first t, window t, frames at window t, frames, last t]
+        self.sources: dict[int, LiveFrames] = {}
+        self.worst: dict[int, float] = {}
+
+    def took(self, stream: int, source: Any, now: float) -> str | None:
+        """Record a frame of ``stream`` taken at ``now``; return the sentence to say, once, when it falls behind."""
+        if not isinstance(source, LiveFrames) or source.fps is None:
+            return None
+        self.sources[stream] = source
+        seen = self._seen.get(stream)
+        if seen is None:
+            self._seen[stream] = [now, now, 1, 1, now]
+            return None
+        seen[3] += 1
+        seen[4] = now
+        if now - seen[1] < RATE_WINDOW_S:
+            return None
+        rate = (seen[3] - seen[2]) / (now - seen[1])
+        seen[1], seen[2] = now, seen[3]
+        if rate >= KEEP_UP * source.fps:
+            return None
+        first = stream not in self.worst
+        self.worst[stream] = min(rate, self.worst.get(stream, rate))
+        if not first:
+            return None
+        return (f"{source.name} sends {source.fps:g} frames a second and {self.taker} took {rate:.1f}: the frames it "
+                "cannot take queue up, and its predictions fall behind the scene, or the camera drops them, and "
+                "the model sees a lower frame rate than the camera's; lighten the model (--profile int8-cpu, a "
+                "smaller --width or --size) or lower the camera's frame rate.")
+
+    def rates(self) -> dict[int, tuple[str, float, float]]:
+        """Per live stream with a known rate: its name, the rate it sends and the rate the run took overall."""
+        out = {}
+        for i, (first, _, _, frames, last) in self._seen.items():
+            if frames > 1 and last > first:
+                out[i] = (self.sources[i].name, self.sources[i].fps, (frames - 1) / (last - first))
+        return out
+
+
 def stream_scheme(spec: str) -> str | None:
     """The scheme of a network source (``rtsp`` of ``rtsp://cam/1``), else None."""
     m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", spec)
@@ -143,7 +224,7 @@ def _open_gstreamer(pipeline: str, lost: str) -> Iterator[tuple[np.ndarray, None
     if not cap.isOpened():
         raise ValueError(f"{lost} cannot be opened by OpenCV's GStreamer; try it with gst-launch-1.0 (a fakesink "
                          "in place of appsink) to see which element fails.")
-    return capture_frames(cap, lost=lost)
+    return LiveFrames(cap, lost)
 
 
 def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
@@ -157,7 +238,7 @@ def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
     from urllib.parse import urlparse
 
     a_file = scheme in ("http", "https") and Path(urlparse(spec).path).suffix.lower() in VIDEO_SUFFIXES
-    return capture_frames(cap, lost=None if a_file else f"stream {shown}")
+    return capture_frames(cap) if a_file else LiveFrames(cap, f"stream {shown}")
 
 
 def open_source(spec: str, frame_size: int = 112,
@@ -186,7 +267,7 @@ def open_source(spec: str, frame_size: int = 112,
         cap = _cv2().VideoCapture(int(index))
         if not cap.isOpened():
             raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
-        return capture_frames(cap, lost=f"camera {index}")
+        return LiveFrames(cap, f"camera {index}")
     path = Path(spec)
     # os.path's tests, not Path's: a spec too long for a file name (a long GStreamer pipeline, say)
     # raises "File name too long" from Path.is_dir() before Python 3.12

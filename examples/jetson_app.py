@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from edge3d.runtime.manifest import output_map
 
     from edge3d.signals import sigterm_as_interrupt
-    from edge3d.sources import SourceLost, frame_rounds, labels_apply, redact
+    from edge3d.sources import KeepingUp, SourceLost, frame_rounds, labels_apply, redact
 
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [0] * len(sources)
     shown = ["no output yet"] * len(sources)
     lost = ""
+    pace = KeepingUp("the app")  # a camera that sends more frames than the app takes is said, once
     t_start = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
                 predicted = session.has_output  # a multi-rate model's first frames: none
                 ms = session.stats.ms[-1]
                 n += 1
+                for i, _ in got:
+                    if (behind := pace.took(i, cameras[i], time.monotonic())) is not None:
+                        print(f"warning: {behind}", file=sys.stderr, flush=True)
                 quit_key = False
                 for (i, (rgb, label)), y in zip(got, ys, strict=True):
                     idx, name, score = session.top(y) if predicted and not is_map else (None, None, None)
@@ -199,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
               f"app {rate:.1f} fps{acc}", flush=True)
+    for name, sent, taken in pace.rates().values():
+        print(f"{name}: sends {sent:g} fps, the app took {taken:.1f}", flush=True)
     if lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1

@@ -1900,6 +1900,72 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_f
     assert res.exit_code == 1 and "camera 3 stopped delivering frames after 11 frames" in res.output, res.output
 
 
+def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``cv2.VideoCapture(...)`` a camera that reports ``fps`` and whose reads take ``wait`` seconds: 0 is
+    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with."""
+    import time
+
+    import cv2
+
+    class Camera:
+        def isOpened(self) -> bool:
+            return True
+
+        def get(self, prop: int) -> float:
+            return fps if prop == cv2.CAP_PROP_FPS else 0.0
+
+        def read(self):
+            time.sleep(wait)
+            return True, np.full((48, 64, 3), 90, np.uint8)
+
+        def release(self) -> None:
+            pass
+
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *a: Camera())
+
+
+def test_cli_run_says_when_it_cannot_keep_up_with_a_camera(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A camera does not wait for the model: frames the model cannot take queue up (an RTSP stream's
+    predictions fall further behind the scene) or are dropped (the model sees a lower frame rate than the
+    camera's), and the run said nothing. A camera that sends faster than a slowed step takes its frames is
+    named, once, and the summary gives both rates; one the run keeps up with is only reported."""
+    pytest.importorskip("cv2")
+    import time
+
+    from edge3d.runtime import Session
+
+    from edge3d import sources
+
+    art, _ = tiny_artifact
+
+    monkeypatch.setattr(sources, "RATE_WINDOW_S", 0.3)
+    step = Session.step
+
+    def slow_step(self, frame, stream=0):  # a model that takes 10 ms a frame, whatever this machine is
+        time.sleep(0.01)
+        return step(self, frame, stream)
+
+    monkeypatch.setattr(Session, "step", slow_step)
+    camera_sending(200.0, 0.0, monkeypatch)  # frames queued: each read returns at once
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:2", "--frames", "80"], terminal_width=400)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0, res.output
+    found = re.search(r"camera 2 sends 200 frames a second and the run took ([\d.]+): the frames it cannot take "
+                      r"queue up", said)
+    assert found and float(found[1]) < 100 and said.count("sends 200 frames a second") == 1, said  # said once
+    found = re.search(r"camera 2 frame rate │ sends 200 fps, the run took ([\d.]+) \(fell", said)  # "behind)" may wrap
+    assert found and float(found[1]) < 100, said
+    monkeypatch.setattr(Session, "step", step)
+    camera_sending(20.0, 0.05, monkeypatch)  # each read waits for the next frame
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:2", "--frames", "25"], terminal_width=400)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "frames a second and the run took" not in said, said
+    found = re.search(r"camera 2 frame rate │ sends 20 fps, the run took ([\d.]+) │", said)
+    assert found and 18 <= float(found[1]) <= 21, said
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "5"], terminal_width=400)
+    assert res.exit_code == 0 and "frame rate" not in res.output  # not a camera: read as fast as the model goes
+
+
 def test_a_live_source_rides_out_failed_reads_and_is_lost_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
     """An RTSP camera drops a read now and then, and a USB camera fails its first reads while it starts:
     one failed read ended the run (and a service's restart lost every stream's state). A capture that

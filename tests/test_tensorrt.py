@@ -572,6 +572,33 @@ def test_jetson_app_says_when_the_camera_stops(artifact, clip, monkeypatch, caps
         assert capsys.readouterr().err == f"error: {flag} must be at least 1, got {value}.\n"
 
 
+def test_jetson_app_says_when_it_cannot_keep_up_with_a_camera(artifact, monkeypatch, capsys):
+    """A camera app falling behind its camera lags the scene, or sees a lower frame rate than the camera's;
+    it says so once, on stderr, and its closing lines give both rates."""
+    import time
+
+    from edge3d.runtime import Session
+    from test_export_runtime import camera_sending
+
+    from edge3d import sources
+
+    monkeypatch.setattr(sources, "RATE_WINDOW_S", 0.3)
+    step = Session.step
+    monkeypatch.setattr(Session, "step", lambda self, frame, stream=0: (time.sleep(0.01), step(self, frame, stream))[1])
+    camera_sending(200.0, 0.0, monkeypatch)
+    sys.path.insert(0, str(APP.parent))
+    try:
+        import jetson_app
+    finally:
+        sys.path.pop(0)
+    code = jetson_app.main([str(artifact), "--source", "camera:1", "--backend", "onnxruntime", "--headless",
+                            "--frames", "80"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert out.err.count("warning: camera 1 sends 200 frames a second and the app took ") == 1, out.err
+    assert re.search(r"^camera 1: sends 200 fps, the app took [\d.]+$", out.out, re.M), out.out
+
+
 def test_jetson_app_stops_cleanly_on_sigterm(artifact):
     """`systemctl stop` sends SIGTERM: the app ends as on Ctrl-C, with its closing line and exit 0."""
     import signal
