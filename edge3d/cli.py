@@ -740,7 +740,6 @@ def run(
     from .runtime import Session
     from .signals import Terminated, sigterm_as_interrupt
     from .sources import (
-        KEEP_UP,
         KeepingUp,
         SourceLost,
         clip_class,
@@ -945,10 +944,9 @@ def run(
         table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
-    for name, sent, taken in pace.rates().values():  # a camera: whether the run kept up with it
-        kept = taken >= KEEP_UP * sent
-        table.add_row(f"{name} frame rate", ("" if kept else "[yellow]") + f"sends {sent:g} fps, the run took "
-                      f"{taken:.1f}" + ("" if kept else " (fell behind)[/]"))
+    for i, line in pace.rates().items():  # a camera: whether the run kept up with it
+        table.add_row(f"{escape(pace.sources[i].name)} frame rate",
+                      f"[yellow]{escape(line)}[/]" if i in pace.worst else escape(line))
     if staged:  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:

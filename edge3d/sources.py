@@ -114,13 +114,18 @@ class LiveFrames:
         fps = float(cap.get(_cv2().CAP_PROP_FPS) or 0) if hasattr(cap, "get") else 0.0
         self.fps: float | None = fps if 1 <= fps <= MAX_LIVE_FPS else None
         self.name = name
+        self.waited_s = 0.0  # time spent in reads: waiting for the camera, or decoding
         self._frames = capture_frames(cap, lost=name)
 
-    def __iter__(self) -> Iterator[tuple[np.ndarray, None]]:
-        return self._frames
+    def __iter__(self) -> LiveFrames:
+        return self
 
     def __next__(self) -> tuple[np.ndarray, None]:
-        return next(self._frames)
+        t0 = time.perf_counter()
+        try:
+            return next(self._frames)
+        finally:
+            self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
         self._frames.close()  # releases the capture
@@ -129,6 +134,7 @@ class LiveFrames:
 MAX_LIVE_FPS = 240  # above this a reported rate is a stream's clock, not its frames
 RATE_WINDOW_S = 5.0  # the span over which the rate frames are taken at is compared with a live source's
 KEEP_UP = 0.9  # taking fewer than this share of a live source's frames a second is falling behind
+WAITING = 0.5  # ... unless reads took this share of the time: then the source sent fewer than it reports
 
 
 class KeepingUp:
@@ -136,12 +142,17 @@ class KeepingUp:
 
     Fed one call per frame taken; the rate is measured over windows of ``RATE_WINDOW_S`` from the
     first frame (a camera's start-up is not counted), and a source is named once, the first time a
-    window falls under ``KEEP_UP`` of its rate. A file is read as fast as the model goes and is never named.
+    window falls under ``KEEP_UP`` of its rate while the reads took under ``WAITING`` of the window's
+    time. A reader that keeps up spends its spare time blocked in reads, waiting for the next frame;
+    one that has fallen behind finds frames queued and spends little. The rate alone named a webcam
+    that halves its rate in dim light, reporting 30 fps while sending 15, as the model falling behind.
+    A file is read as fast as the model goes and is never named.
     """
 
     def __init__(self, taker: str = "the run") -> None:
         self.taker = taker  # who took the frames, as the sentence names it
-        self._seen: dict[int, list[float]] = {}  # stream -> [first t, window t, frames at window t, frames, last t]
+        # stream -> [first t, window t, frames at window t, frames, last t, read time at window t]
+        self._seen: dict[int, list[float]] = {}
         self.sources: dict[int, LiveFrames] = {}
         self.worst: dict[int, float] = {}
 
@@ -152,15 +163,16 @@ class KeepingUp:
         self.sources[stream] = source
         seen = self._seen.get(stream)
         if seen is None:
-            self._seen[stream] = [now, now, 1, 1, now]
+            self._seen[stream] = [now, now, 1, 1, now, source.waited_s]
             return None
         seen[3] += 1
         seen[4] = now
         if now - seen[1] < RATE_WINDOW_S:
             return None
         rate = (seen[3] - seen[2]) / (now - seen[1])
-        seen[1], seen[2] = now, seen[3]
-        if rate >= KEEP_UP * source.fps:
+        waiting = (source.waited_s - seen[5]) / (now - seen[1])
+        seen[1], seen[2], seen[5] = now, seen[3], source.waited_s
+        if rate >= KEEP_UP * source.fps or waiting >= WAITING:
             return None
         first = stream not in self.worst
         self.worst[stream] = min(rate, self.worst.get(stream, rate))
@@ -171,12 +183,17 @@ class KeepingUp:
                 "the model sees a lower frame rate than the camera's; lighten the model (--profile int8-cpu, a "
                 "smaller --width or --size) or lower the camera's frame rate.")
 
-    def rates(self) -> dict[int, tuple[str, float, float]]:
-        """Per live stream with a known rate: its name, the rate it sends and the rate the run took overall."""
+    def rates(self) -> dict[int, str]:
+        """Per live stream with a known rate: a line giving the rate it sends, the rate taken overall, and
+        why they differ where they do (the reader fell behind, or the source sent fewer than it reports)."""
         out = {}
-        for i, (first, _, _, frames, last) in self._seen.items():
+        for i, (first, _, _, frames, last, _) in self._seen.items():
             if frames > 1 and last > first:
-                out[i] = (self.sources[i].name, self.sources[i].fps, (frames - 1) / (last - first))
+                sent, taken = self.sources[i].fps, (frames - 1) / (last - first)
+                why = (" (fell behind)" if i in self.worst else
+                       f" (waiting for {self.sources[i].name}: it sent fewer than it reports)"
+                       if taken < KEEP_UP * sent else "")
+                out[i] = f"sends {sent:g} fps, {self.taker} took {taken:.1f}{why}"
         return out
 
 

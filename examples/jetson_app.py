@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
               f"app {rate:.1f} fps{acc}", flush=True)
-    for name, sent, taken in pace.rates().values():
-        print(f"{name}: sends {sent:g} fps, the app took {taken:.1f}", flush=True)
+    for i, line in pace.rates().items():
+        print(f"{pace.sources[i].name}: {line}", flush=True)
     if lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1

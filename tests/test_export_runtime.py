@@ -1962,6 +1962,13 @@ def test_cli_run_says_when_it_cannot_keep_up_with_a_camera(tiny_artifact, monkey
     assert res.exit_code == 0 and "frames a second and the run took" not in said, said
     found = re.search(r"camera 2 frame rate │ sends 20 fps, the run took ([\d.]+) │", said)
     assert found and 18 <= float(found[1]) <= 21, said
+    # a webcam in dim light reports 30 fps and sends 15: the run waits in its reads, so the model is not behind
+    camera_sending(30.0, 1 / 15, monkeypatch)
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:2", "--frames", "25"], terminal_width=400)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "frames a second and the run took" not in said, said
+    found = re.search(r"camera 2 frame rate │ sends 30 fps, the run took ([\d.]+) \(waiting", said)  # the rest wraps
+    assert found and 13 <= float(found[1]) <= 16, said
     res = CliRunner().invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "5"], terminal_width=400)
     assert res.exit_code == 0 and "frame rate" not in res.output  # not a camera: read as fast as the model goes
 
