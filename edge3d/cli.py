@@ -348,7 +348,7 @@ def inspect(
         f, per_frame = m["frame"], m["output"]["shape"][1:]
         rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')})"),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
-                 if output_map(m) else f"{math.prod(per_frame)} classes")]
+                 if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
         if "step_check" in model_entry:  # artifacts from before the check: no row
             rows.append((f"step check, {check['frames']} random frames", _step_check_text(check)) if check
                         else ("step check", "not checked (--no-verify)"))
@@ -663,6 +663,15 @@ def _labels_named(labels: Path | None, model: str) -> Iterator[None]:
             raise
         raise ValueError(f"--labels {labels} names {e.given} classes and {model} has {e.outputs}; give one name per "
                          "class, in output order (--classes sets the count where the model takes it).") from e
+
+
+def _class_names_text(manifest: dict[str, Any], shown: int = 3) -> str:
+    """Whether the classes are named, and the first few names: unnamed, `run` prints only indices."""
+    names = manifest["output"].get("classes")
+    if not names:
+        return "unnamed (export --labels FILE names them)"
+    more = f", ... {names[-1]}" if len(names) > shown + 1 else "".join(f", {n}" for n in names[shown:])
+    return "named " + ", ".join(names[:shown]) + more
 
 
 def _same_model(a: str, b: str) -> bool:

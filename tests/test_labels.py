@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,11 @@ from edge3d.labels import read_labels
 
 TINY_FLAGS = ["--width", "0.125", "--size", "32"]
 UCF = ["ApplyEyeMakeup", "ApplyLipstick", "Archery"]
+
+
+def _unwrapped(output: str) -> str:
+    """A two-column table's text on one line, a value that wrapped onto the next row joined up."""
+    return re.sub(r" │ │ │ ", " ", " ".join(output.split()))
 
 
 @pytest.mark.parametrize("name, text, want", [
@@ -73,6 +79,8 @@ def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_f
     assert res.exit_code == 0, res.output
     manifest = json.loads(Path("out/d-resnet18.edge3d/manifest.json").read_text())
     assert manifest["output"]["classes"] == UCF and manifest["output"]["shape"] == ["N", 3]
+    said = _unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
+    assert "3 classes, named ApplyEyeMakeup, ApplyLipstick, Archery" in said, said  # inspect shows they are named
     rng = np.random.default_rng(0)
     for cls in UCF[:2]:
         clip = Path("ucf", cls, f"v_{cls}_g01_c01")
@@ -103,6 +111,8 @@ def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path
     assert not Path("out").exists()  # refused before anything was written
     res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--no-verify"])
     assert res.exit_code == 0
+    said = _unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
+    assert "600 classes, unnamed (export --labels FILE names them)" in said, said
     res = CliRunner().invoke(app, ["export", "out/d-resnet18.edge3d", "--labels", "two.txt", "--profile", "fp16"])
     assert res.exit_code == 2 and "--labels applies to a model" in " ".join(res.output.split())
 
