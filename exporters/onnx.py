@@ -199,6 +199,9 @@ def weight_bytes(path: Path) -> int:
                    for t in model.graph.initializer))
 
 
+LABEL_SUFFIXES = {".txt", ".csv", ".json", ".names", ".labels"}  # a string ending so is a label file's path
+
+
 class ClassCountError(ValueError):
     """Class names whose count is not the model's: ``edge3d export --labels`` names the file with both counts."""
 
@@ -395,7 +398,10 @@ def export_artifact(
         mean = getattr(own, "frame_mean", None) if mean is None else mean
         std = getattr(own, "frame_std", None) if std is None else std
         classes = getattr(own, "class_names", None) if classes is None else classes
-        if isinstance(classes, (str, os.PathLike)):  # a label file, as `edge3d export --labels` takes
+        # a label file, as `edge3d export --labels` takes; a string that names no file and does not look like
+        # a path ("abcde", one name, or names run together) is refused below as not a list of names
+        if isinstance(classes, os.PathLike) or (isinstance(classes, str) and (
+                os.path.isfile(classes) or os.sep in classes or Path(classes).suffix.lower() in LABEL_SUFFIXES)):
             from ..labels import read_labels
 
             classes = read_labels(classes)

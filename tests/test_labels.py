@@ -122,3 +122,7 @@ def test_export_artifact_takes_a_label_file_from_python(tmp_path: Path) -> None:
     model = randomize(zoo.build("d-resnet18", **{**TINY, "num_classes": 3}), seed=3)
     art = export_artifact(model, tmp_path, "m", frame_size=32, classes=tmp_path / "labels.json", verify=False)
     assert json.loads((art / "manifest.json").read_text())["output"]["classes"] == ["wave", "swipe", "none"]
+    with pytest.raises(ValueError, match="labels file .*absent.txt does not exist"):  # a path as a string, too
+        export_artifact(model, tmp_path, "m", frame_size=32, classes=str(tmp_path / "absent.txt"), verify=False)
+    with pytest.raises(ValueError, match="classes must be a list of class names"):  # not a path: not read as one
+        export_artifact(model, tmp_path, "m", frame_size=32, classes="wave", verify=False)
