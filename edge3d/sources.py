@@ -180,8 +180,8 @@ class KeepingUp:
             return None
         return (f"{source.name} sends {source.fps:g} frames a second and {self.taker} took {rate:.1f}: the frames it "
                 "cannot take queue up, and its predictions fall behind the scene, or the camera drops them, and "
-                "the model sees a lower frame rate than the camera's; lighten the model (--profile int8-cpu, a "
-                "smaller --width or --size) or lower the camera's frame rate.")
+                "the model sees a lower frame rate than the camera's; lighten the model (a lower precision with "
+                "--profile, a smaller --width or --size at export) or lower the camera's frame rate.")
 
     def rates(self) -> dict[int, str]:
         """Per live stream with a known rate: a line giving the rate it sends, the rate taken overall, and
