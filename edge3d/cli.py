@@ -741,6 +741,9 @@ def run(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="ONNX Runtime intra-op threads (default: one per core); fewer leave cores to the "
                           "video decoder or other processes.")] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", help="Also write each frame's K most likely classes (top_k in the JSON lines) and, on a "
+                        "labelled source, the top-K accuracy, as Kinetics and UCF101 results quote top-5.")] = 1,
 ) -> None:
     """Stream a video, camera or the synthetic gesture source through an artifact."""
     import numpy as np
@@ -771,7 +774,16 @@ def run(
         raise ValueError(f"--source {twice} is given {specs.count(twice)} times, and a camera device feeds one "
                          "reader; give each camera once.")
     shown = err_console if to_stdout else console
+    if isinstance(top_k, bool) or top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}.")
     session = Session(artifact, profile=profile, backend=backend, threads=threads, streams=len(specs))
+    classes_out = int(np.prod(session.manifest["output"]["shape"][1:]))
+    if top_k > 1 and (output_map(session.manifest) is not None or top_k > classes_out):
+        session.close()
+        raise ValueError("--top-k ranks the classes of a class vector, and this artifact's output is a map (a class "
+                         "at every position); drop --top-k." if output_map(session.manifest) is not None else
+                         f"--top-k {top_k} asks for more classes than the artifact's {classes_out}; pass at most "
+                         f"--top-k {classes_out}.")
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
     size = session.manifest["frame"]["height"]
     # the synthetic source never ends: 300 frames unless told otherwise
@@ -799,6 +811,7 @@ def run(
     counts = [0] * len(specs)  # frames per stream
     videos = [0] * len(specs)
     correct = [0] * len(specs)
+    correct_k = [0] * len(specs)  # the label among the top K (--top-k)
     labelled = [0] * len(specs)
     last_top: list[str | None] = [None] * len(specs)  # each stream's latest top class, for the live line
     clip_verdicts: dict[tuple[int, str], bool] = {}  # per labelled clip: whether its last prediction was its class
@@ -837,7 +850,8 @@ def run(
                ms: float) -> dict[str, Any]:
         """Score stream i's frame and return its JSON line."""
         nonlocal nonfinite, first_nonfinite, unpredicted
-        idx, cls, score = session.top(y) if predicted and not is_map else (None, None, None)
+        ranked = session.top_k(y, top_k) if predicted and not is_map else []
+        idx, cls, score = ranked[0] if ranked else (None, None, None)
         unpredicted += not predicted
         if predicted and not np.isfinite(y).all():
             nonfinite += 1
@@ -846,6 +860,7 @@ def run(
         if label is not None and predicted:
             labelled[i] += 1
             correct[i] += int(idx == label)
+            correct_k[i] += int(any(r[0] == label for r in ranked))
             clip_verdicts[(i, video or specs[i])] = idx == label  # until the clip's last frame
         last_top[i] = (f"{map_shape} map" if is_map and predicted else
                        f"[bold]{escape(cls)}[/] ({score:.2f})" if predicted else None)
@@ -856,6 +871,8 @@ def run(
         else:
             rec.update({"frame": counts[i], "top": idx, "class": cls,
                         "score": None if score is None else round(score, 5), "ms": round(ms, 3)})
+            if top_k > 1:  # most likely first, the top class included: [index, class, score] each
+                rec["top_k"] = [[r[0], r[1], round(r[2], 5)] for r in ranked] if ranked else None
         if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
             rec["fresh"] = session.last_fresh
         if video is not None:  # one of several clips: which, and the frame's place in it
@@ -980,13 +997,17 @@ def run(
             table.add_row(f"stream {i}", f"{escape(redact(spec))}: {counts[i]} frames{acc}")
     if sum(labelled):
         table.add_row("per-frame accuracy", f"{100 * sum(correct) / sum(labelled):.1f}% of {sum(labelled)}")
+        if top_k > 1:
+            table.add_row(f"per-frame top-{top_k} accuracy", f"{100 * sum(correct_k) / sum(labelled):.1f}% of "
+                          f"{sum(labelled)}")
     verdicts = [v for clip, v in clip_verdicts.items() if clip in whole]
     if clips > len(specs) and verdicts:  # a folder of one folder per class: the prediction each clip ends on
         table.add_row("per-clip accuracy (its last frame)",
                       f"{100 * sum(verdicts) / len(verdicts):.1f}% of {len(verdicts)} clips")
     if unscored and not is_map:
         names = sorted(unscored, key=str.lower)
-        why = "not among this artifact's classes" if session.classes else "this artifact has no class names"
+        why = ("not among this artifact's classes" if session.classes else
+               "this artifact has no class names (export --labels FILE names them)")
         table.add_row("[yellow]not scored[/]", f"[yellow]clips in {', '.join(map(escape, names[:4]))}"
                       f"{', ...' if len(names) > 4 else ''}: {why}[/]")
     if output:

@@ -387,6 +387,14 @@ class Session:
 
     def top(self, output: np.ndarray) -> tuple[int, str, float]:
         """Top class of one output vector: (index, name, softmax score)."""
+        return self.top_k(output, 1)[0]
+
+    def top_k(self, output: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
+        """The ``k`` most likely classes of one output vector, most likely first: (index, name, softmax
+        score) each. Kinetics and UCF101 results are quoted as top-1 and top-5 accuracy; a near tie
+        between two classes also shows here, where the top class alone hides it."""
+        if not is_positive_int(k):
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
         positions = output_map(self.manifest)
         if positions is not None:  # a class per position: one for the frame would be a pixel's
             shape = "×".join(map(str, self.manifest["output"]["shape"][1:]))
@@ -403,10 +411,12 @@ class Session:
         if o.size != size:  # another model's output would be named with this one's classes
             raise ValueError(f"top() got {o.size} values, but this artifact's output has {size}; pass the output "
                              "of this session's step().")
-        i = int(o.argmax())
         p = np.exp(o - o.max())
-        name = self.classes[i] if self.classes and i < len(self.classes) else str(i)
-        return i, name, float(p[i] / p.sum())
+        p /= p.sum()
+        # the first of equal scores first, and a NaN before any number, as argmax takes them
+        order = np.argsort(np.where(np.isnan(o), -np.inf, -o), kind="stable")[:k]
+        return [(int(i), self.classes[i] if self.classes and i < len(self.classes) else str(int(i)), float(p[i]))
+                for i in order]
 
     @serialised
     def close(self) -> None:

@@ -89,15 +89,15 @@ class StagedSession(Session):
         before that, ``step`` returns zeros, which are no prediction."""
         return self._t >= self._stages[-1]["rate"]
 
-    def top(self, output: np.ndarray) -> tuple[int, str, float]:
-        """As :meth:`Session.top`, refused before the first output: the zeros ``step`` returns then
+    def top_k(self, output: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
+        """As :meth:`Session.top_k`, refused before the first output: the zeros ``step`` returns then
         would name the first class at a uniform score, a prediction the model never made."""
         if not self.has_output:
             rate = self._stages[-1]["rate"]
             raise ValueError(f"this multi-rate session has no prediction yet: its slowest stage first runs on "
                              f"frame {rate} of each clip, counting from 1, and until then step returns zeros; call "
                              "top() once has_output is True.")
-        return super().top(output)
+        return super().top_k(output, k)
 
     @serialised
     def reset(self, stream: int | None = None) -> None:

@@ -542,6 +542,11 @@ def test_a_model_with_a_map_per_frame_exports_runs_and_compares_per_position(use
     assert len(lines) == 24 and all("top" not in x and "class" not in x for x in lines)
     np.testing.assert_allclose([x["max"] for x in lines], [e.max() for e in expected], rtol=1e-5)
     np.testing.assert_allclose([x["mean"] for x in lines], [e.mean() for e in expected], rtol=1e-4, atol=1e-6)
+    res = runner.invoke(app, ["run", str(art), "--source", str(images), "--top-k", "2"], terminal_width=200)
+    assert res.exit_code == 2 and "--top-k ranks the classes of a class vector, and this artifact's output is a " \
+        "map" in " ".join(res.output.split()), res.output
+    with Session(art) as s, pytest.raises(ValueError, match="is a 3×20×20 map per frame"):
+        s.top_k(s.step(rgb[0]), 2)
 
     res = runner.invoke(app, ["compare", str(art), "--profiles", "fp32,int8", "--source", str(images),
                               "-o", str(tmp_path / "cmp")], terminal_width=200)

@@ -248,3 +248,46 @@ def test_a_folder_of_one_folder_per_class_is_scored_per_frame_and_per_clip(artif
     # calibration reads the same labels through streams_of, and ignores them
     _, streams = streams_of(str(root), 112, list(gestures.classes))
     assert [[lab for _, lab in items] for _, items in streams] == [[label] * len(f) for _, label, f in clips]
+
+
+def test_run_top_k_ranks_each_frame_and_scores_the_top_k_accuracy(artifact, tmp_path, monkeypatch) -> None:
+    """Kinetics and UCF101 results are quoted as top-1 and top-5: `run --top-k 3` writes each frame's three
+    most likely classes, ranked as Session.top_k ranks them, and the share of labelled frames whose label
+    is among them, which cannot be below the top-1 accuracy."""
+    import re
+
+    from edge3d.runtime import Session
+    from typer.testing import CliRunner
+
+    from edge3d import cli
+    from edge3d.cli import app
+
+    monkeypatch.setattr(cli.console, "width", 200)
+    preds = tmp_path / "p.jsonl"
+    result = CliRunner().invoke(app, ["run", str(artifact), "--source", "synthetic:8", "--frames", "120",
+                                      "--top-k", "3", "--output", str(preds)])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    s = Session(artifact)
+    frames = [f for f, _ in zip(gestures.iter_stream(8, frame_size=112), range(120), strict=False)]
+    hits = 0
+    for rec, (frame, label) in zip(lines, frames, strict=True):
+        want = s.top_k(s.step(frame), 3)
+        assert [r[0] for r in rec["top_k"]] == [w[0] for w in want] and rec["top_k"][0][0] == rec["top"]
+        assert [r[1] for r in rec["top_k"]] == [w[1] for w in want] and rec["label"] == label
+        scores = [r[2] for r in rec["top_k"]]
+        assert scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-4
+        hits += label in [r[0] for r in rec["top_k"]]
+    top1 = float(re.search(r"per-frame accuracy\s+│\s+([\d.]+)% of 120", result.output)[1])
+    top3 = float(re.search(r"per-frame top-3 accuracy\s+│\s+([\d.]+)% of 120", result.output)[1])
+    assert top3 == pytest.approx(100 * hits / 120, abs=0.05) and top3 >= top1
+    y = s.step(frames[0][0])
+    everything = s.top_k(y, 9)  # every class once, the scores a softmax over them
+    assert sorted(r[0] for r in everything) == list(range(9)) and sum(r[2] for r in everything) == pytest.approx(1)
+    assert s.top(y) == everything[0] == s.top_k(y, 1)[0]
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="k must be a positive integer"):
+            s.top_k(y, bad)
+    result = CliRunner().invoke(app, ["run", str(artifact), "--frames", "2", "--top-k", "10"])
+    assert result.exit_code == 2 and "--top-k 10 asks for more classes than the artifact's 9; pass at most " \
+        "--top-k 9." in result.output
