@@ -501,8 +501,7 @@ def export(
     if in_place:
         _refuse_model_flags(model, [("-o", out), ("--checkpoint", checkpoint), ("--classes", classes),
                                     ("--size", size), ("--width", width), ("--head", head), ("--name", name),
-                                    ("--channels", channels), ("--no-lower", no_lower), ("--no-verify", no_verify),
-                                    ("--labels", labels)],
+                                    ("--channels", channels), ("--no-lower", no_lower), ("--no-verify", no_verify)],
                             ", whose precisions are added in place", "export the model again")
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
@@ -529,9 +528,9 @@ def export(
     check_build_flags(streams, dla)
     profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
-    if in_place and not (extra or target == "tensorrt" or triton_repo is not None):
+    if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
-                         "e.g. --profile int8.")
+                         "e.g. --profile int8 (or its classes with --labels FILE).")
     resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
@@ -553,9 +552,20 @@ def export(
     if in_place:
         from .runtime.manifest import load_manifest, require_single_graph
 
-        require_single_graph(load_manifest(model_path), " with ".join(wants))  # a corrupt artifact fails here too
-        with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
-            _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        manifest = load_manifest(model_path)  # a corrupt artifact fails here
+        if wants:
+            require_single_graph(manifest, " with ".join(wants))
+        if class_names is not None:  # first, so that the precisions and repository written next carry them
+            from .exporters.onnx import set_class_names
+
+            with _disk_full(str(model_path), "its graphs were left as they were"), _labels_named(labels, model, ""):
+                set_class_names(model_path, class_names)
+            console.print(f"named the {len(class_names)} classes of [bold]{escape(str(model_path))}[/] from "
+                          f"{escape(str(labels))} (every graph of every precision)")
+        if wants:
+            with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
+                _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,
+                                 triton_repo)
         _say_abandoned(model_path.parent, model_path)
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels,
@@ -652,7 +662,8 @@ def _not_carried_over(folder: Path, profiles: list[str]) -> tuple[list[str], str
 
 
 @contextlib.contextmanager
-def _labels_named(labels: Path | None, model: str) -> Iterator[None]:
+def _labels_named(labels: Path | None, model: str, fix: str = " (--classes sets the count where the model takes "
+                  "it)") -> Iterator[None]:
     """A --labels file of the wrong length is named, with what to change: the export only knew "names"."""
     from .exporters.onnx import ClassCountError
 
@@ -662,7 +673,7 @@ def _labels_named(labels: Path | None, model: str) -> Iterator[None]:
         if labels is None:
             raise
         raise ValueError(f"--labels {labels} names {e.given} classes and {model} has {e.outputs}; give one name per "
-                         "class, in output order (--classes sets the count where the model takes it).") from e
+                         f"class, in output order{fix}.") from e
 
 
 def _class_names_text(manifest: dict[str, Any], shown: int = 3) -> str:

@@ -193,6 +193,50 @@ def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
     onnx.save(model, str(path))
 
 
+def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) -> list[str]:
+    """Name (or rename) an exported artifact's classes in place, without exporting it again.
+
+    The names live in ``manifest.json`` and in the manifest embedded in every graph file, so each
+    precision's graphs (every stage of a multi-rate one) are rewritten and rehashed: a graph whose
+    names disagreed with the folder's would print other names after being copied out of it. Every
+    file is written beside its target first and moved into place after all were written. TensorRT
+    engines hold no names and are kept; a Triton repository written before keeps the old names.
+    """
+    from ..labels import read_labels
+    from ..runtime.manifest import load_manifest
+
+    names = read_labels(classes) if isinstance(classes, (str, os.PathLike)) else classes
+    manifest = load_manifest(folder)
+    path = Path(manifest["_folder"])
+    names = check_classes(names, tuple(manifest["output"]["shape"][1:]))
+    moves: list[tuple[Path, Path]] = []
+    try:
+        for entry in manifest["precisions"].values():
+            files = entry.get("files") or [entry["file"]]
+            digests = []
+            for name in files:
+                model = onnx.load(str(path / name))
+                for prop in model.metadata_props:
+                    if prop.key == METADATA_KEY:
+                        inner = json.loads(prop.value)
+                        inner.setdefault("output", {})["classes"] = names
+                        prop.value = json.dumps(inner, sort_keys=True)
+                tmp = path / f".{name}.labels"
+                moves.append((tmp, path / name))
+                onnx.save(model, str(tmp))
+                digests.append(file_sha256(tmp))
+            entry["sha256"] = digests if "files" in entry else digests[0]
+    except BaseException:
+        for tmp, _ in moves:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, dst in moves:
+        os.replace(tmp, dst)
+    manifest["output"]["classes"] = names
+    write_manifest(path, manifest)
+    return names
+
+
 def weight_bytes(path: Path) -> int:
     model = onnx.load(str(path))
     return int(sum(np.prod(t.dims) * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize

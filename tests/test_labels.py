@@ -113,8 +113,12 @@ def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path
     assert res.exit_code == 0
     said = _unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
     assert "600 classes, unnamed (export --labels FILE names them)" in said, said
+    before = {f.name: f.read_bytes() for f in Path("out/d-resnet18.edge3d").iterdir()}
     res = CliRunner().invoke(app, ["export", "out/d-resnet18.edge3d", "--labels", "two.txt", "--profile", "fp16"])
-    assert res.exit_code == 2 and "--labels applies to a model" in " ".join(res.output.split())
+    said = " ".join(res.output.split())
+    assert res.exit_code == 2 and "--labels two.txt names 2 classes and out/d-resnet18.edge3d has 600; give one " \
+        "name per class, in output order." in said, said
+    assert {f.name: f.read_bytes() for f in Path("out/d-resnet18.edge3d").iterdir()} == before  # nothing written
 
 
 def test_export_artifact_takes_a_label_file_from_python(tmp_path: Path) -> None:
@@ -126,3 +130,42 @@ def test_export_artifact_takes_a_label_file_from_python(tmp_path: Path) -> None:
         export_artifact(model, tmp_path, "m", frame_size=32, classes=str(tmp_path / "absent.txt"), verify=False)
     with pytest.raises(ValueError, match="classes must be a list of class names"):  # not a path: not read as one
         export_artifact(model, tmp_path, "m", frame_size=32, classes="wave", verify=False)
+
+
+@pytest.mark.parametrize("model, flags", [("d-resnet18", ["--classes", "3", "--profile", "fp32,fp16"]),
+                                          ("r3d18-causal", ["--classes", "3"])])  # one graph per stage
+def test_labels_name_an_exported_artifact_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str,
+                                                   flags: list[str]) -> None:
+    """An artifact exported before its names were at hand is named without exporting it again: the manifest
+    and the manifest inside every graph file of every precision (a bare .onnx prints the same names), each
+    file rehashed so the runtime loads it, and the outputs unchanged."""
+    import onnx
+    from edge3d.runtime import Session
+
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["export", model, *TINY_FLAGS, *flags, "-o", "out", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    art = Path("out", f"{model}.edge3d")
+    frames = np.random.default_rng(4).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    manifest = json.loads((art / "manifest.json").read_text())
+    with Session(art) as s:
+        before = [s.step(f) for f in frames]
+    Path("names.txt").write_text("wave\nswipe\nnone\n")
+    res = CliRunner().invoke(app, ["export", str(art), "--labels", "names.txt"])
+    assert res.exit_code == 0 and "named the 3 classes of" in res.output, res.output
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert manifest["output"]["classes"] == ["wave", "swipe", "none"]
+    graphs = [f for e in manifest["precisions"].values() for f in (e.get("files") or [e["file"]])]
+    assert len(graphs) >= 2
+    for name in graphs:
+        inner = json.loads(next(p.value for p in onnx.load(str(art / name)).metadata_props
+                                if p.key == "edge3d.manifest"))
+        assert inner["output"]["classes"] == ["wave", "swipe", "none"], name
+    for profile in manifest["precisions"]:
+        with Session(art, profile=profile) as s:  # every file's new hash is the one recorded
+            after = [s.step(f) for f in frames]
+            if profile == "fp32":
+                assert all(np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+            if s.has_output:
+                assert s.top(after[-1])[1] in ("wave", "swipe", "none")
+    assert not [f for f in art.iterdir() if f.name.startswith(".")]  # no staging file left behind
