@@ -31,6 +31,7 @@ from ..runtime.manifest import (
     ArtifactError,
     is_positive_int,
     load_manifest,
+    output_map,
     precision_entry,
     require_single_graph,
     staging_folder,
@@ -47,6 +48,9 @@ CONTROL_INPUTS = {"sequence_start": "CONTROL_SEQUENCE_START", "sequence_end": "C
                   "sequence_ready": "CONTROL_SEQUENCE_READY", "sequence_id": "CONTROL_SEQUENCE_CORRID"}
 KINDS = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 MANIFEST_COPY = "edge3d_manifest.json"
+# The class names, one per line, for Triton's classification extension: a client asking for the
+# output's top classes ("classification": 5) gets "score:index:name" strings instead of indices.
+LABELS_FILE = "labels.txt"
 
 STRATEGY_NOTE = """\
 # Written by edge3d {version} from artifact {artifact!r} ({what}); regenerate it with
@@ -144,10 +148,13 @@ def build_config(manifest: dict[str, Any], io_path: Path, *, name: str, platform
                                 "manifest nor a sequence control; re-export the artifact.")
         cfg.input.add(name=gname, data_type=mc.DataType.Value(_triton_type(io[0], gname)),
                       dims=_dims(io, gname, where))
+    named = bool(manifest["output"].get("classes")) and output_map(manifest) is None
     for gname, io in outputs.items():
         if gname not in state_out:
-            cfg.output.add(name=gname, data_type=mc.DataType.Value(_triton_type(io[0], gname)),
-                           dims=_dims(io, gname, where))
+            out = cfg.output.add(name=gname, data_type=mc.DataType.Value(_triton_type(io[0], gname)),
+                                 dims=_dims(io, gname, where))
+            if named and gname == manifest["output"].get("name", "output"):
+                out.label_filename = LABELS_FILE
     files: dict[str, np.ndarray] = {}
     for s in manifest["states"]:
         i, o = state_io_names(s["name"])
@@ -177,7 +184,7 @@ def build_config(manifest: dict[str, Any], io_path: Path, *, name: str, platform
 
 
 # What _write_model puts in a model folder; rewriting swaps the whole folder.
-WRITTEN = {"config.pbtxt", MANIFEST_COPY, "1", "initial_state"}
+WRITTEN = {"config.pbtxt", MANIFEST_COPY, LABELS_FILE, "1", "initial_state"}
 
 
 def check_replaceable(model_dir: Path) -> None:
@@ -214,6 +221,9 @@ def _write_model(repo: Path, cfg: Any, header: str, source: Path, model_file: st
             for fname, data in init_files.items():
                 (tmp / "initial_state" / fname).write_bytes(np.ascontiguousarray(data).tobytes())
         (tmp / "config.pbtxt").write_text(header + text_format.MessageToString(cfg))
+        if any(o.label_filename for o in cfg.output):  # one line per class: a newline in a name would shift the rest
+            (tmp / LABELS_FILE).write_text("".join(" ".join(c.splitlines()) + "\n"
+                                                   for c in manifest["output"]["classes"]))
         # The frame spec (resize, normalisation) and class names travel with the model, so a
         # client can preprocess frames without the artifact.
         (tmp / MANIFEST_COPY).write_text(json.dumps({k: v for k, v in manifest.items() if not k.startswith("_")},

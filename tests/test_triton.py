@@ -101,6 +101,28 @@ def test_repository_for_exported_model(stream_artifact: Path, tmp_path: Path) ->
     assert (model_dir / "1" / "model.onnx").read_bytes() == (stream_artifact / "model.fp32.onnx").read_bytes()
     assert json.loads((model_dir / "edge3d_manifest.json").read_text())["states"] == manifest["states"]
     assert "oldest" in (model_dir / "config.pbtxt").read_text().split("name:")[0]  # the why, as a comment
+    assert not cfg.output[0].label_filename and not (model_dir / "labels.txt").exists()  # no names to give
+
+
+def test_named_classes_reach_tritons_classification_extension(stream_artifact: Path, tmp_path: Path) -> None:
+    """A client asking Triton for the output's top classes ("classification": 5) got bare indices: the
+    repository now carries the artifact's class names as the output's label file, one per line, so a
+    name with a line break in it is joined into one line rather than shifting every name after it."""
+    import shutil
+
+    from edge3d.exporters.onnx import set_class_names
+
+    art = tmp_path / "tiny.edge3d"
+    shutil.copytree(stream_artifact, art)
+    names = ["wave", "swipe\nleft", "none", "clap", "point"]
+    set_class_names(art, names)
+    model_dir = write_repository(art, tmp_path / "repo", max_batch=2) / "tiny"
+    manifest = json.loads((art / "manifest.json").read_text())
+    cfg = check_model_dir(model_dir, manifest, model_dir / "1" / "model.onnx",
+                          {x["name"]: mc.TYPE_FP32 for x in manifest["states"]})
+    assert [(o.name, o.label_filename) for o in cfg.output] == [("output", "labels.txt")]
+    assert (model_dir / "labels.txt").read_text().splitlines() == ["wave", "swipe left", "none", "clap", "point"]
+    write_repository(art, tmp_path / "repo", max_batch=2)  # rewriting its own labels file is not refused
 
 
 def test_model_folder_takes_the_umask_so_a_server_running_as_another_user_can_read_it(stream_artifact: Path,
