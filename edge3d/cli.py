@@ -833,7 +833,7 @@ def run(
     call_ms: deque[float] = deque(maxlen=10000)  # the recent window, as Session.stats keeps: a camera runs for days
     interrupted = 0  # the exit code when stopped by a signal
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
-    pace = KeepingUp()  # whether the run takes each camera's frames as fast as it sends them
+    pace = KeepingUp(together=many)  # whether the run takes each camera's frames as fast as it sends them
     playing: list[Any] = [None] * len(specs)  # each stream's current clip (a camera's carries its frame rate)
 
     def write_failed(e: OSError) -> str:

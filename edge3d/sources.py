@@ -149,8 +149,9 @@ class KeepingUp:
     A file is read as fast as the model goes and is never named.
     """
 
-    def __init__(self, taker: str = "the run") -> None:
+    def __init__(self, taker: str = "the run", together: bool = False) -> None:
         self.taker = taker  # who took the frames, as the sentence names it
+        self.together = together  # several sources stepped in rounds of one frame each: the slowest paces all
         # stream -> [first t, window t, frames at window t, frames, last t, read time at window t]
         self._seen: dict[int, list[float]] = {}
         self.sources: dict[int, LiveFrames] = {}
@@ -181,7 +182,9 @@ class KeepingUp:
         return (f"{source.name} sends {source.fps:g} frames a second and {self.taker} took {rate:.1f}: the frames it "
                 "cannot take queue up, and its predictions fall behind the scene, or the camera drops them, and "
                 "the model sees a lower frame rate than the camera's; lighten the model (a lower precision with "
-                "--profile, a smaller --width or --size at export) or lower the camera's frame rate.")
+                "--profile, a smaller --width or --size at export) or lower the camera's frame rate"
+                + ("; with several sources each round takes one frame of each, so the slowest source paces the "
+                   "others: give the cameras one frame rate." if self.together else "."))
 
     def rates(self) -> dict[int, str]:
         """Per live stream with a known rate: a line giving the rate it sends, the rate taken overall, and

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = [0] * len(sources)
     shown = ["no output yet"] * len(sources)
     lost = ""
-    pace = KeepingUp("the app")  # a camera that sends more frames than the app takes is said, once
+    pace = KeepingUp("the app", together=many)  # a camera that sends more frames than the app takes is said, once
     t_start = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0

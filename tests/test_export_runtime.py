@@ -1900,28 +1900,33 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_f
     assert res.exit_code == 1 and "camera 3 stopped delivering frames after 11 frames" in res.output, res.output
 
 
-def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch) -> None:
+def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch,
+                   others: dict[int, tuple[float, float]] | None = None) -> None:
     """Make ``cv2.VideoCapture(...)`` a camera that reports ``fps`` and whose reads take ``wait`` seconds: 0 is
-    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with."""
+    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with. ``others`` gives
+    camera indices their own (fps, wait)."""
     import time
 
     import cv2
 
     class Camera:
+        def __init__(self, fps: float, wait: float) -> None:
+            self.fps, self.wait = fps, wait
+
         def isOpened(self) -> bool:
             return True
 
         def get(self, prop: int) -> float:
-            return fps if prop == cv2.CAP_PROP_FPS else 0.0
+            return self.fps if prop == cv2.CAP_PROP_FPS else 0.0
 
         def read(self):
-            time.sleep(wait)
+            time.sleep(self.wait)
             return True, np.full((48, 64, 3), 90, np.uint8)
 
         def release(self) -> None:
             pass
 
-    monkeypatch.setattr(cv2, "VideoCapture", lambda *a: Camera())
+    monkeypatch.setattr(cv2, "VideoCapture", lambda *a: Camera(*(others or {}).get(a[0], (fps, wait))))
 
 
 def test_cli_run_says_when_it_cannot_keep_up_with_a_camera(tiny_artifact, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1971,6 +1976,14 @@ def test_cli_run_says_when_it_cannot_keep_up_with_a_camera(tiny_artifact, monkey
     assert found and 13 <= float(found[1]) <= 16, said
     res = CliRunner().invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "5"], terminal_width=400)
     assert res.exit_code == 0 and "frame rate" not in res.output  # not a camera: read as fast as the model goes
+    # two cameras stepped in rounds of one frame each: the 20 fps one paces the 200 fps one, whatever the model
+    camera_sending(200.0, 0.0, monkeypatch, others={1: (20.0, 0.05)})
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:0", "--source", "camera:1", "--frames", "25"],
+                             terminal_width=400)
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and said.count("frames a second and the run took") == 1, said
+    assert "camera 0 sends 200 frames a second" in said and "the slowest source paces the others: give the " \
+        "cameras one frame rate." in said, said
 
 
 def test_a_live_source_rides_out_failed_reads_and_is_lost_after_the_grace(monkeypatch: pytest.MonkeyPatch) -> None:
