@@ -40,7 +40,9 @@ def read_labels(path: str | Path) -> list[str]:
         names = _from_lines(text, p)
     if not names:
         raise ValueError(f"labels file {p} holds no class names; put one name per line.")
-    return names
+    # some label maps quote each name inside the string ('"air drumming"': 1, as Kinetics' classnames JSON of
+    # several training repositories does); the quotes are not part of the class's name or its folder's
+    return [n[1:-1].strip() if len(n) >= 2 and n[0] == n[-1] == '"' else n for n in names]
 
 
 def _from_json(text: str, p: Path) -> list[str]:

@@ -37,6 +37,7 @@ def _unwrapped(output: str) -> str:
     ("to_index.json", '{"wave": 1, "swipe": 0, "none": 2}', ["swipe", "wave", "none"]),  # name -> index
     ("from_index.json", '{"1": "wave", "0": "swipe"}', ["swipe", "wave"]),  # index -> name
     ("digits.txt", "3d printing\n10 pin bowling\n", ["3d printing", "10 pin bowling"]),  # not all numbered
+    ("quoted.json", '{"\\"air drumming\\"": 1, "\\"abseiling\\"": 0}', ["abseiling", "air drumming"]),  # quotes inside
 ])
 def test_each_label_layout_reads_in_output_order(tmp_path: Path, name: str, text: str, want: list[str]) -> None:
     path = tmp_path / name
