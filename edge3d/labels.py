@@ -35,7 +35,8 @@ def read_labels(path: str | Path) -> list[str]:
     if p.suffix.lower() == ".json":
         names = _from_json(text, p)
     elif p.suffix.lower() == ".csv":
-        names = _from_rows([row for row in csv.reader(io.StringIO(text)) if any(c.strip() for c in row)], p)
+        names = _from_rows([(n, row) for n, row in enumerate(csv.reader(io.StringIO(text)), 1)
+                            if any(c.strip() for c in row)], p)
     else:
         names = _from_lines(text, p)
     if not names:
@@ -63,14 +64,16 @@ def _from_json(text: str, p: Path) -> list[str]:
                      "(or each index to its name); fix the file.")
 
 
-def _from_rows(rows: list[list[str]], p: Path) -> list[str]:
-    """CSV: one name per row, or index and name, after an optional header such as ``id,name``."""
-    if rows and len(rows[0]) >= 2 and not rows[0][0].strip().isdigit() and any(r[0].strip().isdigit() for r in rows[1:]):
+def _from_rows(rows: list[tuple[int, list[str]]], p: Path) -> list[str]:
+    """CSV rows (with their line numbers): one name per row, or index and name, after an optional header
+    such as ``id,name``."""
+    if rows and len(rows[0][1]) >= 2 and not rows[0][1][0].strip().isdigit() and \
+            any(r[0].strip().isdigit() for _, r in rows[1:]):
         rows = rows[1:]  # a header over numbered rows
-    if rows and all(len(r) >= 2 and r[0].strip().isdigit() for r in rows):
-        return _numbered([(int(r[0]), r[1].strip(), i + 1) for i, r in enumerate(rows)], p)
-    if all(len([c for c in r if c.strip()]) == 1 for r in rows):
-        return [next(c.strip() for c in r if c.strip()) for r in rows]
+    if rows and all(len(r) >= 2 and r[0].strip().isdigit() for _, r in rows):
+        return _numbered([(int(r[0]), r[1].strip(), n) for n, r in rows], p)
+    if all(len([c for c in r if c.strip()]) == 1 for _, r in rows):
+        return [next(c.strip() for c in r if c.strip()) for _, r in rows]
     raise ValueError(f"labels file {p}: each CSV row must be a name, or an index and a name (id,name); fix the file.")
 
 

@@ -48,6 +48,7 @@ def test_each_label_layout_reads_in_output_order(tmp_path: Path, name: str, text
 @pytest.mark.parametrize("name, content, says", [
     ("gap.txt", "1 a\n3 b\n", "the indices run from 1 to 3 without 2; they must count up from 0 (or from 1)"),
     ("twice.txt", "0 a\n1 b\n1 c\n", "index 1 is on line 2 and line 3; give each class one index"),
+    ("twice.csv", "id,name\n0,a\n\n1,b\n1,c\n", "index 1 is on line 4 and line 5"),  # the file's lines
     ("late.json", '{"a": 5, "b": 6}', "the indices run from 5 to 6 without 0"),
     ("empty.txt", "\n\n", "holds no class names; put one name per line"),
     ("bad.json", '{"a": "b"', "is not valid JSON"),
