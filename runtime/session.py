@@ -404,13 +404,13 @@ class Session:
         o = np.asarray(output, np.float64)
         if o.ndim > 1 and o.shape[0] != 1:
             # an argmax over several streams' outputs at once would name a class of no stream
-            raise ValueError(f"top() takes one stream's output, got shape {o.shape}; for step_batch outputs "
-                             "call it per row: [s.top(row) for row in outputs].")
+            raise ValueError(f"top() and top_k() take one stream's output, got shape {o.shape}; for step_batch "
+                             "outputs call them per row: [s.top(row) for row in outputs].")
         o = o.reshape(-1)
         size = int(np.prod(self.manifest["output"]["shape"][1:]))
         if o.size != size:  # another model's output would be named with this one's classes
-            raise ValueError(f"top() got {o.size} values, but this artifact's output has {size}; pass the output "
-                             "of this session's step().")
+            raise ValueError(f"top() and top_k() got {o.size} values, but this artifact's output has {size}; pass "
+                             "the output of this session's step().")
         p = np.exp(o - o.max())
         p /= p.sum()
         # the first of equal scores first, and a NaN before any number, as argmax takes them

@@ -416,10 +416,12 @@ def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None
         assert s.top(logits[None])[0] == 1  # a (1, classes) row is one stream
         outs = s.step_batch(_frames(5, 1, 2)[0])
         assert [s.top(row)[0] for row in outs] == [int(np.argmax(row)) for row in outs]
-        with pytest.raises(ValueError, match=r"top\(\) takes one stream's output, got shape \(2, 5\)"):
-            s.top(outs)
-        with pytest.raises(ValueError, match=r"top\(\) got 9 values, but this artifact's output has 5"):
-            s.top(np.zeros(9))  # another model's output, which this one's class names would misname
+        for rank in (s.top, lambda y: s.top_k(y, 3)):
+            with pytest.raises(ValueError, match=r"top\(\) and top_k\(\) take one stream's output, got shape \(2, 5\)"):
+                rank(outs)
+            with pytest.raises(ValueError, match=r"top\(\) and top_k\(\) got 9 values, but this artifact's output "
+                                                 r"has 5"):
+                rank(np.zeros(9))  # another model's output, which this one's class names would misname
 
 
 def test_frame_rounds_stop_each_stream_at_its_end_or_limit_and_all_of_them_in_lockstep() -> None:
