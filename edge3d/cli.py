@@ -823,6 +823,7 @@ def run(
     videos = [0] * len(specs)
     correct = [0] * len(specs)
     correct_k = [0] * len(specs)  # the label among the top K (--top-k)
+    by_class: dict[int, list[int]] = {}  # label -> [frames right, frames], for the weakest classes
     labelled = [0] * len(specs)
     last_top: list[str | None] = [None] * len(specs)  # each stream's latest top class, for the live line
     clip_verdicts: dict[tuple[int, str], bool] = {}  # per labelled clip: whether its last prediction was its class
@@ -872,6 +873,9 @@ def run(
             labelled[i] += 1
             correct[i] += int(idx == label)
             correct_k[i] += int(any(r[0] == label for r in ranked))
+            tally = by_class.setdefault(label, [0, 0])
+            tally[0] += int(idx == label)
+            tally[1] += 1
             clip_verdicts[(i, video or specs[i])] = idx == label  # until the clip's last frame
         last_top[i] = (f"{map_shape} map" if is_map and predicted else
                        f"[bold]{escape(cls)}[/] ({score:.2f})" if predicted else None)
@@ -1011,6 +1015,11 @@ def run(
         if top_k > 1:
             table.add_row(f"per-frame top-{top_k} accuracy", f"{100 * sum(correct_k) / sum(labelled):.1f}% of "
                           f"{sum(labelled)}")
+        if len(by_class) > 1:  # where a dataset's accuracy goes: the classes it gets wrong most often
+            weakest = sorted(by_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))[:3]
+            table.add_row("weakest classes, per frame", ", ".join(
+                f"{escape(session.classes[c] if session.classes and c < len(session.classes) else str(c))} "
+                f"{100 * right / n:.0f}% of {n}" for c, (right, n) in weakest))
     verdicts = [v for clip, v in clip_verdicts.items() if clip in whole]
     if clips > len(specs) and verdicts:  # a folder of one folder per class: the prediction each clip ends on
         table.add_row("per-clip accuracy (its last frame)",

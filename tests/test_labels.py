@@ -95,6 +95,12 @@ def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_f
     lines = [json.loads(x) for x in Path("p.jsonl").read_text().splitlines()]
     assert len(lines) == 8 and {x["class"] for x in lines} <= set(UCF)
     assert "per-frame accuracy" in res.output and "per-clip accuracy" in res.output  # the folders were scored
+    # where the accuracy goes: each class's share of right frames, the lowest first
+    tally = {cls: [sum(x["top"] == x["label"] for x in lines if x["label"] == i),
+                   sum(x["label"] == i for x in lines)] for i, cls in enumerate(UCF[:2])}
+    weakest = sorted(tally.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))
+    assert "weakest classes, per frame │ " + ", ".join(f"{c} {100 * r / n:.0f}% of {n}" for c, (r, n) in weakest) \
+        in _unwrapped(res.output), res.output
 
 
 def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path: Path,
