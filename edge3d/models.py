@@ -56,11 +56,7 @@ def build_model(spec: str, *, num_classes: int | None = None, frame_size: int | 
     if not callable(factory):
         raise ValueError(f"{spec} is not callable ({type(factory).__name__}); point it at a function that builds "
                          "the model.")
-    kwargs = _factory_kwargs(spec, factory, options)
-    params = pyinspect.signature(factory).parameters
-    if num_classes is None and labelled is not None and (
-            "num_classes" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())):
-        kwargs["num_classes"] = labelled
+    kwargs = _factory_kwargs(spec, factory, options, labelled)
     try:
         model = factory(**kwargs)
     except Exception as e:  # the user's own code: its message, not edge3d's traceback
@@ -278,9 +274,10 @@ def load_checkpoint(model: nn.Module, path: str | Path, what: str = "the model")
     model.load_state_dict(state)
 
 
-def _factory_kwargs(spec: str, factory: Any, options: dict[str, Any]) -> dict[str, Any]:
+def _factory_kwargs(spec: str, factory: Any, options: dict[str, Any], labelled: int | None = None) -> dict[str, Any]:
     """The options a user factory takes. An option given but not taken is an error, as for the zoo,
-    except ``frame_size``: it also sets the export's frame shape, which any model needs."""
+    except ``frame_size``: it also sets the export's frame shape, which any model needs. ``labelled``
+    (the count of --labels names) is passed as ``num_classes`` only where the factory takes one."""
     from .zoo import SIZE_OPTIONS
 
     flags = {**SIZE_OPTIONS, "head": "--head"}
@@ -292,6 +289,8 @@ def _factory_kwargs(spec: str, factory: Any, options: dict[str, Any]) -> dict[st
             raise ValueError(f"{spec} takes no {k} option, so {flags[k]} would be ignored; drop {flags[k]}, or add "
                              f"a {k} parameter to the factory.")
     kwargs = {k: v for k, v in given.items() if accepts_any or k in params}
+    if labelled is not None and "num_classes" not in kwargs and (accepts_any or "num_classes" in params):
+        kwargs["num_classes"] = labelled
     needed = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs
               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if needed:

@@ -103,6 +103,27 @@ def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_f
         in _unwrapped(res.output), res.output
 
 
+def test_labels_set_the_class_count_of_a_factory_that_takes_num_classes(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A user's factory gets the names' count as num_classes, as a zoo model does, where --classes is left out."""
+    import uuid
+
+    monkeypatch.chdir(tmp_path)
+    name = f"net_{uuid.uuid4().hex[:8]}"
+    Path(f"{name}.py").write_text(
+        "import torch\nfrom torch import nn\nfrom edge3d.nn import CausalConv3d\n\n\nclass Net(nn.Module):\n"
+        "    def __init__(self, n):\n        super().__init__()\n"
+        "        self.stem = CausalConv3d(3, 4, (2, 3, 3), padding=(0, 1, 1))\n        self.fc = nn.Linear(4, n)\n\n"
+        "    def forward(self, x):\n        return self.fc(self.stem(x).mean((3, 4)).transpose(1, 2)).transpose(1, 2)\n"
+        "\n\ndef build(num_classes=7):\n    return Net(num_classes)\n")
+    Path("names.txt").write_text("wave\nswipe\nnone\n")
+    res = CliRunner().invoke(app, ["export", f"{name}.py:build", "--size", "16", "--labels", "names.txt", "-o", "out",
+                                   "--no-verify"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads(Path("out/build.edge3d/manifest.json").read_text())
+    assert manifest["output"]["shape"] == ["N", 3] and manifest["output"]["classes"] == ["wave", "swipe", "none"]
+
+
 def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
