@@ -987,7 +987,7 @@ def run(
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
     for i, line in pace.rates().items():  # a camera: whether the run kept up with it
         table.add_row(f"{escape(pace.sources[i].name)} frame rate",
-                      f"[yellow]{escape(line)}[/]" if i in pace.worst else escape(line))
+                      f"[yellow]{escape(line)}[/]" if i in pace.behind else escape(line))
     if staged:  # multi-rate artifact: ms per stage, bins used
         ss = session.stage_summary()
         for r in ss["stages"]:

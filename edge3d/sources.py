@@ -155,7 +155,7 @@ class KeepingUp:
         # stream -> [first t, window t, frames at window t, frames, last t, read time at window t]
         self._seen: dict[int, list[float]] = {}
         self.sources: dict[int, LiveFrames] = {}
-        self.worst: dict[int, float] = {}
+        self.behind: set[int] = set()  # the streams named as falling behind
 
     def took(self, stream: int, source: Any, now: float) -> str | None:
         """Record a frame of ``stream`` taken at ``now``; return the sentence to say, once, when it falls behind."""
@@ -175,10 +175,9 @@ class KeepingUp:
         seen[1], seen[2], seen[5] = now, seen[3], source.waited_s
         if rate >= KEEP_UP * source.fps or waiting >= WAITING:
             return None
-        first = stream not in self.worst
-        self.worst[stream] = min(rate, self.worst.get(stream, rate))
-        if not first:
+        if stream in self.behind:
             return None
+        self.behind.add(stream)
         return (f"{source.name} sends {source.fps:g} frames a second and {self.taker} took {rate:.1f}: the frames it "
                 "cannot take queue up, and its predictions fall behind the scene, or the camera drops them, and "
                 "the model sees a lower frame rate than the camera's; lighten the model (a lower precision with "
@@ -193,7 +192,7 @@ class KeepingUp:
         for i, (first, _, _, frames, last, _) in self._seen.items():
             if frames > 1 and last > first:
                 sent, taken = self.sources[i].fps, (frames - 1) / (last - first)
-                why = (" (fell behind)" if i in self.worst else
+                why = (" (fell behind)" if i in self.behind else
                        f" (waiting for {self.sources[i].name}: it sent fewer than it reports)"
                        if taken < KEEP_UP * sent else "")
                 out[i] = f"sends {sent:g} fps, {self.taker} took {taken:.1f}{why}"
