@@ -57,8 +57,19 @@ def repeated_options(params: Sequence[Any], args: Sequence[str]) -> list[tuple[s
     return [(name, values) for name, values in seen.values() if len(values) > 1]
 
 
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Typer 0.29's help prints ``--quiet <bool>``, which reads as ``--quiet true`` (an error): a flag takes no value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
 class OnceCommand(typer.core.TyperCommand):
     """Refuses an option given twice where it takes one value, naming both values."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         for name, values in repeated_options(self.params, args):
@@ -74,8 +85,13 @@ class OnceCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, args)
 
 
+class _Group(typer.core.TyperGroup):
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
 app = typer.Typer(  # the help text is _main's docstring
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False, cls=_Group,
 )
 console = Console()
 err_console = Console(stderr=True)

@@ -789,6 +789,18 @@ def test_an_option_given_twice_is_refused_naming_both_values(tiny_artifact, tmp_
     assert res.exit_code == 0, res.output
 
 
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["export", "--help"]])
+def test_help_shows_no_value_after_a_flag(args: list[str]) -> None:
+    """Typer 0.29 printed `--quiet <bool>`, which reads as `--quiet true`, an error: a flag takes no value.
+    An option that takes one still shows its type."""
+    res = CliRunner().invoke(app, args, terminal_width=200)
+    assert res.exit_code == 0, res.output
+    flags = [line for line in res.output.splitlines() if re.search(r"--(help|quiet|no-verify|version)\b", line)]
+    assert flags and not any("<bool>" in line for line in flags), flags
+    if args != ["--help"]:
+        assert re.search(r"--profile\s+<str>", res.output)
+
+
 def test_repeated_options_reads_every_spelling() -> None:
     from edge3d.cli import OnceCommand, repeated_options, run
 
