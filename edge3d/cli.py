@@ -107,9 +107,9 @@ def _version(value: bool) -> None:
     import onnxruntime
 
     from . import __version__
-    from .runtime.manifest import FORMAT_VERSION
+    from .runtime.manifest import READS
 
-    console.print(f"edge3d {__version__} (artifact format_version {FORMAT_VERSION}), onnxruntime "
+    console.print(f"edge3d {__version__} (artifact format_version {READS[0]} to {READS[-1]}), onnxruntime "
                   f"{onnxruntime.__version__}, Python {sys.version.split()[0]}", highlight=False)
     raise typer.Exit()
 
@@ -362,7 +362,9 @@ def inspect(
         model_entry = m.get("model") or {}
         check = model_entry.get("step_check")
         f, per_frame = m["frame"], m["output"]["shape"][1:]
-        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')})"),
+        fit = f.get("fit", "stretch")
+        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')}); a camera frame of "
+                          f"another aspect ratio is {_fit_text(fit)} (fit {fit})"),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
                  if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
         if "step_check" in model_entry:  # artifacts from before the check: no row
@@ -489,6 +491,10 @@ def export(
         "--labels", help="Class names, in output order: one per line, UCF101's classInd.txt (1 ApplyEyeMakeup), "
                          "a CSV of id,name, or JSON (a list, or name -> index). Sets --classes when that is left "
                          "out.")] = None,
+    fit: Annotated[str | None, typer.Option(
+        "--fit", help="How a camera frame of another aspect ratio becomes the model's frame: stretch (resize it "
+                      "whole) or crop (its centre, of the model's aspect ratio, as models trained on centre crops saw "
+                      "them). Default: the model's frame_fit attribute, else stretch.")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
@@ -522,6 +528,10 @@ def export(
     out = out or Path("out")
     # Every flag is checked before the FP32 artifact is written, so a typo leaves the folder as it was.
     calib_source = _one_source(calib_sources, "--calib-source", "calibration")
+    if fit is not None:
+        from .runtime.preprocess import check_fit
+
+        check_fit(fit, "--fit")
     class_names = None
     if labels is not None:
         from .labels import read_labels
@@ -544,9 +554,10 @@ def export(
     check_build_flags(streams, dla)
     profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
-    if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None):
+    if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None
+                         or fit is not None):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
-                         "e.g. --profile int8 (or its classes with --labels FILE).")
+                         "e.g. --profile int8 (or its classes with --labels FILE, its frame fit with --fit).")
     resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
@@ -578,6 +589,13 @@ def export(
                 set_class_names(model_path, class_names)
             console.print(f"named the {len(class_names)} classes of [bold]{escape(str(model_path))}[/] from "
                           f"{escape(str(labels))} (every graph of every precision)")
+        if fit is not None:
+            from .exporters.onnx import set_frame_fit
+
+            with _disk_full(str(model_path), "its graphs were left as they were"):
+                set_frame_fit(model_path, fit)
+            console.print(f"set the frame fit of [bold]{escape(str(model_path))}[/] to {fit}: "
+                          f"{_fit_text(fit)} (every graph of every precision)")
         if wants:
             with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
                 _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,
@@ -604,7 +622,7 @@ def export(
         # the model's frame_mean and frame_std, and its class_names where --labels is left out, are taken by
         # export_artifact itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
-                               model_info=info, verify=not no_verify, classes=class_names,
+                               model_info=info, verify=not no_verify, classes=class_names, fit=fit,
                                progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
@@ -718,6 +736,39 @@ def _applies(flag: str, value: Any, applies: bool, why: str) -> None:
     """A flag given where it does nothing is an error: `--dla 0` without --target tensorrt was ignored."""
     if value is not None and not applies:
         raise ValueError(f"{flag} {why}, or drop {flag}.")
+
+
+def _fit_row(sizes: set[tuple[int, int]], frame: dict[str, Any], artifact: Path | str) -> str | None:
+    """How the source's images became the model's frame, where their aspect ratio differs from it: a
+    square model fed a 16:9 camera sees everything squeezed 1.78× across unless the artifact crops,
+    and nothing else in a run says so."""
+    import numpy as np
+
+    from .runtime.preprocess import centre_crop
+
+    h, w = frame["height"], frame["width"]
+    crop = frame.get("fit", "stretch") == "crop"
+    said = []
+    for sh, sw in sorted(sizes):
+        squeeze = (sw / sh) / (w / h)
+        if abs(math.log(squeeze)) < 0.02:  # the model's aspect ratio, to the pixel
+            continue
+        images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
+        if crop:
+            ch, cw = centre_crop(np.empty((sh, sw, 0), np.uint8), h, w).shape[:2]
+            said.append(f"{images} cut to their centre {cw}×{ch}, then resized to the model's {w}×{h}")
+        else:
+            said.append(f"{images} resized whole to the model's {w}×{h}, squeezed "
+                        f"{max(squeeze, 1 / squeeze):.2f}× {'across' if squeeze > 1 else 'top to bottom'}")
+    if not said:
+        return None
+    fix = "" if crop else (f"; if the model was trained on centre crops, `edge3d export {shlex.quote(str(artifact))} "
+                           "--fit crop` cuts the centre instead")
+    return "; ".join(said) + fix
+
+
+def _fit_text(fit: str) -> str:
+    return "cut to its centre, then resized" if fit == "crop" else "resized whole, squeezed or stretched"
 
 
 def _step_check_text(check: dict[str, Any]) -> str:
@@ -852,6 +903,7 @@ def run(
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
     pace = KeepingUp(together=many)  # whether the run takes each camera's frames as fast as it sends them
     playing: list[Any] = [None] * len(specs)  # each stream's current clip (a camera's carries its frame rate)
+    raw_sizes: set[tuple[int, int]] = set()  # (height, width) of the images the sources gave, for the fit row
 
     def write_failed(e: OSError) -> str:
         return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
@@ -933,7 +985,9 @@ def run(
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
                 predicted = session.has_output
                 stop = False
-                for (i, (video, clip_frame, _, label)), y in zip(got, ys, strict=True):
+                for (i, (video, clip_frame, frame, label)), y in zip(got, ys, strict=True):
+                    if frame.dtype == np.uint8 and frame.ndim in (2, 3):
+                        raw_sizes.add(frame.shape[:2])
                     rec = record(i, video, clip_frame, label, y, predicted, ms)
                     counts[i] += 1
                     n += 1
@@ -1001,6 +1055,8 @@ def run(
         table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
+    if fitted := _fit_row(raw_sizes, session.manifest["frame"], artifact):
+        table.add_row("frame fit", escape(fitted))
     for i, line in pace.rates().items():  # a camera: whether the run kept up with it
         table.add_row(f"{escape(pace.sources[i].name)} frame rate",
                       f"[yellow]{escape(line)}[/]" if i in pace.behind else escape(line))

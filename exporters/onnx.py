@@ -31,17 +31,17 @@ from .. import __version__
 from ..accounting import count_macs, dtype_name
 from ..convert import StepModule, modes_kept, to_step, unwrap
 from ..runtime.manifest import (
-    FORMAT_VERSION,
     MANIFEST,
     METADATA_KEY,
     NAME,
     class_count,
     file_sha256,
+    format_version_for,
     staging_folder,
     state_io_names,
 )
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
-from ..runtime.preprocess import check_normalisation
+from ..runtime.preprocess import check_fit, check_normalisation
 
 OPSET = 18
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -196,19 +196,46 @@ def set_metadata(path: Path, manifest: dict[str, Any]) -> None:
 def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) -> list[str]:
     """Name (or rename) an exported artifact's classes in place, without exporting it again.
 
-    The names live in ``manifest.json`` and in the manifest embedded in every graph file, so each
-    precision's graphs (every stage of a multi-rate one) are rewritten and rehashed: a graph whose
-    names disagreed with the folder's would print other names after being copied out of it. Every
-    file is written beside its target first and moved into place after all were written. TensorRT
-    engines hold no names and are kept; a Triton repository written before keeps the old names.
+    A Triton repository written before keeps the old names.
     """
     from ..labels import read_labels
     from ..runtime.manifest import load_manifest
 
     names = read_labels(classes) if isinstance(classes, (str, os.PathLike)) else classes
+    names = check_classes(names, tuple(load_manifest(folder)["output"]["shape"][1:]))
+
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("output", {})["classes"] = names
+
+    rewrite_manifests(folder, edit, "labels")
+    return names
+
+
+def set_frame_fit(folder: str | Path, fit: str) -> None:
+    """Set how an exported artifact's runtime fits camera frames to the model's size ("stretch" or
+    "crop"), in place: how the model was trained decides it, not the graph, so no export is needed.
+    A Triton repository written before keeps the old fit."""
+    check_fit(fit)
+
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest.setdefault("frame", {})["fit"] = fit
+        manifest["format_version"] = format_version_for(manifest["frame"])
+
+    rewrite_manifests(folder, edit, "fit")
+
+
+def rewrite_manifests(folder: str | Path, edit: Callable[[dict[str, Any]], None], tag: str) -> None:
+    """Apply ``edit`` to ``manifest.json`` and to the manifest embedded in every graph file.
+
+    Every precision's graphs (every stage of a multi-rate one) are rewritten and rehashed: a graph
+    whose manifest disagreed with the folder's would describe itself otherwise once copied out of it.
+    Every file is written beside its target first and moved into place after all were written.
+    TensorRT engines hold no manifest and are kept.
+    """
+    from ..runtime.manifest import load_manifest
+
     manifest = load_manifest(folder)
-    path = Path(manifest["_folder"])
-    names = check_classes(names, tuple(manifest["output"]["shape"][1:]))
+    path = Path(manifest.pop("_folder"))
     moves: list[tuple[Path, Path]] = []
     try:
         for entry in manifest["precisions"].values():
@@ -219,9 +246,9 @@ def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) 
                 for prop in model.metadata_props:
                     if prop.key == METADATA_KEY:
                         inner = json.loads(prop.value)
-                        inner.setdefault("output", {})["classes"] = names
+                        edit(inner)
                         prop.value = json.dumps(inner, sort_keys=True)
-                tmp = path / f".{name}.labels"
+                tmp = path / f".{name}.{tag}"
                 moves.append((tmp, path / name))
                 onnx.save(model, str(tmp))
                 digests.append(file_sha256(tmp))
@@ -232,9 +259,8 @@ def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) 
         raise
     for tmp, dst in moves:
         os.replace(tmp, dst)
-    manifest["output"]["classes"] = names
+    edit(manifest)
     write_manifest(path, manifest)
-    return names
 
 
 def weight_bytes(path: Path) -> int:
@@ -280,21 +306,22 @@ def step_output_shape(step: StepModule) -> tuple[int, ...]:
 
 def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *, model_info: dict[str, Any],
                     classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                    output_shape: tuple[int, ...]) -> dict[str, Any]:
+                    output_shape: tuple[int, ...], fit: str = "stretch") -> dict[str, Any]:
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
     classes = check_classes(classes, output_shape)
+    frame = {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
+             "dtype": "float32", "color": colour_of(c)[0], "raw_input": colour_of(c)[1], "fit": check_fit(fit),
+             "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
+             "std": [float(v) for v in std]}
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version_for(frame),
         "edge3d_version": __version__,
         "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": {**model_info, "source_hash": source_hash(model),
                   "params": sum(p.numel() for p in model.parameters())},
-        "frame": {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-                  "dtype": "float32", "color": colour_of(c)[0], "raw_input": colour_of(c)[1],
-                  "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
-                  "std": [float(v) for v in std]},
+        "frame": frame,
         "output": {"name": "output", "shape": ["N", *output_shape], "dtype": "float32",
                    "kind": "logits", "classes": classes},
         "precisions": {},
@@ -303,7 +330,7 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
 
 
 def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
-                   mean: tuple[float, ...], std: tuple[float, ...], lowered: bool) -> dict[str, Any]:
+                   mean: tuple[float, ...], std: tuple[float, ...], lowered: bool, fit: str = "stretch") -> dict[str, Any]:
     states = []
     for s in step.state_specs:
         i, o = state_io_names(s.name)
@@ -312,7 +339,7 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
                        "bytes": s.bytes, "input_history": s.input_history})
     return {
         **manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
-                          mean=mean, std=std, output_shape=step_output_shape(step)),
+                          mean=mean, std=std, output_shape=step_output_shape(step), fit=fit),
         "states": states,
         "macs_per_frame": count_macs(step),
         "params": sum(p.numel() for p in step.model.parameters()),
@@ -407,6 +434,7 @@ def export_artifact(
     classes: list[str] | str | os.PathLike | None = None,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    fit: str | None = None,
     opset: int = OPSET,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -425,9 +453,10 @@ def export_artifact(
 
     What is left out comes from the model, as ``edge3d export`` takes it: ``channels`` from its
     ``frame_channels`` attribute or first convolution, ``mean``/``std`` from ``frame_mean``/``frame_std``,
-    ``classes`` from ``class_names``. A model trained with its own statistics is then fed the frames it
-    was trained on from Python too, not the defaults. ``classes`` may also be the path of a label file,
-    in any layout ``edge3d export --labels`` reads (``edge3d/labels.py``).
+    ``classes`` from ``class_names``, ``fit`` from ``frame_fit`` (else "stretch"). A model trained with its
+    own statistics, or on centre crops (``fit="crop"``), is then fed the frames it was trained on from
+    Python too, not the defaults. ``classes`` may also be the path of a label file, in any layout
+    ``edge3d export --labels`` reads (``edge3d/labels.py``).
     """
     from ..models import frame_channels
 
@@ -441,6 +470,7 @@ def export_artifact(
             channels = model.frame_shape[0] if isinstance(model, StepModule) else frame_channels(model)
         mean = getattr(own, "frame_mean", None) if mean is None else mean
         std = getattr(own, "frame_std", None) if std is None else std
+        fit = check_fit(getattr(own, "frame_fit", "stretch") if fit is None else fit)
         classes = getattr(own, "class_names", None) if classes is None else classes
         # a label file, as `edge3d export --labels` takes; a string that names no file and does not look like
         # a path ("abcde", one name, or names run together) is refused below as not a list of names
@@ -486,7 +516,7 @@ def export_artifact(
             from .staged import export_staged
 
             return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
-                                 mean=mean, std=std, opset=opset, progress=say)
+                                 mean=mean, std=std, fit=fit, opset=opset, progress=say)
         with artifact_folder(out_dir, name) as (tmp, manifest):
             raw = tmp / "raw.onnx"
             say("tracing the step graph (torch.export)")
@@ -496,7 +526,7 @@ def export_artifact(
             simplify(raw, onnx_path)
             drop_raw(raw)
             manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
-                                           mean=mean, std=std, lowered=lower))
+                                           mean=mean, std=std, lowered=lower, fit=fit))
             manifest["precisions"]["fp32"] = {
                 "file": onnx_path.name, "profile": "fp32",
                 "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},

@@ -18,9 +18,13 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .preprocess import check_normalisation
+from .preprocess import check_fit, check_normalisation
 
-FORMAT_VERSION = 1
+# The newest format this edge3d reads and writes. Version 2 adds the frame's "fit"; an artifact is written
+# with the oldest version that describes it (format_version_for), so a device whose edge3d predates
+# cropping refuses a cropping artifact, which it would feed squeezed frames, and still reads every other.
+FORMAT_VERSION = 2
+READS = (1, 2)
 MANIFEST = "manifest.json"
 METADATA_KEY = "edge3d.manifest"
 # An artifact is the folder <name>.edge3d and, by default, the Triton model <name>: one plain name that
@@ -122,14 +126,19 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def format_version_for(frame: dict[str, Any]) -> int:
+    """The oldest format version that describes an artifact with this frame spec."""
+    return 1 if frame.get("fit", "stretch") == "stretch" else 2
+
+
 def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
     version = m.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READS or isinstance(version, bool):
         newer = is_positive_int(version) and version > FORMAT_VERSION  # a device whose edge3d lags the workstation's
         fix = ("it was written by a newer edge3d: upgrade edge3d here to the workstation's version, or re-export "
                "the model with this one" if newer else "re-export the model with this edge3d version")
-        raise ArtifactError(f"{where} has format_version {version!r} but this edge3d reads version "
-                            f"{FORMAT_VERSION}; {fix}.")
+        raise ArtifactError(f"{where} has format_version {version!r} but this edge3d reads versions "
+                            f"{READS[0]} to {READS[-1]}; {fix}.")
     for key in ("frame", "output", "states", "precisions"):
         if key not in m:
             raise ArtifactError(f"{where} lacks the {key!r} entry; re-export the artifact.")
@@ -143,6 +152,7 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
     try:  # a hand-edited or foreign manifest; export checks the same before writing one
         check_normalisation(f.get("mean", [0.0] * f.get("channels", 3)), f.get("std", [1.0] * f.get("channels", 3)),
                             f.get("channels"))
+        check_fit(f.get("fit", "stretch"))
     except ValueError as e:
         raise ArtifactError(f"{where}: {e}") from None
     classes, shape = m["output"].get("classes"), m["output"].get("shape", [])

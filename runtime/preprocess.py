@@ -106,6 +106,34 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.clip(out.round(), 0, 255).astype(np.uint8) if frame.dtype == np.uint8 else out.astype(frame.dtype)
 
 
+# How a camera frame of another aspect ratio becomes the model's H×W: "stretch" resizes the whole frame
+# (a 16:9 frame is squeezed into a square model's), "crop" first takes the largest centred region of the
+# model's aspect ratio, as models trained on centre crops (most Kinetics and UCF101 recipes) saw them.
+FIT_MODES = ("stretch", "crop")
+
+
+def check_fit(fit: object, what: str = "frame fit") -> str:
+    if fit not in FIT_MODES:
+        raise ValueError(f"{what} {fit!r} is not one of {' or '.join(FIT_MODES)}: stretch resizes the whole frame "
+                         "to the model's size, crop first cuts the centre of the model's aspect ratio out of it.")
+    return str(fit)
+
+
+def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The largest centred region of ``frame`` (H×W×...) with the aspect ratio ``width / height``: a view.
+
+    Rounded to whole pixels; a frame already of that aspect (within half a pixel) is returned whole.
+    """
+    h, w = frame.shape[:2]
+    if w * height > h * width:  # wider than the model's frame: cut the sides
+        keep = max(1, round(h * width / height))
+        x0 = (w - keep) // 2
+        return frame[:, x0:x0 + keep]
+    keep = max(1, round(w * height / width))  # taller (or the same): cut top and bottom
+    y0 = (h - keep) // 2
+    return frame[y0:y0 + keep]
+
+
 def check_normalisation(mean: object, std: object, channels: int) -> None:
     """Refuse a mean or std that would feed the model frames unlike its training frames.
 
@@ -179,6 +207,7 @@ class FramePreprocessor:
         # stream confident garbage: warned about, once, not refused, since the float path is also how
         # 16-bit thermal or depth frames reach a model trained on values of its own scale. 16x leaves
         # room for frames normalised with other statistics, or augmented; a dark frame slips under it.
+        self.crop = frame_spec.get("fit", "stretch") == "crop"  # checked at load
         self.span = (float((-mean / std).min()), float(((1.0 - mean) / std).max()))
         self.limit = 16.0 * max(abs(v) for v in self.span)
         self.warned = False
@@ -186,6 +215,9 @@ class FramePreprocessor:
     @property
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
+
+    def _fitted(self, frame: np.ndarray) -> np.ndarray:
+        return centre_crop(frame, self.height, self.width) if self.crop else frame
 
     def __call__(self, frame: np.ndarray, out: np.ndarray) -> None:
         """Write the preprocessed frame into ``out`` (C, H, W); raise ValueError on bad input."""
@@ -202,7 +234,7 @@ class FramePreprocessor:
         if frame.dtype == np.uint8:
             if c == 1 and 0 not in frame.shape and (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (1, 3))):
                 # a grey model takes a grey frame, or an RGB camera's, converted (resized first: cheaper)
-                img = resize(frame if frame.ndim == 3 else frame[..., None], h, w)
+                img = resize(self._fitted(frame if frame.ndim == 3 else frame[..., None]), h, w)
                 grey = img @ LUMA if img.shape[2] == 3 else img[..., 0]
                 np.multiply(grey, self.scale[0], out=out[0], casting="unsafe")
                 out -= self.offset
@@ -214,7 +246,7 @@ class FramePreprocessor:
                     "(it is resized), or a normalised float32 array of shape "
                     f"{(c, h, w)}{_layout_hint(frame.shape, c)}."
                 )
-            img = resize(frame, h, w)
+            img = resize(self._fitted(frame), h, w)
             np.multiply(img.transpose(2, 0, 1), self.scale, out=out, casting="unsafe")
             out -= self.offset
             return

@@ -6,6 +6,8 @@ make many layers trivially time-invariant; every test model is randomised first.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,8 @@ def stream_artifact(tmp_path_factory: pytest.TempPathFactory):
 
     model = randomize(zoo.build("d-resnet18", **TINY))
     return export_artifact(model, tmp_path_factory.mktemp("artifacts"), "tiny", frame_size=32)
+
+
+def unwrapped(output: str) -> str:
+    """A two-column rich table's text on one line, a value that wrapped onto the next row joined up."""
+    return re.sub(r" │ │ │ ", " ", " ".join(output.split()))

@@ -685,13 +685,14 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
 
     class ThermalNet(module.Grey):
         frame_mean, frame_std = (0.3,), (0.2,)
+        frame_fit = "crop"  # trained on centre crops
         class_names = ["person", "vehicle", "animal"]
 
     model = randomize(ThermalNet(num_classes=3), seed=21).eval()
     art = export_artifact(model, tmp_path, "thermal", frame_size=(12, 16))
     manifest = Session(art).manifest
     frame = manifest["frame"]
-    assert (frame["channels"], frame["mean"], frame["std"]) == (1, [0.3], [0.2])
+    assert (frame["channels"], frame["mean"], frame["std"], frame["fit"]) == (1, [0.3], [0.2], "crop")
     assert manifest["output"]["classes"] == ["person", "vehicle", "animal"]
     raw = np.random.default_rng(4).integers(0, 256, (40, 12, 16), dtype=np.uint8)
     clip = torch.from_numpy((raw / 255 - 0.3) / 0.2).float()[None, None]  # (1, 1, T, H, W), its own statistics
@@ -706,8 +707,8 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     assert edge3d.inspect(model, (12, 16))["states"][0]["shape"] == [2, 12, 16]  # two past grey frames, not RGB
     # the caller's own values still win
     given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
-                                    std=(0.25,), verify=False)).manifest["frame"]
-    assert (given["mean"], given["std"]) == ([0.5], [0.25])
+                                    std=(0.25,), fit="stretch", verify=False)).manifest["frame"]
+    assert (given["mean"], given["std"], given["fit"]) == ([0.5], [0.25], "stretch")
 
     import warnings
 

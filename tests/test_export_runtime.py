@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 import typer
-from conftest import TINY, randomize, tiny_zoo_cases
+from conftest import TINY, randomize, tiny_zoo_cases, unwrapped
 from edge3d.exporters.onnx import export_artifact
 from edge3d.runtime import ArtifactError, Session
 from typer.testing import CliRunner
@@ -219,6 +219,66 @@ def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst
         assert got.shape == (*dst, 3) and got.dtype == np.uint8
         diff = np.abs(got.astype(int) - want)
         assert diff.max() <= 1 and diff.mean() < 0.2, (src, dst, diff.max(), diff.mean())
+
+
+def test_centre_crop_takes_the_largest_centred_region_of_the_models_aspect() -> None:
+    from edge3d.runtime.preprocess import centre_crop
+
+    assert centre_crop(np.zeros((720, 1280, 3)), 112, 112).shape == (720, 720, 3)
+    assert centre_crop(np.zeros((720, 1280, 3)), 96, 128).shape == (720, 960, 3)  # a 4:3 model
+    assert centre_crop(np.zeros((640, 480)), 112, 112).shape == (480, 480)  # a portrait frame loses top and bottom
+    assert centre_crop(np.zeros((48, 64)), 96, 128).shape == (48, 64)  # the model's aspect already: whole
+    row = np.arange(10)[None, :].repeat(4, axis=0)  # 4×10: the 4×4 centre is columns 3 to 6
+    assert centre_crop(row, 1, 1)[0].tolist() == [3, 4, 5, 6]
+    column = np.arange(9)[:, None].repeat(3, axis=1)  # 9×3: rows 3 to 5
+    assert centre_crop(column, 1, 1)[:, 0].tolist() == [3, 4, 5]
+
+
+def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_artifact, tmp_path: Path) -> None:
+    """Frames were only ever resized whole: a model trained on centre crops, as most Kinetics and UCF101
+    recipes train, was fed a 16:9 camera's frames squeezed into its square, and `edge3d run` had no way
+    to crop them. The fit is the artifact's, so `run`, the Jetson app and calibration all crop alike."""
+    from edge3d.exporters.onnx import set_frame_fit
+    from edge3d.runtime.backend.onnxrt import embedded_manifest
+
+    stretch = tiny_artifact[0]
+    crop = _copy(stretch, tmp_path)
+    set_frame_fit(crop, "crop")
+    m = json.loads((crop / "manifest.json").read_text())
+    assert (m["format_version"], m["frame"]["fit"]) == (2, "crop")  # an edge3d without crop refuses it
+    assert embedded_manifest(crop / "model.fp32.onnx")["frame"]["fit"] == "crop"  # and the graph says so too
+    assert json.loads((stretch / "manifest.json").read_text())["format_version"] == 1  # readable by older runtimes
+    rng = np.random.default_rng(8)
+    wide = rng.integers(0, 256, (24, 36, 64, 3), dtype=np.uint8)  # 16:9 frames
+    tall = rng.integers(0, 256, (8, 60, 30, 3), dtype=np.uint8)  # and a portrait camera's
+    with Session(stretch) as s, Session(crop) as c:  # each graph's hash is checked as it loads
+        cut = [s.step(f[:, 14:50]) for f in wide] + [s.step(f[15:45]) for f in tall]
+        got = [c.step(f) for f in wide] + [c.step(f) for f in tall]
+        s.reset()
+        squeezed = [s.step(f) for f in wide]
+    assert all(np.array_equal(a, b) for a, b in zip(got, cut, strict=True))
+    assert max(np.abs(a - b).max() for a, b in zip(got, squeezed, strict=False)) > 1e-3  # the fit changed the input
+    set_frame_fit(crop, "stretch")
+    assert json.loads((crop / "manifest.json").read_text())["format_version"] == 1
+    with Session(crop) as c:
+        assert np.array_equal(c.step(wide[0]), squeezed[0])
+
+
+def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_artifact, tmp_path: Path) -> None:
+    art = _copy(tiny_artifact[0], tmp_path)
+    before = (art / "manifest.json").read_bytes()
+    res = CliRunner().invoke(app, ["export", str(art), "--fit", "square"], terminal_width=300)
+    assert res.exit_code == 2 and "--fit 'square' is not one of stretch or crop" in res.output, res.output
+    assert (art / "manifest.json").read_bytes() == before
+    res = CliRunner().invoke(app, ["export", str(art), "--fit", "crop"], terminal_width=300)
+    assert res.exit_code == 0 and "to crop: cut to its centre, then resized" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=300)
+    assert "cut to its centre, then resized (fit crop)" in unwrapped(res.output), res.output
+    m = json.loads((art / "manifest.json").read_text())
+    m["frame"]["fit"] = "zoom"  # a hand edit
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="frame fit 'zoom' is not one of stretch or crop"):
+        Session(art)
 
 
 def test_the_matmul_yardstick_is_the_onnx_model_it_claims() -> None:
@@ -505,8 +565,8 @@ def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> 
     m = json.loads((other / "manifest.json").read_text())
     m["format_version"] = 99
     (other / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads version 1; it was written by a "
-                                            "newer edge3d: upgrade edge3d here"):
+    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads versions 1 to 2; it was written "
+                                            "by a newer edge3d: upgrade edge3d here"):
         Session(other)
     m["format_version"] = 0  # an older (or a made-up) format: only re-exporting helps
     (other / "manifest.json").write_text(json.dumps(m))
@@ -1409,6 +1469,10 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
                         terminal_width=200)
     assert res.exit_code == 0, res.output
     assert "ms/frame p50" in res.output and "cache memory per stream" in res.output
+    # a 4:3 video into a square model: squeezed, which the summary says, with the fix for centre-crop training
+    said = unwrapped(res.output)
+    assert ("64×48 (width×height) images resized whole to the model's 48×48, squeezed 1.33× across; if the model "
+            "was trained on centre crops, `edge3d export") in said and "--fit crop` cuts the centre instead" in said
     lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and {"frame", "top", "class", "score", "ms"} <= set(lines[0])
 
@@ -1425,7 +1489,12 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     # the synthetic source's labels are gesture classes, not this untrained 5-class model's: no score
     assert "per-frame accuracy" not in res.output and "frames" in res.output
+    assert "frame fit" not in res.output  # square frames into a square model: nothing to say
     assert not any("label" in json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines())
+    CliRunner().invoke(app, ["export", str(art), "--fit", "crop"])
+    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--quiet"])
+    assert "64×48 (width×height) images cut to their centre 48×48, then resized to the model's 48×48" in \
+        unwrapped(res.output), res.output
     res = runner.invoke(app, ["run", str(art), "--source", str(tmp_path / "nope.mp4")], terminal_width=400)
     assert res.exit_code == 2 and f"does not exist; the folder {tmp_path} exists, with no nope.mp4" in res.output
     res = runner.invoke(app, ["run", str(art), "--source", "webcam"])  # no path in sight: the forms there are
@@ -1871,7 +1940,8 @@ def test_cli_version_matches_the_installed_package_and_the_artifact_format(tiny_
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0
     fmt = json.loads((art / "manifest.json").read_text())["format_version"]
-    assert res.output.startswith(f"edge3d {version('edge3d')} (artifact format_version {fmt})")
+    said = re.match(r"edge3d (\S+) \(artifact format_version (\d+) to (\d+)\)", res.output)
+    assert said and said[1] == version("edge3d") and int(said[2]) <= fmt <= int(said[3]), res.output
 
 
 def camera_unplugged_after(video: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY, randomize
+from conftest import TINY, randomize, unwrapped
 from edge3d.exporters.onnx import export_artifact
 from typer.testing import CliRunner
 
@@ -18,11 +17,6 @@ from edge3d.labels import read_labels
 
 TINY_FLAGS = ["--width", "0.125", "--size", "32"]
 UCF = ["ApplyEyeMakeup", "ApplyLipstick", "Archery"]
-
-
-def _unwrapped(output: str) -> str:
-    """A two-column table's text on one line, a value that wrapped onto the next row joined up."""
-    return re.sub(r" │ │ │ ", " ", " ".join(output.split()))
 
 
 @pytest.mark.parametrize("name, text, want", [
@@ -81,7 +75,7 @@ def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_f
     assert res.exit_code == 0, res.output
     manifest = json.loads(Path("out/d-resnet18.edge3d/manifest.json").read_text())
     assert manifest["output"]["classes"] == UCF and manifest["output"]["shape"] == ["N", 3]
-    said = _unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
+    said = unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
     assert "3 classes, named ApplyEyeMakeup, ApplyLipstick, Archery" in said, said  # inspect shows they are named
     rng = np.random.default_rng(0)
     for cls in UCF[:2]:
@@ -100,7 +94,7 @@ def test_export_labels_names_the_classes_sets_their_count_and_run_scores_class_f
                    sum(x["label"] == i for x in lines)] for i, cls in enumerate(UCF[:2])}
     weakest = sorted(tally.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))
     assert "weakest classes, per frame │ " + ", ".join(f"{c} {100 * r / n:.0f}% of {n}" for c, (r, n) in weakest) \
-        in _unwrapped(res.output), res.output
+        in unwrapped(res.output), res.output
 
 
 def test_labels_set_the_class_count_of_a_factory_that_takes_num_classes(tmp_path: Path,
@@ -140,7 +134,7 @@ def test_labels_that_disagree_with_the_model_are_named_with_both_counts(tmp_path
     assert not Path("out").exists()  # refused before anything was written
     res = CliRunner().invoke(app, ["export", "d-resnet18", *TINY_FLAGS, "--no-verify"])
     assert res.exit_code == 0
-    said = _unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
+    said = unwrapped(CliRunner().invoke(app, ["inspect", "out/d-resnet18.edge3d"]).output)
     assert "600 classes, unnamed (export --labels FILE names them)" in said, said
     before = {f.name: f.read_bytes() for f in Path("out/d-resnet18.edge3d").iterdir()}
     res = CliRunner().invoke(app, ["export", "out/d-resnet18.edge3d", "--labels", "two.txt", "--profile", "fp16"])
