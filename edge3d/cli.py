@@ -363,8 +363,8 @@ def inspect(
         check = model_entry.get("step_check")
         f, per_frame = m["frame"], m["output"]["shape"][1:]
         fit = f.get("fit", "stretch")
-        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')}); a camera frame of "
-                          f"another aspect ratio is {_fit_text(fit)} (fit {fit})"),
+        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')}), fit {fit}: a frame of "
+                          f"another aspect ratio is {_fit_text(fit)}"),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
                  if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
         if "step_check" in model_entry:  # artifacts from before the check: no row
@@ -768,7 +768,7 @@ def _fit_row(sizes: set[tuple[int, int]], frame: dict[str, Any], artifact: Path 
 
 
 def _fit_text(fit: str) -> str:
-    return "cut to its centre, then resized" if fit == "crop" else "resized whole, squeezed or stretched"
+    return "cut to its centre, then resized" if fit == "crop" else "resized whole (squeezed)"
 
 
 def _step_check_text(check: dict[str, Any]) -> str:
