@@ -738,35 +738,6 @@ def _applies(flag: str, value: Any, applies: bool, why: str) -> None:
         raise ValueError(f"{flag} {why}, or drop {flag}.")
 
 
-def _fit_row(sizes: set[tuple[int, int]], frame: dict[str, Any], artifact: Path | str) -> str | None:
-    """How the source's images became the model's frame, where their aspect ratio differs from it: a
-    square model fed a 16:9 camera sees everything squeezed 1.78× across unless the artifact crops,
-    and nothing else in a run says so."""
-    import numpy as np
-
-    from .runtime.preprocess import centre_crop
-
-    h, w = frame["height"], frame["width"]
-    crop = frame.get("fit", "stretch") == "crop"
-    said = []
-    for sh, sw in sorted(sizes):
-        squeeze = (sw / sh) / (w / h)
-        if abs(math.log(squeeze)) < 0.02:  # the model's aspect ratio, to the pixel
-            continue
-        images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
-        if crop:
-            ch, cw = centre_crop(np.empty((sh, sw, 0), np.uint8), h, w).shape[:2]
-            said.append(f"{images} cut to their centre {cw}×{ch}, then resized to the model's {w}×{h}")
-        else:
-            said.append(f"{images} resized whole to the model's {w}×{h}, squeezed "
-                        f"{max(squeeze, 1 / squeeze):.2f}× {'across' if squeeze > 1 else 'top to bottom'}")
-    if not said:
-        return None
-    fix = "" if crop else (f"; if the model was trained on centre crops, `edge3d export {shlex.quote(str(artifact))} "
-                           "--fit crop` cuts the centre instead")
-    return "; ".join(said) + fix
-
-
 def _fit_text(fit: str) -> str:
     return "cut to its centre, then resized" if fit == "crop" else "resized whole (squeezed)"
 
@@ -1055,7 +1026,9 @@ def run(
         table.add_row("output per frame", f"{map_shape} map, no top class")
     table.add_row("cache memory per stream", format_bytes(session.cache_bytes))
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
-    if fitted := _fit_row(raw_sizes, session.manifest["frame"], artifact):
+    from .runtime.preprocess import fit_note
+
+    if fitted := fit_note(raw_sizes, session.manifest["frame"], artifact):
         table.add_row("frame fit", escape(fitted))
     for i, line in pace.rates().items():  # a camera: whether the run kept up with it
         table.add_row(f"{escape(pace.sources[i].name)} frame rate",

@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
           f"state {session.cache_bytes / 1e3:.1f} kB per stream" + (f", {len(sources)} streams" if many else ""),
           flush=True)
     from edge3d.runtime.manifest import output_map
+    from edge3d.runtime.preprocess import fit_note
 
     from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import KeepingUp, SourceLost, frame_rounds, labels_apply, redact
@@ -148,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 predicted = session.has_output  # a multi-rate model's first frames: none
                 ms = session.stats.ms[-1]
                 n += 1
+                if n == 1 and (note := fit_note({rgb.shape[:2] for _, (rgb, _) in got}, session.manifest["frame"],
+                                                args.artifact)):
+                    print(f"note: {note}", flush=True)  # a 16:9 camera squeezed into a square model, say
                 for i, _ in got:
                     if (behind := pace.took(i, cameras[i], time.monotonic())) is not None:
                         print(f"warning: {behind}", file=sys.stderr, flush=True)

@@ -11,6 +11,7 @@ import io
 import math
 import numbers
 import os
+import shlex
 import sys
 import warnings
 from typing import Any
@@ -132,6 +133,32 @@ def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     keep = max(1, round(w * height / width))  # taller (or the same): cut top and bottom
     y0 = (h - keep) // 2
     return frame[y0:y0 + keep]
+
+
+def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: object) -> str | None:
+    """How images of these (height, width) sizes become the model's frame, where their aspect ratio is
+    not the model's; None where it is. A square model fed a 16:9 camera sees everything squeezed
+    1.78× across unless its artifact crops, and nothing else in a run says so: `edge3d run`'s summary
+    and the camera app print this."""
+    h, w = int(frame_spec["height"]), int(frame_spec["width"])
+    crop = frame_spec.get("fit", "stretch") == "crop"
+    said = []
+    for sh, sw in sorted(sizes):
+        squeeze = (sw / sh) / (w / h)
+        if abs(math.log(squeeze)) < 0.02:  # the model's aspect ratio, to the pixel
+            continue
+        images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
+        if crop:
+            ch, cw = centre_crop(np.empty((sh, sw, 0), np.uint8), h, w).shape[:2]
+            said.append(f"{images} cut to their centre {cw}×{ch}, then resized to the model's {w}×{h}")
+        else:
+            said.append(f"{images} resized whole to the model's {w}×{h}, squeezed "
+                        f"{max(squeeze, 1 / squeeze):.2f}× {'across' if squeeze > 1 else 'top to bottom'}")
+    if not said:
+        return None
+    fix = "" if crop else (f"; if the model was trained on centre crops, `edge3d export {shlex.quote(str(artifact))} "
+                           "--fit crop` cuts the centre instead")
+    return "; ".join(said) + fix
 
 
 def check_normalisation(mean: object, std: object, channels: int) -> None:

@@ -234,6 +234,22 @@ def test_centre_crop_takes_the_largest_centred_region_of_the_models_aspect() -> 
     assert centre_crop(column, 1, 1)[:, 0].tolist() == [3, 4, 5]
 
 
+def test_fit_note_says_how_frames_of_another_aspect_ratio_reach_the_model() -> None:
+    from edge3d.runtime.preprocess import fit_note
+
+    square = {"height": 112, "width": 112}
+    assert fit_note({(112, 112), (224, 224)}, square, "a") is None  # the model's aspect: nothing to say
+    said = fit_note({(720, 1280)}, square, "out/my net.edge3d")
+    assert said == ("1280×720 (width×height) images resized whole to the model's 112×112, squeezed 1.78× across; "
+                    "if the model was trained on centre crops, `edge3d export 'out/my net.edge3d' --fit crop` cuts "
+                    "the centre instead")
+    said = fit_note({(640, 480), (720, 1280)}, {**square, "fit": "crop"}, "a")
+    assert said == ("480×640 (width×height) images cut to their centre 480×480, then resized to the model's 112×112; "
+                    "1280×720 images cut to their centre 720×720, then resized to the model's 112×112")
+    assert "squeezed 1.33× top to bottom" in fit_note({(640, 480)}, square, "a")  # a portrait camera
+    assert fit_note({(480, 640)}, {"height": 96, "width": 128}, "a") is None  # a 4:3 model, a 4:3 camera
+
+
 def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_artifact, tmp_path: Path) -> None:
     """Frames were only ever resized whole: a model trained on centre crops, as most Kinetics and UCF101
     recipes train, was fed a 16:9 camera's frames squeezed into its square, and `edge3d run` had no way
@@ -262,6 +278,21 @@ def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_arti
     assert json.loads((crop / "manifest.json").read_text())["format_version"] == 1
     with Session(crop) as c:
         assert np.array_equal(c.step(wide[0]), squeezed[0])
+
+
+def test_the_camera_app_notes_frames_squeezed_into_the_model(tiny_artifact, tmp_path: Path) -> None:
+    cv2 = pytest.importorskip("cv2")
+    video = tmp_path / "wide.mp4"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 25, (64, 36))
+    for i in range(4):
+        writer.write(np.full((36, 64, 3), 50 * i, np.uint8))
+    writer.release()
+    app_py = Path(__file__).resolve().parents[1] / "examples" / "jetson_app.py"
+    done = subprocess.run([sys.executable, str(app_py), str(tiny_artifact[0]), "--source", str(video), "--headless"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "note: 64×36 (width×height) images resized whole to the model's 40×40, squeezed 1.78× across" in \
+        done.stdout, done.stdout
 
 
 def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_artifact, tmp_path: Path) -> None:
