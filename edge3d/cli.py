@@ -363,7 +363,9 @@ def inspect(
         check = model_entry.get("step_check")
         f, per_frame = m["frame"], m["output"]["shape"][1:]
         fit = f.get("fit", "stretch")
-        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({f.get('color', 'RGB')}), fit {fit}: a frame of "
+        color = f.get("color", "RGB")
+        order = " (the model's order; RGB frames are reversed for it)" if color == "BGR" else ""
+        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: a frame of "
                           f"another aspect ratio is {_fit_text(fit)}"),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
                  if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
@@ -495,6 +497,10 @@ def export(
         "--fit", help="How a camera frame of another aspect ratio becomes the model's frame: stretch (resize it "
                       "whole) or crop (its centre, of the model's aspect ratio, as models trained on centre crops saw "
                       "them). Default: the model's frame_fit attribute, else stretch.")] = None,
+    color: Annotated[str | None, typer.Option(
+        "--color", help="The channel order a three-channel model was trained on: rgb, or bgr for frames read with "
+                        "OpenCV and never converted (the runtime still takes RGB frames and reverses them). "
+                        "Default: the model's frame_color attribute, else rgb.")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
@@ -532,6 +538,10 @@ def export(
         from .runtime.preprocess import check_fit
 
         check_fit(fit, "--fit")
+    if color is not None:
+        from .runtime.preprocess import check_color
+
+        check_color(color, 3, "--color")  # the channel count is checked with the model
     class_names = None
     if labels is not None:
         from .labels import read_labels
@@ -555,9 +565,10 @@ def export(
     profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
     if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None
-                         or fit is not None):
+                         or fit is not None or color is not None):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
-                         "e.g. --profile int8 (or its classes with --labels FILE, its frame fit with --fit).")
+                         "e.g. --profile int8 (or its classes with --labels FILE, its frame fit with --fit, its "
+                         "channel order with --color).")
     resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
@@ -589,13 +600,15 @@ def export(
                 set_class_names(model_path, class_names)
             console.print(f"named the {len(class_names)} classes of [bold]{escape(str(model_path))}[/] from "
                           f"{escape(str(labels))} (every graph of every precision)")
-        if fit is not None:
-            from .exporters.onnx import set_frame_fit
+        if fit is not None or color is not None:
+            from .exporters.onnx import set_frame
 
-            with _disk_full(str(model_path), "its graphs were left as they were"):
-                set_frame_fit(model_path, fit)
-            console.print(f"set the frame fit of [bold]{escape(str(model_path))}[/] to {fit}: "
-                          f"{_fit_text(fit)} (every graph of every precision)")
+            with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color):
+                set_frame(model_path, fit=fit, color=color)
+            changed = ([f"frame fit to {fit}: {_fit_text(fit)}"] if fit is not None else []) + \
+                ([f"channel order to {color.upper()}"] if color is not None else [])
+            console.print(f"set the {' and the '.join(changed)}, in [bold]{escape(str(model_path))}[/] (every graph of "
+                          "every precision)")
         if wants:
             with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
                 _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,
@@ -618,11 +631,11 @@ def export(
     dropped, earlier = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
-            _labels_named(labels, model):
+            _labels_named(labels, model), _color_named(color):
         # the model's frame_mean and frame_std, and its class_names where --labels is left out, are taken by
         # export_artifact itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
-                               model_info=info, verify=not no_verify, classes=class_names, fit=fit,
+                               model_info=info, verify=not no_verify, classes=class_names, fit=fit, color=color,
                                progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
@@ -736,6 +749,17 @@ def _applies(flag: str, value: Any, applies: bool, why: str) -> None:
     """A flag given where it does nothing is an error: `--dla 0` without --target tensorrt was ignored."""
     if value is not None and not applies:
         raise ValueError(f"{flag} {why}, or drop {flag}.")
+
+
+@contextlib.contextmanager
+def _color_named(color: str | None) -> Any:
+    """--color on a grey model: the check knew the channel count, not the flag's name."""
+    try:
+        yield
+    except ValueError as e:
+        if color is not None and str(e).startswith("frame color "):
+            raise ValueError("--color" + str(e)[len("frame color"):]) from None
+        raise
 
 
 def _fit_text(fit: str) -> str:

@@ -41,7 +41,7 @@ from ..runtime.manifest import (
     state_io_names,
 )
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
-from ..runtime.preprocess import check_fit, check_normalisation
+from ..runtime.preprocess import check_color, check_fit, check_normalisation
 
 OPSET = 18
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -54,10 +54,11 @@ def default_normalisation(channels: int) -> tuple[tuple[float, ...], tuple[float
     return (DEFAULT_MEAN[0],) * channels, (DEFAULT_STD[0],) * channels
 
 
-def colour_of(channels: int) -> tuple[str, str]:
-    """The manifest's ``color`` and ``raw_input`` for frames of this many channels."""
+def colour_of(channels: int, order: str = "RGB") -> tuple[str, str]:
+    """The manifest's ``color`` and ``raw_input`` for frames of this many channels (``order``: a
+    three-channel model's, RGB or BGR)."""
     if channels == 3:
-        return "RGB", "HxWx3 uint8"
+        return order, "HxWx3 uint8" if order == "RGB" else "HxWx3 uint8 RGB (reversed to BGR for the model)"
     if channels == 1:
         return "gray", "HxW uint8 (an HxWx3 RGB frame is converted to grey)"
     return f"{channels} channels", f"HxWx{channels} uint8"
@@ -211,17 +212,26 @@ def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) 
     return names
 
 
-def set_frame_fit(folder: str | Path, fit: str) -> None:
-    """Set how an exported artifact's runtime fits camera frames to the model's size ("stretch" or
-    "crop"), in place: how the model was trained decides it, not the graph, so no export is needed.
-    A Triton repository written before keeps the old fit."""
-    check_fit(fit)
+def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None = None) -> None:
+    """Set, in place, how an exported artifact's runtime fits camera frames to the model's size
+    ("stretch" or "crop") and a three-channel model's channel order ("RGB" or "BGR"). How the model
+    was trained decides both, not the graph, so no export is needed. A Triton repository written
+    before keeps the old ones."""
+    from ..runtime.manifest import load_manifest
+
+    channels = int(load_manifest(folder)["frame"]["channels"])
+    fit = None if fit is None else check_fit(fit)
+    color = None if color is None else check_color(color, channels)
 
     def edit(manifest: dict[str, Any]) -> None:
-        manifest.setdefault("frame", {})["fit"] = fit
-        manifest["format_version"] = format_version_for(manifest["frame"])
+        frame = manifest.setdefault("frame", {})
+        if fit is not None:
+            frame["fit"] = fit
+        if color is not None:
+            frame["color"], frame["raw_input"] = colour_of(channels, color)
+        manifest["format_version"] = format_version_for(frame)
 
-    rewrite_manifests(folder, edit, "fit")
+    rewrite_manifests(folder, edit, "frame")
 
 
 def rewrite_manifests(folder: str | Path, edit: Callable[[dict[str, Any]], None], tag: str) -> None:
@@ -306,12 +316,13 @@ def step_output_shape(step: StepModule) -> tuple[int, ...]:
 
 def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *, model_info: dict[str, Any],
                     classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                    output_shape: tuple[int, ...], fit: str = "stretch") -> dict[str, Any]:
+                    output_shape: tuple[int, ...], fit: str = "stretch", color: str = "RGB") -> dict[str, Any]:
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
     classes = check_classes(classes, output_shape)
     frame = {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-             "dtype": "float32", "color": colour_of(c)[0], "raw_input": colour_of(c)[1], "fit": check_fit(fit),
+             "dtype": "float32", "color": colour_of(c, color)[0], "raw_input": colour_of(c, color)[1],
+             "fit": check_fit(fit),
              "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
              "std": [float(v) for v in std]}
     return {
@@ -330,7 +341,8 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
 
 
 def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
-                   mean: tuple[float, ...], std: tuple[float, ...], lowered: bool, fit: str = "stretch") -> dict[str, Any]:
+                   mean: tuple[float, ...], std: tuple[float, ...], lowered: bool, fit: str = "stretch",
+                   color: str = "RGB") -> dict[str, Any]:
     states = []
     for s in step.state_specs:
         i, o = state_io_names(s.name)
@@ -339,7 +351,7 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
                        "bytes": s.bytes, "input_history": s.input_history})
     return {
         **manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
-                          mean=mean, std=std, output_shape=step_output_shape(step), fit=fit),
+                          mean=mean, std=std, output_shape=step_output_shape(step), fit=fit, color=color),
         "states": states,
         "macs_per_frame": count_macs(step),
         "params": sum(p.numel() for p in step.model.parameters()),
@@ -435,6 +447,7 @@ def export_artifact(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     fit: str | None = None,
+    color: str | None = None,
     opset: int = OPSET,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -453,9 +466,10 @@ def export_artifact(
 
     What is left out comes from the model, as ``edge3d export`` takes it: ``channels`` from its
     ``frame_channels`` attribute or first convolution, ``mean``/``std`` from ``frame_mean``/``frame_std``,
-    ``classes`` from ``class_names``, ``fit`` from ``frame_fit`` (else "stretch"). A model trained with its
-    own statistics, or on centre crops (``fit="crop"``), is then fed the frames it was trained on from
-    Python too, not the defaults. ``classes`` may also be the path of a label file, in any layout
+    ``classes`` from ``class_names``, ``fit`` from ``frame_fit`` (else "stretch"), ``color`` from
+    ``frame_color`` (else "RGB"). A model trained with its own statistics, on centre crops
+    (``fit="crop"``) or on OpenCV's unconverted BGR frames (``color="BGR"``) is then fed the frames it
+    was trained on from Python too, not the defaults. ``classes`` may also be the path of a label file, in any layout
     ``edge3d export --labels`` reads (``edge3d/labels.py``).
     """
     from ..models import frame_channels
@@ -471,6 +485,7 @@ def export_artifact(
         mean = getattr(own, "frame_mean", None) if mean is None else mean
         std = getattr(own, "frame_std", None) if std is None else std
         fit = check_fit(getattr(own, "frame_fit", "stretch") if fit is None else fit)
+        color = getattr(own, "frame_color", None) if color is None else color
         classes = getattr(own, "class_names", None) if classes is None else classes
         # a label file, as `edge3d export --labels` takes; a string that names no file and does not look like
         # a path ("abcde", one name, or names run together) is refused below as not a list of names
@@ -496,6 +511,9 @@ def export_artifact(
         mean = default_mean if mean is None else mean
         std = default_std if std is None else std
         check_normalisation(mean, std, channels)
+        color = "RGB" if color is None and channels == 3 else color
+        if color is not None:
+            color = check_color(color, channels)
         h, w = frame_hw(frame_size)
         say("building the step")
         if lower:
@@ -516,7 +534,7 @@ def export_artifact(
             from .staged import export_staged
 
             return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
-                                 mean=mean, std=std, fit=fit, opset=opset, progress=say)
+                                 mean=mean, std=std, fit=fit, color=color or "RGB", opset=opset, progress=say)
         with artifact_folder(out_dir, name) as (tmp, manifest):
             raw = tmp / "raw.onnx"
             say("tracing the step graph (torch.export)")
@@ -526,7 +544,7 @@ def export_artifact(
             simplify(raw, onnx_path)
             drop_raw(raw)
             manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
-                                           mean=mean, std=std, lowered=lower, fit=fit))
+                                           mean=mean, std=std, lowered=lower, fit=fit, color=color or "RGB"))
             manifest["precisions"]["fp32"] = {
                 "file": onnx_path.name, "profile": "fp32",
                 "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},

@@ -18,11 +18,12 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from .preprocess import check_fit, check_normalisation
+from .preprocess import COLOR_ORDERS, check_fit, check_normalisation
 
-# The newest format this edge3d reads and writes. Version 2 adds the frame's "fit"; an artifact is written
-# with the oldest version that describes it (format_version_for), so a device whose edge3d predates
-# cropping refuses a cropping artifact, which it would feed squeezed frames, and still reads every other.
+# The newest format this edge3d reads and writes. Version 2 adds the frame's "fit" and the BGR "color"; an
+# artifact is written with the oldest version that describes it (format_version_for), so a device whose
+# edge3d predates them refuses an artifact that crops or wants BGR, which it would feed squeezed or RGB
+# frames, and still reads every other.
 FORMAT_VERSION = 2
 READS = (1, 2)
 MANIFEST = "manifest.json"
@@ -128,7 +129,7 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 def format_version_for(frame: dict[str, Any]) -> int:
     """The oldest format version that describes an artifact with this frame spec."""
-    return 1 if frame.get("fit", "stretch") == "stretch" else 2
+    return 1 if frame.get("fit", "stretch") == "stretch" and frame.get("color") != "BGR" else 2
 
 
 def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
@@ -153,6 +154,9 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
         check_normalisation(f.get("mean", [0.0] * f.get("channels", 3)), f.get("std", [1.0] * f.get("channels", 3)),
                             f.get("channels"))
         check_fit(f.get("fit", "stretch"))
+        if f.get("channels") == 3 and f.get("color", "RGB") not in COLOR_ORDERS:  # the runtime reads the exact word
+            raise ValueError(f"frame color {f['color']!r} is not RGB or BGR (upper case), the channel order the "
+                             "model was trained on.")
     except ValueError as e:
         raise ArtifactError(f"{where}: {e}") from None
     classes, shape = m["output"].get("classes"), m["output"].get("shape", [])

@@ -120,6 +120,24 @@ def check_fit(fit: object, what: str = "frame fit") -> str:
     return str(fit)
 
 
+# The channel order a three-channel model was trained on. Frames reach the runtime as RGB whatever it is
+# (edge3d run and the camera app convert OpenCV's BGR); a model trained on frames read with OpenCV and
+# never converted wants BGR, and the runtime reverses the channels for it after the resize.
+COLOR_ORDERS = ("RGB", "BGR")
+
+
+def check_color(color: object, channels: int, what: str = "frame color") -> str:
+    """A three-channel model's channel order, upper-cased; other channel counts have no choice."""
+    order = color.upper() if isinstance(color, str) else color
+    if channels != 3:
+        raise ValueError(f"{what} {color!r} applies to a three-channel (RGB or BGR) model; this one takes "
+                         f"{channels} channel{'s' if channels != 1 else ''}, so leave it out.")
+    if order not in COLOR_ORDERS:
+        raise ValueError(f"{what} {color!r} is not RGB or BGR: BGR is for a model trained on frames read with "
+                         "OpenCV and never converted to RGB.")
+    return str(order)
+
+
 def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
     """The largest centred region of ``frame`` (H×W×...) with the aspect ratio ``width / height``: a view.
 
@@ -235,6 +253,7 @@ class FramePreprocessor:
         # 16-bit thermal or depth frames reach a model trained on values of its own scale. 16x leaves
         # room for frames normalised with other statistics, or augmented; a dark frame slips under it.
         self.crop = frame_spec.get("fit", "stretch") == "crop"  # checked at load
+        self.bgr = self.channels == 3 and frame_spec.get("color") == "BGR"
         self.span = (float((-mean / std).min()), float(((1.0 - mean) / std).max()))
         self.limit = 16.0 * max(abs(v) for v in self.span)
         self.warned = False
@@ -274,6 +293,8 @@ class FramePreprocessor:
                     f"{(c, h, w)}{_layout_hint(frame.shape, c)}."
                 )
             img = resize(self._fitted(frame), h, w)
+            if self.bgr:
+                img = img[..., ::-1]  # a view: the multiply below reads it in place
             np.multiply(img.transpose(2, 0, 1), self.scale, out=out, casting="unsafe")
             out -= self.offset
             return

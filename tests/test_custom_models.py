@@ -706,6 +706,8 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
 
     assert edge3d.inspect(model, (12, 16))["states"][0]["shape"] == [2, 12, 16]  # two past grey frames, not RGB
     # the caller's own values still win
+    with pytest.raises(ValueError, match="frame color 'BGR' applies to a three-channel .* this one takes 1 channel, so "):
+        export_artifact(model, tmp_path / "bgr", "thermal", frame_size=(12, 16), color="BGR")
     given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
                                     std=(0.25,), fit="stretch", verify=False)).manifest["frame"]
     assert (given["mean"], given["std"], given["fit"]) == ([0.5], [0.25], "stretch")

@@ -254,12 +254,12 @@ def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_arti
     """Frames were only ever resized whole: a model trained on centre crops, as most Kinetics and UCF101
     recipes train, was fed a 16:9 camera's frames squeezed into its square, and `edge3d run` had no way
     to crop them. The fit is the artifact's, so `run`, the Jetson app and calibration all crop alike."""
-    from edge3d.exporters.onnx import set_frame_fit
+    from edge3d.exporters.onnx import set_frame
     from edge3d.runtime.backend.onnxrt import embedded_manifest
 
     stretch = tiny_artifact[0]
     crop = _copy(stretch, tmp_path)
-    set_frame_fit(crop, "crop")
+    set_frame(crop, fit="crop")
     m = json.loads((crop / "manifest.json").read_text())
     assert (m["format_version"], m["frame"]["fit"]) == (2, "crop")  # an edge3d without crop refuses it
     assert embedded_manifest(crop / "model.fp32.onnx")["frame"]["fit"] == "crop"  # and the graph says so too
@@ -274,10 +274,38 @@ def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_arti
         squeezed = [s.step(f) for f in wide]
     assert all(np.array_equal(a, b) for a, b in zip(got, cut, strict=True))
     assert max(np.abs(a - b).max() for a, b in zip(got, squeezed, strict=False)) > 1e-3  # the fit changed the input
-    set_frame_fit(crop, "stretch")
+    set_frame(crop, fit="stretch")
     assert json.loads((crop / "manifest.json").read_text())["format_version"] == 1
     with Session(crop) as c:
         assert np.array_equal(c.step(wide[0]), squeezed[0])
+
+
+def test_a_bgr_artifact_takes_rgb_frames_and_feeds_the_model_bgr(tiny_artifact, tmp_path: Path) -> None:
+    """A model trained on frames read with OpenCV and never converted sees BGR. `edge3d run` and the
+    camera app always hand the runtime RGB, so such a model got its channels swapped on every frame;
+    now the artifact says BGR and the runtime reverses them."""
+    from edge3d.exporters.onnx import set_frame
+
+    rgb_art = tiny_artifact[0]
+    bgr_art = _copy(rgb_art, tmp_path)
+    set_frame(bgr_art, color="bgr")
+    m = json.loads((bgr_art / "manifest.json").read_text())
+    assert (m["format_version"], m["frame"]["color"]) == (2, "BGR")  # an edge3d without BGR refuses it
+    frames = np.random.default_rng(3).integers(0, 256, (20, 50, 70, 3), dtype=np.uint8)
+    with Session(rgb_art) as s, Session(bgr_art) as b:
+        want = [s.step(np.ascontiguousarray(f[..., ::-1])) for f in frames]
+        got = [b.step(f) for f in frames]
+        s.reset()
+        unswapped = [s.step(f) for f in frames]
+    assert all(np.array_equal(a, w) for a, w in zip(got, want, strict=True))
+    assert max(np.abs(a - u).max() for a, u in zip(got, unswapped, strict=True)) > 1e-3
+    set_frame(bgr_art, color="RGB", fit="crop")
+    m = json.loads((bgr_art / "manifest.json").read_text())
+    assert (m["format_version"], m["frame"]["color"], m["frame"]["fit"]) == (2, "RGB", "crop")
+    set_frame(bgr_art, fit="stretch")
+    assert json.loads((bgr_art / "manifest.json").read_text())["format_version"] == 1
+    with pytest.raises(ValueError, match="frame color 'BRG' is not RGB or BGR"):
+        set_frame(bgr_art, color="BRG")
 
 
 def test_the_camera_app_notes_frames_squeezed_into_the_model(tiny_artifact, tmp_path: Path) -> None:
@@ -305,8 +333,18 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
     assert res.exit_code == 0 and "to crop: cut to its centre, then resized" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=300)
     assert "fit crop: a frame of another aspect ratio is cut to its centre, then resized" in unwrapped(res.output)
+    res = CliRunner().invoke(app, ["export", str(art), "--color", "bgr"], terminal_width=300)
+    assert res.exit_code == 0 and "set the channel order to BGR" in " ".join(res.output.split())
+    res = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=300)
+    assert "(BGR (the model's order; RGB frames are reversed for it)), fit crop" in unwrapped(res.output)
+    res = CliRunner().invoke(app, ["export", str(art), "--color", "yuv"], terminal_width=300)
+    assert res.exit_code == 2 and "--color 'yuv' is not RGB or BGR" in res.output, res.output
     m = json.loads((art / "manifest.json").read_text())
-    m["frame"]["fit"] = "zoom"  # a hand edit
+    m["frame"]["color"] = "bgr"  # a hand edit: the runtime reads the exact word
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="frame color 'bgr' is not RGB or BGR"):
+        Session(art)
+    m["frame"]["color"], m["frame"]["fit"] = "BGR", "zoom"  # another hand edit
     (art / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="frame fit 'zoom' is not one of stretch or crop"):
         Session(art)
