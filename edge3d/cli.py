@@ -482,8 +482,8 @@ def _output_file(path: Path | None, flag: str) -> None:
 @app.command(cls=OnceCommand)
 @friendly
 def export(
-    model: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder to add "
-                                               "the --profile precisions to in place.")],
+    model: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder to "
+                                               "change in place (--profile, --labels, --fit, --color).")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
                                              show_default="out")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
@@ -517,7 +517,8 @@ def export(
 ) -> None:
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines).
 
-    Given an artifact folder instead, add the --profile precisions to it in place, keeping the others.
+    Given an artifact folder instead, change it in place: add the --profile precisions (keeping the
+    others), name its classes with --labels, or set its --fit or --color, without exporting it again.
     """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
