@@ -364,7 +364,7 @@ def inspect(
         f, per_frame = m["frame"], m["output"]["shape"][1:]
         fit = f.get("fit", "stretch")
         color = f.get("color", "RGB")
-        order = " (the model's order; RGB frames are reversed for it)" if color == "BGR" else ""
+        order = ": RGB frames are reversed for the model" if color == "BGR" else ""
         rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: a frame of "
                           f"another aspect ratio is {_fit_text(fit)}"),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"

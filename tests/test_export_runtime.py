@@ -336,7 +336,7 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
     res = CliRunner().invoke(app, ["export", str(art), "--color", "bgr"], terminal_width=300)
     assert res.exit_code == 0 and "set the channel order to BGR" in " ".join(res.output.split())
     res = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=300)
-    assert "(BGR (the model's order; RGB frames are reversed for it)), fit crop" in unwrapped(res.output)
+    assert "(BGR: RGB frames are reversed for the model), fit crop" in unwrapped(res.output)
     res = CliRunner().invoke(app, ["export", str(art), "--color", "yuv"], terminal_width=300)
     assert res.exit_code == 2 and "--color 'yuv' is not RGB or BGR" in res.output, res.output
     m = json.loads((art / "manifest.json").read_text())
