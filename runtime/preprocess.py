@@ -161,10 +161,9 @@ def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: 
     h, w = int(frame_spec["height"]), int(frame_spec["width"])
     crop = frame_spec.get("fit", "stretch") == "crop"
     said = []
-    for sh, sw in sorted(sizes):
+    others = [(sh, sw) for sh, sw in sorted(sizes) if abs(math.log((sw / sh) / (w / h))) >= 0.02]  # off by a pixel or more
+    for sh, sw in others[:2]:  # a dataset of clips of many sizes (Kinetics') gets two examples and a count
         squeeze = (sw / sh) / (w / h)
-        if abs(math.log(squeeze)) < 0.02:  # the model's aspect ratio, to the pixel
-            continue
         images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
         if crop:
             ch, cw = centre_crop(np.empty((sh, sw, 0), np.uint8), h, w).shape[:2]
@@ -174,6 +173,8 @@ def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: 
                         f"{max(squeeze, 1 / squeeze):.2f}× {'across' if squeeze > 1 else 'top to bottom'}")
     if not said:
         return None
+    if len(others) > 2:
+        said.append(f"and so on for images of {len(others) - 2} other sizes")
     fix = "" if crop else (f"; if the model was trained on centre crops, `edge3d export {shlex.quote(str(artifact))} "
                            "--fit crop` cuts the centre instead")
     return "; ".join(said) + fix

@@ -248,6 +248,9 @@ def test_fit_note_says_how_frames_of_another_aspect_ratio_reach_the_model() -> N
                     "1280×720 images cut to their centre 720×720, then resized to the model's 112×112")
     assert "squeezed 1.33× top to bottom" in fit_note({(640, 480)}, square, "a")  # a portrait camera
     assert fit_note({(480, 640)}, {"height": 96, "width": 128}, "a") is None  # a 4:3 model, a 4:3 camera
+    many = fit_note({(256, w) for w in range(300, 500, 10)}, square, "a")  # Kinetics' clips come in many sizes
+    assert many.startswith("300×256 (width×height) images resized whole to the model's 112×112, squeezed 1.17× "
+                           "across; 310×256 images") and "; and so on for images of 18 other sizes; if the" in many
 
 
 def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_artifact, tmp_path: Path) -> None:
