@@ -40,12 +40,19 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
     return open_source(spec, frame_size=source_frame_size(spec, frame_size), csi_mode=(width, height, fps))
 
 
-def overlay(rgb: np.ndarray, text: str, ms: float) -> np.ndarray:
-    """A BGR copy of the frame with the top class and the model's ms/frame drawn on it."""
+def overlay(rgb: np.ndarray, text: str, ms: float, crop: tuple[int, int] | None = None) -> np.ndarray:
+    """A BGR copy of the frame with the top class and the model's ms/frame drawn on it and, where the
+    artifact crops (``crop``: the model's height and width), a box round the part the model sees, so
+    whoever aims the camera sees it too."""
     import cv2
 
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     scale = max(0.4, bgr.shape[0] / 480)
+    if crop is not None:
+        from edge3d.runtime.preprocess import centre_box
+
+        top, left, rows, cols = centre_box(bgr.shape[0], bgr.shape[1], *crop)
+        cv2.rectangle(bgr, (left, top), (left + cols - 1, top + rows - 1), (0, 255, 255), max(1, round(2 * scale)))
     for i, line in enumerate((text, f"{ms:.2f} ms/frame")):
         y = int((24 + 28 * i) * scale)
         cv2.putText(bgr, line, (8, y), cv2.FONT_HERSHEY_SIMPLEX, 0.7 * scale, (0, 0, 0), 3, cv2.LINE_AA)
@@ -115,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import KeepingUp, SourceLost, frame_rounds, labels_apply, redact
 
+    frame = session.manifest["frame"]
+    crop = (frame["height"], frame["width"]) if frame.get("fit") == "crop" else None  # boxed on the display
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
     keep_labels = [labels_apply(s, session.manifest) and not is_map for s in sources]  # gesture labels: gesture models
@@ -167,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                     if not args.headless:
                         import cv2
 
-                        cv2.imshow(windows[i], overlay(rgb, shown[i], ms))
+                        cv2.imshow(windows[i], overlay(rgb, shown[i], ms, crop))
                 if not args.headless:
                     import cv2
 

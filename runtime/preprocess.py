@@ -138,19 +138,20 @@ def check_color(color: object, channels: int, what: str = "frame color") -> str:
     return str(order)
 
 
-def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """The largest centred region of ``frame`` (H×W×...) with the aspect ratio ``width / height``: a view.
-
-    Rounded to whole pixels; a frame already of that aspect (within half a pixel) is returned whole.
-    """
-    h, w = frame.shape[:2]
+def centre_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, rows, columns) of the largest centred region of an h×w image with the aspect ratio
+    ``width / height``, rounded to whole pixels."""
     if w * height > h * width:  # wider than the model's frame: cut the sides
         keep = max(1, round(h * width / height))
-        x0 = (w - keep) // 2
-        return frame[:, x0:x0 + keep]
+        return 0, (w - keep) // 2, h, keep
     keep = max(1, round(w * height / width))  # taller (or the same): cut top and bottom
-    y0 = (h - keep) // 2
-    return frame[y0:y0 + keep]
+    return (h - keep) // 2, 0, keep, w
+
+
+def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+    """That region of ``frame`` (H×W×...), as a view; a frame already of that aspect is returned whole."""
+    top, left, rows, cols = centre_box(frame.shape[0], frame.shape[1], height, width)
+    return frame[top:top + rows, left:left + cols]
 
 
 def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: object) -> str | None:
@@ -166,7 +167,7 @@ def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: 
         squeeze = (sw / sh) / (w / h)
         images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
         if crop:
-            ch, cw = centre_crop(np.empty((sh, sw, 0), np.uint8), h, w).shape[:2]
+            ch, cw = centre_box(sh, sw, h, w)[2:]
             said.append(f"{images} cut to their centre {cw}×{ch}, then resized to the model's {w}×{h}")
         else:
             said.append(f"{images} resized whole to the model's {w}×{h}, squeezed "

@@ -630,6 +630,9 @@ def test_overlay_draws_class_and_latency():
     assert bgr.shape == rgb.shape and (rgb == 40).all()  # the input frame is left alone
     changed = (bgr != 40).any(axis=2)
     assert changed[:60].sum() > 100 and changed[70:].sum() == 0  # two text lines at the top
+    boxed = (jetson_app.overlay(rgb, "", 1.25, crop=(112, 112)) != 40).any(axis=2)  # a cropping artifact's
+    cols = np.flatnonzero(boxed[100])  # below the text: the box's two sides, round the centre 120×120
+    assert cols.min() == 20 and cols.max() == 139 and boxed[100, 22:138].sum() == 0, cols
     from edge3d.sources import csi_pipeline
 
     assert csi_pipeline(1, 640, 480, 30).startswith("nvarguscamerasrc sensor-id=1 ! video/x-raw(memory:NVMM), "
