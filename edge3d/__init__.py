@@ -25,6 +25,9 @@ _LAZY = {
     # a model object in hand (not a factory the CLI can import) is exported from Python
     "export_artifact": ("edge3d.exporters.onnx", "export_artifact"),
     "add_precisions": ("edge3d.exporters.precision", "add_precisions"),
+    # what the runtime does with frames and outputs, changed in an exported artifact without exporting again
+    "set_frame": ("edge3d.exporters.onnx", "set_frame"),
+    "set_class_names": ("edge3d.exporters.onnx", "set_class_names"),
 }
 
 

@@ -501,6 +501,13 @@ def export(
         "--color", help="The channel order a three-channel model was trained on: rgb, or bgr for frames read with "
                         "OpenCV and never converted (the runtime still takes RGB frames and reverses them). "
                         "Default: the model's frame_color attribute, else rgb.")] = None,
+    mean: Annotated[str | None, typer.Option(
+        "--mean", help="The per-channel mean the model was trained with, on the 0-1 scale, comma separated "
+                       "(0.485,0.456,0.406 for ImageNet's), or one value for every channel: frames are fed as "
+                       "(pixel / 255 - mean) / std. Default: the model's frame_mean attribute, else 0.45.")] = None,
+    std: Annotated[str | None, typer.Option(
+        "--std", help="The per-channel std to go with --mean (0.229,0.224,0.225 for ImageNet's). Default: the "
+                      "model's frame_std attribute, else 0.225.")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
@@ -543,6 +550,7 @@ def export(
         from .runtime.preprocess import check_color
 
         check_color(color, 3, "--color")  # the channel count is checked with the model
+    means, stds = _floats(mean, "--mean"), _floats(std, "--std")  # counted against the channels with the model
     class_names = None
     if labels is not None:
         from .labels import read_labels
@@ -565,11 +573,12 @@ def export(
     check_build_flags(streams, dla)
     profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
+    frame_flags = fit is not None or color is not None or means is not None or stds is not None
     if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None
-                         or fit is not None or color is not None):
+                         or frame_flags):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
                          "e.g. --profile int8 (or its classes with --labels FILE, its frame fit with --fit, its "
-                         "channel order with --color).")
+                         "channel order with --color, its normalisation with --mean and --std).")
     resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
@@ -601,13 +610,15 @@ def export(
                 set_class_names(model_path, class_names)
             console.print(f"named the {len(class_names)} classes of [bold]{escape(str(model_path))}[/] from "
                           f"{escape(str(labels))} (every graph of every precision)")
-        if fit is not None or color is not None:
+        if frame_flags:
             from .exporters.onnx import set_frame
 
-            with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color):
-                set_frame(model_path, fit=fit, color=color)
+            with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color), \
+                    _normalisation_named(means, stds):
+                frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
             changed = ([f"frame fit to {fit}: {_fit_text(fit)}"] if fit is not None else []) + \
-                ([f"channel order to {color.upper()}"] if color is not None else [])
+                ([f"channel order to {color.upper()}"] if color is not None else []) + \
+                ([f"normalisation to mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
             console.print(f"set the {' and the '.join(changed)}, in [bold]{escape(str(model_path))}[/] (every graph of "
                           "every precision)")
         if wants:
@@ -632,11 +643,12 @@ def export(
     dropped, earlier = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
-            _labels_named(labels, model), _color_named(color):
+            _labels_named(labels, model), _color_named(color), _normalisation_named(means, stds):
         # the model's frame_mean and frame_std, and its class_names where --labels is left out, are taken by
         # export_artifact itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
                                model_info=info, verify=not no_verify, classes=class_names, fit=fit, color=color,
+                               mean=_per_channel(means, frame_channels), std=_per_channel(stds, frame_channels),
                                progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
     check = json.loads((path / MANIFEST).read_text())["model"].get("step_check")
@@ -750,6 +762,35 @@ def _applies(flag: str, value: Any, applies: bool, why: str) -> None:
     """A flag given where it does nothing is an error: `--dla 0` without --target tensorrt was ignored."""
     if value is not None and not applies:
         raise ValueError(f"{flag} {why}, or drop {flag}.")
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", ",").split(",") if v)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of numbers; give one per channel, such as "
+                         f"{flag} {'0.485,0.456,0.406' if flag == '--mean' else '0.229,0.224,0.225'}.") from None
+
+
+def _per_channel(values: tuple[float, ...] | None, channels: int) -> tuple[float, ...] | None:
+    """One --mean or --std value stands for every channel."""
+    return values * channels if values is not None and len(values) == 1 else values
+
+
+@contextlib.contextmanager
+def _normalisation_named(mean: object, std: object) -> Any:
+    """The check knew the values as the frame's mean or std, not as the flags that gave them (a model's
+    own frame_mean, with no --mean given, keeps its name)."""
+    try:
+        yield
+    except ValueError as e:
+        text = str(e)
+        for word, given in (("mean", mean), ("std", std)):
+            if given is not None and text.startswith(f"frame {word} "):
+                raise ValueError(f"--{word} " + text[len(f"frame {word} "):]) from None
+        raise
 
 
 @contextlib.contextmanager

@@ -212,26 +212,36 @@ def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) 
     return names
 
 
-def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None = None) -> None:
-    """Set, in place, how an exported artifact's runtime fits camera frames to the model's size
-    ("stretch" or "crop") and a three-channel model's channel order ("RGB" or "BGR"). How the model
-    was trained decides both, not the graph, so no export is needed. A Triton repository written
-    before keeps the old ones."""
+def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None = None,
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
+    """Set, in place, how an exported artifact's runtime turns a camera frame into the model's input:
+    the fit to the model's size ("stretch" or "crop"), a three-channel model's channel order ("RGB" or
+    "BGR"), the normalisation's per-channel mean and std (one value stands for every channel). How
+    the model was trained decides them, not the graph, so no export is needed. A Triton repository
+    written before keeps the old ones. Returns the new frame spec."""
     from ..runtime.manifest import load_manifest
 
-    channels = int(load_manifest(folder)["frame"]["channels"])
+    old = load_manifest(folder)["frame"]
+    channels = int(old["channels"])
     fit = None if fit is None else check_fit(fit)
     color = None if color is None else check_color(color, channels)
+    mean, std = (tuple(x * channels if len(x) == 1 else x) if x is not None else None for x in (mean, std))
+    check_normalisation(old.get("mean", [0.0] * channels) if mean is None else mean,
+                        old.get("std", [1.0] * channels) if std is None else std, channels)
+    changes: dict[str, Any] = {k: v for k, v in (("fit", fit), ("mean", mean), ("std", std)) if v is not None}
+    for key in ("mean", "std"):
+        if key in changes:
+            changes[key] = [float(v) for v in changes[key]]
+    if color is not None:
+        changes["color"], changes["raw_input"] = colour_of(channels, color)
 
     def edit(manifest: dict[str, Any]) -> None:
         frame = manifest.setdefault("frame", {})
-        if fit is not None:
-            frame["fit"] = fit
-        if color is not None:
-            frame["color"], frame["raw_input"] = colour_of(channels, color)
+        frame.update(changes)
         manifest["format_version"] = format_version_for(frame)
 
     rewrite_manifests(folder, edit, "frame")
+    return {**old, **changes}
 
 
 def rewrite_manifests(folder: str | Path, edit: Callable[[dict[str, Any]], None], tag: str) -> None:

@@ -287,7 +287,9 @@ def test_a_bgr_artifact_takes_rgb_frames_and_feeds_the_model_bgr(tiny_artifact, 
     """A model trained on frames read with OpenCV and never converted sees BGR. `edge3d run` and the
     camera app always hand the runtime RGB, so such a model got its channels swapped on every frame;
     now the artifact says BGR and the runtime reverses them."""
-    from edge3d.exporters.onnx import set_frame
+    import edge3d
+
+    set_frame = edge3d.set_frame  # as a notebook reaches it
 
     rgb_art = tiny_artifact[0]
     bgr_art = _copy(rgb_art, tmp_path)
@@ -342,6 +344,24 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
     assert "(BGR: RGB frames are reversed for the model), fit crop" in unwrapped(res.output)
     res = CliRunner().invoke(app, ["export", str(art), "--color", "yuv"], terminal_width=300)
     assert res.exit_code == 2 and "--color 'yuv' is not RGB or BGR" in res.output, res.output
+    res = CliRunner().invoke(app, ["export", str(art), "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225"])
+    assert res.exit_code == 0, res.output  # a model trained with ImageNet's statistics, exported with the defaults
+    frame = np.random.default_rng(2).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    with Session(art) as s:
+        got = np.empty((3, SIZE, SIZE), np.float32)
+        s.pre(frame[..., ::-1].copy(), got)  # BGR, as set above: the runtime reverses it back
+    want = (frame.transpose(2, 0, 1) / 255 - np.array([0.485, 0.456, 0.406])[:, None, None]) / \
+        np.array([0.229, 0.224, 0.225])[:, None, None]
+    assert np.abs(got - want).max() < 1e-5
+    before = (art / "manifest.json").read_bytes()
+    for flags, said in ((["--mean", "123.7,116.3,103.5"], "--mean (123.7, 116.3, 103.5) is on the 0–255 scale, but "
+                                                          "edge3d normalises (pixel / 255 - mean) / std; divide"),
+                        (["--mean", "0.5,0.5"], "--mean (0.5, 0.5) must be 3 finite numbers, one per channel."),
+                        (["--std", "0,1"], "--std (0.0, 1.0) must be 3 finite numbers"),
+                        (["--std", "a,b,c"], "--std 'a,b,c' is not a comma-separated list of numbers")):
+        res = CliRunner().invoke(app, ["export", str(art), *flags], terminal_width=300)
+        assert res.exit_code == 2 and said in res.output, res.output
+    assert (art / "manifest.json").read_bytes() == before
     m = json.loads((art / "manifest.json").read_text())
     m["frame"]["color"] = "bgr"  # a hand edit: the runtime reads the exact word
     (art / "manifest.json").write_text(json.dumps(m))
@@ -1526,9 +1546,11 @@ def test_cli_export_inspect_run_mp4_and_synthetic(tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
     runner = CliRunner()
     res = runner.invoke(app, ["export", "d-resnet18", "--width", "0.125", "--classes", "5", "--size", "48",
-                              "-o", str(tmp_path)])
+                              "--mean", "0.5", "--std", "0.25", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
     art = tmp_path / "d-resnet18.edge3d"
+    frame = json.loads((art / "manifest.json").read_text())["frame"]
+    assert (frame["mean"], frame["std"]) == ([0.5] * 3, [0.25] * 3)  # one value for every channel
     res = runner.invoke(app, ["inspect", str(art)])
     assert res.exit_code == 0 and "layer1.0.conv1.cache" in res.output and "model.fp32.onnx" in res.output
     video = tmp_path / "clip.mp4"
