@@ -616,11 +616,11 @@ def export(
             with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color), \
                     _normalisation_named(means, stds):
                 frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
-            changed = ([f"frame fit to {fit}: {_fit_text(fit)}"] if fit is not None else []) + \
-                ([f"channel order to {color.upper()}"] if color is not None else []) + \
-                ([f"normalisation to mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
-            console.print(f"set the {' and the '.join(changed)}, in [bold]{escape(str(model_path))}[/] (every graph of "
-                          "every precision)")
+            changed = ([f"frame fit {fit} (a frame of another aspect ratio is {_fit_text(fit)})"] if fit is not None
+                       else []) + ([f"channel order {color.upper()}"] if color is not None else []) + \
+                ([f"normalisation mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
+            console.print(f"set in [bold]{escape(str(model_path))}[/] (every graph of every precision): "
+                          f"{escape('; '.join(changed))}")
         if wants:
             with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
                 _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,
@@ -805,7 +805,7 @@ def _color_named(color: str | None) -> Any:
 
 
 def _fit_text(fit: str) -> str:
-    return "cut to its centre, then resized" if fit == "crop" else "resized whole (squeezed)"
+    return "cut to its centre, then resized" if fit == "crop" else "resized whole, squeezed"
 
 
 def _step_check_text(check: dict[str, Any]) -> str:
