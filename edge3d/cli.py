@@ -367,6 +367,8 @@ def inspect(
         order = ": RGB frames are reversed for the model" if color == "BGR" else ""
         rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: a frame of "
                           f"another aspect ratio is {_fit_text(fit)}"),
+                ("normalisation", "(pixel / 255 - mean) / std, mean " + ", ".join(f"{v:g}" for v in f.get("mean", []))
+                 + "; std " + ", ".join(f"{v:g}" for v in f.get("std", []))),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
                  if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
         if "step_check" in model_entry:  # artifacts from before the check: no row

@@ -354,6 +354,8 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
     want = (frame.transpose(2, 0, 1) / 255 - np.array([0.485, 0.456, 0.406])[:, None, None]) / \
         np.array([0.229, 0.224, 0.225])[:, None, None]
     assert np.abs(got - want).max() < 1e-5
+    res = CliRunner().invoke(app, ["inspect", str(art)])
+    assert "(pixel / 255 - mean) / std, mean 0.485, 0.456, 0.406; std 0.229, 0.224, 0.225" in unwrapped(res.output)
     before = (art / "manifest.json").read_bytes()
     for flags, said in ((["--mean", "123.7,116.3,103.5"], "--mean (123.7, 116.3, 103.5) is on the 0–255 scale, but "
                                                           "edge3d normalises (pixel / 255 - mean) / std; divide"),
