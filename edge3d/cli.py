@@ -485,7 +485,7 @@ def _output_file(path: Path | None, flag: str) -> None:
 @friendly
 def export(
     model: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder to "
-                                               "change in place (--profile, --labels, --fit, --color).")],
+                                               "change in place (--profile, --labels, --fit, --color, --mean, --std).")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
                                              show_default="out")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
@@ -527,7 +527,8 @@ def export(
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines).
 
     Given an artifact folder instead, change it in place: add the --profile precisions (keeping the
-    others), name its classes with --labels, or set its --fit or --color, without exporting it again.
+    others), name its classes with --labels, or set its --fit, --color, --mean or --std, without
+    exporting it again.
     """
     from .exporters.onnx import check_artifact_name, export_artifact
     from .exporters.tensorrt import check_build_flags
@@ -646,8 +647,8 @@ def export(
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
             _labels_named(labels, model), _color_named(color), _normalisation_named(means, stds):
-        # the model's frame_mean and frame_std, and its class_names where --labels is left out, are taken by
-        # export_artifact itself
+        # what --mean, --std, --fit, --color and --labels leave out, export_artifact takes from the model's
+        # frame_mean, frame_std, frame_fit, frame_color and class_names itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
                                model_info=info, verify=not no_verify, classes=class_names, fit=fit, color=color,
                                mean=_per_channel(means, frame_channels), std=_per_channel(stds, frame_channels),

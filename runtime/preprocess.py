@@ -149,7 +149,8 @@ def centre_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, 
 
 
 def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
-    """That region of ``frame`` (H×W×...), as a view; a frame already of that aspect is returned whole."""
+    """:func:`centre_box`'s region of ``frame`` (H×W×...), as a view; a frame already of that aspect is
+    returned whole."""
     top, left, rows, cols = centre_box(frame.shape[0], frame.shape[1], height, width)
     return frame[top:top + rows, left:left + cols]
 
@@ -162,7 +163,7 @@ def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: 
     h, w = int(frame_spec["height"]), int(frame_spec["width"])
     crop = frame_spec.get("fit", "stretch") == "crop"
     said = []
-    others = [(sh, sw) for sh, sw in sorted(sizes) if abs(math.log((sw / sh) / (w / h))) >= 0.02]  # off by a pixel or more
+    others = [(sh, sw) for sh, sw in sorted(sizes) if abs(math.log((sw / sh) / (w / h))) >= 0.02]  # 2% or more off
     for sh, sw in others[:2]:  # a dataset of clips of many sizes (Kinetics') gets two examples and a count
         squeeze = (sw / sh) / (w / h)
         images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
@@ -247,6 +248,8 @@ class FramePreprocessor:
         self.height, self.width = int(frame_spec["height"]), int(frame_spec["width"])
         mean = np.asarray(frame_spec.get("mean", [0.0] * self.channels), np.float32)  # checked at load
         std = np.asarray(frame_spec.get("std", [1.0] * self.channels), np.float32)
+        self.crop = frame_spec.get("fit", "stretch") == "crop"  # both checked at load
+        self.bgr = self.channels == 3 and frame_spec.get("color") == "BGR"
         self.scale = (1.0 / (255.0 * std)).reshape(-1, 1, 1)
         self.offset = (mean / std).reshape(-1, 1, 1)
         # The span of normalised pixels (pixel 0 or 255, any channel). A float frame far beyond it is
@@ -254,8 +257,6 @@ class FramePreprocessor:
         # stream confident garbage: warned about, once, not refused, since the float path is also how
         # 16-bit thermal or depth frames reach a model trained on values of its own scale. 16x leaves
         # room for frames normalised with other statistics, or augmented; a dark frame slips under it.
-        self.crop = frame_spec.get("fit", "stretch") == "crop"  # checked at load
-        self.bgr = self.channels == 3 and frame_spec.get("color") == "BGR"
         self.span = (float((-mean / std).min()), float(((1.0 - mean) / std).max()))
         self.limit = 16.0 * max(abs(v) for v in self.span)
         self.warned = False
