@@ -225,13 +225,12 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
     channels = int(old["channels"])
     fit = None if fit is None else check_fit(fit)
     color = None if color is None else check_color(color, channels)
-    mean, std = (tuple(x * channels if len(x) == 1 else x) if x is not None else None for x in (mean, std))
+    # one value for every channel, as `--mean 0.5` gives; anything else is checked as it is
+    mean, std = (tuple(x) * channels if isinstance(x, (list, tuple)) and len(x) == 1 else x for x in (mean, std))
     check_normalisation(old.get("mean", [0.0] * channels) if mean is None else mean,
                         old.get("std", [1.0] * channels) if std is None else std, channels)
     changes: dict[str, Any] = {k: v for k, v in (("fit", fit), ("mean", mean), ("std", std)) if v is not None}
-    for key in ("mean", "std"):
-        if key in changes:
-            changes[key] = [float(v) for v in changes[key]]
+    changes.update({k: [float(v) for v in changes[k]] for k in ("mean", "std") if k in changes})
     if color is not None:
         changes["color"], changes["raw_input"] = colour_of(channels, color)
 
