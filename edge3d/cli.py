@@ -14,6 +14,7 @@ import os
 import shlex
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -617,13 +618,16 @@ def export(
             from .exporters.onnx import set_frame
 
             with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color), \
-                    _normalisation_named(means, stds):
+                    _normalisation_named(means, stds), warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
                 frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
             changed = ([f"frame fit {fit} (a frame of another aspect ratio is {_fit_text(fit)})"] if fit is not None
                        else []) + ([f"channel order {color.upper()}"] if color is not None else []) + \
                 ([f"normalisation mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
             console.print(f"set in [bold]{escape(str(model_path))}[/] (every graph of every precision): "
                           f"{escape('; '.join(changed))}")
+            for w in said:  # an INT8 precision calibrated on frames prepared the old way
+                console.print(f"  [yellow]{escape(str(w.message))}[/]", soft_wrap=True)
         if wants:
             with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
                 _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,

@@ -15,6 +15,7 @@ import json
 import logging
 import numbers
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -239,7 +240,16 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
         frame.update(changes)
         manifest["format_version"] = format_version_for(frame)
 
+    differs = any(old.get(k, "stretch" if k == "fit" else None) != v for k, v in changes.items())
     rewrite_manifests(folder, edit, "frame")
+    manifest = load_manifest(folder)
+    calibrated = [name for name, p in manifest["precisions"].items() if "calibration" in p]
+    if calibrated and differs:
+        # INT8 scales were chosen from activations of frames prepared the old way: a changed order or
+        # normalisation moves every first-layer range, a crop the content the ranges were taken over
+        warnings.warn(f"{', '.join(calibrated)} {'was' if len(calibrated) == 1 else 'were'} calibrated on frames "
+                      "prepared the old way; calibrate again with `edge3d export "
+                      f"{shlex.quote(manifest['_folder'])} --profile {','.join(calibrated)}`.", stacklevel=2)
     return {**old, **changes}
 
 

@@ -155,7 +155,8 @@ def test_export_artifact_takes_a_label_file_from_python(tmp_path: Path) -> None:
         export_artifact(model, tmp_path, "m", frame_size=32, classes="wave", verify=False)
 
 
-@pytest.mark.parametrize("model, flags", [("d-resnet18", ["--classes", "3", "--profile", "fp32,fp16"]),
+@pytest.mark.parametrize("model, flags", [("d-resnet18", ["--classes", "3", "--profile", "fp32,fp16,int8",
+                                                           "--calib-frames", "16"]),
                                           ("r3d18-causal", ["--classes", "3"])])  # one graph per stage
 def test_labels_name_an_exported_artifact_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str,
                                                    flags: list[str]) -> None:
@@ -192,3 +193,16 @@ def test_labels_name_an_exported_artifact_in_place(tmp_path: Path, monkeypatch: 
             if s.has_output:
                 assert s.top(after[-1])[1] in ("wave", "swipe", "none")
     assert not [f for f in art.iterdir() if f.name.startswith(".")]  # no staging file left behind
+    # the frame settings change in place the same way; an INT8 graph calibrated the old way is named
+    res = CliRunner().invoke(app, ["export", str(art), "--fit", "crop"])
+    said = " ".join(res.output.split())
+    assert res.exit_code == 0 and "frame fit crop" in said, res.output
+    recalibrate = f"int8 was calibrated on frames prepared the old way; calibrate again with `edge3d export {art} " \
+                  "--profile int8`"
+    assert (recalibrate in said) == ("int8" in manifest["precisions"]), said
+    res = CliRunner().invoke(app, ["export", str(art), "--fit", "crop"])  # no change: nothing to recalibrate
+    assert res.exit_code == 0 and "calibrated" not in res.output, res.output
+    for name in graphs:
+        inner = json.loads(next(p.value for p in onnx.load(str(art / name)).metadata_props
+                                if p.key == "edge3d.manifest"))
+        assert (inner["frame"]["fit"], inner["format_version"]) == ("crop", 2), name
