@@ -219,7 +219,8 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
     the fit to the model's size ("stretch" or "crop"), a three-channel model's channel order ("RGB" or
     "BGR"), the normalisation's per-channel mean and std (one value stands for every channel). How
     the model was trained decides them, not the graph, so no export is needed. A Triton repository
-    written before keeps the old ones. Returns the new frame spec."""
+    written before keeps the old ones; an INT8 precision calibrated on frames prepared the old way
+    is named in a warning. Returns the new frame spec."""
     from ..runtime.manifest import load_manifest
 
     old = load_manifest(folder)["frame"]
