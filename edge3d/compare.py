@@ -35,6 +35,7 @@ from .runtime.manifest import (
     require_single_graph,
     state_io_names,
 )
+from .runtime.preprocess import fit_note
 from .signals import Terminated
 from .sources import labels_apply, split_item, streams_of
 
@@ -163,7 +164,7 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     """Sentences under the table: a reference whose state grows without bound, then one per profile
     whose output went inf/NaN, saying where and the likely reason (the reference's own overflow
     first, so that a profile is not blamed for it)."""
-    notes = []
+    notes = [f"frames: {report['frame_fit']}."] if report.get("frame_fit") else []
     growth = report.get("reference_state_growth")
     if growth and growth["ratio"] > STATE_GROWTH_LIMIT:
         rose = (f"rose {growth['ratio']:.3g}x from the second to the last quarter of the stream, to "
@@ -248,6 +249,7 @@ def compare(
     ref_largest: list[float] = []  # per frame, the reference's largest |state| (running sums apart)
     ref_nonfinite: dict[str, Any] | None = None
     labels: list[int | None] = []
+    sizes: set[tuple[int, int]] = set()  # (height, width) of the source's images, for the frame-fit note
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
     # a folder of one folder per class labels its clips, scoring each precision's accuracy on them
@@ -277,7 +279,10 @@ def compare(
                     s.reset()
                 for item in stream:
                     frame, label = split_item(item)
-                    ref.pre(np.asarray(frame), buf)
+                    frame = np.asarray(frame)
+                    if frame.dtype == np.uint8 and frame.ndim in (2, 3):
+                        sizes.add(frame.shape[:2])
+                    ref.pre(frame, buf)
                     states = ref.get_state()
                     ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
                     if save_polygraphy_inputs and n in pick:
@@ -326,6 +331,8 @@ def compare(
                          threads, ends)
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
+        # the accuracies above are of frames fitted so: squeezed ones, where the model was trained on crops
+        report["frame_fit"] = fit_note(sizes, manifest["frame"], manifest["_folder"])
         report["interrupted"] = interrupted
         report["interrupted_by"] = interrupted_by  # SIGINT (Ctrl-C) or SIGTERM; the CLI's exit code tells them apart
         # the ms/frame of each precision depend on the CPU (INT8 on VNNI or AMX, say): name it, as bench does

@@ -135,6 +135,7 @@ def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, state
     assert saved["profiles"]["int8-lowmem"]["cache_bytes"] < saved["profiles"]["fp16"]["cache_bytes"] \
         < saved["profiles"]["fp32"]["cache_bytes"]
     assert "| int8-lowmem |" in (out / "report.md").read_text()
+    assert saved["frame_fit"] is None  # square frames for a square model: nothing to say
     # each precision's ms/frame belongs to the CPU it ran on (INT8 on VNNI or AMX): the host is named, as by bench
     import onnxruntime
 
@@ -159,6 +160,18 @@ def test_compare_writes_report_plots_and_polygraphy_inputs(tmp_path: Path, state
                 assert feed[st["input"]].dtype == dtypes[st["name"]]
     # the recorded states are the FP32 run's: the 3rd feed (frame 79) has seen 79 frames
     assert load_json(str(out / "polygraphy_inputs.fp32.json"))[2]["state_in.mean.count"].item() == 79.0
+
+
+def test_compare_says_when_its_accuracies_are_of_squeezed_frames(stateful: Path) -> None:
+    """A precision's accuracy on 16:9 clips squeezed into a model trained on centre crops says little
+    about the precision; the report says how the frames were fitted, with the fix."""
+    from edge3d.compare import report_notes
+
+    wide = [np.random.default_rng(i).integers(0, 256, (36, 64, 3), dtype=np.uint8) for i in range(6)]
+    report = compare(stateful, ["fp32", "fp16"], wide, 6, threads=1)
+    assert report["frame_fit"].startswith("64×36 (width×height) images resized whole to the model's 32×32, "
+                                          "squeezed 1.78× across; if the model was trained on centre crops")
+    assert report_notes(report)[0] == f"frames: {report['frame_fit']}."
 
 
 def test_polygraphy_replays_the_saved_inputs(tmp_path: Path, stateful: Path, video: Path) -> None:
