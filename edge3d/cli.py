@@ -366,8 +366,7 @@ def inspect(
         fit = f.get("fit", "stretch")
         color = f.get("color", "RGB")
         order = ": RGB frames are reversed for the model" if color == "BGR" else ""
-        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: a frame of "
-                          f"another aspect ratio is {_fit_text(fit)}"),
+        rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: {_fit_text(fit)}"),
                 ("normalisation", "(pixel / 255 - mean) / std, mean " + ", ".join(f"{v:g}" for v in f.get("mean", []))
                  + "; std " + ", ".join(f"{v:g}" for v in f.get("std", []))),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
@@ -498,8 +497,9 @@ def export(
                          "out.")] = None,
     fit: Annotated[str | None, typer.Option(
         "--fit", help="How a camera frame of another aspect ratio becomes the model's frame: stretch (resize it "
-                      "whole) or crop (its centre, of the model's aspect ratio, as models trained on centre crops saw "
-                      "them). Default: the model's frame_fit attribute, else stretch.")] = None,
+                      "whole), crop (its centre, of the model's aspect ratio, as models trained on centre crops saw "
+                      "them) or crop:F (the centre F of that: crop:0.875 for a short side resized to 256, then 224 "
+                      "cropped). Default: the model's frame_fit attribute, else stretch.")] = None,
     color: Annotated[str | None, typer.Option(
         "--color", help="The channel order a three-channel model was trained on: rgb, or bgr for frames read with "
                         "OpenCV and never converted (the runtime still takes RGB frames and reverses them). "
@@ -621,7 +621,7 @@ def export(
                     _normalisation_named(means, stds), warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
-            changed = ([f"frame fit {fit} (a frame of another aspect ratio is {_fit_text(fit)})"] if fit is not None
+            changed = ([f"frame fit {fit} ({_fit_text(fit)})"] if fit is not None
                        else []) + ([f"channel order {color.upper()}"] if color is not None else []) + \
                 ([f"normalisation mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
             console.print(f"set in [bold]{escape(str(model_path))}[/] (every graph of every precision): "
@@ -812,7 +812,14 @@ def _color_named(color: str | None) -> Any:
 
 
 def _fit_text(fit: str) -> str:
-    return "cut to its centre, then resized" if fit == "crop" else "resized whole, squeezed"
+    from .runtime.preprocess import parse_fit
+
+    fraction = parse_fit(fit)
+    if fraction is None or fraction == 1:
+        return "a frame of another aspect ratio is " + ("resized whole, squeezed" if fraction is None
+                                                         else "cut to its centre, then resized")
+    return f"each frame is cut to the centre {100 * fraction:g}% of its largest region of the model's aspect ratio, " \
+           "then resized"
 
 
 def _step_check_text(check: dict[str, Any]) -> str:

@@ -40,10 +40,10 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
     return open_source(spec, frame_size=source_frame_size(spec, frame_size), csi_mode=(width, height, fps))
 
 
-def overlay(rgb: np.ndarray, text: str, ms: float, crop: tuple[int, int] | None = None) -> np.ndarray:
+def overlay(rgb: np.ndarray, text: str, ms: float, crop: tuple[int, int, float] | None = None) -> np.ndarray:
     """A BGR copy of the frame with the top class and the model's ms/frame drawn on it and, where the
-    artifact crops (``crop``: the model's height and width), a box round the part the model sees, so
-    whoever aims the camera sees it too."""
+    artifact crops (``crop``: the model's height and width, and the crop fraction), a box round the part
+    the model sees, so whoever aims the camera sees it too."""
     import cv2
 
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
           f"state {session.cache_bytes / 1e3:.1f} kB per stream" + (f", {len(sources)} streams" if many else ""),
           flush=True)
     from edge3d.runtime.manifest import output_map
-    from edge3d.runtime.preprocess import fit_note
+    from edge3d.runtime.preprocess import fit_note, parse_fit
 
     from edge3d.signals import sigterm_as_interrupt
     from edge3d.sources import KeepingUp, SourceLost, frame_rounds, labels_apply, redact
 
     frame = session.manifest["frame"]
-    crop = (frame["height"], frame["width"]) if frame.get("fit") == "crop" else None  # boxed on the display
+    fraction = parse_fit(frame.get("fit", "stretch"))  # the part a cropping artifact's model sees is boxed
+    crop = None if fraction is None else (frame["height"], frame["width"], fraction)
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
     keep_labels = [labels_apply(s, session.manifest) and not is_map for s in sources]  # gesture labels: gesture models

@@ -109,15 +109,36 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 
 # How a camera frame of another aspect ratio becomes the model's H×W: "stretch" resizes the whole frame
 # (a 16:9 frame is squeezed into a square model's), "crop" first takes the largest centred region of the
-# model's aspect ratio, as models trained on centre crops (most Kinetics and UCF101 recipes) saw them.
-FIT_MODES = ("stretch", "crop")
+# model's aspect ratio, as models trained on centre crops (most Kinetics and UCF101 recipes) saw them, and
+# "crop:F" the centre F of that region, as a recipe that resizes the short side to 256 and crops 224 does
+# (F = 0.875).
+FIT_MODES = ("stretch", "crop", "crop:F")
+
+
+def parse_fit(fit: object) -> float | None:
+    """The crop fraction of a fit: None for stretch, 1 for crop, F for crop:F; ValueError otherwise."""
+    if fit == "stretch":
+        return None
+    text = fit if isinstance(fit, str) else ""
+    mode, _, fraction = text.partition(":")
+    try:
+        f = float(fraction) if fraction else 1.0
+    except ValueError:
+        f = math.nan
+    if mode != "crop" or not 0 < f <= 1:
+        raise ValueError(f"fit {fit!r} is not stretch, crop or crop:F with F in (0, 1]: stretch resizes the whole "
+                         "frame to the model's size, crop first cuts the centre of the model's aspect ratio out of "
+                         "it, crop:0.875 the centre 87.5% of that (a short side resized to 256, then 224 cropped).")
+    return f
 
 
 def check_fit(fit: object, what: str = "frame fit") -> str:
-    if fit not in FIT_MODES:
-        raise ValueError(f"{what} {fit!r} is not one of {' or '.join(FIT_MODES)}: stretch resizes the whole frame "
-                         "to the model's size, crop first cuts the centre of the model's aspect ratio out of it.")
-    return str(fit)
+    """The fit, written one way ("crop:1" is "crop"): the manifest's, compared as text."""
+    try:
+        f = parse_fit(fit)
+    except ValueError as e:
+        raise ValueError(f"{what} {str(e)[len('fit '):]}") from None
+    return "stretch" if f is None else "crop" if f == 1 else f"crop:{f:g}"
 
 
 # The channel order a three-channel model was trained on. Frames reach the runtime as RGB whatever it is
@@ -138,20 +159,21 @@ def check_color(color: object, channels: int, what: str = "frame color") -> str:
     return str(order)
 
 
-def centre_box(h: int, w: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, rows, columns) of the largest centred region of an h×w image with the aspect ratio
-    ``width / height``, rounded to whole pixels."""
+def centre_box(h: int, w: int, height: int, width: int, fraction: float = 1.0) -> tuple[int, int, int, int]:
+    """(top, left, rows, columns) of the centred region of an h×w image with the aspect ratio
+    ``width / height`` and ``fraction`` of the largest such region's sides, rounded to whole pixels."""
     if w * height > h * width:  # wider than the model's frame: cut the sides
-        keep = max(1, round(h * width / height))
-        return 0, (w - keep) // 2, h, keep
-    keep = max(1, round(w * height / width))  # taller (or the same): cut top and bottom
-    return (h - keep) // 2, 0, keep, w
+        rows, cols = h, h * width / height
+    else:  # taller (or the same): cut top and bottom
+        rows, cols = w * height / width, w
+    rows, cols = max(1, round(rows * fraction)), max(1, round(cols * fraction))
+    return (h - rows) // 2, (w - cols) // 2, rows, cols
 
 
-def centre_crop(frame: np.ndarray, height: int, width: int) -> np.ndarray:
+def centre_crop(frame: np.ndarray, height: int, width: int, fraction: float = 1.0) -> np.ndarray:
     """:func:`centre_box`'s region of ``frame`` (H×W×...), as a view; a frame already of that aspect is
-    returned whole."""
-    top, left, rows, cols = centre_box(frame.shape[0], frame.shape[1], height, width)
+    returned whole by ``fraction`` 1."""
+    top, left, rows, cols = centre_box(frame.shape[0], frame.shape[1], height, width, fraction)
     return frame[top:top + rows, left:left + cols]
 
 
@@ -161,14 +183,15 @@ def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: 
     1.78× across unless its artifact crops, and nothing else in a run says so: `edge3d run`'s summary
     and the camera app print this."""
     h, w = int(frame_spec["height"]), int(frame_spec["width"])
-    crop = frame_spec.get("fit", "stretch") == "crop"
+    fraction = parse_fit(frame_spec.get("fit", "stretch"))
+    crop = fraction is not None
     said = []
     others = [(sh, sw) for sh, sw in sorted(sizes) if abs(math.log((sw / sh) / (w / h))) >= 0.02]  # 2% or more off
     for sh, sw in others[:2]:  # a dataset of clips of many sizes (Kinetics') gets two examples and a count
         squeeze = (sw / sh) / (w / h)
         images = f"{sw}×{sh}{'' if said else ' (width×height)'} images"
         if crop:
-            ch, cw = centre_box(sh, sw, h, w)[2:]
+            ch, cw = centre_box(sh, sw, h, w, fraction)[2:]
             said.append(f"{images} cut to their centre {cw}×{ch}, then resized to the model's {w}×{h}")
         else:
             said.append(f"{images} resized whole to the model's {w}×{h}, squeezed "
@@ -248,7 +271,7 @@ class FramePreprocessor:
         self.height, self.width = int(frame_spec["height"]), int(frame_spec["width"])
         mean = np.asarray(frame_spec.get("mean", [0.0] * self.channels), np.float32)  # checked at load
         std = np.asarray(frame_spec.get("std", [1.0] * self.channels), np.float32)
-        self.crop = frame_spec.get("fit", "stretch") == "crop"  # both checked at load
+        self.crop = parse_fit(frame_spec.get("fit", "stretch"))  # the crop fraction, or None; both checked at load
         self.bgr = self.channels == 3 and frame_spec.get("color") == "BGR"
         self.scale = (1.0 / (255.0 * std)).reshape(-1, 1, 1)
         self.offset = (mean / std).reshape(-1, 1, 1)
@@ -266,7 +289,7 @@ class FramePreprocessor:
         return (self.channels, self.height, self.width)
 
     def _fitted(self, frame: np.ndarray) -> np.ndarray:
-        return centre_crop(frame, self.height, self.width) if self.crop else frame
+        return frame if self.crop is None else centre_crop(frame, self.height, self.width, self.crop)
 
     def __call__(self, frame: np.ndarray, out: np.ndarray) -> None:
         """Write the preprocessed frame into ``out`` (C, H, W); raise ValueError on bad input."""

@@ -222,7 +222,7 @@ def test_resize_without_opencv_gives_opencvs_pixels(monkeypatch, src: tuple, dst
 
 
 def test_centre_crop_takes_the_largest_centred_region_of_the_models_aspect() -> None:
-    from edge3d.runtime.preprocess import centre_crop
+    from edge3d.runtime.preprocess import centre_box, centre_crop
 
     assert centre_crop(np.zeros((720, 1280, 3)), 112, 112).shape == (720, 720, 3)
     assert centre_crop(np.zeros((720, 1280, 3)), 96, 128).shape == (720, 960, 3)  # a 4:3 model
@@ -232,6 +232,16 @@ def test_centre_crop_takes_the_largest_centred_region_of_the_models_aspect() -> 
     assert centre_crop(row, 1, 1)[0].tolist() == [3, 4, 5, 6]
     column = np.arange(9)[:, None].repeat(3, axis=1)  # 9×3: rows 3 to 5
     assert centre_crop(column, 1, 1)[:, 0].tolist() == [3, 4, 5]
+    # crop:0.875, as a recipe that resizes the short side to 256 and crops 224 sees the frame
+    assert centre_box(720, 1280, 224, 224, 0.875) == (45, 325, 630, 630)
+    assert centre_box(256, 341, 224, 224, 0.875) == (16, 58, 224, 224)
+    from edge3d.runtime.preprocess import check_fit
+
+    assert [check_fit(f) for f in ("stretch", "crop", "crop:1", "crop:", "crop:0.875", "crop:.5")] == \
+        ["stretch", "crop", "crop", "crop", "crop:0.875", "crop:0.5"]  # written one way, compared as text
+    for bad in ("crop:0", "crop:1.5", "crop:x", "crop:nan", "Crop", "zoom", 1):
+        with pytest.raises(ValueError, match=r"is not stretch, crop or crop:F with F in \(0, 1\]"):
+            check_fit(bad)
 
 
 def test_fit_note_says_how_frames_of_another_aspect_ratio_reach_the_model() -> None:
@@ -277,6 +287,10 @@ def test_a_cropping_artifact_streams_the_centre_of_a_wide_camera_frame(tiny_arti
         squeezed = [s.step(f) for f in wide]
     assert all(np.array_equal(a, b) for a, b in zip(got, cut, strict=True))
     assert max(np.abs(a - b).max() for a, b in zip(got, squeezed, strict=False)) > 1e-3  # the fit changed the input
+    set_frame(crop, fit="crop:0.875")  # 56×56 of a 64×64 frame: from pixel 4
+    square = rng.integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    with Session(stretch) as s, Session(crop) as c:
+        assert all(np.array_equal(c.step(f), s.step(f[4:60, 4:60])) for f in square)
     set_frame(crop, fit="stretch")
     assert json.loads((crop / "manifest.json").read_text())["format_version"] == 1
     with Session(crop) as c:
@@ -332,7 +346,8 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
     art = _copy(tiny_artifact[0], tmp_path)
     before = (art / "manifest.json").read_bytes()
     res = CliRunner().invoke(app, ["export", str(art), "--fit", "square"], terminal_width=300)
-    assert res.exit_code == 2 and "--fit 'square' is not one of stretch or crop" in res.output, res.output
+    assert res.exit_code == 2 and "--fit 'square' is not stretch, crop or crop:F with F in (0, 1]" in res.output, \
+        res.output
     assert (art / "manifest.json").read_bytes() == before
     res = CliRunner().invoke(app, ["export", str(art), "--fit", "crop"], terminal_width=300)
     assert res.exit_code == 0 and "frame fit crop (a frame of another aspect ratio is cut to its centre, then resized)" \
@@ -372,7 +387,7 @@ def test_export_fit_flag_sets_and_changes_it_and_refuses_an_unknown_one(tiny_art
         Session(art)
     m["frame"]["color"], m["frame"]["fit"] = "BGR", "zoom"  # another hand edit
     (art / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="frame fit 'zoom' is not one of stretch or crop"):
+    with pytest.raises(ArtifactError, match=r"frame fit 'zoom' is not stretch, crop or crop:F"):
         Session(art)
 
 
