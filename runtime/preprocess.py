@@ -112,7 +112,6 @@ def resize(frame: np.ndarray, height: int, width: int) -> np.ndarray:
 # model's aspect ratio, as models trained on centre crops (most Kinetics and UCF101 recipes) saw them, and
 # "crop:F" the centre F of that region, as a recipe that resizes the short side to 256 and crops 224 does
 # (F = 0.875).
-FIT_MODES = ("stretch", "crop", "crop:F")
 
 
 def parse_fit(fit: object) -> float | None:
