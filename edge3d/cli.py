@@ -1140,7 +1140,8 @@ def run(
         if top_k > 1:
             table.add_row(f"per-frame top-{top_k} accuracy", f"{100 * sum(correct_k) / sum(labelled):.1f}% of "
                           f"{sum(labelled)}")
-        if len(by_class) > 1:  # where a dataset's accuracy goes: the classes it gets wrong most often
+        # where a dataset's accuracy goes: the classes it gets wrong most often (none, where all are right)
+        if len(by_class) > 1 and any(right < n for right, n in by_class.values()):
             weakest = sorted(by_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))[:3]
             table.add_row("weakest classes, per frame", ", ".join(
                 f"{escape(session.classes[c] if session.classes and c < len(session.classes) else str(c))} "

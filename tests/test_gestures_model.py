@@ -132,6 +132,10 @@ def test_cli_run_synthetic(artifact, tmp_path, monkeypatch):
     assert "per-frame accuracy" in result.output  # the gesture model is scored against the source's labels
     lines = preds.read_text().splitlines()
     assert len(lines) == 100
+    scored = [json.loads(line) for line in lines]
+    missed = {r["label"] for r in scored if r["top"] != r["label"]}
+    # the weakest classes are named only where some class has frames wrong: "100% of 10" says nothing
+    assert ("weakest classes" in result.output) == bool(missed), (missed, result.output)
     for i, line in enumerate(lines):
         rec = json.loads(line)
         assert {"frame", "top", "class", "score", "ms", "label"} <= set(rec)
