@@ -906,11 +906,14 @@ def run(
     if isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {top_k}.")
     session = Session(artifact, profile=profile, backend=backend, threads=threads, streams=len(specs))
+    # a segmentation or heatmap model's map has a class per position: no top class, and the source's
+    # per-frame labels cannot score it
+    is_map = output_map(session.manifest) is not None
     classes_out = int(np.prod(session.manifest["output"]["shape"][1:]))
-    if top_k > 1 and (output_map(session.manifest) is not None or top_k > classes_out):
+    if top_k > 1 and (is_map or top_k > classes_out):
         session.close()
         raise ValueError("--top-k ranks the classes of a class vector, and this artifact's output is a map (a class "
-                         "at every position); drop --top-k." if output_map(session.manifest) is not None else
+                         "at every position); drop --top-k." if is_map else
                          f"--top-k {top_k} asks for more classes than the artifact's {classes_out}; pass at most "
                          f"--top-k {classes_out}.")
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
@@ -931,9 +934,6 @@ def run(
     except BaseException:
         session.close()
         raise
-    # a segmentation or heatmap model's map has a class per position: no top class, and the source's
-    # per-frame labels cannot score it
-    is_map = output_map(session.manifest) is not None
     map_shape = "×".join(map(str, session.manifest["output"]["shape"][1:]))
     sink = sys.stdout if to_stdout else open(output, "w") if output else None
     n = nonfinite = 0
@@ -1144,7 +1144,7 @@ def run(
         if len(by_class) > 1 and any(right < n for right, n in by_class.values()):
             weakest = sorted(by_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))[:3]
             table.add_row("weakest classes, per frame", ", ".join(
-                f"{escape(session.classes[c] if session.classes and c < len(session.classes) else str(c))} "
+                f"{escape(session.class_name(c))} "
                 f"{100 * right / n:.0f}% of {n}" for c, (right, n) in weakest))
     verdicts = [v for clip, v in clip_verdicts.items() if clip in whole]
     if clips > len(specs) and verdicts:  # a folder of one folder per class: the prediction each clip ends on

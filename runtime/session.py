@@ -415,8 +415,11 @@ class Session:
         p /= p.sum()
         # the first of equal scores first, and a NaN before any number, as argmax takes them
         order = np.argsort(np.where(np.isnan(o), -np.inf, -o), kind="stable")[:k]
-        return [(int(i), self.classes[i] if self.classes and i < len(self.classes) else str(int(i)), float(p[i]))
-                for i in order]
+        return [(int(i), self.class_name(int(i)), float(p[i])) for i in order]
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index``, or the index itself where the artifact names no classes."""
+        return self.classes[index] if self.classes and index < len(self.classes) else str(index)
 
     @serialised
     def close(self) -> None:
