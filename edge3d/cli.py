@@ -617,8 +617,8 @@ def export(
         if frame_flags:
             from .exporters.onnx import set_frame
 
-            with _disk_full(str(model_path), "its graphs were left as they were"), _color_named(color), \
-                    _normalisation_named(means, stds), warnings.catch_warnings(record=True) as said:
+            with _disk_full(str(model_path), "its graphs were left as they were"), \
+                    _flags_named(color=color, mean=means, std=stds), warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
                 frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
             changed = ([f"frame fit {fit} ({_fit_text(fit)})"] if fit is not None
@@ -650,7 +650,7 @@ def export(
     dropped, earlier = _not_carried_over(out / f"{art_name}.edge3d", ["fp32", *(p.name for p in resolved)])
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
-            _labels_named(labels, model), _color_named(color), _normalisation_named(means, stds):
+            _labels_named(labels, model), _flags_named(color=color, mean=means, std=stds):
         # what --mean, --std, --fit, --color and --labels leave out, export_artifact takes from the model's
         # frame_mean, frame_std, frame_fit, frame_color and class_names itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
@@ -787,27 +787,16 @@ def _per_channel(values: tuple[float, ...] | None, channels: int) -> tuple[float
 
 
 @contextlib.contextmanager
-def _normalisation_named(mean: object, std: object) -> Any:
-    """The check knew the values as the frame's mean or std, not as the flags that gave them (a model's
-    own frame_mean, with no --mean given, keeps its name)."""
+def _flags_named(**given: object) -> Any:
+    """The frame checks name a value as the frame's mean, std or color, not as the flag that gave it:
+    each given flag's name replaces them (a model's own frame_mean, with no --mean given, keeps its name)."""
     try:
         yield
     except ValueError as e:
         text = str(e)
-        for word, given in (("mean", mean), ("std", std)):
-            if given is not None and text.startswith(f"frame {word} "):
+        for word, value in given.items():
+            if value is not None and text.startswith(f"frame {word} "):
                 raise ValueError(f"--{word} " + text[len(f"frame {word} "):]) from None
-        raise
-
-
-@contextlib.contextmanager
-def _color_named(color: str | None) -> Any:
-    """--color on a grey model: the check knew the channel count, not the flag's name."""
-    try:
-        yield
-    except ValueError as e:
-        if color is not None and str(e).startswith("frame color "):
-            raise ValueError("--color" + str(e)[len("frame color"):]) from None
         raise
 
 

@@ -708,6 +708,9 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     # the caller's own values still win
     with pytest.raises(ValueError, match="frame color 'BGR' applies to a three-channel .* this one takes 1 channel, so "):
         export_artifact(model, tmp_path / "bgr", "thermal", frame_size=(12, 16), color="BGR")
+    res = CliRunner().invoke(app, ["export", str(art), "--color", "bgr"], terminal_width=300)  # named as the flag
+    assert res.exit_code == 2 and "--color 'bgr' applies to a three-channel (RGB or BGR) model; this one takes 1 " \
+        "channel" in res.output, res.output
     given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
                                     std=(0.25,), fit="stretch", verify=False)).manifest["frame"]
     assert (given["mean"], given["std"], given["fit"]) == ([0.5], [0.25], "stretch")
