@@ -943,7 +943,6 @@ def run(
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
     pace = KeepingUp(together=many)  # whether the run takes each camera's frames as fast as it sends them
     playing: list[Any] = [None] * len(specs)  # each stream's current clip (a camera's carries its frame rate)
-    raw_sizes: set[tuple[int, int]] = set()  # (height, width) of the images the sources gave, for the fit row
 
     def write_failed(e: OSError) -> str:
         return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
@@ -1025,9 +1024,7 @@ def run(
                 # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
                 predicted = session.has_output
                 stop = False
-                for (i, (video, clip_frame, frame, label)), y in zip(got, ys, strict=True):
-                    if frame.dtype == np.uint8 and frame.ndim in (2, 3):
-                        raw_sizes.add(frame.shape[:2])
+                for (i, (video, clip_frame, _, label)), y in zip(got, ys, strict=True):
                     rec = record(i, video, clip_frame, label, y, predicted, ms)
                     counts[i] += 1
                     n += 1
@@ -1097,7 +1094,7 @@ def run(
     table.add_row("backend / profile", f"{session.backend_name} / {session.profile}")
     from .runtime.preprocess import fit_note
 
-    if fitted := fit_note(raw_sizes, session.manifest["frame"], artifact):
+    if fitted := fit_note(session.pre.sizes, session.manifest["frame"], artifact):
         table.add_row("frame fit", escape(fitted))
     for i, line in pace.rates().items():  # a camera: whether the run kept up with it
         table.add_row(f"{escape(pace.sources[i].name)} frame rate",

@@ -249,7 +249,6 @@ def compare(
     ref_largest: list[float] = []  # per frame, the reference's largest |state| (running sums apart)
     ref_nonfinite: dict[str, Any] | None = None
     labels: list[int | None] = []
-    sizes: set[tuple[int, int]] = set()  # (height, width) of the source's images, for the frame-fit note
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
     # a folder of one folder per class labels its clips, scoring each precision's accuracy on them
@@ -279,10 +278,7 @@ def compare(
                     s.reset()
                 for item in stream:
                     frame, label = split_item(item)
-                    frame = np.asarray(frame)
-                    if frame.dtype == np.uint8 and frame.ndim in (2, 3):
-                        sizes.add(frame.shape[:2])
-                    ref.pre(frame, buf)
+                    ref.pre(np.asarray(frame), buf)
                     states = ref.get_state()
                     ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
                     if save_polygraphy_inputs and n in pick:
@@ -332,7 +328,7 @@ def compare(
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
         # the accuracies above are of frames fitted so: squeezed ones, where the model was trained on crops
-        report["frame_fit"] = fit_note(sizes, manifest["frame"], manifest["_folder"])
+        report["frame_fit"] = fit_note(ref.pre.sizes, manifest["frame"], manifest["_folder"])
         report["interrupted"] = interrupted
         report["interrupted_by"] = interrupted_by  # SIGINT (Ctrl-C) or SIGTERM; the CLI's exit code tells them apart
         # the ms/frame of each precision depend on the CPU (INT8 on VNNI or AMX, say): name it, as bench does

@@ -159,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 predicted = session.has_output  # a multi-rate model's first frames: none
                 ms = session.stats.ms[-1]
                 n += 1
-                if n == 1 and (note := fit_note({rgb.shape[:2] for _, (rgb, _) in got}, session.manifest["frame"],
-                                                args.artifact)):
+                if n == 1 and (note := fit_note(session.pre.sizes, session.manifest["frame"], args.artifact)):
                     print(f"note: {note}", flush=True)  # a 16:9 camera squeezed into a square model, say
                 for i, _ in got:
                     if (behind := pace.took(i, cameras[i], time.monotonic())) is not None:

@@ -177,8 +177,8 @@ def centre_crop(frame: np.ndarray, height: int, width: int, fraction: float = 1.
 
 
 def fit_note(sizes: set[tuple[int, int]], frame_spec: dict[str, Any], artifact: object) -> str | None:
-    """How images of these (height, width) sizes become the model's frame, where their aspect ratio is
-    not the model's; None where it is. A square model fed a 16:9 camera sees everything squeezed
+    """How images of these (height, width) sizes (a session's ``pre.sizes``) become the model's frame,
+    where their aspect ratio is not the model's; None where it is. A square model fed a 16:9 camera sees everything squeezed
     1.78× across unless its artifact crops, and nothing else in a run says so: `edge3d run`'s summary
     and the camera app print this."""
     h, w = int(frame_spec["height"]), int(frame_spec["width"])
@@ -282,6 +282,7 @@ class FramePreprocessor:
         self.span = (float((-mean / std).min()), float(((1.0 - mean) / std).max()))
         self.limit = 16.0 * max(abs(v) for v in self.span)
         self.warned = False
+        self.sizes: set[tuple[int, int]] = set()  # (height, width) of the images stepped, for fit_note
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -305,6 +306,7 @@ class FramePreprocessor:
         if frame.dtype == np.uint8:
             if c == 1 and 0 not in frame.shape and (frame.ndim == 2 or (frame.ndim == 3 and frame.shape[2] in (1, 3))):
                 # a grey model takes a grey frame, or an RGB camera's, converted (resized first: cheaper)
+                self.sizes.add(frame.shape[:2])
                 img = resize(self._fitted(frame if frame.ndim == 3 else frame[..., None]), h, w)
                 grey = img @ LUMA if img.shape[2] == 3 else img[..., 0]
                 np.multiply(grey, self.scale[0], out=out[0], casting="unsafe")
@@ -317,6 +319,7 @@ class FramePreprocessor:
                     "(it is resized), or a normalised float32 array of shape "
                     f"{(c, h, w)}{_layout_hint(frame.shape, c)}."
                 )
+            self.sizes.add(frame.shape[:2])
             img = resize(self._fitted(frame), h, w)
             if self.bgr:
                 img = img[..., ::-1]  # a view: the multiply below reads it in place
