@@ -223,7 +223,8 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
     is named in a warning. Returns the new frame spec."""
     from ..runtime.manifest import load_manifest
 
-    old = load_manifest(folder)["frame"]
+    before = load_manifest(folder)
+    old = before["frame"]
     channels = int(old["channels"])
     fit = None if fit is None else check_fit(fit)
     color = None if color is None else check_color(color, channels)
@@ -242,15 +243,14 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
         manifest["format_version"] = format_version_for(frame)
 
     differs = any(old.get(k, "stretch" if k == "fit" else None) != v for k, v in changes.items())
-    rewrite_manifests(folder, edit, "frame")
-    manifest = load_manifest(folder)
-    calibrated = [name for name, p in manifest["precisions"].items() if "calibration" in p]
+    rewrite_manifests(folder, edit, "frame")  # the precisions stay as they were
+    calibrated = [name for name, p in before["precisions"].items() if "calibration" in p]
     if calibrated and differs:
         # INT8 scales were chosen from activations of frames prepared the old way: a changed order or
         # normalisation moves every first-layer range, a crop the content the ranges were taken over
         warnings.warn(f"{', '.join(calibrated)} {'was' if len(calibrated) == 1 else 'were'} calibrated on frames "
                       "prepared the old way; calibrate again with `edge3d export "
-                      f"{shlex.quote(manifest['_folder'])} --profile {','.join(calibrated)}`.", stacklevel=2)
+                      f"{shlex.quote(before['_folder'])} --profile {','.join(calibrated)}`.", stacklevel=2)
     return {**old, **changes}
 
 
