@@ -369,6 +369,7 @@ def inspect(
         rows = [("frame", f"{f['channels']}×{f['height']}×{f['width']} ({color}{order}), fit {fit}: {_fit_text(fit)}"),
                 ("normalisation", "(pixel / 255 - mean) / std, mean " + ", ".join(f"{v:g}" for v in f.get("mean", []))
                  + "; std " + ", ".join(f"{v:g}" for v in f.get("std", []))),
+                ("frame rate", _rate_text(f.get("fps"))),
                 ("output per frame", f"{'×'.join(map(str, per_frame))} map (a class per position)"
                  if output_map(m) else f"{math.prod(per_frame)} classes, {_class_names_text(m)}")]
         if "step_check" in model_entry:  # artifacts from before the check: no row
@@ -485,7 +486,7 @@ def _output_file(path: Path | None, flag: str) -> None:
 @friendly
 def export(
     model: Annotated[str, typer.Argument(help="Zoo name, package.module:factory or path/to/file.py:factory, or an artifact folder to "
-                                               "change in place (--profile, --labels, --fit, --color, --mean, --std).")],
+                                               "change in place (--profile, --labels, --fit, --color, --mean, --std, --fps).")],
     out: Annotated[Path | None, typer.Option("-o", "--out", help="Folder to write <name>.edge3d/ into.",
                                              show_default="out")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="A state_dict file to load.")] = None,
@@ -511,6 +512,11 @@ def export(
     std: Annotated[str | None, typer.Option(
         "--std", help="The per-channel std to go with --mean (0.229,0.224,0.225 for ImageNet's). Default: the "
                       "model's frame_std attribute, else 0.225.")] = None,
+    fps: Annotated[str | None, typer.Option(
+        "--fps", help="The frame rate the model was trained at (every 5th frame of 30 fps video: 6): of a source "
+                      "that sends more, run, compare, calibration and the camera app take only the frames nearest "
+                      "that rate. source steps every frame the source gives. Default: the model's frame_fps "
+                      "attribute, else source.")] = None,
     no_lower: Annotated[bool, typer.Option("--no-lower", help="Keep causal convs as Conv3d (for benchmarks).")] = False,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip streaming a random clip through the step and comparing it with the model's clip "
@@ -528,7 +534,7 @@ def export(
     """Export MODEL to an artifact folder: manifest.json + model.<profile>.onnx (+ engines).
 
     Given an artifact folder instead, change it in place: add the --profile precisions (keeping the
-    others), name its classes with --labels, or set its --fit, --color, --mean or --std, without
+    others), name its classes with --labels, or set its --fit, --color, --mean, --std or --fps, without
     exporting it again.
     """
     from .exporters.onnx import check_artifact_name, export_artifact
@@ -555,6 +561,10 @@ def export(
 
         check_color(color, 3, "--color")  # the channel count is checked with the model
     means, stds = _floats(mean, "--mean"), _floats(std, "--std")  # counted against the channels with the model
+    if fps is not None:
+        from .runtime.rate import check_fps
+
+        check_fps(fps, "--fps")
     class_names = None
     if labels is not None:
         from .labels import read_labels
@@ -577,12 +587,12 @@ def export(
     check_build_flags(streams, dla)
     profiles = split_names(profile) or ["fp32"]
     extra = [p for p in profiles if p != "fp32"]
-    frame_flags = fit is not None or color is not None or means is not None or stds is not None
+    frame_flags = fit is not None or color is not None or means is not None or stds is not None or fps is not None
     if in_place and not (extra or target == "tensorrt" or triton_repo is not None or labels is not None
                          or frame_flags):
         raise ValueError(f"{model} is already exported; name the precisions to add with --profile, "
                          "e.g. --profile int8 (or its classes with --labels FILE, its frame fit with --fit, its "
-                         "channel order with --color, its normalisation with --mean and --std).")
+                         "channel order with --color, its normalisation with --mean and --std, its frame rate with --fps).")
     resolved = []
     if extra:
         from .exporters.precision import check_calib_frames, resolve_profiles
@@ -620,10 +630,12 @@ def export(
             with _disk_full(str(model_path), "its graphs were left as they were"), \
                     _flags_named(color=color, mean=means, std=stds), warnings.catch_warnings(record=True) as said:
                 warnings.simplefilter("always")
-                frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds)
+                frame = set_frame(model_path, fit=fit, color=color, mean=means, std=stds, fps=fps)
             changed = ([f"frame fit {fit} ({_fit_text(fit)})"] if fit is not None
                        else []) + ([f"channel order {color.upper()}"] if color is not None else []) + \
-                ([f"normalisation mean {frame['mean']}, std {frame['std']}"] if means or stds else [])
+                ([f"normalisation mean {frame['mean']}, std {frame['std']}"] if means or stds else []) + \
+                ([f"frame rate {frame['fps']:g} fps" if frame.get("fps") else "every frame of a source stepped, "
+                  "whatever its rate"] if fps is not None else [])
             console.print(f"set in [bold]{escape(str(model_path))}[/] (every graph of every precision): "
                           f"{escape('; '.join(changed))}")
             for w in said:  # an INT8 precision calibrated on frames prepared the old way
@@ -651,10 +663,10 @@ def export(
     what = f"exporting {model} ({frame_channels}×{size_text(frame_size)}) to ONNX"
     with console.status(f"{what}...") as status, _disk_full(str(out), "nothing was written"), \
             _labels_named(labels, model), _flags_named(color=color, mean=means, std=stds):
-        # what --mean, --std, --fit, --color and --labels leave out, export_artifact takes from the model's
-        # frame_mean, frame_std, frame_fit, frame_color and class_names itself
+        # what --mean, --std, --fit, --color, --fps and --labels leave out, export_artifact takes from the
+        # model's frame_mean, frame_std, frame_fit, frame_color, frame_fps and class_names itself
         path = export_artifact(m, out, art_name, frame_size=frame_size, channels=frame_channels, lower=not no_lower,
-                               model_info=info, verify=not no_verify, classes=class_names, fit=fit, color=color,
+                               model_info=info, verify=not no_verify, classes=class_names, fit=fit, color=color, fps=fps,
                                mean=_per_channel(means, frame_channels), std=_per_channel(stds, frame_channels),
                                progress=lambda phase: status.update(f"{what}: {escape(phase)}..."))
     console.print(f"wrote [bold]{escape(str(path))}[/] (fp32)")
@@ -800,6 +812,11 @@ def _flags_named(**given: object) -> Any:
         raise
 
 
+def _rate_text(fps: float | None) -> str:
+    return ("every frame the source gives" if fps is None else
+            f"{fps:g} fps: of a faster source, only the frames nearest that rate are stepped")
+
+
 def _fit_text(fit: str) -> str:
     from .runtime.preprocess import parse_fit
 
@@ -907,13 +924,14 @@ def run(
                          f"--top-k {classes_out}.")
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
     size = session.manifest["frame"]["height"]
+    model_fps = session.manifest["frame"].get("fps")  # the rate the model was trained at: a faster source is paced
     # the synthetic source never ends: 300 frames unless told otherwise
     limits = [frames if frames is not None else 300 if s.startswith("synthetic") else None for s in specs]
     try:
         # a folder of one folder per class labels its clips with the classes named by those folders;
         # every source is opened (and a bad one named) before the first frame
-        clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes))
-                    for s in specs]
+        clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes,
+                                      fps=model_fps)) for s in specs]
         if staged and many:
             folder = next((s for s, c in zip(specs, clips_of, strict=True) if len(c) > 1), None)
             if folder is not None:
@@ -943,6 +961,7 @@ def run(
     lost = ""  # why the run ended early: a camera gone, or --output no longer writable
     pace = KeepingUp(together=many)  # whether the run takes each camera's frames as fast as it sends them
     playing: list[Any] = [None] * len(specs)  # each stream's current clip (a camera's carries its frame rate)
+    samplers: list[Any] = []  # each clip's choice of frames at the model's rate, for the summary
 
     def write_failed(e: OSError) -> str:
         return (f"writing --output {output} failed by frame {n} ({e.strerror or e}), so the run stopped there and "
@@ -959,10 +978,14 @@ def run(
             videos[i] += 1
             filed = clip_class(Path(spec), Path(name)) if name != spec else None
             playing[i] = items
+            if (sampler := getattr(items, "sampler", None)) is not None:
+                samplers.append(sampler)
             for j, (frame, label) in enumerate(items):
                 if filed is not None and label is None:
                     unscored.add(filed)
-                yield (name if name != spec else None), j, frame, (label if keep_labels else None)
+                # the frame's index in its source, where frames the model's rate passes over are skipped
+                yield (name if name != spec else None), getattr(items, "index", j), frame, \
+                    (label if keep_labels else None)
             whole.add((i, name))  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
 
     def record(i: int, video: str | None, clip_frame: int, label: int | None, y: np.ndarray, predicted: bool,
@@ -999,6 +1022,8 @@ def run(
             rec["fresh"] = session.last_fresh
         if video is not None:  # one of several clips: which, and the frame's place in it
             rec["video"], rec["clip_frame"] = video, clip_frame
+        elif model_fps is not None:  # the source's frames the model's rate passed over are not counted in "frame"
+            rec["source_frame"] = clip_frame
         if label is not None:
             rec["label"] = label
         return rec
@@ -1096,6 +1121,10 @@ def run(
 
     if fitted := fit_note(session.pre.sizes, session.manifest["frame"], artifact):
         table.add_row("frame fit", escape(fitted))
+    from .runtime.rate import rate_note
+
+    if paced := rate_note(samplers, model_fps):
+        table.add_row("frame rate", escape(paced))
     for i, line in pace.rates().items():  # a camera: whether the run kept up with it
         table.add_row(f"{escape(pace.sources[i].name)} frame rate",
                       f"[yellow]{escape(line)}[/]" if i in pace.behind else escape(line))

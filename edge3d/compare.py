@@ -36,6 +36,7 @@ from .runtime.manifest import (
     state_io_names,
 )
 from .runtime.preprocess import fit_note
+from .runtime.rate import rate_note
 from .signals import Terminated
 from .sources import labels_apply, split_item, streams_of
 
@@ -165,6 +166,7 @@ def report_notes(report: dict[str, Any]) -> list[str]:
     whose output went inf/NaN, saying where and the likely reason (the reference's own overflow
     first, so that a profile is not blamed for it)."""
     notes = [f"frames: {report['frame_fit']}."] if report.get("frame_fit") else []
+    notes += [f"frame rate: {report['frame_rate']}."] if report.get("frame_rate") else []
     growth = report.get("reference_state_growth")
     if growth and growth["ratio"] > STATE_GROWTH_LIMIT:
         rose = (f"rose {growth['ratio']:.3g}x from the second to the last quarter of the stream, to "
@@ -252,8 +254,10 @@ def compare(
     out_scale = 0.0
     buf = np.empty(ref.pre.shape, np.float32)
     # a folder of one folder per class labels its clips, scoring each precision's accuracy on them
+    # at the rate the model takes frames (manifest frame.fps), as `edge3d run` and the camera app feed them
     description, streams = streams_of(source, int(manifest["frame"]["height"]),
-                                      (manifest.get("output") or {}).get("classes"))
+                                      (manifest.get("output") or {}).get("classes"), manifest["frame"].get("fps"))
+    samplers: list[Any] = []  # each clip's choice of frames at that rate, for the report
     # a map (segmentation, heatmaps) has a class per position: agreement is counted per position, and a
     # source's per-frame labels cannot score it
     is_map = output_map(manifest) is not None
@@ -276,6 +280,8 @@ def compare(
                 boundaries.append(n)
                 for s in [ref, *free.values()]:
                     s.reset()
+                if (sampler := getattr(stream, "sampler", None)) is not None:
+                    samplers.append(sampler)
                 for item in stream:
                     frame, label = split_item(item)
                     ref.pre(np.asarray(frame), buf)
@@ -329,6 +335,7 @@ def compare(
         report["reference_first_nonfinite"] = ref_nonfinite
         # the accuracies above are of frames fitted so: squeezed ones, where the model was trained on crops
         report["frame_fit"] = fit_note(ref.pre.sizes, manifest["frame"], manifest["_folder"])
+        report["frame_rate"] = rate_note(samplers, manifest["frame"].get("fps"))
         report["interrupted"] = interrupted
         report["interrupted_by"] = interrupted_by  # SIGINT (Ctrl-C) or SIGTERM; the CLI's exit code tells them apart
         # the ms/frame of each precision depend on the CPU (INT8 on VNNI or AMX, say): name it, as bench does

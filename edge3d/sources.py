@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .runtime.rate import MAX_FPS, FrameSampler
+
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # network sources OpenCV opens through FFmpeg: IP cameras (RTSP), encoders (RTMP, SRT, UDP), HTTP
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt", "udp", "tcp", "http", "https")
@@ -99,6 +101,43 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
         cap.release()
 
 
+class Paced:
+    """The frames of a source that a model trained at ``sampler.fps`` takes (:class:`FrameSampler`), each
+    yielded with the source's other frames read past; ``index`` is the source index of the last one."""
+
+    def __init__(self, items: Iterator[Any], sampler: FrameSampler) -> None:
+        self._items, self.sampler = items, sampler
+
+    @property
+    def index(self) -> int:
+        return self.sampler.index
+
+    def __iter__(self) -> Paced:
+        return self
+
+    def __next__(self) -> Any:
+        while True:
+            item = next(self._items)
+            if self.sampler.keep():
+                return item
+
+    def close(self) -> None:
+        if hasattr(self._items, "close"):
+            self._items.close()
+
+
+def reported_fps(cap: Any) -> float | None:
+    """The frame rate a capture reports, or None where it reports none or an implausible one (RTSP
+    streams sometimes report 90000, their clock; a folder of images reports nothing)."""
+    fps = float(cap.get(_cv2().CAP_PROP_FPS) or 0) if hasattr(cap, "get") else 0.0
+    return fps if 1 <= fps <= MAX_FPS else None
+
+
+def paced(items: Iterator[Any], fps: float | None, source_fps: float | None = None) -> Iterator[Any]:
+    """``items`` as a model trained at ``fps`` takes them (every frame where ``fps`` is None)."""
+    return items if fps is None else Paced(items, FrameSampler(fps, source_fps))
+
+
 class LiveFrames:
     """A live source's frames (as :func:`capture_frames` gives them) and the rate it sends them at.
 
@@ -106,16 +145,26 @@ class LiveFrames:
     sends, the rest queue up (an RTSP stream's buffers: the predictions fall further and further
     behind the scene) or are dropped by the driver (the model then sees a lower frame rate than the
     camera's, and a temporal model's motion per frame changes). `edge3d run` compares the rate it
-    took frames at with ``fps`` and says so; ``fps`` is None where the source does not report a
-    plausible one (RTSP streams sometimes report 90000, their clock).
+    took frames at with ``wanted_fps`` and says so; ``fps`` is None where the source does not report a
+    plausible one (:func:`reported_fps`). A model trained at a lower rate than the camera's (``model_fps``)
+    takes only the frames :class:`FrameSampler` picks; the others are read and let go.
     """
 
-    def __init__(self, cap: Any, name: str) -> None:
-        fps = float(cap.get(_cv2().CAP_PROP_FPS) or 0) if hasattr(cap, "get") else 0.0
-        self.fps: float | None = fps if 1 <= fps <= MAX_LIVE_FPS else None
+    def __init__(self, cap: Any, name: str, model_fps: float | None = None) -> None:
+        self.fps: float | None = reported_fps(cap)
         self.name = name
         self.waited_s = 0.0  # time spent in reads: waiting for the camera, or decoding
+        self.sampler = FrameSampler(model_fps, self.fps)
         self._frames = capture_frames(cap, lost=name)
+
+    @property
+    def wanted_fps(self) -> float | None:
+        """The frames a second the model takes of it: the camera's rate, or the model's where lower."""
+        return None if self.fps is None else self.fps * (self.sampler.ratio or 1.0)
+
+    @property
+    def index(self) -> int:
+        return self.sampler.index
 
     def __iter__(self) -> LiveFrames:
         return self
@@ -123,7 +172,10 @@ class LiveFrames:
     def __next__(self) -> tuple[np.ndarray, None]:
         t0 = time.perf_counter()
         try:
-            return next(self._frames)
+            while True:
+                item = next(self._frames)
+                if self.sampler.keep():
+                    return item
         finally:
             self.waited_s += time.perf_counter() - t0
 
@@ -131,7 +183,6 @@ class LiveFrames:
         self._frames.close()  # releases the capture
 
 
-MAX_LIVE_FPS = 240  # above this a reported rate is a stream's clock, not its frames
 RATE_WINDOW_S = 5.0  # the span over which the rate frames are taken at is compared with a live source's
 KEEP_UP = 0.9  # taking fewer than this share of a live source's frames a second is falling behind
 WAITING = 0.5  # ... unless reads took this share of the time: then the source sent fewer than it reports
@@ -159,7 +210,7 @@ class KeepingUp:
 
     def took(self, stream: int, source: Any, now: float) -> str | None:
         """Record a frame of ``stream`` taken at ``now``; return the sentence to say, once, when it falls behind."""
-        if not isinstance(source, LiveFrames) or source.fps is None:
+        if not isinstance(source, LiveFrames) or source.wanted_fps is None:
             return None
         self.sources[stream] = source
         seen = self._seen.get(stream)
@@ -173,12 +224,12 @@ class KeepingUp:
         rate = (seen[3] - seen[2]) / (now - seen[1])
         waiting = (source.waited_s - seen[5]) / (now - seen[1])
         seen[1], seen[2], seen[5] = now, seen[3], source.waited_s
-        if rate >= KEEP_UP * source.fps or waiting >= WAITING:
+        if rate >= KEEP_UP * source.wanted_fps or waiting >= WAITING:
             return None
         if stream in self.behind:
             return None
         self.behind.add(stream)
-        return (f"{source.name} sends {source.fps:g} frames a second and {self.taker} took {rate:.1f}: the frames it "
+        return (f"{source.name} sends {_sends(source)} frames a second and {self.taker} took {rate:.1f}: the frames it "
                 "cannot take queue up, and its predictions fall behind the scene, or the camera drops them, and "
                 "the model sees a lower frame rate than the camera's; lighten the model (a lower precision with "
                 "--profile, a smaller --width or --size at export) or lower the camera's frame rate"
@@ -191,12 +242,18 @@ class KeepingUp:
         out = {}
         for i, (first, _, _, frames, last, _) in self._seen.items():
             if frames > 1 and last > first:
-                sent, taken = self.sources[i].fps, (frames - 1) / (last - first)
+                source, taken = self.sources[i], (frames - 1) / (last - first)
                 why = (" (fell behind)" if i in self.behind else
-                       f" (waiting for {self.sources[i].name}: it sent fewer than it reports)"
-                       if taken < KEEP_UP * sent else "")
-                out[i] = f"sends {sent:g} fps, {self.taker} took {taken:.1f}{why}"
+                       f" (waiting for {source.name}: it sent fewer than it reports)"
+                       if taken < KEEP_UP * source.wanted_fps else "")
+                out[i] = f"sends {_sends(source)} fps, {self.taker} took {taken:.1f}{why}"
         return out
+
+
+def _sends(source: LiveFrames) -> str:
+    """A camera's rate, and the share of it a model trained at a lower rate takes: "30 (6 for the model)"."""
+    wanted = source.wanted_fps
+    return f"{source.fps:g}" + (f" ({wanted:.3g} for the model)" if wanted is not None and wanted != source.fps else "")
 
 
 def stream_scheme(spec: str) -> str | None:
@@ -230,7 +287,7 @@ def opencv_has_gstreamer(cv2: Any) -> bool:
                for line in cv2.getBuildInformation().splitlines())
 
 
-def _open_gstreamer(pipeline: str, lost: str) -> Iterator[tuple[np.ndarray, None]]:
+def _open_gstreamer(pipeline: str, lost: str, fps: float | None = None) -> Iterator[tuple[np.ndarray, None]]:
     cv2 = _cv2()
     if not opencv_has_gstreamer(cv2):
         raise ValueError("this OpenCV is built without GStreamer (pip's opencv-python wheels are), so it cannot open "
@@ -243,10 +300,10 @@ def _open_gstreamer(pipeline: str, lost: str) -> Iterator[tuple[np.ndarray, None
     if not cap.isOpened():
         raise ValueError(f"{lost} cannot be opened by OpenCV's GStreamer; try it with gst-launch-1.0 (a fakesink "
                          "in place of appsink) to see which element fails.")
-    return LiveFrames(cap, lost)
+    return LiveFrames(cap, lost, fps)
 
 
-def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
+def _open_stream(spec: str, scheme: str, fps: float | None = None) -> Iterator[tuple[np.ndarray, None]]:
     cv2 = _cv2()
     cap = cv2.VideoCapture(spec, cv2.CAP_FFMPEG)
     shown = redact(spec)
@@ -257,28 +314,31 @@ def _open_stream(spec: str, scheme: str) -> Iterator[tuple[np.ndarray, None]]:
     from urllib.parse import urlparse
 
     a_file = scheme in ("http", "https") and Path(urlparse(spec).path).suffix.lower() in VIDEO_SUFFIXES
-    return capture_frames(cap) if a_file else LiveFrames(cap, f"stream {shown}")
+    return paced(capture_frames(cap), fps, reported_fps(cap)) if a_file else LiveFrames(cap, f"stream {shown}", fps)
 
 
-def open_source(spec: str, frame_size: int = 112,
-                csi_mode: tuple[int, int, int] = CSI_MODE) -> Iterator[tuple[np.ndarray, int | None]]:
+def open_source(spec: str, frame_size: int = 112, csi_mode: tuple[int, int, int] = CSI_MODE,
+                fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """Open ``synthetic[:SEED]``, ``camera:INDEX``, ``csi:SENSOR`` (a Jetson CSI camera, captured at
     ``csi_mode``: width, height, fps), a GStreamer pipeline ending in appsink, a stream URL, a video
-    file, or a folder (of videos or images), its clips one after another."""
+    file, or a folder (of videos or images), its clips one after another.
+
+    ``fps``, an artifact's ``frame.fps``, is the rate the model takes: of a source that reports a
+    faster one only the frames nearest that rate's ticks are yielded (see ``runtime/rate.py``)."""
     if (scheme := stream_scheme(spec)) is not None:
-        return _open_stream(spec, scheme)
+        return _open_stream(spec, scheme, fps)
     if spec.startswith("csi:"):
         sensor = spec.split(":", 1)[1]
         if not sensor.isdigit():
             raise ValueError(f"CSI source {spec!r} needs a numeric sensor id, e.g. csi:0.")
-        return _open_gstreamer(csi_pipeline(int(sensor), *csi_mode), f"CSI camera {sensor}'s pipeline")
+        return _open_gstreamer(csi_pipeline(int(sensor), *csi_mode), f"CSI camera {sensor}'s pipeline", fps)
     if is_gstreamer(spec):
-        return _open_gstreamer(spec, "the GStreamer pipeline")
+        return _open_gstreamer(spec, "the GStreamer pipeline", fps)
     if spec.startswith("synthetic"):
         from .data import gestures
 
         seed = gestures.parse_source(spec)
-        return ((f, int(lab)) for f, lab in gestures.iter_stream(seed, frame_size=frame_size))
+        return paced(((f, int(lab)) for f, lab in gestures.iter_stream(seed, frame_size=frame_size)), fps)
     if spec.startswith("camera:"):
         index = spec.split(":", 1)[1]
         if not index.isdigit():
@@ -286,12 +346,12 @@ def open_source(spec: str, frame_size: int = 112,
         cap = _cv2().VideoCapture(int(index))
         if not cap.isOpened():
             raise ValueError(f"camera {index} cannot be opened; check that it is connected and not in use.")
-        return LiveFrames(cap, f"camera {index}")
+        return LiveFrames(cap, f"camera {index}", fps)
     path = Path(spec)
     # os.path's tests, not Path's: a spec too long for a file name (a long GStreamer pipeline, say)
     # raises "File name too long" from Path.is_dir() before Python 3.12
     if os.path.isdir(spec):
-        return (item for clip in _clips_in(path) for item in _clip_frames(clip))
+        return (item for clip in _clips_in(path) for item in _clip_frames(clip, fps=fps))
     if not os.path.isfile(spec):
         if spec.lower().startswith("file:"):  # a URL copied from a browser or a file manager
             from urllib.parse import unquote, urlparse
@@ -305,7 +365,8 @@ def open_source(spec: str, frame_size: int = 112,
             relative = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
             raise ValueError(f"source {redact(spec)!r} does not exist{where}; check the path{relative}.")
         raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those{_meant(spec)}.")
-    return capture_frames(_open_video(path))
+    cap = _open_video(path)
+    return paced(capture_frames(cap), fps, reported_fps(cap))
 
 
 def _meant(spec: str) -> str:
@@ -405,12 +466,17 @@ def clip_class(folder: Path, clip: Path) -> str | None:
     return clip.parent.name if clip.parent != folder else None
 
 
-def _clip_frames(clip: Path, label: int | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
+def _clip_frames(clip: Path, label: int | None = None, fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """A video's frames, or a folder's images in name order (each must decode: a clip with a hole
-    in it is not the clip the model should see), each with the clip's label."""
+    in it is not the clip the model should see), each with the clip's label; those a model trained at
+    ``fps`` takes, where the video reports a faster rate (a folder of images reports none)."""
     if not clip.is_dir():
-        yield from ((frame, label) for frame, _ in capture_frames(_open_video(clip)))
-        return
+        cap = _open_video(clip)  # opened here, not at the first frame: its rate is known before one is read
+        return paced(((frame, label) for frame, _ in capture_frames(cap)), fps, reported_fps(cap))
+    return paced(_image_frames(clip, label), fps)
+
+
+def _image_frames(clip: Path, label: int | None) -> Iterator[tuple[np.ndarray, int | None]]:
     cv2 = _cv2()
     for image in _images_in(clip):
         bgr = cv2.imread(str(image), cv2.IMREAD_COLOR)
@@ -440,8 +506,8 @@ def _a_folder(spec: str) -> bool:
             and not is_gstreamer(spec) and os.path.isdir(spec))
 
 
-def open_streams(spec: str, frame_size: int = 112,
-                 classes: list[str] | None = None) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
+def open_streams(spec: str, frame_size: int = 112, classes: list[str] | None = None,
+                 fps: float | None = None) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
     """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
 
     A folder of clips (videos, or folders of images) is several streams, each named by its path:
@@ -450,16 +516,17 @@ def open_streams(spec: str, frame_size: int = 112,
     source, a folder of images included, is a single stream named ``spec``. A bad source raises
     here, not at the first frame; each video of a folder is opened only when its turn comes, so a
     folder of many videos holds one capture at a time. In a folder of one folder per class, each
-    frame is labelled with its folder's index in ``classes`` (None for a name not among them).
+    frame is labelled with its folder's index in ``classes`` (None for a name not among them). ``fps``
+    paces each clip as :func:`open_source` does.
     """
     path = Path(spec)
     if _a_folder(spec):
         clips = _clips_in(path)
         if clips == [path]:
-            return iter([(spec, _clip_frames(path))])
+            return iter([(spec, _clip_frames(path, fps=fps))])
         index = class_index(classes)
-        return ((str(c), _clip_frames(c, index(clip_class(path, c)))) for c in clips)
-    return iter([(spec, open_source(spec, frame_size))])
+        return ((str(c), _clip_frames(c, index(clip_class(path, c)), fps)) for c in clips)
+    return iter([(spec, open_source(spec, frame_size, fps=fps))])
 
 
 def frame_rounds(streams: list[Iterator[Any]], limits: list[int | None] | None = None,
@@ -491,17 +558,19 @@ def source_frame_size(spec: str, model_size: int) -> int:
     return max(model_size, 112) if spec.startswith("synthetic") else model_size
 
 
-def streams_of(source: str | Path | Iterable[Any], model_size: int,
-               classes: list[str] | None = None) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
+def streams_of(source: str | Path | Iterable[Any], model_size: int, classes: list[str] | None = None,
+               fps: float | None = None) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
     """``(description, streams)`` for a source spec (file, folder, synthetic[:SEED]) or frames.
 
     A non-string source is one stream of frames (uint8 H×W×3 images or normalised C×H×W
     float32 arrays, optionally as ``(frame, label)`` pairs): what tests and notebooks pass.
-    ``classes`` labels the clips of a folder of one folder per class (see :func:`open_streams`).
+    ``classes`` labels the clips of a folder of one folder per class (see :func:`open_streams`), and
+    ``fps`` (an artifact's ``frame.fps``) paces a source path's clips; frames from Python are the caller's
+    choice already.
     """
     if isinstance(source, (str, Path)):
         spec = str(source)
-        return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes)
+        return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes, fps)
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
         # read as frames, each path failed as "frame dtype <U5 is not supported"
         raise ValueError(f"the source is a list of {len(source)} paths, and one source is read; put the videos (or "

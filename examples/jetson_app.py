@@ -27,9 +27,10 @@ from edge3d.runtime import Session
 
 
 def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720,
-                fps: int = 30) -> Iterator[tuple[np.ndarray, int | None]]:
+                fps: int = 30, model_fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """RGB uint8 frames (and labels where the source knows them) from any source ``edge3d run`` takes,
-    ``csi:N`` (captured at width × height, fps) and GStreamer pipelines included.
+    ``csi:N`` (captured at width × height, fps) and GStreamer pipelines included; of a source faster
+    than ``model_fps`` (the artifact's frame.fps), only the frames nearest that rate.
 
     This is a display loop, so a folder plays back to back as one stream, without the reset between
     videos that ``edge3d run`` does.
@@ -37,7 +38,8 @@ def open_frames(spec: str, frame_size: int, width: int = 1280, height: int = 720
     from edge3d.sources import open_source, source_frame_size
 
     # the synthetic gestures are drawn at >= 112 px and resized by the Session, as `edge3d run` does
-    return open_source(spec, frame_size=source_frame_size(spec, frame_size), csi_mode=(width, height, fps))
+    return open_source(spec, frame_size=source_frame_size(spec, frame_size), csi_mode=(width, height, fps),
+                       fps=model_fps)
 
 
 def overlay(rgb: np.ndarray, text: str, ms: float, crop: tuple[int, int, float] | None = None) -> np.ndarray:
@@ -107,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        cameras = [open_frames(s, session.manifest["frame"]["height"], args.width, args.height, args.fps)
-                   for s in sources]
+        # a model trained at a lower frame rate than the cameras send (frame.fps) gets the frames nearest it
+        cameras = [open_frames(s, session.manifest["frame"]["height"], args.width, args.height, args.fps,
+                               session.manifest["frame"].get("fps")) for s in sources]
     except ValueError as e:  # a bad source
         session.close()
         print(f"error: {e}", file=sys.stderr)
@@ -218,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
               f"app {rate:.1f} fps{acc}", flush=True)
     for i, line in pace.rates().items():
         print(f"{pace.sources[i].name}: {line}", flush=True)
+    from edge3d.runtime.rate import rate_note
+
+    samplers = [c.sampler for c in cameras if hasattr(c, "sampler")]
+    if paced := rate_note(samplers, session.manifest["frame"].get("fps")):
+        print(f"frame rate: {paced}", flush=True)
     if lost:
         print(f"error: {lost}", file=sys.stderr)
         return 1

@@ -55,7 +55,9 @@ class RolloutReader:
         self.session = Session(artifact, profile="fp32", backend="onnxruntime")
         self.manifest = self.session.manifest
         self.frames, self.warmup, self.progress = frames, warmup, progress
-        self.description, streams = streams_of(source, int(self.manifest["frame"]["height"]))
+        # frames at the rate the model takes them: its states' ranges depend on the motion per frame
+        self.description, streams = streams_of(source, int(self.manifest["frame"]["height"]),
+                                               fps=self.manifest["frame"].get("fps"))
         self._streams = list(streams)  # (name, lazy frames) pairs: nothing is opened before its turn
         self._current: Iterator[Any] | None = None
         self._t = 0

@@ -43,6 +43,7 @@ from ..runtime.manifest import (
 )
 from ..runtime.manifest import write_manifest as write_manifest  # lives in the torch-free runtime
 from ..runtime.preprocess import check_color, check_fit, check_normalisation
+from ..runtime.rate import check_fps
 
 OPSET = 18
 DEFAULT_MEAN = (0.45, 0.45, 0.45)
@@ -214,10 +215,12 @@ def set_class_names(folder: str | Path, classes: list[str] | str | os.PathLike) 
 
 
 def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None = None,
-              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None) -> dict[str, Any]:
+              mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+              fps: float | str | None = None) -> dict[str, Any]:
     """Set, in place, how an exported artifact's runtime turns a camera frame into the model's input:
     the fit to the model's size ("stretch" or "crop"), a three-channel model's channel order ("RGB" or
-    "BGR"), the normalisation's per-channel mean and std (one value stands for every channel). How
+    "BGR"), the normalisation's per-channel mean and std (one value stands for every channel), and the
+    frame rate the model takes (``fps``: a number, or "source" for every frame the source gives). How
     the model was trained decides them, not the graph, so no export is needed. A Triton repository
     written before keeps the old ones; an INT8 precision calibrated on frames prepared the old way
     is named in a warning. Returns the new frame spec."""
@@ -233,6 +236,8 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
     check_normalisation(old.get("mean", [0.0] * channels) if mean is None else mean,
                         old.get("std", [1.0] * channels) if std is None else std, channels)
     changes: dict[str, Any] = {k: v for k, v in (("fit", fit), ("mean", mean), ("std", std)) if v is not None}
+    if fps is not None:
+        changes["fps"] = check_fps(fps)  # None for "source"
     changes.update({k: [float(v) for v in changes[k]] for k in ("mean", "std") if k in changes})
     if color is not None:
         changes["color"], changes["raw_input"] = colour_of(channels, color)
@@ -336,13 +341,14 @@ def step_output_shape(step: StepModule) -> tuple[int, ...]:
 
 def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *, model_info: dict[str, Any],
                     classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...],
-                    output_shape: tuple[int, ...], fit: str = "stretch", color: str = "RGB") -> dict[str, Any]:
+                    output_shape: tuple[int, ...], fit: str = "stretch", color: str = "RGB",
+                    fps: float | None = None) -> dict[str, Any]:
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
     classes = check_classes(classes, output_shape)
     frame = {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
              "dtype": "float32", "color": colour_of(c, color)[0], "raw_input": colour_of(c, color)[1],
-             "fit": check_fit(fit),
+             "fit": check_fit(fit), "fps": check_fps(fps),
              "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
              "std": [float(v) for v in std]}
     return {
@@ -362,7 +368,7 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
 
 def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], classes: list[str] | None,
                    mean: tuple[float, ...], std: tuple[float, ...], lowered: bool, fit: str = "stretch",
-                   color: str = "RGB") -> dict[str, Any]:
+                   color: str = "RGB", fps: float | None = None) -> dict[str, Any]:
     states = []
     for s in step.state_specs:
         i, o = state_io_names(s.name)
@@ -371,7 +377,8 @@ def build_manifest(step: StepModule, name: str, *, model_info: dict[str, Any], c
                        "bytes": s.bytes, "input_history": s.input_history})
     return {
         **manifest_header(step.model, step.frame_shape, name, model_info=model_info, classes=classes,
-                          mean=mean, std=std, output_shape=step_output_shape(step), fit=fit, color=color),
+                          mean=mean, std=std, output_shape=step_output_shape(step), fit=fit, color=color,
+                          fps=fps),
         "states": states,
         "macs_per_frame": count_macs(step),
         "params": sum(p.numel() for p in step.model.parameters()),
@@ -468,6 +475,7 @@ def export_artifact(
     std: tuple[float, ...] | None = None,
     fit: str | None = None,
     color: str | None = None,
+    fps: float | str | None = None,
     opset: int = OPSET,
     verify: bool = True,
     progress: Callable[[str], None] | None = None,
@@ -487,9 +495,10 @@ def export_artifact(
     What is left out comes from the model, as ``edge3d export`` takes it: ``channels`` from its
     ``frame_channels`` attribute or first convolution, ``mean``/``std`` from ``frame_mean``/``frame_std``,
     ``classes`` from ``class_names``, ``fit`` from ``frame_fit`` (else "stretch"), ``color`` from
-    ``frame_color`` (else "RGB"). A model trained with its own statistics, on centre crops
-    (``fit="crop"``) or on OpenCV's unconverted BGR frames (``color="BGR"``) is then fed the frames it
-    was trained on from Python too, not the defaults. ``classes`` may also be the path of a label file, in any layout
+    ``frame_color`` (else "RGB"), ``fps`` from ``frame_fps`` (else None: every frame the source gives).
+    A model trained with its own statistics, on centre crops (``fit="crop"``), on OpenCV's unconverted
+    BGR frames (``color="BGR"``) or on every 5th frame of 30 fps video (``fps=6``) is then fed the
+    frames it was trained on from Python too, not the defaults. ``classes`` may also be the path of a label file, in any layout
     ``edge3d export --labels`` reads (``edge3d/labels.py``).
     """
     from ..models import frame_channels
@@ -506,6 +515,7 @@ def export_artifact(
         std = getattr(own, "frame_std", None) if std is None else std
         fit = check_fit(getattr(own, "frame_fit", "stretch") if fit is None else fit)
         color = getattr(own, "frame_color", None) if color is None else color
+        fps = check_fps(getattr(own, "frame_fps", None) if fps is None else fps)
         classes = getattr(own, "class_names", None) if classes is None else classes
         # a label file, as `edge3d export --labels` takes; a string that names no file and does not look like
         # a path ("abcde", one name, or names run together) is refused below as not a list of names
@@ -554,7 +564,8 @@ def export_artifact(
             from .staged import export_staged
 
             return export_staged(step, out_dir, name, model_info=model_info, classes=classes,
-                                 mean=mean, std=std, fit=fit, color=color or "RGB", opset=opset, progress=say)
+                                 mean=mean, std=std, fit=fit, color=color or "RGB", fps=fps, opset=opset,
+                                 progress=say)
         with artifact_folder(out_dir, name) as (tmp, manifest):
             raw = tmp / "raw.onnx"
             say("tracing the step graph (torch.export)")
@@ -564,7 +575,8 @@ def export_artifact(
             simplify(raw, onnx_path)
             drop_raw(raw)
             manifest.update(build_manifest(step, name, model_info=model_info, classes=classes,
-                                           mean=mean, std=std, lowered=lower, fit=fit, color=color or "RGB"))
+                                           mean=mean, std=std, lowered=lower, fit=fit, color=color or "RGB",
+                                           fps=fps))
             manifest["precisions"]["fp32"] = {
                 "file": onnx_path.name, "profile": "fp32",
                 "state_dtypes": {s["name"]: s["dtype"] for s in manifest["states"]},

@@ -64,7 +64,7 @@ def _io(values: list[Any]) -> list[dict[str, Any]]:
 def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_info: dict[str, Any],
                   classes: list[str] | None, mean: tuple[float, ...], std: tuple[float, ...], opset: int,
                   progress: Callable[[str], None] | None = None, fit: str = "stretch",
-                  color: str = "RGB") -> Path:
+                  color: str = "RGB", fps: float | None = None) -> Path:
     """Write ``out_dir/<name>.edge3d/`` with ``stage<k>.fp32.onnx`` per stage and the manifest."""
     report = step.report()
     with artifact_folder(out_dir, name) as (tmp, manifest):
@@ -80,7 +80,7 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
             files.append(path)
         manifest.update(manifest_header(step.model, step.frame_shape, name, model_info=model_info,
                                         classes=classes, mean=mean, std=std, output_shape=step_output_shape(step),
-                                        fit=fit, color=color))
+                                        fit=fit, color=color, fps=fps))
         manifest.update({
             "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
                         **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}

@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from .preprocess import COLOR_ORDERS, check_fit, check_normalisation
+from .rate import check_fps
 
-# The newest format this edge3d reads and writes. Version 2 adds the frame's "fit" and the BGR "color"; an
-# artifact is written with the oldest version that describes it (format_version_for), so a device whose
-# edge3d predates them refuses an artifact that crops or wants BGR, which it would feed squeezed or RGB
-# frames, and still reads every other.
-FORMAT_VERSION = 2
-READS = (1, 2)
+# The newest format this edge3d reads and writes. Version 2 adds the frame's "fit" and the BGR "color",
+# version 3 the frame rate ("fps") the model was trained at; an artifact is written with the oldest version
+# that describes it (format_version_for), so a device whose edge3d predates them refuses an artifact that
+# crops, wants BGR or takes a lower frame rate than its cameras send, which it would feed squeezed, RGB or
+# every frame, and still reads every other.
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 MANIFEST = "manifest.json"
 METADATA_KEY = "edge3d.manifest"
 # An artifact is the folder <name>.edge3d and, by default, the Triton model <name>: one plain name that
@@ -129,6 +131,8 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
 
 def format_version_for(frame: dict[str, Any]) -> int:
     """The oldest format version that describes an artifact with this frame spec."""
+    if frame.get("fps") is not None:
+        return 3
     return 1 if frame.get("fit", "stretch") == "stretch" and frame.get("color") != "BGR" else 2
 
 
@@ -154,6 +158,8 @@ def validate_manifest(m: dict[str, Any], where: str = "manifest") -> None:
         check_normalisation(f.get("mean", [0.0] * f.get("channels", 3)), f.get("std", [1.0] * f.get("channels", 3)),
                             f.get("channels"))
         check_fit(f.get("fit", "stretch"))
+        if f.get("fps") is not None:  # a number: "source" is how flags say none, not how a manifest does
+            check_fps(math.nan if isinstance(f["fps"], (str, bool)) else f["fps"])
         if f.get("channels") == 3 and f.get("color", "RGB") not in COLOR_ORDERS:  # the runtime reads the exact word
             raise ValueError(f"frame color {f['color']!r} is not RGB or BGR (upper case), the channel order the "
                              "model was trained on.")

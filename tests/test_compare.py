@@ -174,6 +174,23 @@ def test_compare_says_when_its_accuracies_are_of_squeezed_frames(stateful: Path)
     assert report_notes(report)[0] == f"frames: {report['frame_fit']}."
 
 
+
+def test_compare_takes_a_faster_videos_frames_at_the_models_rate(stateful: Path, video: Path, tmp_path: Path) -> None:
+    """A precision's drift and agreement are measured on the frames the deployed model gets: for a 15 fps
+    model, every 2nd frame of the 30 fps video, as `edge3d run` feeds it; the report says so."""
+    from edge3d.exporters.onnx import set_frame
+
+    from edge3d.compare import report_notes
+
+    art = tmp_path / stateful.name
+    shutil.copytree(stateful, art)
+    with pytest.warns(UserWarning, match="calibrated on frames prepared the old way"):  # its INT8 precision
+        set_frame(art, fps=15)
+    report = compare(art, ["fp32", "fp16"], str(video), 500, threads=1)
+    assert report["frames"] == 45
+    assert report["frame_rate"] == "the model takes 15 fps; every 2nd frame of 30 fps (45 of 90 frames stepped)"
+    assert f"frame rate: {report['frame_rate']}." in report_notes(report)
+
 def test_polygraphy_replays_the_saved_inputs(tmp_path: Path, stateful: Path, video: Path) -> None:
     if shutil.which("polygraphy") is None:
         pytest.skip("the polygraphy command is not on PATH")

@@ -686,6 +686,7 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     class ThermalNet(module.Grey):
         frame_mean, frame_std = (0.3,), (0.2,)
         frame_fit = "crop"  # trained on centre crops
+        frame_fps = 12  # on every 5th frame of 60 fps video
         class_names = ["person", "vehicle", "animal"]
 
     model = randomize(ThermalNet(num_classes=3), seed=21).eval()
@@ -693,6 +694,7 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     manifest = Session(art).manifest
     frame = manifest["frame"]
     assert (frame["channels"], frame["mean"], frame["std"], frame["fit"]) == (1, [0.3], [0.2], "crop")
+    assert (frame["fps"], manifest["format_version"]) == (12, 3)
     assert manifest["output"]["classes"] == ["person", "vehicle", "animal"]
     raw = np.random.default_rng(4).integers(0, 256, (40, 12, 16), dtype=np.uint8)
     clip = torch.from_numpy((raw / 255 - 0.3) / 0.2).float()[None, None]  # (1, 1, T, H, W), its own statistics
@@ -712,8 +714,8 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     assert res.exit_code == 2 and "--color 'bgr' applies to a three-channel (RGB or BGR) model; this one takes 1 " \
         "channel" in res.output, res.output
     given = Session(export_artifact(model, tmp_path / "given", "thermal", frame_size=(12, 16), mean=(0.5,),
-                                    std=(0.25,), fit="stretch", verify=False)).manifest["frame"]
-    assert (given["mean"], given["std"], given["fit"]) == ([0.5], [0.25], "stretch")
+                                    std=(0.25,), fit="stretch", fps="source", verify=False)).manifest["frame"]
+    assert (given["mean"], given["std"], given["fit"], given["fps"]) == ([0.5], [0.25], "stretch", None)
 
     import warnings
 

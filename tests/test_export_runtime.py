@@ -327,6 +327,118 @@ def test_a_bgr_artifact_takes_rgb_frames_and_feeds_the_model_bgr(tiny_artifact, 
         set_frame(bgr_art, color="BRG")
 
 
+def test_frame_sampler_takes_the_frames_nearest_the_models_rate() -> None:
+    """A model trained on every 5th frame of 30 fps video was fed every frame of a 30 fps camera: motion
+    5× slower per frame than it ever saw (VoV3D's Fig. 5 measures what a changed temporal stride costs)."""
+    from edge3d.runtime.rate import FrameSampler, check_fps, rate_note
+
+    def kept(fps, source_fps, n):
+        sampler = FrameSampler(fps, source_fps)
+        return [i for i in range(n) if sampler.keep()], sampler
+
+    assert kept(6, 30, 300)[0] == list(range(0, 300, 5))
+    indices, at_25 = kept(6, 25, 250)  # 6 in every 25: gaps of 4 and 5, none of 6
+    assert len(indices) == 60 and set(np.diff(indices).tolist()) == {4, 5}
+    assert len(kept(25, 60, 120)[0]) == 50 and kept(15, 30, 9)[0] == [0, 2, 4, 6, 8]
+    for fps, source_fps in ((30, 29.97), (30, 15), (None, 30), (6, None)):  # nothing to drop, or no rate known
+        assert kept(fps, source_fps, 40)[0] == list(range(40)), (fps, source_fps)
+    assert rate_note([kept(6, 30, 300)[1]], 6) == "the model takes 6 fps; every 5th frame of 30 fps (60 of 300 " \
+                                                 "frames stepped)"
+    assert rate_note([at_25], 6) == "the model takes 6 fps; 6 in every 25 frames of 25 fps (60 of 250 frames stepped)"
+    slow = rate_note([kept(30, 15, 10)[1]], 30)
+    assert slow is not None and "sends 15 fps, under it: every frame stepped, so the model sees motion 2× as fast" in slow
+    unknown = rate_note([kept(6, None, 10)[1]], 6)
+    assert unknown is not None and "reports no frame rate (a folder of images, synthetic) had every frame stepped" \
+        in unknown
+    assert rate_note([kept(None, 30, 10)[1]], None) is None
+    assert [check_fps(v) for v in (6, "12.5", None, "source")] == [6.0, 12.5, None, None]
+    for bad in (0, -3, "abc", float("nan"), 1000, True, "Source"):
+        with pytest.raises(ValueError, match="is not a frame rate above 0 and up to 240"):
+            check_fps(bad)
+
+
+def _numbered_video(path: Path, frames: int, fps: int) -> None:
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (64, 48))
+    rng = np.random.default_rng(frames)
+    for _ in range(frames):
+        writer.write(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    writer.release()
+
+
+def test_run_steps_a_faster_videos_frames_at_the_models_rate(tiny_artifact, tmp_path: Path) -> None:
+    """`--fps` is the artifact's: `run` steps every 3rd frame of a 30 fps video for a 10 fps model, exactly
+    as a Session fed those frames steps them, names the source frame of each prediction, and says how
+    the source's frames met the rate. Calibration takes the same frames."""
+    cv2 = pytest.importorskip("cv2")
+    art = _copy(tiny_artifact[0], tmp_path)
+    video = tmp_path / "clip.mp4"
+    _numbered_video(video, 60, 30)
+    runner = CliRunner()
+    res = runner.invoke(app, ["export", str(art), "--fps", "0"])
+    assert res.exit_code == 2 and "--fps '0' is not a frame rate" in res.output, res.output
+    assert json.loads((art / "manifest.json").read_text())["frame"].get("fps") is None  # left as it was
+    res = runner.invoke(app, ["export", str(art), "--fps", "10"])
+    assert res.exit_code == 0 and "frame rate 10 fps" in res.output, res.output
+    m = json.loads((art / "manifest.json").read_text())
+    assert (m["format_version"], m["frame"]["fps"]) == (3, 10.0)  # an edge3d that would feed every frame refuses it
+    res = runner.invoke(app, ["inspect", str(art / "model.fp32.onnx")], terminal_width=200)  # the graph says so too
+    assert "frame rate │ 10 fps: of a faster source, only the frames nearest that rate are stepped" in \
+        unwrapped(res.output), res.output
+    preds = tmp_path / "p.jsonl"
+    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(preds)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    assert "frame rate │ the model takes 10 fps; every 3rd frame of 30 fps (20 of 60 frames stepped)" in \
+        unwrapped(res.output), res.output
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["source_frame"] for r in lines] == list(range(0, 60, 3))
+    cap = cv2.VideoCapture(str(video))
+    frames = [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for ok, f in iter(cap.read, (False, None)) if ok]
+    with Session(art) as s:
+        want = [s.step(f) for f in frames[::3]]
+    assert [r["top"] for r in lines] == [int(y.argmax()) for y in want]
+    assert max(abs(r["score"] - float(np.exp(y - y.max()).max() / np.exp(y - y.max()).sum()))
+               for r, y in zip(lines, want, strict=True)) < 1e-4
+    from edge3d.exporters.calibration import RolloutReader
+
+    reader = RolloutReader(art, str(video), frames=100, warmup=0)
+    feeds = list(reader)
+    assert reader.frames_read == 20 and len(feeds) == 20
+    with Session(art) as s:
+        buf = np.empty(s.pre.shape, np.float32)
+        s.pre(frames[3], buf)
+    assert np.array_equal(feeds[1]["frame"][0], buf)
+    reader.close()
+    res = runner.invoke(app, ["export", str(art), "--fps", "source"])
+    assert res.exit_code == 0 and json.loads((art / "manifest.json").read_text())["format_version"] == 1
+    res = runner.invoke(app, ["run", str(art), "--source", str(video), "--output", str(preds)], terminal_width=200)
+    assert res.exit_code == 0 and len(preds.read_text().splitlines()) == 60 and "frame rate" not in res.output
+
+
+def test_clips_of_other_rates_are_each_paced_and_a_slower_one_is_named(tiny_artifact, tmp_path: Path) -> None:
+    pytest.importorskip("cv2")
+    import edge3d
+
+    art = _copy(tiny_artifact[0], tmp_path)
+    edge3d.set_frame(art, fps=15)
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    _numbered_video(clips / "a.mp4", 30, 30)
+    _numbered_video(clips / "b.mp4", 10, 10)
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(clips), "--output", str(preds)],
+                             terminal_width=300)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    by_clip = {Path(r["video"]).name: [] for r in lines}
+    for r in lines:
+        by_clip[Path(r["video"]).name].append(r["clip_frame"])
+    assert by_clip == {"a.mp4": list(range(0, 30, 2)), "b.mp4": list(range(10))}
+    said = unwrapped(res.output)
+    assert "every 2nd frame of 30 fps (15 of 30 frames stepped); a source sends 10 fps, under it: every frame " \
+           "stepped, so the model sees motion 1.5× as fast per frame as in training" in said, said
+
+
 def test_the_camera_app_notes_frames_squeezed_into_the_model(tiny_artifact, tmp_path: Path) -> None:
     cv2 = pytest.importorskip("cv2")
     video = tmp_path / "wide.mp4"
@@ -675,7 +787,7 @@ def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> 
     m = json.loads((other / "manifest.json").read_text())
     m["format_version"] = 99
     (other / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads versions 1 to 2; it was written "
+    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads versions 1 to 3; it was written "
                                             "by a newer edge3d: upgrade edge3d here"):
         Session(other)
     m["format_version"] = 0  # an older (or a made-up) format: only re-exporting helps
@@ -2220,7 +2332,7 @@ def test_cli_run_interrupted_prints_the_summary_of_the_frames_so_far(tiny_artifa
 
     art, _ = tiny_artifact
 
-    def camera_then_ctrl_c(spec: str, frame_size: int = 112):
+    def camera_then_ctrl_c(spec: str, frame_size: int = 112, **_):
         for _ in range(7):
             yield np.full((48, 64, 3), 128, np.uint8), None
         raise KeyboardInterrupt
@@ -2500,3 +2612,26 @@ def test_export_and_inspect_leave_a_training_model_in_the_modes_it_had(tmp_path:
     with pytest.raises(ValueError, match=r"inspect needs a torch.nn.Module, got str: build it first, "
                                          r"edge3d.zoo.build\('d-resnet18'\)"):
         inspect("d-resnet18", SIZE)
+
+
+def test_a_camera_faster_than_the_models_rate_is_paced_and_not_called_behind(tiny_artifact, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 30 fps camera and a 10 fps model: the run takes every 3rd frame, and taking 10 a second is keeping
+    up with the camera, not falling behind it."""
+    pytest.importorskip("cv2")
+    import edge3d
+    from edge3d import sources
+
+    art = _copy(tiny_artifact[0], tmp_path)
+    edge3d.set_frame(art, fps=10)
+    monkeypatch.setattr(sources, "RATE_WINDOW_S", 0.3)
+    camera_sending(30.0, 1 / 30, monkeypatch)  # each read waits for the next frame
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:2", "--frames", "12", "--output", str(preds)],
+                             terminal_width=400)
+    said = unwrapped(res.output)
+    assert res.exit_code == 0 and "frames a second and the run took" not in said, said
+    assert [json.loads(line)["source_frame"] for line in preds.read_text().splitlines()] == list(range(0, 36, 3))
+    found = re.search(r"camera 2 frame rate │ sends 30 \(10 for the model\) fps, the run took ([\d.]+) │", said)
+    assert found and 8 <= float(found[1]) <= 10.5, said
+    assert "the model takes 10 fps; every 3rd frame of 30 fps (12 of 34 frames stepped)" in said, said
