@@ -879,12 +879,17 @@ def run(
     top_k: Annotated[int, typer.Option(
         "--top-k", help="Also write each frame's K most likely classes (top_k in the JSON lines) and, on a "
                         "labelled source, the top-K accuracy, as Kinetics and UCF101 results quote top-5.")] = 1,
+    images_fps: Annotated[float | None, typer.Option(
+        "--images-fps", help="The frame rate a folder of images was extracted at, which images do not carry (a "
+                             "dataset shipped as frames: 30, say): its frames are then taken at the artifact's "
+                             "--fps as a video's are. Needs an artifact with a frame rate.")] = None,
 ) -> None:
     """Stream a video, camera or the synthetic gesture source through an artifact."""
     import numpy as np
     from rich.live import Live
 
     from .runtime import Session
+    from .runtime.rate import check_images_fps
     from .signals import Terminated, sigterm_as_interrupt
     from .sources import (
         KeepingUp,
@@ -925,13 +930,18 @@ def run(
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
     size = session.manifest["frame"]["height"]
     model_fps = session.manifest["frame"].get("fps")  # the rate the model was trained at: a faster source is paced
+    try:
+        check_images_fps(images_fps, session.manifest, artifact)
+    except ValueError:
+        session.close()
+        raise
     # the synthetic source never ends: 300 frames unless told otherwise
     limits = [frames if frames is not None else 300 if s.startswith("synthetic") else None for s in specs]
     try:
         # a folder of one folder per class labels its clips with the classes named by those folders;
         # every source is opened (and a bad one named) before the first frame
         clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes,
-                                      fps=model_fps)) for s in specs]
+                                      fps=model_fps, images_fps=images_fps)) for s in specs]
         if staged and many:
             folder = next((s for s, c in zip(specs, clips_of, strict=True) if len(c) > 1), None)
             if folder is not None:
@@ -1366,6 +1376,10 @@ def compare(
     threads: Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads per session (1: the "
                                          "2N+1 sessions step in lockstep, and idle ORT pools spinning would "
                                          "contend for the cores and distort every latency).")] = 1,
+    images_fps: Annotated[float | None, typer.Option(
+        "--images-fps", help="The frame rate a folder of images was extracted at, which images do not carry (a "
+                             "dataset shipped as frames: 30, say): its frames are then taken at the artifact's "
+                             "--fps as a video's are. Needs an artifact with a frame rate.")] = None,
 ) -> None:
     """Compare precisions against FP32: latency, cache, per-step error, drift, top-1 agreement."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -1400,7 +1414,7 @@ def compare(
                   TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"comparing {', '.join(names)}", total=frames)
         report = run_compare(artifact, names, source, frames, out_dir=out,
-                             save_polygraphy_inputs=save_polygraphy_inputs, threads=threads,
+                             save_polygraphy_inputs=save_polygraphy_inputs, threads=threads, images_fps=images_fps,
                              progress=lambda n: progress.advance(task, n))
     stopped = ", interrupted" if report.get("interrupted") else ""
     table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames{stopped})")

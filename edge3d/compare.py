@@ -36,7 +36,7 @@ from .runtime.manifest import (
     state_io_names,
 )
 from .runtime.preprocess import fit_note
-from .runtime.rate import rate_note
+from .runtime.rate import check_images_fps, rate_note
 from .signals import Terminated
 from .sources import labels_apply, split_item, streams_of
 
@@ -213,6 +213,7 @@ def compare(
     plots: bool = True,
     threads: int | None = None,
     progress: Any = None,
+    images_fps: float | None = None,
 ) -> dict[str, Any]:
     """Stream ``frames`` frames of ``source`` through every profile; return (and write) the report.
 
@@ -221,7 +222,8 @@ def compare(
     threads per session; 1 keeps the 2N+1 lockstep sessions from contending (ORT's idle thread
     pools spin). ``out_dir`` receives report.json,
     report.md, drift.png and latency.png (and Polygraphy input files if asked).
-    ``progress(n)`` is called once per frame.
+    ``progress(n)`` is called once per frame. ``images_fps`` is the rate a source's folders of images
+    were extracted at, so that they are paced to the artifact's frame rate as videos are.
     """
     if not is_positive_int(frames):
         raise ValueError(f"--frames must be an integer of at least 1, got {frames!r}.")
@@ -234,6 +236,7 @@ def compare(
             raise ValueError("--save-polygraphy-inputs needs polygraphy; pip install polygraphy "
                              "(or edge3d[tensorrt]).")
     manifest = load_manifest(artifact)
+    images_fps = check_images_fps(images_fps, manifest, artifact)  # before any session is opened
     require_single_graph(manifest, "compare")
     names = list(dict.fromkeys(split_names(profiles)))
     if not names:
@@ -256,7 +259,8 @@ def compare(
     # a folder of one folder per class labels its clips, scoring each precision's accuracy on them
     # at the rate the model takes frames (manifest frame.fps), as `edge3d run` and the camera app feed them
     description, streams = streams_of(source, int(manifest["frame"]["height"]),
-                                      (manifest.get("output") or {}).get("classes"), manifest["frame"].get("fps"))
+                                      (manifest.get("output") or {}).get("classes"), manifest["frame"].get("fps"),
+                                      images_fps)
     samplers: list[Any] = []  # each clip's choice of frames at that rate, for the report
     # a map (segmentation, heatmaps) has a class per position: agreement is counted per position, and a
     # source's per-frame labels cannot score it

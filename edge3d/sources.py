@@ -318,13 +318,14 @@ def _open_stream(spec: str, scheme: str, fps: float | None = None) -> Iterator[t
 
 
 def open_source(spec: str, frame_size: int = 112, csi_mode: tuple[int, int, int] = CSI_MODE,
-                fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
+                fps: float | None = None, images_fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """Open ``synthetic[:SEED]``, ``camera:INDEX``, ``csi:SENSOR`` (a Jetson CSI camera, captured at
     ``csi_mode``: width, height, fps), a GStreamer pipeline ending in appsink, a stream URL, a video
     file, or a folder (of videos or images), its clips one after another.
 
     ``fps``, an artifact's ``frame.fps``, is the rate the model takes: of a source that reports a
-    faster one only the frames nearest that rate's ticks are yielded (see ``runtime/rate.py``)."""
+    faster one only the frames nearest that rate's ticks are yielded (see ``runtime/rate.py``); a folder
+    of images reports none, and ``images_fps`` is the rate its frames were extracted at, where known."""
     if (scheme := stream_scheme(spec)) is not None:
         return _open_stream(spec, scheme, fps)
     if spec.startswith("csi:"):
@@ -351,7 +352,7 @@ def open_source(spec: str, frame_size: int = 112, csi_mode: tuple[int, int, int]
     # os.path's tests, not Path's: a spec too long for a file name (a long GStreamer pipeline, say)
     # raises "File name too long" from Path.is_dir() before Python 3.12
     if os.path.isdir(spec):
-        return (item for clip in _clips_in(path) for item in _clip_frames(clip, fps=fps))
+        return (item for clip in _clips_in(path) for item in _clip_frames(clip, fps=fps, images_fps=images_fps))
     if not os.path.isfile(spec):
         if spec.lower().startswith("file:"):  # a URL copied from a browser or a file manager
             from urllib.parse import unquote, urlparse
@@ -466,14 +467,16 @@ def clip_class(folder: Path, clip: Path) -> str | None:
     return clip.parent.name if clip.parent != folder else None
 
 
-def _clip_frames(clip: Path, label: int | None = None, fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
+def _clip_frames(clip: Path, label: int | None = None, fps: float | None = None,
+                 images_fps: float | None = None) -> Iterator[tuple[np.ndarray, int | None]]:
     """A video's frames, or a folder's images in name order (each must decode: a clip with a hole
     in it is not the clip the model should see), each with the clip's label; those a model trained at
-    ``fps`` takes, where the video reports a faster rate (a folder of images reports none)."""
+    ``fps`` takes, where the video reports a faster rate (a folder of images reports none: ``images_fps``
+    says what it was extracted at)."""
     if not clip.is_dir():
         cap = _open_video(clip)  # opened here, not at the first frame: its rate is known before one is read
         return paced(((frame, label) for frame, _ in capture_frames(cap)), fps, reported_fps(cap))
-    return paced(_image_frames(clip, label), fps)
+    return paced(_image_frames(clip, label), fps, images_fps)
 
 
 def _image_frames(clip: Path, label: int | None) -> Iterator[tuple[np.ndarray, int | None]]:
@@ -506,8 +509,8 @@ def _a_folder(spec: str) -> bool:
             and not is_gstreamer(spec) and os.path.isdir(spec))
 
 
-def open_streams(spec: str, frame_size: int = 112, classes: list[str] | None = None,
-                 fps: float | None = None) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
+def open_streams(spec: str, frame_size: int = 112, classes: list[str] | None = None, fps: float | None = None,
+                 images_fps: float | None = None) -> Iterator[tuple[str, Iterator[tuple[np.ndarray, int | None]]]]:
     """Like :func:`open_source`, but one ``(name, frames)`` per independent stream.
 
     A folder of clips (videos, or folders of images) is several streams, each named by its path:
@@ -517,15 +520,15 @@ def open_streams(spec: str, frame_size: int = 112, classes: list[str] | None = N
     here, not at the first frame; each video of a folder is opened only when its turn comes, so a
     folder of many videos holds one capture at a time. In a folder of one folder per class, each
     frame is labelled with its folder's index in ``classes`` (None for a name not among them). ``fps``
-    paces each clip as :func:`open_source` does.
+    and ``images_fps`` pace each clip as :func:`open_source` does.
     """
     path = Path(spec)
     if _a_folder(spec):
         clips = _clips_in(path)
         if clips == [path]:
-            return iter([(spec, _clip_frames(path, fps=fps))])
+            return iter([(spec, _clip_frames(path, fps=fps, images_fps=images_fps))])
         index = class_index(classes)
-        return ((str(c), _clip_frames(c, index(clip_class(path, c)), fps)) for c in clips)
+        return ((str(c), _clip_frames(c, index(clip_class(path, c)), fps, images_fps)) for c in clips)
     return iter([(spec, open_source(spec, frame_size, fps=fps))])
 
 
@@ -559,18 +562,18 @@ def source_frame_size(spec: str, model_size: int) -> int:
 
 
 def streams_of(source: str | Path | Iterable[Any], model_size: int, classes: list[str] | None = None,
-               fps: float | None = None) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
+               fps: float | None = None, images_fps: float | None = None) -> tuple[str, Iterable[tuple[str, Iterable[Any]]]]:
     """``(description, streams)`` for a source spec (file, folder, synthetic[:SEED]) or frames.
 
     A non-string source is one stream of frames (uint8 H×W×3 images or normalised C×H×W
     float32 arrays, optionally as ``(frame, label)`` pairs): what tests and notebooks pass.
     ``classes`` labels the clips of a folder of one folder per class (see :func:`open_streams`), and
-    ``fps`` (an artifact's ``frame.fps``) paces a source path's clips; frames from Python are the caller's
-    choice already.
+    ``fps`` (an artifact's ``frame.fps``) paces a source path's clips (``images_fps``: the rate its frame
+    folders were extracted at); frames from Python are the caller's choice already.
     """
     if isinstance(source, (str, Path)):
         spec = str(source)
-        return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes, fps)
+        return redact(spec), open_streams(spec, source_frame_size(spec, model_size), classes, fps, images_fps)
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, Path)) for s in source):
         # read as frames, each path failed as "frame dtype <U5 is not supported"
         raise ValueError(f"the source is a list of {len(source)} paths, and one source is read; put the videos (or "

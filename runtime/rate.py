@@ -13,6 +13,7 @@ the caller's, because only the caller knows the source's rate.
 from __future__ import annotations
 
 import math
+import shlex
 from collections.abc import Iterable
 from fractions import Fraction
 
@@ -22,19 +23,34 @@ MAX_FPS = 240.0  # above this a reported rate is a stream's clock, not its frame
 SLACK = 1.1
 
 
-def check_fps(fps: object, what: str = "frame fps") -> float | None:
+def check_fps(fps: object, what: str = "frame fps", images: bool = False) -> float | None:
     """A model's frame rate as the manifest keeps it: a positive number of frames a second, or None
-    (every frame the source gives) for None or "source"."""
-    if fps is None or fps == "source":
+    (every frame the source gives) for None or "source"; with ``images``, the rate folders of images
+    were extracted at (a number)."""
+    if fps is None or (fps == "source" and not images):
         return None
     try:
         value = float(fps) if not isinstance(fps, bool) else math.nan
     except (TypeError, ValueError):
         value = math.nan
     if not 0 < value <= MAX_FPS:  # NaN fails too
-        raise ValueError(f"{what} {fps!r} is not a frame rate above 0 and up to {MAX_FPS:g}: give the frames a second the "
-                         "model was trained on (every 5th frame of 30 fps video is 6), or source to step every "
-                         "frame the source gives.")
+        raise ValueError(f"{what} {fps!r} is not a frame rate above 0 and up to {MAX_FPS:g}: " + (
+            "give the frames a second the images were extracted at (30, say)." if images else
+            "give the frames a second the model was trained on (every 5th frame of 30 fps video is 6), or source to "
+            "step every frame the source gives."))
+    return value
+
+
+def check_images_fps(images_fps: object, manifest: dict, artifact: object) -> float | None:
+    """The rate folders of images were extracted at (`run` and `compare --images-fps`), refused where the
+    artifact has no frame rate to pace them to: the flag would do nothing there."""
+    if images_fps is None:
+        return None
+    value = check_fps(images_fps, "--images-fps", images=True)
+    if manifest["frame"].get("fps") is None:
+        raise ValueError(f"--images-fps paces folders of images to the artifact's frame rate, and {artifact} has "
+                         f"none (every frame is stepped); set the rate its model was trained at with `edge3d export "
+                         f"{shlex.quote(str(artifact))} --fps N`, or drop --images-fps.")
     return value
 
 

@@ -437,6 +437,25 @@ def test_clips_of_other_rates_are_each_paced_and_a_slower_one_is_named(tiny_arti
     said = unwrapped(res.output)
     assert "every 2nd frame of 30 fps (15 of 30 frames stepped); a source sends 10 fps, under it: every frame " \
            "stepped, so the model sees motion 1.5× as fast per frame as in training" in said, said
+    # a dataset shipped as frames carries no rate: --images-fps says what it was extracted at
+    import cv2
+
+    images = tmp_path / "frames"
+    images.mkdir()
+    for i in range(12):
+        cv2.imwrite(str(images / f"f{i}.png"), np.full((48, 64, 3), 20 * i, np.uint8))
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(images), "--output", str(preds)],
+                             terminal_width=300)
+    assert res.exit_code == 0 and "a source that reports no frame rate (a folder of images, synthetic) had every " \
+        "frame stepped" in unwrapped(res.output), res.output
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(images), "--output", str(preds),
+                                   "--images-fps", "30"], terminal_width=300)
+    assert res.exit_code == 0 and "every 2nd frame of 30 fps (6 of 12 frames stepped)" in unwrapped(res.output)
+    assert [json.loads(line)["source_frame"] for line in preds.read_text().splitlines()] == [0, 2, 4, 6, 8, 10]
+    edge3d.set_frame(art, fps="source")
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(images), "--images-fps", "30"], terminal_width=300)
+    assert res.exit_code == 2 and "--images-fps paces folders of images to the artifact's frame rate, and " in \
+        unwrapped(res.output), res.output
 
 
 def test_the_camera_app_notes_frames_squeezed_into_the_model(tiny_artifact, tmp_path: Path) -> None:
