@@ -930,14 +930,10 @@ def run(
     staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
     size = session.manifest["frame"]["height"]
     model_fps = session.manifest["frame"].get("fps")  # the rate the model was trained at: a faster source is paced
-    try:
-        check_images_fps(images_fps, session.manifest, artifact)
-    except ValueError:
-        session.close()
-        raise
     # the synthetic source never ends: 300 frames unless told otherwise
     limits = [frames if frames is not None else 300 if s.startswith("synthetic") else None for s in specs]
     try:
+        check_images_fps(images_fps, session.manifest, artifact)
         # a folder of one folder per class labels its clips with the classes named by those folders;
         # every source is opened (and a bad one named) before the first frame
         clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes,
