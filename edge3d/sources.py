@@ -154,8 +154,8 @@ class LiveFrames:
         self.fps: float | None = reported_fps(cap)
         self.name = name
         self.waited_s = 0.0  # time spent in reads: waiting for the camera, or decoding
-        self.sampler = FrameSampler(model_fps, self.fps)
-        self._frames = capture_frames(cap, lost=name)
+        self._frames = Paced(capture_frames(cap, lost=name), FrameSampler(model_fps, self.fps))
+        self.sampler = self._frames.sampler
 
     @property
     def wanted_fps(self) -> float | None:
@@ -164,7 +164,7 @@ class LiveFrames:
 
     @property
     def index(self) -> int:
-        return self.sampler.index
+        return self._frames.index
 
     def __iter__(self) -> LiveFrames:
         return self
@@ -172,10 +172,7 @@ class LiveFrames:
     def __next__(self) -> tuple[np.ndarray, None]:
         t0 = time.perf_counter()
         try:
-            while True:
-                item = next(self._frames)
-                if self.sampler.keep():
-                    return item
+            return next(self._frames)
         finally:
             self.waited_s += time.perf_counter() - t0
 

@@ -346,8 +346,9 @@ def manifest_header(model: nn.Module, frame_shape: tuple[int, ...], name: str, *
     """The manifest fields every artifact has, single- or multi-rate: version, source, frame, output."""
     c, h, w = frame_shape
     classes = check_classes(classes, output_shape)
+    colour, raw_input = colour_of(c, color)
     frame = {"name": "frame", "layout": "NCHW", "channels": c, "height": h, "width": w,
-             "dtype": "float32", "color": colour_of(c, color)[0], "raw_input": colour_of(c, color)[1],
+             "dtype": "float32", "color": colour, "raw_input": raw_input,
              "fit": check_fit(fit), "fps": check_fps(fps),
              "normalization": "(pixel / 255 - mean) / std", "mean": [float(v) for v in mean],
              "std": [float(v) for v in std]}

@@ -67,7 +67,7 @@ class FrameSampler:
     def __init__(self, fps: float | None, source_fps: float | None) -> None:
         self.fps, self.source_fps = fps, source_fps
         fast = fps is not None and source_fps is not None and source_fps > SLACK * fps
-        self.ratio = fps / source_fps if fast and fps is not None and source_fps else None
+        self.ratio = fps / source_fps if fast else None  # the share of the source's frames kept
         self.read = 0  # source frames seen
         self.kept = 0  # of them, the frames to step
         self.index = -1  # the source index of the last frame kept
@@ -91,10 +91,10 @@ def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None
         return None
     samplers = [s for s in samplers if s.read]
     said = [f"the model takes {fps:g} fps"]
-    known = [s for s in samplers if s.source_fps is not None]
-    fast = [s for s in known if s.ratio is not None]
+    known = [(s, s.source_fps) for s in samplers if s.source_fps is not None]
+    fast = [s for s, _ in known if s.ratio is not None]
     if fast:
-        rates = sorted({round(s.source_fps, 2) for s in fast if s.source_fps})
+        rates = sorted({round(rate, 2) for s, rate in known if s.ratio is not None})
         of = f"{rates[0]:g}" if len(rates) == 1 else f"{rates[0]:g}–{rates[-1]:g}"
         read, kept = sum(s.read for s in fast), sum(s.kept for s in fast)
         share = Fraction(fps / rates[0]).limit_denominator(60)  # of the rate, not of the counts: a run cut short
@@ -102,11 +102,11 @@ def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None
                   f"every {_ordinal(share.denominator)} frame" if share.numerator == 1 else
                   f"{share.numerator} in every {share.denominator} frames")
         said.append(f"{stride} of {of} fps ({kept:,} of {read:,} frames stepped)")
-    if any(s.ratio is None and s.source_fps is not None and s.source_fps * SLACK >= fps for s in known):
+    unpaced = [rate for s, rate in known if s.ratio is None]  # about the model's rate, or slower
+    if any(rate * SLACK >= fps for rate in unpaced):
         said.append("a source sends about that: every frame stepped")
-    slow = [s for s in known if s.ratio is None and s.source_fps is not None and s.source_fps * SLACK < fps]
-    if slow:
-        rate = min(s.source_fps for s in slow if s.source_fps)
+    if slow := [rate for rate in unpaced if rate * SLACK < fps]:
+        rate = min(slow)
         said.append(f"a source sends {rate:g} fps, under it: every frame stepped, so the model sees motion "
                     f"{fps / rate:.2g}× as fast per frame as in training")
     if any(s.source_fps is None for s in samplers):
