@@ -380,9 +380,11 @@ def inspect(
         prec = Table(title="precisions")
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
+        buffers = sum(int(b["bytes"]) for b in m.get("buffers", []))  # between stages: float32 in every precision
         for name, p in m["precisions"].items():
             files = p.get("files") or [p["file"]]  # a multi-rate artifact: a graph per stage, weights of all
-            prec.add_row(name, ", ".join(files), format_bytes(sum(state_bytes(m, p.get("state_dtypes")).values())),
+            cache = sum(state_bytes(m, p.get("state_dtypes")).values()) + buffers
+            prec.add_row(name, ", ".join(files), format_bytes(cache),
                          format_bytes(p["weight_bytes"]) if "weight_bytes" in p else "-")
         console.print(prec)
         _print_stages(m.get("stages", []), m.get("buffers", []))
@@ -611,12 +613,13 @@ def export(
         check_calib_source(calib_source)  # and on a source without frames
     wants = [w for w, on in ((f"--profile {','.join(extra)}", extra), ("--target tensorrt", target == "tensorrt"),
                              ("--triton-repo", triton_repo is not None)) if on]
+    one_graph = [w for w in wants if not w.startswith("--profile")]  # a multi-rate artifact takes precisions too
     if in_place:
         from .runtime.manifest import load_manifest, require_single_graph
 
         manifest = load_manifest(model_path)  # a corrupt artifact fails here
-        if wants:
-            require_single_graph(manifest, " with ".join(wants))
+        if one_graph:
+            require_single_graph(manifest, " with ".join(one_graph))
         if class_names is not None:  # first, so that the precisions and repository written next carry them
             from .exporters.onnx import set_class_names
 
@@ -648,10 +651,10 @@ def export(
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels,
                                           labelled=len(class_names) if class_names is not None else None)
-    if wants:  # before the FP32 stages are written, not after
+    if one_graph:  # before the FP32 stages are written, not after
         from .staged import require_single_rate
 
-        require_single_rate(m, model, " with ".join(wants))
+        require_single_rate(m, model, " with ".join(one_graph))
     info = {"name": model, "options": {k: v for k, v in
                                        {"num_classes": classes, "frame_size": frame_size_option(size),
                                         "width": width, "head": head, "channels": channels}.items()
@@ -1380,7 +1383,7 @@ def compare(
     """Compare precisions against FP32: latency, cache, per-step error, drift, top-1 agreement."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .compare import TREND_FRAMES, report_notes, table_rows
+    from .compare import TREND_FRAMES, outputs_text, report_notes, table_rows
     from .compare import compare as run_compare
     from .runtime.manifest import load_manifest
 
@@ -1391,9 +1394,6 @@ def compare(
     if "fp32" not in names:
         names.insert(0, "fp32")
     if names == ["fp32"]:  # fp32 against itself: every error 0, every agreement 100%
-        from .runtime.manifest import require_single_graph
-
-        require_single_graph(manifest, "compare")  # the more basic refusal, said first
         others = [p for p in manifest["precisions"] if p != "fp32"]
         if others:
             raise ValueError("compare measures other precisions against fp32, and --profiles names only fp32; "
@@ -1413,7 +1413,8 @@ def compare(
                              save_polygraphy_inputs=save_polygraphy_inputs, threads=threads, images_fps=images_fps,
                              progress=lambda n: progress.advance(task, n))
     stopped = ", interrupted" if report.get("interrupted") else ""
-    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames{stopped})")
+    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames"
+                        f"{outputs_text(report)}{stopped})")
     table.add_column("metric", min_width=10)
     for p in report["profiles"]:
         # the metric names may wrap to fit 80 columns; a profile's name or a number may not be cut short
@@ -1424,7 +1425,7 @@ def compare(
     console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
                   "mean drift, in brackets with the TF growth divided out (about 1 when bounded)"
-                  + (f"; it needs {TREND_FRAMES} frames or more." if report["frames"] < TREND_FRAMES else "."))
+                  + (f"; it needs {TREND_FRAMES} frames or more." if report["outputs"] < TREND_FRAMES else "."))
     for note in report_notes(report):
         console.print(f"[bold red]{escape(note)}[/]")
     if report.get("host"):  # each precision's ms/frame belongs to this CPU

@@ -113,11 +113,12 @@ class _Recorder:
         self.tf_top: list[Any] = []
         self.nonfinite: dict[str, Any] | None = None  # the first frame whose free-running output is not finite
 
-    def keep(self, n: int) -> None:
-        """Only the first ``n`` frames, those every session finished (a Ctrl-C lands anywhere)."""
+    def keep(self, n: int, frames: int) -> None:
+        """Only the first ``n`` outputs, of the ``frames`` frames every session finished (a Ctrl-C lands
+        anywhere)."""
         for series in (self.free_err, self.free_cos, self.free_top, self.tf_err, self.tf_top):
             del series[n:]
-        if self.nonfinite is not None and self.nonfinite["frame"] >= n:
+        if self.nonfinite is not None and self.nonfinite["frame"] >= frames:
             self.nonfinite = None
 
 
@@ -224,6 +225,10 @@ def compare(
     report.md, drift.png and latency.png (and Polygraphy input files if asked).
     ``progress(n)`` is called once per frame. ``images_fps`` is the rate a source's folders of images
     were extracted at, so that they are paced to the artifact's frame rate as videos are.
+
+    A multi-rate artifact is compared on the frames where its slowest stage runs, those that produce
+    an output (``report["outputs"]``): between them ``step`` repeats the last output, which a
+    teacher-forced step would get from the reference itself.
     """
     if not is_positive_int(frames):
         raise ValueError(f"--frames must be an integer of at least 1, got {frames!r}.")
@@ -237,7 +242,8 @@ def compare(
                              "(or edge3d[tensorrt]).")
     manifest = load_manifest(artifact)
     images_fps = check_images_fps(images_fps, manifest, artifact)  # before any session is opened
-    require_single_graph(manifest, "compare")
+    if save_polygraphy_inputs:  # Polygraphy runs one graph on one set of inputs
+        require_single_graph(manifest, "--save-polygraphy-inputs")
     names = list(dict.fromkeys(split_names(profiles)))
     if not names:
         raise ValueError("no profiles to compare; pass e.g. --profiles fp32,fp16,int8.")
@@ -247,7 +253,7 @@ def compare(
     ref = Session(artifact, REFERENCE, backend="onnxruntime", threads=threads)
     free = {p: Session(artifact, p, backend="onnxruntime", threads=threads) for p in others}
     forced = {p: Session(artifact, p, backend="onnxruntime", threads=threads) for p in others}
-    dtypes = {p: s._backend.state_dtypes() for p, s in forced.items()}
+    dtypes = {p: s.state_dtypes() for p, s in forced.items()}
     rec = {p: _Recorder() for p in others}
     ref_top: list[Any] = []  # per frame, the class index (or per position of a map)
     bounded = [st["name"] for st in manifest["states"] if st.get("kind") != "accumulator"]
@@ -271,9 +277,11 @@ def compare(
         return y.argmax(axis=0) if is_map else int(y.argmax())
     pick = {int((i + 1) * frames / max(polygraphy_frames, 1)) - 1 for i in range(polygraphy_frames)}
     recorded: list[dict[str, np.ndarray]] = []
-    boundaries: list[int] = []
-    ends: list[int] = []  # the last frame of each stream played to its end
-    n = 0
+    boundaries: list[int] = []  # the first output of each stream
+    ends: list[int] = []  # the last output of each stream played to its end
+    n = 0  # frames stepped
+    kept = 0  # outputs compared: every frame's, or a multi-rate model's fresh ones
+    at: list[int] = []  # the frame of each output compared
     interrupted = False
     interrupted_by = None
     try:
@@ -281,7 +289,7 @@ def compare(
             for _, stream in streams:
                 if n >= frames:
                     break
-                boundaries.append(n)
+                boundaries.append(kept)
                 for s in [ref, *free.values()]:
                     s.reset()
                 if (sampler := getattr(stream, "sampler", None)) is not None:
@@ -290,51 +298,65 @@ def compare(
                     frame, label = split_item(item)
                     ref.pre(np.asarray(frame), buf)
                     states = ref.get_state()
-                    ref_largest.append(max((float(np.abs(states[k]).max()) for k in bounded), default=0.0))
+                    largest = max((float(np.abs(states[k]).max()) for k in bounded), default=0.0)
                     if save_polygraphy_inputs and n in pick:
                         recorded.append({"frame": buf[None].copy(),
                                          **{state_io_names(k)[0]: v for k, v in states.items()}})
                     y = ref.step(buf).astype(np.float32)
-                    if ref_nonfinite is None and not np.isfinite(y).all():
-                        ref_nonfinite = _nonfinite_cause(n, ref, ref)
-                    out_scale = max(out_scale, float(np.abs(y).max()))
-                    ref_top.append(top(y))
-                    labels.append(label if keep_labels else None)
+                    outs = {}
                     for p in others:
-                        r = rec[p]
                         yf = free[p].step(buf).astype(np.float32)
-                        r.free_err.append(float(np.abs(yf - y).max()))
-                        r.free_cos.append(_cosine(yf, y))
-                        r.free_top.append(top(yf))
-                        if r.nonfinite is None and not np.isfinite(yf).all():
-                            r.nonfinite = _nonfinite_cause(n, free[p], ref)
                         forced[p].set_state(cast_states(states, free[p].precision, dtypes[p]))
-                        yt = forced[p].step(buf).astype(np.float32)
-                        r.tf_err.append(float(np.abs(yt - y).max()))
-                        r.tf_top.append(top(yt))
+                        outs[p] = yf, forced[p].step(buf).astype(np.float32)
+                    if getattr(ref, "last_fresh", True):  # a multi-rate model's output, not a repeat of it
+                        ref_largest.append(largest)
+                        at.append(n)
+                        if ref_nonfinite is None and not np.isfinite(y).all():
+                            ref_nonfinite = _nonfinite_cause(n, ref, ref)
+                        out_scale = max(out_scale, float(np.abs(y).max()))
+                        ref_top.append(top(y))
+                        labels.append(label if keep_labels else None)
+                        for p, (yf, yt) in outs.items():
+                            r = rec[p]
+                            r.free_err.append(float(np.abs(yf - y).max()))
+                            r.free_cos.append(_cosine(yf, y))
+                            r.free_top.append(top(yf))
+                            if r.nonfinite is None and not np.isfinite(yf).all():
+                                r.nonfinite = _nonfinite_cause(n, free[p], ref)
+                            r.tf_err.append(float(np.abs(yt - y).max()))
+                            r.tf_top.append(top(yt))
+                        kept += 1
                     n += 1
                     if progress is not None:
                         progress(1)
                     if n >= frames:
                         break
-                else:  # played to its end: its last frame is the clip's prediction
-                    ends.append(n - 1)
+                else:  # played to its end: its last output is the clip's prediction
+                    if kept > boundaries[-1]:
+                        ends.append(kept - 1)
         except KeyboardInterrupt as e:
             # Ctrl-C on a long comparison reports the frames every profile finished, as `run` does
             if n == 0:
                 raise
             interrupted = True
             interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-            del ref_top[n:], labels[n:], ref_largest[n:]
-            boundaries[:] = [b for b in boundaries if b < n]
+            del ref_top[kept:], labels[kept:], ref_largest[kept:], at[kept:]
             for r in rec.values():
-                r.keep(n)
+                r.keep(kept, n)
             if ref_nonfinite is not None and ref_nonfinite["frame"] >= n:
                 ref_nonfinite = None
         if n == 0:
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
-        report = _report(manifest, names, description, n, boundaries, ref, free, rec, ref_top, labels, out_scale,
+        if kept == 0:
+            rate = manifest["stages"][-1]["rate"]
+            raise ValueError(f"{n} frames of {description!r} gave no output to compare: this multi-rate model's "
+                             f"slowest stage first runs on frame {rate} of each clip; pass --frames {rate} or more "
+                             "(and clips at least that long).")
+        report = _report(manifest, names, description, kept, boundaries, ref, free, rec, ref_top, labels, out_scale,
                          threads, ends)
+        report["frames"], report["outputs"] = n, kept
+        for row in report["profiles"].values():  # a frame of the source, not the count of outputs before it
+            row["free_running"]["worst_frame"] = at[row["free_running"]["worst_frame"]]
         report["reference_state_growth"] = reference_state_growth(ref_largest, boundaries)
         report["reference_first_nonfinite"] = ref_nonfinite
         # the accuracies above are of frames fitted so: squeezed ones, where the model was trained on crops
@@ -384,7 +406,7 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
         row: dict[str, Any] = {
             "ms_p50": st["ms_p50"], "ms_p95": st["ms_p95"], "cache_bytes": sess.cache_bytes,
             "weight_bytes": int(entry.get("weight_bytes", 0)),
-            "state_dtypes": sorted(set(sess._backend.state_dtypes()[k].name for k in sess.state_breakdown)),
+            "state_dtypes": sorted(set(sess.state_dtypes()[k].name for k in sess.state_breakdown)),
         }
         if p == REFERENCE:
             top = ref_top_a
@@ -521,9 +543,16 @@ def table_rows(report: dict[str, Any]) -> list[list[str]]:
     return [r for r in rows if r[0] not in SCORED_ONLY or any(v != "-" for v in r[1:])]
 
 
+def outputs_text(report: dict[str, Any]) -> str:
+    """How many of the frames gave an output to compare, where not all did (a multi-rate model's)."""
+    outputs = report.get("outputs", report["frames"])
+    return "" if outputs == report["frames"] else f", {outputs} of them with an output (the slowest stage's runs)"
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# edge3d compare: {report['model']}", "",
              f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s)"
+             f"{outputs_text(report)}"
              f"{' (interrupted: the frames every profile finished)' if report.get('interrupted') else ''}; "
              f"reference {report['reference']}; output scale (max |fp32 output|) {report['output_scale']:.4g}.", "",
              *([f"Host: {host_line(report['host'])}; compare ms/frame only with reports from the same host.", ""]

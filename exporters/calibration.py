@@ -3,7 +3,9 @@
 A step graph's inputs are a frame *and* the states. Random or zero states would calibrate the
 state tensors on values they never take in a stream, so the reader runs the FP32 graph with
 :class:`edge3d.runtime.Session` and yields, per frame after a warm-up, the feed the graph
-really sees: the frame plus ``session.get_state()`` taken *before* that step.
+really sees: the frame plus ``session.get_state()`` taken *before* that step. A multi-rate
+artifact is calibrated one stage graph at a time, on the feeds that stage really gets (its input
+buffers, filled by the stages before it, and its own states) whenever the FP32 rollout runs it.
 """
 
 from __future__ import annotations
@@ -46,10 +48,14 @@ class RolloutReader:
     frames, and a folder sorted by class calibrated on its first class. It also keeps per-state
     statistics: the absolute values seen (to scale int8 state storage) and how many yielded
     feeds had a non-zero state.
+
+    ``stage`` (a multi-rate artifact): yield stage ``stage``'s feeds instead, one each time the
+    rollout runs that stage; ``frames`` still counts the frames stepped after warm-up, so a stage run
+    every 4 frames is calibrated on a quarter as many feeds, from the same stretch of video.
     """
 
     def __init__(self, artifact: str | Path, source: str | Iterable[Any], frames: int, warmup: int = 16,
-                 progress: Callable[[int], None] | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, stage: int | None = None) -> None:
         if frames < 1:
             raise ValueError(f"calibration frames must be at least 1, got {frames}.")
         self.session = Session(artifact, profile="fp32", backend="onnxruntime")
@@ -66,7 +72,13 @@ class RolloutReader:
         self.frames_read = 0
         self.yielded = 0
         self.nonzero_state_feeds = 0
-        self.state_names = [s["name"] for s in self.manifest["states"]]
+        self.feeds = 0  # feeds yielded: the frames past warm-up, or a stage's runs among them
+        self.stage = stage
+        if stage is None:
+            self.state_names = [s["name"] for s in self.manifest["states"]]
+        else:
+            self.state_names = list(self.manifest["stages"][stage]["states"])
+            self.session.keep_feeds = True
         # |state| statistics with bounded memory: the exact maximum and a fixed-size sample per feed.
         self.state_max: dict[str, float] = {n: 0.0 for n in self.state_names}
         self.state_abs: dict[str, list[np.ndarray]] = {n: [] for n in self.state_names}
@@ -115,9 +127,7 @@ class RolloutReader:
         return self._advance()
 
     def _advance(self) -> dict[str, np.ndarray] | None:
-        if self.yielded >= self.frames:
-            return None
-        while True:
+        while self.yielded < self.frames:
             x = self._next_frame()
             if x is None:
                 return None
@@ -126,23 +136,31 @@ class RolloutReader:
             if t < self.warmup:
                 self.session.step(x)
                 continue
-            states = self.session.get_state()
-            self.session.step(x)
-            feed = {"frame": x[None].copy()}
-            for name in self.state_names:
-                feed[state_io_names(name)[0]] = states[name]
-                a = np.abs(states[name]).reshape(-1)
-                self.state_max[name] = max(self.state_max[name], float(a.max(initial=0.0)))
-                if a.size > _SAMPLE:
-                    a = a[self._rng.integers(0, a.size, _SAMPLE)]
-                self.state_abs[name].append(a)
-            if any(np.any(v) for v in states.values()):
-                self.nonzero_state_feeds += 1
+            if self.stage is None:
+                states = self.session.get_state()
+                self.session.step(x)
+                feed: dict[str, np.ndarray] | None = {
+                    "frame": x[None].copy(), **{state_io_names(n)[0]: states[n] for n in self.state_names}}
+            else:
+                self.session.step(x)
+                feed = next((f for k, f in self.session.last_feeds if k == self.stage), None)
             self.yielded += 1
             self._quota -= 1
             if self.progress is not None:
                 self.progress(1)
+            if feed is None:  # this stage did not run on this frame
+                continue
+            for name in self.state_names:
+                a = np.abs(feed[state_io_names(name)[0]]).reshape(-1)
+                self.state_max[name] = max(self.state_max[name], float(a.max(initial=0.0)))
+                if a.size > _SAMPLE:
+                    a = a[self._rng.integers(0, a.size, _SAMPLE)]
+                self.state_abs[name].append(a)
+            if any(np.any(feed[state_io_names(n)[0]]) for n in self.state_names):
+                self.nonzero_state_feeds += 1
+            self.feeds += 1
             return feed
+        return None
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         while (feed := self.get_next()) is not None:
@@ -162,7 +180,7 @@ class RolloutReader:
         return float(np.percentile(np.concatenate(self.state_abs[name]), percentile))
 
     def info(self) -> dict[str, Any]:
-        return {"frames": self.yielded, "frames_requested": self.frames, "warmup": self.warmup,
+        return {"frames": self.yielded, "frames_requested": self.frames, "warmup": self.warmup, "feeds": self.feeds,
                 "source": self.description,
                 "streams": self.stream_count, "frames_read": self.frames_read,
                 "nonzero_state_feeds": self.nonzero_state_feeds}

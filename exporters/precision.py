@@ -5,6 +5,11 @@ strongly typed engines only: the casts and Q/DQ nodes must be in the ONNX. Every
 manifest in its ``metadata_props`` and an entry in ``manifest["precisions"]`` with its state
 dtypes, weight bytes, hash and, for INT8, how it was calibrated, so a comparison months later
 can tell exactly what ran.
+
+A multi-rate artifact has a graph per stage (``stage<k>.<profile>.onnx``), and each precision is
+built stage by stage: each stage graph sees only its own states, its INT8 ranges come from the
+feeds that stage really gets in an FP32 rollout, and the buffers between stages stay float32 as
+the frame and output do.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from ..profiles import resolve_profiles as _resolve
 from ..runtime.manifest import (
     is_positive_int,
     load_manifest,
-    require_single_graph,
     resolve_artifact,
     staging_folder,
 )
@@ -50,11 +54,62 @@ def graph_io_dtypes(model: onnx.ModelProto) -> dict[str, str]:
             for v in list(model.graph.input) + list(model.graph.output)}
 
 
-def _embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+def _embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any], entry: dict[str, Any],
+                    stage: int | None = None) -> None:
     """Store the manifest (with this precision's entry) in ``metadata_props``, as the FP32 file does."""
     inner = {k: v for k, v in manifest.items() if k not in ("precisions", "engines") and not k.startswith("_")}
     inner["precision"] = {k: v for k, v in entry.items() if k != "sha256"}
+    if stage is not None:
+        inner["stage"] = stage
     embed_manifest(model, inner)
+
+
+def _graphs(manifest: dict[str, Any]) -> list[tuple[int | None, Path, dict[str, Any]]]:
+    """(stage, FP32 graph, the manifest as that graph sees it) per graph: one, with stage None, for a
+    single-rate artifact; one per stage for a multi-rate one, each seeing only its own states (its
+    inputs from earlier stages are boundary values, float32 as the frame is)."""
+    folder = Path(manifest["_folder"])
+    fp32 = manifest["precisions"]["fp32"]
+    if "stages" not in manifest:
+        return [(None, folder / fp32["file"], manifest)]
+    return [(st["index"], folder / file, {**manifest, "states": [s for s in manifest["states"]
+                                                                 if s["name"] in st["states"]]})
+            for st, file in zip(manifest["stages"], fp32["files"], strict=True)]
+
+
+def _file_name(p: Profile, stage: int | None) -> str:
+    return p.file_name if stage is None else f"stage{stage}.{p.name}.onnx"
+
+
+def _quantise(folder: Path, manifest: dict[str, Any], graphs: list[tuple[int | None, Path, dict[str, Any]]],
+              p: Profile, tmp: Path, n: int, calib_source: Any, calib_frames: int | None,
+              console: Any) -> tuple[list[Path], list[Any]]:
+    """The QDQ graph of every stage graph, each calibrated on FP32 rollouts; and their readers."""
+    from .calibration import RolloutReader, default_calib_source
+    from .int8 import quantize_qdq
+
+    source = calib_source if calib_source is not None else default_calib_source()
+    frames = int(calib_frames) if calib_frames else p.calibration.frames
+    stages = "" if len(graphs) == 1 else f", {len(graphs)} stages"
+    progress, advance = _progress(console, frames * len(graphs),
+                                  f"calibrating {p.name} ({p.calibration.method}{stages})")
+    qdqs, readers = [], []
+    try:
+        if progress is not None:
+            progress.start()
+        for stage, fp32_path, view in graphs:
+            reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance, stage=stage)
+            qdq = tmp / f"qdq.{n}.{len(qdqs)}.onnx"
+            try:
+                quantize_qdq(fp32_path, qdq, view, p, reader)
+            finally:
+                reader.close()
+            qdqs.append(qdq)
+            readers.append(reader)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return qdqs, readers
 
 
 def _progress(console: Any, total: int, label: str):
@@ -143,68 +198,74 @@ def add_precisions(
     written under a temporary name and moved into place, and the manifest is rewritten
     atomically after each precision, so an interrupted build never leaves a broken artifact.
     """
-    from .calibration import CALIB_SOURCE, RolloutReader, default_calib_source
+    from .calibration import CALIB_SOURCE
     from .fp16 import convert_fp16
-    from .int8 import quantize_qdq, store_states_int8
+    from .int8 import store_states_int8
 
     folder = resolve_artifact(path)
     manifest = load_manifest(folder)
-    require_single_graph(manifest, "a precision other than fp32")
     profiles = resolve_profiles(names)
     check_calib_frames(calib_frames)
     if any(p.kind == "int8" for p in profiles):
         check_quantiser()
-    fp32_path = folder / manifest["precisions"]["fp32"]["file"]
+    graphs = _graphs(manifest)
     entries: dict[str, dict[str, Any]] = {}
     tmp = staging_folder(folder, ".precision.")
-    qdq_cache: dict[str, tuple[Path, Any]] = {}
+    qdq_cache: dict[str, tuple[list[Path], list[Any]]] = {}
     try:
         for p in profiles:
             if p.name == "fp32":
                 continue
-            entry: dict[str, Any] = {"file": p.file_name, "profile": p.name, "spec": p.to_dict()}
-            out = tmp / p.file_name
-            if p.kind == "fp32":
-                model = onnx.load(str(fp32_path))
-            elif p.kind == "fp16":
-                if console is not None:
-                    console.print(f"converting to {p.name} (float16, accumulators float32)...")
-                model = convert_fp16(onnx.load(str(fp32_path)), manifest, p)
-            else:
+            entry: dict[str, Any] = {"file": _file_name(p, graphs[0][0]), "profile": p.name, "spec": p.to_dict()}
+            if p.kind == "fp16" and console is not None:
+                console.print(f"converting to {p.name} (float16, accumulators float32)...")
+            if p.kind == "int8":
                 key = _calib_key(p)
                 if key not in qdq_cache:
-                    source = calib_source if calib_source is not None else default_calib_source()
-                    frames = int(calib_frames) if calib_frames else p.calibration.frames
-                    progress, advance = _progress(console, frames, f"calibrating {p.name} ({p.calibration.method})")
-                    reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance)
-                    qdq = tmp / f"qdq.{len(qdq_cache)}.onnx"
-                    try:
-                        if progress is not None:
-                            progress.start()
-                        quantize_qdq(fp32_path, qdq, manifest, p, reader)
-                    finally:
-                        if progress is not None:
-                            progress.stop()
-                        reader.close()
-                    qdq_cache[key] = (qdq, reader)
-                qdq, reader = qdq_cache[key]
-                model = onnx.load(str(qdq))
-                entry["calibration"] = {"method": p.calibration.method, **reader.info()}
-                if p.state_dtype == "int8":
-                    ranges = {n: reader.state_range(n, p.calibration.method, p.calibration.percentile)
-                              for n in reader.state_names}
-                    model, quant = store_states_int8(model, manifest, ranges, "int8")
-                    entry["state_quant"] = quant
-            io = graph_io_dtypes(model)
-            entry["state_dtypes"] = {s["name"]: io[s["input"]] for s in manifest["states"]}
-            entry["io_dtypes"] = {"frame": io["frame"], "output": io["output"]}
-            _embed_manifest(model, manifest, entry)
-            onnx.save(model, str(out))
-            onnx.checker.check_model(str(out))
-            _check_loads(out, p.name)
-            entry["weight_bytes"] = weight_bytes(out)
-            entry["sha256"] = file_sha256(out)
-            os.replace(out, folder / p.file_name)
+                    qdq_cache[key] = _quantise(folder, manifest, graphs, p, tmp, len(qdq_cache), calib_source,
+                                               calib_frames, console)
+                qdqs, readers = qdq_cache[key]
+                entry["calibration"] = {"method": p.calibration.method, **readers[0].info()}
+                if graphs[0][0] is not None:  # the feeds each stage was calibrated on
+                    entry["calibration"]["feeds"] = [r.feeds for r in readers]
+            outs, dtypes, quant = [], {}, {}
+            for k, (stage, fp32_path, view) in enumerate(graphs):
+                if p.kind == "fp32":
+                    model = onnx.load(str(fp32_path))
+                elif p.kind == "fp16":
+                    model = convert_fp16(onnx.load(str(fp32_path)), view, p)
+                else:
+                    model = onnx.load(str(qdqs[k]))
+                    if p.state_dtype == "int8":
+                        ranges = {n: readers[k].state_range(n, p.calibration.method, p.calibration.percentile)
+                                  for n in readers[k].state_names}
+                        model, q = store_states_int8(model, view, ranges, "int8")
+                        quant.update(q)
+                io = graph_io_dtypes(model)
+                dtypes.update({s["name"]: io[s["input"]] for s in view["states"]})
+                if k == 0:
+                    entry["io_dtypes"] = {"frame": io["frame"]}
+                if k == len(graphs) - 1:
+                    entry["io_dtypes"]["output"] = io["output"]
+                outs.append((stage, model))
+            entry["state_dtypes"] = {s["name"]: dtypes[s["name"]] for s in manifest["states"]}
+            if quant:
+                entry["state_quant"] = quant
+            if graphs[0][0] is not None:
+                entry["files"] = [_file_name(p, stage) for stage, _ in outs]
+            written = []
+            for stage, model in outs:
+                out = tmp / _file_name(p, stage)
+                _embed_manifest(model, manifest, entry, stage)
+                onnx.save(model, str(out))
+                onnx.checker.check_model(str(out))
+                _check_loads(out, p.name)
+                written.append(out)
+            entry["weight_bytes"] = sum(weight_bytes(out) for out in written)
+            hashes = [file_sha256(out) for out in written]
+            entry["sha256"] = hashes if graphs[0][0] is not None else hashes[0]
+            for out in written:
+                os.replace(out, folder / out.name)
             manifest["precisions"][p.name] = entry
             # An engine built from the ONNX just replaced would run the old graph: recorded by
             # `edge3d build`, or under the default name that build_engines.sh writes.
@@ -220,7 +281,8 @@ def add_precisions(
             if console is not None:
                 cal = entry.get("calibration")
                 how = f", calibrated on {cal['frames']} frames of {cal['source']}" if cal else ""
-                console.print(f"wrote [bold]{folder / p.file_name}[/] ({p.name}{how})")
+                console.print(f"wrote [bold]{folder / entry['file']}[/]"
+                              f"{' and the other stages' if 'files' in entry else ''} ({p.name}{how})")
                 if cal and cal["frames"] < cal["frames_requested"]:  # ranges from a few frames clip the rest
                     console.print(f"[bold yellow]warning:[/] {cal['source']} ran out after {cal['frames']} of the "
                                   f"{cal['frames_requested']} calibration frames asked for (each stream's first "

@@ -315,6 +315,11 @@ class Session:
             rows = np.asarray([int(stream)])
         self._backend.reset_rows(rows)
 
+    def state_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype of each array :meth:`get_state` returns, in this precision (float16 states of an fp16
+        profile, int8 ones of int8-lowmem): what a snapshot converted from another precision must take."""
+        return self._backend.state_dtypes()
+
     @serialised
     def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
         """A snapshot of every stream's state, or of one stream's (leading axis 1); ``set_state``

@@ -6,6 +6,10 @@ written into slot ((t + 1) / P_k − 1) mod s_{k+1} of the next stage's buffers,
 holds the last s frames oldest first, exactly as the exporter's PyTorch scheduler does.
 ``step`` returns the newest output and ``last_fresh`` says whether this frame produced it.
 
+Every precision is a graph per stage (``stage<k>.<profile>.onnx``): states take the dtypes of that
+precision's graphs (float16, or int8 with their scales), while the buffers between stages, like
+the frame and the output, stay at the graphs' boundary dtype (float32).
+
 numpy + onnxruntime only (never torch). All streams share one phase: multi-rate artifacts step
 all streams together.
 """
@@ -19,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .backend.onnxrt import _ORT_TYPES, check_state_dtypes, initial_value
 from .manifest import ArtifactError, check_file_hash, state_io_names
 from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
@@ -48,6 +53,7 @@ class StagedSession(Session):
         self._specs = {s["name"]: s for s in self.manifest["states"]}
         self._buffers_spec = {b["name"]: b for b in self.manifest.get("buffers", [])}
         self._sess = []
+        self._types: dict[str, np.dtype] = {}  # every stage's graph inputs: states, buffers, the frame
         hashes = self.precision.get("sha256") or [None] * len(self.precision["files"])
         for st, file, sha in zip(self._stages, self.precision["files"], hashes, strict=True):
             sess = _load_session(folder / file, threads, spin)
@@ -57,6 +63,9 @@ class StagedSession(Session):
             if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
                 raise ArtifactError(f"{file} does not match stage {st['index']} of manifest.json; re-export the "
                                     "artifact instead of mixing files.")
+            self._types.update({i.name: np.dtype(_ORT_TYPES[i.type]) for i in sess.get_inputs()})
+            check_state_dtypes({n: self._types[state_io_names(n)[0]] for n in st["states"]}, self.precision,
+                               folder / file)
             check_file_hash(folder / file, sha)
             fixed = next(((i.name, i.shape[0]) for i in sess.get_inputs()
                           if isinstance(i.shape[0], int) and i.shape[0] != streams), None)
@@ -70,14 +79,26 @@ class StagedSession(Session):
         self._bins: deque[np.ndarray] = deque(maxlen=10000)
         self.last_fresh = False
         self.last_extras: dict[str, np.ndarray] = {}
+        # (stage, feeds) of the stages the last step ran, for INT8 calibration (exporters/calibration.py)
+        self.keep_feeds = False
+        self.last_feeds: list[tuple[int, dict[str, np.ndarray]]] = []
         self._init_all()
+
+    def state_dtypes(self) -> dict[str, np.dtype]:
+        """The dtype of everything :meth:`get_state` returns: each state's in this precision, the buffers'
+        (float32), the frame index and the last output."""
+        out = {n: self._types[state_io_names(n)[0]] for n in self._specs}
+        out.update({n: self._types[n] for n in self._buffers_spec})
+        return {**out, "frame_index": np.dtype(np.int64), "last_output": np.dtype(np.float32)}
 
     # ------------------------------------------------------------------ state
     def _init_all(self) -> None:
         k = self.streams
-        self._states = {n: np.full((k, *[int(d) for d in s["shape"][1:]]), s.get("init", 0.0), np.float32)
+        dtypes = self.state_dtypes()
+        self._states = {n: np.full((k, *[int(d) for d in s["shape"][1:]]),
+                                   initial_value(s, self.precision, dtypes[n]), dtypes[n])
                         for n, s in self._specs.items()}
-        self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), np.float32)
+        self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), dtypes[n])
                      for n, b in self._buffers_spec.items()}
         self._t = 0
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
@@ -128,9 +149,11 @@ class StagedSession(Session):
         current = self.get_state()
         require_only_states(snapshot, current)
         for n, a in current.items():
-            if n not in snapshot or np.asarray(snapshot[n]).shape != a.shape:
-                raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape; pass a dict from get_state() "
-                                 "of a session with the same artifact and streams.")
+            got = np.asarray(snapshot[n]) if n in snapshot else None
+            if got is None or got.shape != a.shape or (got.dtype != a.dtype and n != "frame_index"):
+                raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape or dtype ({a.dtype}{list(a.shape)} "
+                                 "here); pass a dict from get_state() of a session with the same artifact, profile "
+                                 "and streams.")
         for n in self._states:
             self._states[n][...] = snapshot[n]
         for n in self._buf:
@@ -169,7 +192,7 @@ class StagedSession(Session):
         staged = np.empty((self.streams, f["channels"], f["height"], f["width"]), np.float32)
         self._preprocess(frames, ids, staged)  # every frame validated before any state changes
         t0 = time.perf_counter()
-        self._advance(staged)
+        self._advance(staged.astype(self._types["frame"], copy=False))  # a profile with float16 io takes float16
         self.stats.record((time.perf_counter() - t0) * 1e3, self.streams)
         return self._last.copy()
 
@@ -180,6 +203,7 @@ class StagedSession(Session):
         bufs = dict(self._buf)
         fresh, last, extras = False, None, {}
         timings: list[tuple[int, float]] = []
+        ran: list[tuple[int, dict[str, np.ndarray]]] = []
         for k, st in enumerate(self._stages):
             if (t + 1) % st["rate"]:
                 break
@@ -190,6 +214,8 @@ class StagedSession(Session):
             t0 = time.perf_counter()
             res = dict(zip(out_names, sess.run(None, feeds), strict=True))
             timings.append((k, (time.perf_counter() - t0) * 1e3))
+            if self.keep_feeds:  # every array in feeds is replaced below, never written in place
+                ran.append((k, feeds))
             for n in st["states"]:
                 new_states[n] = res[state_io_names(n)[1]]
             if k + 1 < len(self._stages):
@@ -219,6 +245,7 @@ class StagedSession(Session):
             if "bins_used" in extras:
                 self._bins.append(np.asarray(extras["bins_used"]).reshape(-1))
         self.last_fresh = fresh
+        self.last_feeds = ran
         self._t = t + 1
 
     # ------------------------------------------------------------------ reporting

@@ -242,8 +242,8 @@ def test_unsupported_rate_changes_fail_at_export_with_the_path(model: nn.Module,
 
 
 def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tmp_path: Path) -> None:
-    """Precisions, TensorRT, Triton, compare and bench take one graph; on a staged artifact each used to
-    fail deep inside (a KeyError, an AttributeError, a wrong build script)."""
+    """TensorRT, Triton and bench take one graph; on a staged artifact each used to fail deep inside (a
+    KeyError, an AttributeError, a wrong build script)."""
     from typer.testing import CliRunner
 
     from edge3d.cli import app
@@ -251,26 +251,76 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
     _, art = r3d
     before = sorted(p.name for p in art.iterdir())
     runner = CliRunner()
-    for args in (["triton", str(art), "-o", str(tmp_path / "repo")], ["compare", str(art), "--out", str(tmp_path / "c")],
-                 ["build", str(art)],
-                 ["bench", str(art), "--frames", "2", "--rounds", "1"]):
+    for args in (["triton", str(art), "-o", str(tmp_path / "repo")], ["build", str(art)],
+                 ["bench", str(art), "--frames", "2", "--rounds", "1"],
+                 ["export", str(art), "--profile", "fp16", "--target", "tensorrt"],
+                 ["compare", str(art), "--profiles", "fp32,fp16", "--save-polygraphy-inputs", "-o", str(tmp_path / "c")]):
         res = runner.invoke(app, args, terminal_width=400)
         assert res.exit_code == 2, (args, res.output)
         assert "r3d is a multi-rate model" in res.output and "docs/multirate.md" in res.output, (args, res.output)
-    with pytest.raises(ValueError, match="r3d is a multi-rate model"):
-        from edge3d.exporters.precision import add_precisions
-
-        add_precisions(art, "fp16")
-    with pytest.raises(ValueError, match="r3d is a multi-rate model"):  # not "export it with --profile fp16"
-        Session(art, profile="fp16")
+    with pytest.raises(ValueError, match="multi-rate artifacts run on onnxruntime only"):
+        Session(art, backend="tensorrt")
     assert sorted(p.name for p in art.iterdir()) == before
     assert not any(tmp_path.iterdir())
     # export checks before writing the FP32 stages, for every flag that needs one graph
-    for flags in (["--profile", "fp16"], ["--target", "tensorrt"], ["--triton-repo", str(tmp_path / "repo")]):
+    for flags in (["--target", "tensorrt"], ["--triton-repo", str(tmp_path / "repo")]):
         res = runner.invoke(app, ["export", "r3d18-causal", "--width", "0.125", "--size", "32", *flags,
                                   "-o", str(tmp_path / "out")], terminal_width=400)
         assert res.exit_code == 2 and "r3d18-causal is a multi-rate model" in res.output, (flags, res.output)
     assert not any(tmp_path.iterdir())
+
+
+def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_path: Path) -> None:
+    """Precisions were refused on a multi-rate artifact ("multi-rate artifacts run FP32"), so a model
+    with temporal strides could not be shipped in FP16 or INT8, nor compared. Each stage graph is now
+    converted on its own, INT8 calibrated on the feeds that stage gets in an FP32 rollout, and compare
+    scores the frames where the slowest stage produces an output."""
+    import shutil
+
+    from edge3d.exporters.precision import add_precisions
+
+    from edge3d.compare import compare
+    from edge3d.data.gestures import make_stream
+
+    art = Path(shutil.copytree(r3d[1], tmp_path / "r3d.edge3d"))
+    frames, _ = make_stream(11, 96, SIZE)
+    entries = add_precisions(art, ["fp16", "int8-lowmem"], calib_source=list(frames[:64]), calib_frames=48)
+    # 48 frames after the 16 of warm-up: stage k runs on every 2**k-th of them
+    assert entries["int8-lowmem"]["calibration"]["feeds"] == [48, 24, 12, 6]
+    for p in ("fp16", "int8-lowmem"):
+        assert entries[p]["files"] == [f"stage{k}.{p}.onnx" for k in range(4)]
+        assert all((art / f).is_file() for f in entries[p]["files"]) and len(entries[p]["sha256"]) == 4
+    sessions = {p: Session(art, profile=p) for p in ("fp32", "fp16", "int8-lowmem")}
+    for p, want in (("fp32", np.float32), ("fp16", np.float16), ("int8-lowmem", np.int8)):
+        snap = sessions[p].get_state()
+        assert {snap[s].dtype for s in sessions[p].manifest["stages"][2]["states"]} == {np.dtype(want)}, p
+    cache = {p: s.cache_bytes for p, s in sessions.items()}
+    assert cache["int8-lowmem"] < cache["fp16"] < cache["fp32"], cache
+    # inspect's precisions table counts what the session holds, the buffers between stages included
+    from edge3d.runtime.manifest import format_bytes
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    shown = CliRunner().invoke(app, ["inspect", str(art)], terminal_width=200).output
+    for p, n in cache.items():
+        assert re.search(rf"│ {re.escape(p)}\s+│ stage0\.{re.escape(p)}\.onnx.*│ {re.escape(format_bytes(n))}\s+│", shown), (p, n)
+    with pytest.raises(ValueError, match="wrong shape or dtype"):  # an FP32 snapshot is not cast silently
+        sessions["fp16"].set_state(sessions["fp32"].get_state())
+    for s in sessions.values():
+        s.close()
+    report = compare(art, "fp32,fp16,int8-lowmem", list(frames), 96, plots=False)
+    assert (report["frames"], report["outputs"]) == (96, 12)
+    rows, scale = report["profiles"], report["output_scale"]
+    assert rows["fp16"]["teacher_forced"]["max_abs_err"] < 1e-2 * scale, rows["fp16"]
+    assert rows["int8-lowmem"]["teacher_forced"]["max_abs_err"] < 0.1 * scale, rows["int8-lowmem"]
+    assert 0 < rows["fp16"]["teacher_forced"]["mean_abs_err"] < rows["int8-lowmem"]["teacher_forced"]["mean_abs_err"]
+    assert rows["fp16"]["top1_agreement"] == 1.0 and rows["int8-lowmem"]["top1_agreement"] >= 0.9, rows
+    for p in ("fp16", "int8-lowmem"):  # the worst output is at a frame where the slowest stage ran
+        assert (rows[p]["free_running"]["worst_frame"] + 1) % 8 == 0, rows[p]
+    res = CliRunner().invoke(app, ["compare", str(art), "--frames", "4", "-o", str(tmp_path / "c")], terminal_width=400)
+    assert res.exit_code == 2 and "first runs on frame 8 of each clip; pass --frames 8 or more" in res.output, res.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_run_on_a_multi_rate_artifact_reports_each_stage(r3d) -> None:
