@@ -180,7 +180,7 @@ class RolloutReader:
         return float(np.percentile(np.concatenate(self.state_abs[name]), percentile))
 
     def info(self) -> dict[str, Any]:
-        return {"frames": self.yielded, "frames_requested": self.frames, "warmup": self.warmup, "feeds": self.feeds,
+        return {"frames": self.yielded, "frames_requested": self.frames, "warmup": self.warmup,
                 "source": self.description,
                 "streams": self.stream_count, "frames_read": self.frames_read,
                 "nonzero_state_feeds": self.nonzero_state_feeds}

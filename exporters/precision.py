@@ -226,8 +226,9 @@ def add_precisions(
                                                calib_frames, console)
                 qdqs, readers = qdq_cache[key]
                 entry["calibration"] = {"method": p.calibration.method, **readers[0].info()}
-                if graphs[0][0] is not None:  # the feeds each stage was calibrated on
-                    entry["calibration"]["feeds"] = [r.feeds for r in readers]
+                if graphs[0][0] is not None:  # the feeds each stage was calibrated on, a count per stage
+                    entry["calibration"].update(feeds=[r.feeds for r in readers],
+                                                nonzero_state_feeds=[r.nonzero_state_feeds for r in readers])
             outs, dtypes, quant = [], {}, {}
             for k, (stage, fp32_path, view) in enumerate(graphs):
                 if p.kind == "fp32":

@@ -287,6 +287,7 @@ def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_pat
     entries = add_precisions(art, ["fp16", "int8-lowmem"], calib_source=list(frames[:64]), calib_frames=48)
     # 48 frames after the 16 of warm-up: stage k runs on every 2**k-th of them
     assert entries["int8-lowmem"]["calibration"]["feeds"] == [48, 24, 12, 6]
+    assert entries["int8-lowmem"]["calibration"]["nonzero_state_feeds"] == [48, 24, 12, 6]  # warm states, not zeros
     for p in ("fp16", "int8-lowmem"):
         assert entries[p]["files"] == [f"stage{k}.{p}.onnx" for k in range(4)]
         assert all((art / f).is_file() for f in entries[p]["files"]) and len(entries[p]["sha256"]) == 4
