@@ -341,6 +341,7 @@ def compare(
             interrupted = True
             interrupted_by = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
             del ref_top[kept:], labels[kept:], ref_largest[kept:], at[kept:]
+            boundaries[:] = [b for b in boundaries if b < kept]  # a stream that had begun no output
             for r in rec.values():
                 r.keep(kept, n)
             if ref_nonfinite is not None and ref_nonfinite["frame"] >= n:
