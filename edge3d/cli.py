@@ -527,6 +527,9 @@ def export(
     calib_sources: Annotated[list[str] | None, typer.Option("--calib-source", metavar="<str>", help="Frames for INT8 calibration: a video, a folder of clips (each gives an "
                                                  "equal share), or synthetic[:SEED] (the default).")] = None,
     calib_frames: Annotated[int | None, typer.Option("--calib-frames", help="Calibration frames.")] = None,
+    calib_images_fps: Annotated[float | None, typer.Option(
+        "--calib-images-fps", help="The frame rate the --calib-source's folders of images were extracted at, which "
+                                   "images do not carry: they are then paced to the model's --fps as videos are.")] = None,
     target: Annotated[str, typer.Option("--target", help="onnx, or tensorrt to also build engines.")] = "onnx",
     streams: Annotated[int | None, typer.Option(
         "--streams", help="Max streams (batch) of the TensorRT engines and the Triton repository (default 8).")] = None,
@@ -563,10 +566,11 @@ def export(
 
         check_color(color, 3, "--color")  # the channel count is checked with the model
     means, stds = _floats(mean, "--mean"), _floats(std, "--std")  # counted against the channels with the model
-    if fps is not None:
+    if fps is not None or calib_images_fps is not None:
         from .runtime.rate import check_fps
 
         check_fps(fps, "--fps")
+        check_fps(calib_images_fps, "--calib-images-fps", images=True)
     class_names = None
     if labels is not None:
         from .labels import read_labels
@@ -602,7 +606,8 @@ def export(
         check_calib_frames(calib_frames)
         resolved = resolve_profiles(extra)
     int8 = any(p.kind == "int8" for p in resolved)
-    for flag, value in (("--calib-source", calib_source), ("--calib-frames", calib_frames)):
+    for flag, value in (("--calib-source", calib_source), ("--calib-frames", calib_frames),
+                        ("--calib-images-fps", calib_images_fps)):
         _applies(flag, value, int8, "calibrates INT8 profiles only; add one, e.g. --profile int8")
     if int8:
         from .exporters.calibration import check_calib_source, default_calib_source
@@ -620,6 +625,7 @@ def export(
         manifest = load_manifest(model_path)  # a corrupt artifact fails here
         if one_graph:
             require_single_graph(manifest, " with ".join(one_graph))
+        _calib_paced(calib_images_fps, manifest["frame"].get("fps") if fps is None else fps, str(model_path))
         if class_names is not None:  # first, so that the precisions and repository written next carry them
             from .exporters.onnx import set_class_names
 
@@ -646,7 +652,7 @@ def export(
         if wants:
             with _disk_full(_written_to(model_path, triton_repo), "the precisions written before it are kept"):
                 _finish_artifact(model_path, profiles, extra, calib_source, calib_frames, target, streams, dla,
-                                 triton_repo)
+                                 triton_repo, calib_images_fps)
         _say_abandoned(model_path.parent, model_path)
         return
     m, frame_size, frame_channels = _load(model, classes, size, width, head, checkpoint, channels,
@@ -655,6 +661,9 @@ def export(
         from .staged import require_single_rate
 
         require_single_rate(m, model, " with ".join(one_graph))
+    from .convert import unwrap
+
+    _calib_paced(calib_images_fps, getattr(unwrap(m), "frame_fps", None) if fps is None else fps, model)
     info = {"name": model, "options": {k: v for k, v in
                                        {"num_classes": classes, "frame_size": frame_size_option(size),
                                         "width": width, "head": head, "channels": channels}.items()
@@ -687,7 +696,8 @@ def export(
                       f"earlier weights); add {'it' if len(dropped) == 1 else 'them'} again with `edge3d export "
                       f"{escape(shlex.quote(str(path)))} --profile {','.join(dropped)}`[/]")
     with _disk_full(_written_to(path, triton_repo), "the fp32 artifact and the precisions written before it are kept"):
-        _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo)
+        _finish_artifact(path, profiles, extra, calib_source, calib_frames, target, streams, dla, triton_repo,
+                         calib_images_fps)
     _say_abandoned(path.parent, path)
 
 
@@ -838,14 +848,23 @@ def _step_check_text(check: dict[str, Any]) -> str:
             + (f", ONNX = step ±{onnx_err:.1e}" if onnx_err is not None else ""))
 
 
+def _calib_paced(images_fps: float | None, fps: Any, what: str) -> None:
+    """Refuse --calib-images-fps before anything is written where the model will have no frame rate (its
+    --fps, or the one it has) to pace the images to."""
+    from .runtime.rate import check_fps, check_images_fps
+
+    check_images_fps(images_fps, {"frame": {"fps": check_fps(fps, "--fps")}}, what, "--calib-images-fps")
+
+
 def _finish_artifact(path: Path, profiles: list[str], extra: list[str], calib_source: str | None,
                      calib_frames: int | None, target: str, streams: int, dla: int | None,
-                     triton_repo: Path | None) -> None:
+                     triton_repo: Path | None, calib_images_fps: float | None = None) -> None:
     """The precisions, engines and Triton repository an export asks for, into the artifact at ``path``."""
     if extra:
         from .exporters.precision import add_precisions
 
-        add_precisions(path, extra, calib_source=calib_source, calib_frames=calib_frames, console=console)
+        add_precisions(path, extra, calib_source=calib_source, calib_frames=calib_frames, console=console,
+                       calib_images_fps=calib_images_fps)
     if target == "tensorrt":
         from .exporters.tensorrt import build_or_script
 

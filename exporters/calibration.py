@@ -52,10 +52,14 @@ class RolloutReader:
     ``stage`` (a multi-rate artifact): yield stage ``stage``'s feeds instead, one each time the
     rollout runs that stage; ``frames`` still counts the frames stepped after warm-up, so a stage run
     every 4 frames is calibrated on a quarter as many feeds, from the same stretch of video.
+
+    ``images_fps``: the rate the source's folders of images were extracted at, so that they are paced
+    to the artifact's frame rate as videos are.
     """
 
     def __init__(self, artifact: str | Path, source: str | Iterable[Any], frames: int, warmup: int = 16,
-                 progress: Callable[[int], None] | None = None, stage: int | None = None) -> None:
+                 progress: Callable[[int], None] | None = None, stage: int | None = None,
+                 images_fps: float | None = None) -> None:
         if frames < 1:
             raise ValueError(f"calibration frames must be at least 1, got {frames}.")
         self.session = Session(artifact, profile="fp32", backend="onnxruntime")
@@ -63,7 +67,8 @@ class RolloutReader:
         self.frames, self.warmup, self.progress = frames, warmup, progress
         # frames at the rate the model takes them: its states' ranges depend on the motion per frame
         self.description, streams = streams_of(source, int(self.manifest["frame"]["height"]),
-                                               fps=self.manifest["frame"].get("fps"))
+                                               fps=self.manifest["frame"].get("fps"), images_fps=images_fps)
+        self.images_fps = images_fps
         self._streams = list(streams)  # (name, lazy frames) pairs: nothing is opened before its turn
         self._current: Iterator[Any] | None = None
         self._t = 0
@@ -181,7 +186,7 @@ class RolloutReader:
 
     def info(self) -> dict[str, Any]:
         return {"frames": self.yielded, "frames_requested": self.frames, "warmup": self.warmup,
-                "source": self.description,
+                "source": self.description, **({"images_fps": self.images_fps} if self.images_fps else {}),
                 "streams": self.stream_count, "frames_read": self.frames_read,
                 "nonzero_state_feeds": self.nonzero_state_feeds}
 

@@ -81,8 +81,8 @@ def _file_name(p: Profile, stage: int | None) -> str:
     return p.file_name if stage is None else f"stage{stage}.{p.name}.onnx"
 
 
-def _quantise(folder: Path, manifest: dict[str, Any], graphs: list[tuple[int | None, Path, dict[str, Any]]],
-              p: Profile, tmp: Path, n: int, calib_source: Any, calib_frames: int | None,
+def _quantise(folder: Path, graphs: list[tuple[int | None, Path, dict[str, Any]]], p: Profile, tmp: Path, n: int,
+              calib_source: Any, calib_frames: int | None, images_fps: float | None,
               console: Any) -> tuple[list[Path], list[Any]]:
     """The QDQ graph of every stage graph, each calibrated on FP32 rollouts; and their readers."""
     from .calibration import RolloutReader, default_calib_source
@@ -98,7 +98,8 @@ def _quantise(folder: Path, manifest: dict[str, Any], graphs: list[tuple[int | N
         if progress is not None:
             progress.start()
         for stage, fp32_path, view in graphs:
-            reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance, stage=stage)
+            reader = RolloutReader(folder, source, frames, p.calibration.warmup, advance, stage=stage,
+                                   images_fps=images_fps)
             qdq = tmp / f"qdq.{n}.{len(qdqs)}.onnx"
             try:
                 quantize_qdq(fp32_path, qdq, view, p, reader)
@@ -189,12 +190,15 @@ def add_precisions(
     calib_source: str | Iterable[Any] | None = None,
     calib_frames: int | None = None,
     console: Any = None,
+    calib_images_fps: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Build the named precisions into the artifact at ``path``; return their manifest entries.
 
     ``calib_source`` (INT8 only): a video file, a folder of videos (one stream each),
     ``synthetic[:SEED]``, or an iterable of frames; default synthetic where installed.
-    ``calib_frames`` overrides the profile's number of calibration frames. Each file is
+    ``calib_frames`` overrides the profile's number of calibration frames; ``calib_images_fps`` is
+    the rate the source's folders of images were extracted at, paced to the artifact's frame rate as
+    videos are (`edge3d export --calib-images-fps`). Each file is
     written under a temporary name and moved into place, and the manifest is rewritten
     atomically after each precision, so an interrupted build never leaves a broken artifact.
     """
@@ -206,6 +210,9 @@ def add_precisions(
     manifest = load_manifest(folder)
     profiles = resolve_profiles(names)
     check_calib_frames(calib_frames)
+    from ..runtime.rate import check_images_fps
+
+    calib_images_fps = check_images_fps(calib_images_fps, manifest, folder, "--calib-images-fps")
     if any(p.kind == "int8" for p in profiles):
         check_quantiser()
     graphs = _graphs(manifest)
@@ -222,8 +229,8 @@ def add_precisions(
             if p.kind == "int8":
                 key = _calib_key(p)
                 if key not in qdq_cache:
-                    qdq_cache[key] = _quantise(folder, manifest, graphs, p, tmp, len(qdq_cache), calib_source,
-                                               calib_frames, console)
+                    qdq_cache[key] = _quantise(folder, graphs, p, tmp, len(qdq_cache), calib_source,
+                                               calib_frames, calib_images_fps, console)
                 qdqs, readers = qdq_cache[key]
                 entry["calibration"] = {"method": p.calibration.method, **readers[0].info()}
                 if graphs[0][0] is not None:  # the feeds each stage was calibrated on, a count per stage

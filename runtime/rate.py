@@ -41,16 +41,17 @@ def check_fps(fps: object, what: str = "frame fps", images: bool = False) -> flo
     return value
 
 
-def check_images_fps(images_fps: object, manifest: dict, artifact: object) -> float | None:
-    """The rate folders of images were extracted at (`run` and `compare --images-fps`), refused where the
-    artifact has no frame rate to pace them to: the flag would do nothing there."""
+def check_images_fps(images_fps: object, manifest: dict, artifact: object, flag: str = "--images-fps") -> float | None:
+    """The rate folders of images were extracted at (`run` and `compare --images-fps`, `export
+    --calib-images-fps`), refused where the artifact has no frame rate to pace them to: the flag would do
+    nothing there."""
     if images_fps is None:
         return None
-    value = check_fps(images_fps, "--images-fps", images=True)
+    value = check_fps(images_fps, flag, images=True)
     if manifest["frame"].get("fps") is None:
-        raise ValueError(f"--images-fps paces folders of images to the artifact's frame rate, and {artifact} has "
+        raise ValueError(f"{flag} paces folders of images to the artifact's frame rate, and {artifact} has "
                          f"none (every frame is stepped); set the rate its model was trained at with `edge3d export "
-                         f"{shlex.quote(str(artifact))} --fps N`, or drop --images-fps.")
+                         f"{shlex.quote(str(artifact))} --fps N`, or drop {flag}.")
     return value
 
 

@@ -456,6 +456,23 @@ def test_clips_of_other_rates_are_each_paced_and_a_slower_one_is_named(tiny_arti
     res = CliRunner().invoke(app, ["run", str(art), "--source", str(images), "--images-fps", "30"], terminal_width=300)
     assert res.exit_code == 2 and "--images-fps paces folders of images to the artifact's frame rate, and " in \
         unwrapped(res.output), res.output
+    # INT8 calibration from a folder of images is paced the same way, by --calib-images-fps
+    from edge3d.runtime.manifest import load_manifest
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(many / f"f{i}.png"), np.full((48, 64, 3), 6 * i, np.uint8))
+    calibrate = ["export", str(art), "--profile", "int8", "--calib-source", str(many), "--calib-images-fps", "30",
+                 "--calib-frames", "100"]
+    res = CliRunner().invoke(app, calibrate, terminal_width=300)  # the artifact has no rate now
+    assert res.exit_code == 2 and "--calib-images-fps paces folders of images to the artifact's frame rate, and " in \
+        unwrapped(res.output) and "int8" not in load_manifest(art)["precisions"], res.output
+    res = CliRunner().invoke(app, [*calibrate, "--fps", "15"], terminal_width=300)  # the rate set in the same call
+    assert res.exit_code == 0, res.output
+    cal = load_manifest(art)["precisions"]["int8"]["calibration"]
+    # 40 images at 30 fps are 20 frames at 15, and the first 16 of them warm the states up
+    assert (cal["frames_read"], cal["frames"], cal["images_fps"]) == (20, 4, 30.0), cal
 
 
 def test_the_camera_app_notes_frames_squeezed_into_the_model(tiny_artifact, tmp_path: Path) -> None:
