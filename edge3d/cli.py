@@ -344,7 +344,7 @@ def inspect(
 ) -> None:
     """Parameters, MACs per frame and every state tensor of a model or an exported artifact."""
     if _is_artifact(target):
-        from .runtime.manifest import load_manifest, state_bytes
+        from .runtime.manifest import DTYPE_BYTES, load_manifest, state_bytes
 
         _refuse_model_flags(target, [("--classes", classes), ("--size", size), ("--width", width), ("--head", head),
                                      ("--channels", channels)])
@@ -380,10 +380,12 @@ def inspect(
         prec = Table(title="precisions")
         for col in ("profile", "file", "cache / stream", "weights"):
             prec.add_column(col)
-        buffers = sum(int(b["bytes"]) for b in m.get("buffers", []))  # between stages: float32 in every precision
         for name, p in m["precisions"].items():
             files = p.get("files") or [p["file"]]  # a multi-rate artifact: a graph per stage, weights of all
-            cache = sum(state_bytes(m, p.get("state_dtypes")).values()) + buffers
+            buffers = p.get("buffer_dtypes") or {}  # between stages: float16 in FP16, else as exported
+            cache = sum(state_bytes(m, p.get("state_dtypes")).values()) + sum(
+                int(b["bytes"]) * DTYPE_BYTES[buffers.get(b["name"], b["dtype"])] // DTYPE_BYTES[b["dtype"]]
+                for b in m.get("buffers", []))
             prec.add_row(name, ", ".join(files), format_bytes(cache),
                          format_bytes(p["weight_bytes"]) if "weight_bytes" in p else "-")
         console.print(prec)

@@ -55,11 +55,15 @@ def _to_half(t: onnx.TensorProto, name: str) -> onnx.TensorProto:
 
 
 def boundary_dtypes(manifest: dict[str, Any], profile: Profile) -> dict[str, str]:
-    """The dtype each graph input and output has in this profile (frame, output, every state)."""
+    """The dtype each graph input and output has in this profile (frame, output, every state, and the
+    buffers between the stages of a multi-rate model: ``feed.X`` out of one stage graph, ``buffer.X``
+    into the next, held by the runtime like a ring state and stored in the state dtype)."""
     want = {"frame": profile.io_dtype, "output": profile.io_dtype}
     for s in manifest["states"]:
         d = profile.accumulator_dtype if s["kind"] == "accumulator" else profile.state_dtype
         want[s["input"]] = want[s["output"]] = d
+    for b in manifest.get("buffers", []):
+        want[b["name"]] = want["feed." + b["name"].removeprefix("buffer.")] = profile.state_dtype
     return want
 
 

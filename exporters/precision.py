@@ -8,8 +8,8 @@ can tell exactly what ran.
 
 A multi-rate artifact has a graph per stage (``stage<k>.<profile>.onnx``), and each precision is
 built stage by stage: each stage graph sees only its own states, its INT8 ranges come from the
-feeds that stage really gets in an FP32 rollout, and the buffers between stages stay float32 as
-the frame and output do.
+feeds that stage really gets in an FP32 rollout, and the buffers between stages take the
+profile's state dtype in FP16 (float16) and stay float32 in INT8, as the frame and output do.
 """
 
 from __future__ import annotations
@@ -251,12 +251,15 @@ def add_precisions(
                         quant.update(q)
                 io = graph_io_dtypes(model)
                 dtypes.update({s["name"]: io[s["input"]] for s in view["states"]})
+                dtypes.update({n: d for n, d in io.items() if n.startswith("buffer.")})
                 if k == 0:
                     entry["io_dtypes"] = {"frame": io["frame"]}
                 if k == len(graphs) - 1:
                     entry["io_dtypes"]["output"] = io["output"]
                 outs.append((stage, model))
             entry["state_dtypes"] = {s["name"]: dtypes[s["name"]] for s in manifest["states"]}
+            if graphs[0][0] is not None:  # the buffers between stages, as the stage graphs that read them take them
+                entry["buffer_dtypes"] = {b["name"]: dtypes[b["name"]] for b in manifest.get("buffers", [])}
             if quant:
                 entry["state_quant"] = quant
             if graphs[0][0] is not None:
