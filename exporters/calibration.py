@@ -79,14 +79,20 @@ class RolloutReader:
         self.nonzero_state_feeds = 0
         self.feeds = 0  # feeds yielded: the frames past warm-up, or a stage's runs among them
         self.stage = stage
+        # the feed each state (and each buffer a stage reads from the one before) arrives in
+        self._fed = {s["name"]: s["input"] for s in self.manifest["states"]}
+        self.buffer_names: list[str] = []
         if stage is None:
             self.state_names = [s["name"] for s in self.manifest["states"]]
         else:
             self.state_names = list(self.manifest["stages"][stage]["states"])
+            self.buffer_names = [i["name"] for i in self.manifest["stages"][stage]["inputs"]
+                                 if i["name"].startswith("buffer.")]
+            self._fed.update({b: b for b in self.buffer_names})
             self.session.keep_feeds = True
         # |state| statistics with bounded memory: the exact maximum and a fixed-size sample per feed.
-        self.state_max: dict[str, float] = {n: 0.0 for n in self.state_names}
-        self.state_abs: dict[str, list[np.ndarray]] = {n: [] for n in self.state_names}
+        self.state_max: dict[str, float] = {n: 0.0 for n in self.state_names + self.buffer_names}
+        self.state_abs: dict[str, list[np.ndarray]] = {n: [] for n in self.state_max}
         self._rng = np.random.default_rng(0)
         self._buf = np.empty(self.session.pre.shape, np.float32)
         self._pending: dict[str, np.ndarray] | None = None
@@ -155,8 +161,8 @@ class RolloutReader:
                 self.progress(1)
             if feed is None:  # this stage did not run on this frame
                 continue
-            for name in self.state_names:
-                a = np.abs(feed[state_io_names(name)[0]]).reshape(-1)
+            for name in self.state_max:
+                a = np.abs(feed[self._fed[name]]).reshape(-1)
                 self.state_max[name] = max(self.state_max[name], float(a.max(initial=0.0)))
                 if a.size > _SAMPLE:
                     a = a[self._rng.integers(0, a.size, _SAMPLE)]

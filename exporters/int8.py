@@ -98,11 +98,46 @@ def _read_qdq_pair(g: onnx.GraphProto, name: str) -> tuple[onnx.NodeProto, onnx.
     return q, dq
 
 
+def _quantise_output(g: onnx.GraphProto, output: str, sc: str, zp: str) -> None:
+    """Make graph output ``output`` the QuantizeLinear (scale ``sc``, zero point ``zp``) of the value
+    it was, which the graph's own readers of it go on reading in float."""
+    raw = f"{output}__float"
+    pair = _read_qdq_pair(g, output)  # before the readers below are renamed
+    for n in g.node:  # readers inside the graph read the float value
+        for k, t in enumerate(n.input):
+            if t == output:
+                n.input[k] = raw
+    if pair is not None:
+        # The state is also read inside the graph (a GRU's h feeds the head), through the
+        # quantiser's Q -> DQ. A QuantizeLinear after that DQ, the plain form below, makes
+        # ONNX Runtime 1.30's optimiser drop the pair's Q and refuse the model ("Node input
+        # ..._QuantizeLinear_Output is not a graph input"). So the pair takes this state's
+        # scale: its Q writes the int8 output and its DQ feeds the readers, one rounding.
+        q, dq = pair
+        q.input[1:] = [sc, zp]
+        q.output[0] = output
+        dq.input[:] = [output, sc, zp]
+        dq.output[0] = raw
+    else:
+        # Not read inside the graph (the usual ring cache): DQ -> Q. Reading the float before
+        # the quantiser's pair instead makes ONNX Runtime 1.17 and 1.18 (memory patterns on)
+        # return wrong caches from the second step on.
+        for n in g.node:
+            for k, t in enumerate(n.output):
+                if t == output:
+                    n.output[k] = raw
+        g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [output], name=f"quantize_{output}"))
+
+
 def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: dict[str, float],
-                      dtype: str = "int8") -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
+                      dtype: str = "int8", ends: list[tuple[str, str | None, str | None]] = ()
+                      ) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
     """Make every non-accumulator state an int8 graph input/output; return the model and scales.
 
-    ``ranges[name]`` is the calibrated magnitude of the state; scale = range / 127.
+    ``ranges[name]`` is the calibrated magnitude of the state; scale = range / 127. ``ends`` adds
+    values stored the same way that enter or leave this graph only, ``(name, input, output)`` with
+    one of the two None: the buffers between a multi-rate model's stage graphs, written as one
+    stage's ``feed.X`` output and read as the next one's ``buffer.X`` input, with one scale.
     """
     g = model.graph
     qtype = _QDTYPE[dtype]
@@ -111,52 +146,24 @@ def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: 
     inputs = {i.name: i for i in g.input}
     outputs = {o.name: o for o in g.output}
     new_nodes: list[onnx.NodeProto] = []
-    for s in manifest["states"]:
-        if s["kind"] == "accumulator":
-            continue
-        name = s["name"]
+    states = [(s["name"], s["input"], s["output"]) for s in manifest["states"] if s["kind"] != "accumulator"]
+    for name, input_name, output_name in [*states, *ends]:
         scale = max(float(ranges.get(name, 0.0)), 1e-8) / qmax
-        sc, zp = f"{s['input']}__scale", f"{s['input']}__zero_point"
+        sc, zp = f"{input_name or output_name}__scale", f"{input_name or output_name}__zero_point"
         g.initializer.append(numpy_helper.from_array(np.asarray(scale, np.float32), sc))
         g.initializer.append(numpy_helper.from_array(np.asarray(0, np.int8 if dtype == "int8" else np.uint8), zp))
-        # input side: int8 input -> DequantizeLinear -> every former consumer
-        deq = f"{s['input']}__dequantized"
-        for n in g.node:
-            for k, t in enumerate(n.input):
-                if t == s["input"]:
-                    n.input[k] = deq
-        new_nodes.append(helper.make_node("DequantizeLinear", [s["input"], sc, zp], [deq],
-                                          name=f"dequantize_{s['input']}"))
-        inputs[s["input"]].type.tensor_type.elem_type = qtype
-        # output side: producer -> QuantizeLinear -> int8 output
-        raw = f"{s['output']}__float"
-        pair = _read_qdq_pair(g, s["output"])  # before the readers below are renamed
-        for n in g.node:  # readers inside the graph read the float value
-            for k, t in enumerate(n.input):
-                if t == s["output"]:
-                    n.input[k] = raw
-        if pair is not None:
-            # The state is also read inside the graph (a GRU's h feeds the head), through the
-            # quantiser's Q -> DQ. A QuantizeLinear after that DQ, the plain form below, makes
-            # ONNX Runtime 1.30's optimiser drop the pair's Q and refuse the model ("Node input
-            # ..._QuantizeLinear_Output is not a graph input"). So the pair takes this state's
-            # scale: its Q writes the int8 output and its DQ feeds the readers, one rounding.
-            q, dq = pair
-            q.input[1:] = [sc, zp]
-            q.output[0] = s["output"]
-            dq.input[:] = [s["output"], sc, zp]
-            dq.output[0] = raw
-        else:
-            # Not read inside the graph (the usual ring cache): DQ -> Q. Reading the float before
-            # the quantiser's pair instead makes ONNX Runtime 1.17 and 1.18 (memory patterns on)
-            # return wrong caches from the second step on.
+        if input_name is not None:  # input side: int8 input -> DequantizeLinear -> every former consumer
+            deq = f"{input_name}__dequantized"
             for n in g.node:
-                for k, t in enumerate(n.output):
-                    if t == s["output"]:
-                        n.output[k] = raw
-            g.node.append(helper.make_node("QuantizeLinear", [raw, sc, zp], [s["output"]],
-                                           name=f"quantize_{s['output']}"))
-        outputs[s["output"]].type.tensor_type.elem_type = qtype
+                for k, t in enumerate(n.input):
+                    if t == input_name:
+                        n.input[k] = deq
+            new_nodes.append(helper.make_node("DequantizeLinear", [input_name, sc, zp], [deq],
+                                              name=f"dequantize_{input_name}"))
+            inputs[input_name].type.tensor_type.elem_type = qtype
+        if output_name is not None:  # output side: producer -> QuantizeLinear -> int8 output
+            _quantise_output(g, output_name, sc, zp)
+            outputs[output_name].type.tensor_type.elem_type = qtype
         quant[name] = {"scale": scale, "zero_point": 0, "dtype": dtype}
     nodes = new_nodes + list(g.node)
     del g.node[:]

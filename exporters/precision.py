@@ -8,8 +8,9 @@ can tell exactly what ran.
 
 A multi-rate artifact has a graph per stage (``stage<k>.<profile>.onnx``), and each precision is
 built stage by stage: each stage graph sees only its own states, its INT8 ranges come from the
-feeds that stage really gets in an FP32 rollout, and the buffers between stages take the
-profile's state dtype in FP16 (float16) and stay float32 in INT8, as the frame and output do.
+feeds that stage really gets in an FP32 rollout, and the buffers between stages (one stage's
+``feed.X`` output, the next one's ``buffer.X`` input) are stored in the profile's state dtype: float16
+in FP16, int8 in int8-lowmem (with the scale of the values the reading stage was calibrated on).
 """
 
 from __future__ import annotations
@@ -245,9 +246,16 @@ def add_precisions(
                 else:
                     model = onnx.load(str(qdqs[k]))
                     if p.state_dtype == "int8":
-                        ranges = {n: readers[k].state_range(n, p.calibration.method, p.calibration.percentile)
-                                  for n in readers[k].state_names}
-                        model, q = store_states_int8(model, view, ranges, "int8")
+                        # a buffer between stages is written by one stage graph and read by the next, with
+                        # the scale of the values the reading stage was calibrated on
+                        ranges = {n: r.state_range(n, p.calibration.method, p.calibration.percentile)
+                                  for r in readers for n in r.buffer_names}
+                        ranges.update({n: readers[k].state_range(n, p.calibration.method, p.calibration.percentile)
+                                       for n in readers[k].state_names})
+                        ends = [(i.name, i.name, None) for i in model.graph.input if i.name.startswith("buffer.")]
+                        ends += [("buffer." + o.name.removeprefix("feed."), None, o.name) for o in model.graph.output
+                                 if o.name.startswith("feed.")]
+                        model, q = store_states_int8(model, view, ranges, "int8", ends)
                         quant.update(q)
                 io = graph_io_dtypes(model)
                 dtypes.update({s["name"]: io[s["input"]] for s in view["states"]})

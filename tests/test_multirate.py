@@ -295,11 +295,13 @@ def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_pat
     for p, want in (("fp32", np.float32), ("fp16", np.float16), ("int8-lowmem", np.int8)):
         snap = sessions[p].get_state()
         assert {snap[s].dtype for s in sessions[p].manifest["stages"][2]["states"]} == {np.dtype(want)}, p
-    # the buffers between stages take FP16's state dtype, and stay float32 where states are int8
+    # the buffers between stages are stored in the profile's state dtype, int8 with a scale of their own
     buffers = [b["name"] for b in sessions["fp32"].manifest["buffers"]]
     assert len(buffers) == 3 and entries["fp16"]["buffer_dtypes"] == dict.fromkeys(buffers, "float16")
+    assert entries["int8-lowmem"]["buffer_dtypes"] == dict.fromkeys(buffers, "int8")
+    assert set(buffers) < set(entries["int8-lowmem"]["state_quant"])
     assert {p: {s.get_state()[b].dtype.name for b in buffers} for p, s in sessions.items()} == {
-        "fp32": {"float32"}, "fp16": {"float16"}, "int8-lowmem": {"float32"}}
+        "fp32": {"float32"}, "fp16": {"float16"}, "int8-lowmem": {"int8"}}
     cache = {p: s.cache_bytes for p, s in sessions.items()}
     assert cache["int8-lowmem"] < cache["fp16"] < cache["fp32"], cache
     # inspect's precisions table counts what the session holds, the buffers between stages included
