@@ -67,8 +67,8 @@ def _embed_manifest(model: onnx.ModelProto, manifest: dict[str, Any], entry: dic
 
 def _graphs(manifest: dict[str, Any]) -> list[tuple[int | None, Path, dict[str, Any]]]:
     """(stage, FP32 graph, the manifest as that graph sees it) per graph: one, with stage None, for a
-    single-rate artifact; one per stage for a multi-rate one, each seeing only its own states (its
-    inputs from earlier stages are boundary values, float32 as the frame is)."""
+    single-rate artifact; one per stage for a multi-rate one, each seeing only its own states and the
+    manifest's ``buffers``, which its inputs from the stage before and its outputs to the next one are."""
     folder = Path(manifest["_folder"])
     fp32 = manifest["precisions"]["fp32"]
     if "stages" not in manifest:
