@@ -245,7 +245,7 @@ def set_frame(folder: str | Path, *, fit: str | None = None, color: str | None =
     def edit(manifest: dict[str, Any]) -> None:
         frame = manifest.setdefault("frame", {})
         frame.update(changes)
-        manifest["format_version"] = format_version_for(frame)
+        manifest["format_version"] = format_version_for(frame, manifest)
 
     differs = any(old.get(k, "stretch" if k == "fit" else None) != v for k, v in changes.items())
     rewrite_manifests(folder, edit, "frame")  # the precisions stay as they were

@@ -29,6 +29,7 @@ import onnx
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
 from ..runtime.manifest import (
+    format_version_for,
     is_positive_int,
     load_manifest,
     resolve_artifact,
@@ -272,6 +273,9 @@ def add_precisions(
                 entry["state_quant"] = quant
             if graphs[0][0] is not None:
                 entry["files"] = [_file_name(p, stage) for stage, _ in outs]
+            # 4 for a multi-rate artifact's stage graphs of this precision, in the files and in manifest.json
+            manifest["format_version"] = format_version_for(
+                manifest["frame"], {**manifest, "precisions": {**manifest["precisions"], p.name: entry}})
             written = []
             for stage, model in outs:
                 out = tmp / _file_name(p, stage)

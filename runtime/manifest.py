@@ -22,12 +22,14 @@ from .preprocess import COLOR_ORDERS, check_fit, check_normalisation
 from .rate import check_fps
 
 # The newest format this edge3d reads and writes. Version 2 adds the frame's "fit" and the BGR "color",
-# version 3 the frame rate ("fps") the model was trained at; an artifact is written with the oldest version
-# that describes it (format_version_for), so a device whose edge3d predates them refuses an artifact that
-# crops, wants BGR or takes a lower frame rate than its cameras send, which it would feed squeezed, RGB or
-# every frame, and still reads every other.
-FORMAT_VERSION = 3
-READS = (1, 2, 3)
+# version 3 the frame rate ("fps") the model was trained at, version 4 precisions other than fp32 in a
+# multi-rate artifact (stage graphs whose states and buffers are float16 or int8); an artifact is written
+# with the oldest version that describes it (format_version_for), so a device whose edge3d predates them
+# refuses an artifact that crops, wants BGR, takes a lower frame rate than its cameras send or holds
+# such stage graphs, which it would feed squeezed, RGB or every frame, or fail on at the first step with
+# float32 states, and still reads every other.
+FORMAT_VERSION = 4
+READS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 METADATA_KEY = "edge3d.manifest"
 # An artifact is the folder <name>.edge3d and, by default, the Triton model <name>: one plain name that
@@ -130,8 +132,11 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def format_version_for(frame: dict[str, Any]) -> int:
-    """The oldest format version that describes an artifact with this frame spec."""
+def format_version_for(frame: dict[str, Any], manifest: dict[str, Any] | None = None) -> int:
+    """The oldest format version that describes an artifact with this frame spec (and, given its
+    manifest, these stages and precisions)."""
+    if manifest is not None and "stages" in manifest and set(manifest.get("precisions", {})) - {"fp32"}:
+        return 4
     if frame.get("fps") is not None:
         return 3
     return 1 if frame.get("fit", "stretch") == "stretch" and frame.get("color") != "BGR" else 2

@@ -823,7 +823,7 @@ def test_manifest_from_other_model_or_version(tiny_artifact, tmp_path: Path) -> 
     m = json.loads((other / "manifest.json").read_text())
     m["format_version"] = 99
     (other / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads versions 1 to 3; it was written "
+    with pytest.raises(ArtifactError, match="format_version 99 but this edge3d reads versions 1 to 4; it was written "
                                             "by a newer edge3d: upgrade edge3d here"):
         Session(other)
     m["format_version"] = 0  # an older (or a made-up) format: only re-exporting helps

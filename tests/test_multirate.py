@@ -291,6 +291,16 @@ def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_pat
     for p in ("fp16", "int8-lowmem"):
         assert entries[p]["files"] == [f"stage{k}.{p}.onnx" for k in range(4)]
         assert all((art / f).is_file() for f in entries[p]["files"]) and len(entries[p]["sha256"]) == 4
+    # format 4: an edge3d from before multi-rate precisions refuses the artifact at load, naming the upgrade,
+    # where it would have fed float32 states to the float16 and int8 stage graphs at the first step
+    from edge3d.runtime import manifest as manifest_module
+
+    assert json.loads((art / "manifest.json").read_text())["format_version"] == 4
+    with pytest.MonkeyPatch.context() as older:
+        older.setattr(manifest_module, "READS", (1, 2, 3))
+        older.setattr(manifest_module, "FORMAT_VERSION", 3)
+        with pytest.raises(ArtifactError, match="written by a newer edge3d: upgrade edge3d here"):
+            Session(art, profile="fp16")
     sessions = {p: Session(art, profile=p) for p in ("fp32", "fp16", "int8-lowmem")}
     for p, want in (("fp32", np.float32), ("fp16", np.float16), ("int8-lowmem", np.int8)):
         snap = sessions[p].get_state()
