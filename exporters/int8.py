@@ -18,6 +18,7 @@ import contextlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def _quantise_output(g: onnx.GraphProto, output: str, sc: str, zp: str) -> None:
 
 
 def store_states_int8(model: onnx.ModelProto, manifest: dict[str, Any], ranges: dict[str, float],
-                      dtype: str = "int8", ends: list[tuple[str, str | None, str | None]] = ()
+                      dtype: str = "int8", ends: Sequence[tuple[str, str | None, str | None]] = ()
                       ) -> tuple[onnx.ModelProto, dict[str, dict[str, Any]]]:
     """Make every non-accumulator state an int8 graph input/output; return the model and scales.
 

@@ -6,9 +6,9 @@ written into slot ((t + 1) / P_k − 1) mod s_{k+1} of the next stage's buffers,
 holds the last s frames oldest first, exactly as the exporter's PyTorch scheduler does.
 ``step`` returns the newest output and ``last_fresh`` says whether this frame produced it.
 
-Every precision is a graph per stage (``stage<k>.<profile>.onnx``): states take the dtypes of that
-precision's graphs (float16, or int8 with their scales), while the buffers between stages, like
-the frame and the output, stay at the graphs' boundary dtype (float32).
+Every precision is a graph per stage (``stage<k>.<profile>.onnx``): states and the buffers between
+stages take the dtypes that precision's graphs give them (float16 in FP16, int8 with their scales in
+int8-lowmem), read off the graphs' inputs at load.
 
 numpy + onnxruntime only (never torch). All streams share one phase: multi-rate artifacts step
 all streams together.
@@ -85,8 +85,8 @@ class StagedSession(Session):
         self._init_all()
 
     def state_dtypes(self) -> dict[str, np.dtype]:
-        """The dtype of everything :meth:`get_state` returns: each state's in this precision, the buffers'
-        (float32), the frame index and the last output."""
+        """The dtype of everything :meth:`get_state` returns: each state's and each buffer's in this
+        precision, the frame index's and the last output's."""
         out = {n: self._types[state_io_names(n)[0]] for n in self._specs}
         out.update({n: self._types[n] for n in self._buffers_spec})
         return {**out, "frame_index": np.dtype(np.int64), "last_output": np.dtype(np.float32)}
