@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .bench_streams import host_info, interleaved_times
+from .bench_streams import _period, host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 WINDOW = 16  # the sliding window the step is compared with, as the contract states it
@@ -177,20 +177,39 @@ def _window_session(model, shape: tuple[int, int, int], window: int, folder: Pat
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]), clip.numpy()
 
 
+def _check_window(model: Any, target: str, shape: tuple[int, int, int], window: int) -> None:
+    """A window shorter than a multi-rate model's output period holds no output to time."""
+    from .convert import to_step
+    from .staged import is_multirate
+
+    if is_multirate(model):
+        period = to_step(model, shape).periods[-1]
+        if window < period:
+            raise ValueError(f"--window {window} is shorter than {target}'s output period ({period} frames), so the "
+                             f"window's clip forward gives no output; pass --window {period} or more.")
+
+
 def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int, int] | None = None,
-              width: float | None = None, head: str | None = None, channels: int | None = None, frames: int = 100, window: int = WINDOW, streams: list[int] | None = None,
+              width: float | None = None, head: str | None = None, channels: int | None = None, frames: int = 100,
+              window: int | None = None, streams: list[int] | None = None,
               rounds: int = 5, verify: bool = True, log: Any = None) -> dict[str, Any]:
     """Measure the step graph against the alternatives a user has; see README "Benchmarks".
 
     ``verify`` runs the export's step check on the lowered graph only: the Conv3d graph is the same
     step exported without lowering, kept for its speed, and checking it too would add a second
     model run to every bench.
+
+    A multi-rate model (one output every P frames) is timed in whole cycles of its stages, each
+    call P frames, and every time is reported per frame: a median over single frames would time
+    stage 0 alone. The sliding window, which needs one clip forward per output, then runs once per
+    P frames, so ``step_vs_window_speedup`` compares the cost of an output both ways. ``window``
+    left out is 16 frames, or P where P is longer.
     """
     from .runtime import Session
-    from .runtime.manifest import load_manifest, require_single_graph
+    from .runtime.manifest import load_manifest
 
     for name, value in (("--frames", frames), ("--rounds", rounds), ("--window", window)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"{name} must be at least 1 (got {value}); the defaults are 100 frames, 5 rounds, "
                              "a 16-frame window.")
 
@@ -210,22 +229,22 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
         else:
             import torch
 
-            from .exporters.onnx import export_artifact
+            from .exporters.onnx import export_artifact, frame_hw
             from .models import build_model, check_channels, frame_channels
 
             check_channels(channels)
             torch.manual_seed(0)
             model = build_model(target, num_classes=classes, frame_size=size, width=width, head=head)
-            from .staged import require_single_rate
-
-            require_single_rate(model, target, "bench")  # before two exports, not after
             size = size or getattr(model, "frame_size", 112)
             c = frame_channels(model, channels)
+            if window is not None:  # before two exports, not after
+                _check_window(model, target, (c, *frame_hw(size)), window)
             say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
             artifact = export_artifact(model, folder, "lowered", frame_size=size, channels=c, verify=verify)
             naive = export_artifact(model, folder, "conv3d", frame_size=size, channels=c, lower=False, verify=False)
         manifest = load_manifest(artifact)
-        require_single_graph(manifest, "bench")
+        period = _period(manifest)  # frames per output, and per timed call
+        window = max(WINDOW, period) if window is None else window
         f = manifest["frame"]
         shape = (f["channels"], f["height"], f["width"])
         clip_frames = rng.standard_normal((frames + 8, *shape), dtype=np.float32)
@@ -235,15 +254,35 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             return clip_frames[next(it) % len(clip_frames)]
 
         sess = Session(artifact)
+
+        def cycle(fn: Callable[[int], Any]) -> Callable[[int], Any]:
+            """One timed call steps a whole cycle of a multi-rate model's stages (P frames)."""
+            if period == 1:
+                return fn
+
+            def call(i: int) -> None:
+                for _ in range(period):
+                    fn(i)
+            return call
+
+        def calls(frames_per_round: int, least: int) -> int:  # timed calls per round, in cycles
+            return max(least, -(-frames_per_round // period))
+
         # The bare call runs the same graph (same InferenceSession, so the same thread pool)
         # on the same inputs; alternating the two call by call keeps noise out of their ratio.
-        backend = sess._backend
-        feeds = {"frame": clip_frames[:1]}
-        feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
-                                                       strict=True)})
-        per_round = max(1, frames // rounds)
+        if period > 1:
+            bare = sess.bare_cycle()
+        else:
+            backend = sess._backend
+            feeds = {"frame": clip_frames[:1]}
+            feeds.update({s["input"]: v for s, v in zip(manifest["states"], backend.read_states().values(),
+                                                           strict=True)})
+
+            def bare(_: int) -> Any:
+                return backend.run_bare(feeds)
+        per_round = calls(frames // rounds, 1)
         groups: list[tuple[dict[str, Callable[[int], Any]], int]] = [
-            ({"step": lambda _: sess.step(next_frame()), "bare": lambda _: backend.run_bare(feeds)}, per_round),
+            ({"step": cycle(lambda _: sess.step(next_frame())), "bare": bare}, per_round),
             ({"matmul": _matmul_call()}, 2),
         ]
         if model is not None:
@@ -267,6 +306,14 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             tframes = torch.from_numpy(clip_frames)
 
             def eager_loop(step: Any) -> Callable[[int], None]:
+                if period > 1:  # a StagedStepModule: PyTorch runs the stages on the runtime's schedule
+                    carry = step.init_carry(1)
+
+                    def staged(_: int) -> None:
+                        nonlocal carry
+                        with torch.inference_mode():
+                            _, carry = step.step(tframes[next(it) % len(tframes)][None], carry)
+                    return cycle(staged)
                 states = step.initial_states(1)
 
                 def call(_: int) -> None:
@@ -278,25 +325,30 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             eager = eager_loop(to_step(model, shape))
             eager_conv3d = eager_loop(to_step(model, shape, keep_time=True, lower=False))
 
-            groups.append(({"conv3d": lambda _: sess3d.step(next_frame())}, per_round))
-            if wsess is not None:
-                groups.append(({"window": lambda _: wsess.run(None, {"clip": clip})}, max(2, frames // 4 // rounds)))
-            groups.append(({"eager": eager, "eager_conv3d": eager_conv3d}, max(4, frames // 2 // rounds)))
-        say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds...")
+            groups.append(({"conv3d": cycle(lambda _: sess3d.step(next_frame()))}, per_round))
+            if wsess is not None:  # one clip forward per output: once per cycle of a multi-rate model
+                groups.append(({"window": lambda _: wsess.run(None, {"clip": clip})}, calls(frames // 4 // rounds, 2)))
+            groups.append(({"eager": eager, "eager_conv3d": eager_conv3d}, calls(frames // 2 // rounds, 4)))
+        say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds"
+            + (f", each call a cycle of {period} frames" if period > 1 else "") + "...")
         macs = manifest["macs_per_frame"]
-        ms, round_ms, ratios, ratio_range = _summarise(_in_rounds(groups, rounds), macs)
+        timed = _in_rounds(groups, rounds)
+        if period > 1:  # per frame: a cycle's time (or the window's, once per cycle) over its P frames
+            timed = [{n: v if n == "matmul" else [x / period for x in v] for n, v in r.items()} for r in timed]
+        ms, round_ms, ratios, ratio_range = _summarise(timed, macs)
         results["step_ms"], results["bare_ort_ms"] = ms["step"], ms["bare"]
         results["step_gflops"] = 2 * macs / (results["step_ms"] * 1e-3) / 1e9
         results["matmul_gflops"] = 2 * MATMUL_N**3 / (ms["matmul"] * 1e-3) / 1e9
         for name, key in (("conv3d_step_ms", "conv3d"), ("window_ms_per_output_frame", "window"),
                           ("torch_eager_lowered_step_ms", "eager"), ("torch_eager_conv3d_step_ms", "eager_conv3d")):
             if key in ms:
-                results[name] = ms[key]
+                results[name] = ms[key] * (period if key == "window" else 1)  # one window per output
         if "eager" in ms:  # the baseline of exported_vs_eager_speedup
             results["torch_eager_step_ms"] = min(ms["eager"], ms["eager_conv3d"])
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
+            "output_period": period,
             "results": results, "ratios": ratios, "ratio_range_over_rounds": ratio_range,
             "targets_for_d_resnet18_112": {k: TARGETS[k] for k in ratios},
             "ms_by_round": round_ms, "host": host_info(), "not_measured": not_measured,

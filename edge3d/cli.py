@@ -1218,7 +1218,8 @@ def bench(
     classes: Classes = None, size: Size = None, width: Width = None, head: Head = None, channels: Channels = None,
     frames: Annotated[int, typer.Option("--frames", help="Timed frames per measurement.")] = 100,
     window: Annotated[int | None, typer.Option(
-        "--window", help="Sliding-window clip length to compare with (default 16).")] = None,
+        "--window", help="Sliding-window clip length to compare with (default 16, or a multi-rate model's "
+                         "output period where that is longer).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Take the measurements in turn this many times, so a "
                                         "slow spell of a shared machine hits all of them.")] = 5,
     streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
@@ -1229,7 +1230,7 @@ def bench(
                             "--no-verify), e.g. to time a model whose forward code mixes frames.")] = False,
 ) -> None:
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
-    from .bench import WINDOW, run_bench
+    from .bench import run_bench
 
     _output_file(json_out, "--json-out")
     if _is_artifact(target):  # a folder that is no artifact has failed here, naming the artifacts inside it
@@ -1239,7 +1240,7 @@ def bench(
     with console.status("benchmarking...") if not as_json else contextlib.nullcontext():
         report = run_bench(target, classes=classes, size=frame_size_option(size), width=width, head=head,
                            channels=channels, frames=frames,
-                           window=WINDOW if window is None else window, rounds=rounds, streams=_stream_counts(streams),
+                           window=window, rounds=rounds, streams=_stream_counts(streams),
                            verify=not no_verify, log=None if as_json else console)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
@@ -1256,6 +1257,10 @@ def bench(
 
     console.print(f"host: {host_line(report['host'])}; compare ratios only with runs on the same host.")
     console.print(f"edge3d bench: {target}")  # a path as a table title would wrap mid-name
+    if report["output_period"] > 1:
+        console.print(f"a multi-rate model, one output every {report['output_period']} frames: times are per frame, "
+                      "over whole cycles of its stages"
+                      + ("; the sliding window runs once per output." if "window" in report["ms_by_round"][0] else "."))
     table = Table(title="measurements")
     table.add_column("measurement")
     table.add_column("value", justify="right")

@@ -248,6 +248,29 @@ class StagedSession(Session):
         self.last_feeds = ran
         self._t = t + 1
 
+    def bare_cycle(self) -> Any:
+        """A callable that runs one cycle of the stage graphs as plain ``InferenceSession.run`` calls:
+        each stage as often and in the order the schedule runs it, on fixed inputs (a zero frame, the
+        current states and buffers), with nothing kept. ``edge3d bench`` times it beside a cycle of
+        :meth:`step` calls, so the difference is what the scheduler adds (stacking buffers, states,
+        bookkeeping), as the bare call measures it for a single graph."""
+        f = self.manifest["frame"]
+        frame = np.zeros((self.streams, f["channels"], f["height"], f["width"]), self._types["frame"])
+        runs = []
+        for k, st in enumerate(self._stages):
+            feeds = {"frame": frame} if k == 0 else {i["name"]: self._buf[i["name"]] for i in st["inputs"]}
+            feeds.update({state_io_names(n)[0]: self._states[n] for n in st["states"]})
+            runs.append((st["rate"], self._sess[k][0], feeds))
+        period = self._stages[-1]["rate"]
+
+        def call(_: int = 0) -> None:
+            for t in range(period):
+                for rate, sess, feeds in runs:
+                    if (t + 1) % rate:
+                        break
+                    sess.run(None, feeds)
+        return call
+
     # ------------------------------------------------------------------ reporting
     def stage_summary(self) -> dict[str, Any]:
         """ms per run of each stage, amortised ms/frame, buffer bytes, and SGS bins used."""

@@ -242,8 +242,8 @@ def test_unsupported_rate_changes_fail_at_export_with_the_path(model: nn.Module,
 
 
 def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tmp_path: Path) -> None:
-    """TensorRT, Triton and bench take one graph; on a staged artifact each used to fail deep inside (a
-    KeyError, an AttributeError, a wrong build script)."""
+    """TensorRT and Triton take one graph; on a staged artifact each used to fail deep inside (a
+    KeyError, an AttributeError, a wrong build script). bench times multi-rate artifacts now (below)."""
     from typer.testing import CliRunner
 
     from edge3d.cli import app
@@ -252,7 +252,6 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
     before = sorted(p.name for p in art.iterdir())
     runner = CliRunner()
     for args in (["triton", str(art), "-o", str(tmp_path / "repo")], ["build", str(art)],
-                 ["bench", str(art), "--frames", "2", "--rounds", "1"],
                  ["export", str(art), "--profile", "fp16", "--target", "tensorrt"],
                  ["compare", str(art), "--profiles", "fp32,fp16", "--save-polygraphy-inputs", "-o", str(tmp_path / "c")]):
         res = runner.invoke(app, args, terminal_width=400)
@@ -408,6 +407,82 @@ def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypa
     said = " ".join(res.output.split())
     assert res.exit_code == 0 and "a call steps 8 frames of each stream, one cycle of the stages" in said, said
     assert re.search(r"│ 2 │.*│\s+- │", res.output), res.output  # gather+scatter: none
+
+
+def test_bare_cycle_runs_each_stage_as_often_as_the_schedule_and_keeps_nothing(r3d) -> None:
+    """bench's bare baseline for a multi-rate artifact: one cycle of plain InferenceSession calls."""
+    _, art = r3d
+    sess = Session(art)
+    for _ in range(5):
+        sess.step(np.random.default_rng(0).standard_normal((3, SIZE, SIZE), dtype=np.float32))
+    before = sess.get_state()
+    runs = [0] * 4
+
+    class Counting:
+        def __init__(self, k: int, inner) -> None:
+            self.k, self.inner = k, inner
+
+        def run(self, names, feeds):
+            runs[self.k] += 1
+            return self.inner.run(names, feeds)
+
+    sess._sess = [(Counting(k, s), outs) for k, (s, outs) in enumerate(sess._sess)]
+    sess.bare_cycle()(0)
+    assert runs == [8, 4, 2, 1]  # stage rates 1, 2, 4, 8 over one cycle of 8 frames
+    after = sess.get_state()
+    assert all(np.array_equal(before[k], after[k]) for k in before) and sess._t == 5
+
+
+STRIDED = (  # a causal stem and two stride-2 convs: stages at periods 1, 2 and 4, exported in seconds
+    "from torch import nn\nfrom edge3d.nn import CausalConv3d\n\n\ndef build():\n    return nn.Sequential("
+    "CausalConv3d(3, 4, (2, 3, 3), padding=(0, 1, 1)), nn.ReLU(), "
+    "CausalConv3d(4, 4, (2, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1)), nn.ReLU(), "
+    "CausalConv3d(4, 4, (2, 3, 3), stride=(2, 2, 2), padding=(0, 1, 1)))\n")
+
+
+def test_bench_times_a_multi_rate_model_per_frame_over_whole_cycles(tmp_path: Path, monkeypatch) -> None:
+    """bench refused multi-rate models. Each timed call now steps a whole cycle (4 frames here: a median
+    over single frames would time stage 0 alone) and is reported per frame; the sliding window runs once
+    per output, so its time per output is its time per call."""
+    from edge3d.runtime.staged import StagedSession
+    from typer.testing import CliRunner
+
+    from edge3d import bench
+    from edge3d.cli import app
+
+    (tmp_path / "strided.py").write_text(STRIDED)
+    target = f"{tmp_path / 'strided.py'}:build"
+    raw: list = []
+    real_rounds = bench._in_rounds
+
+    def keep(groups, rounds, *a, **kw):
+        raw.extend(real_rounds(groups, rounds, *a, **kw))
+        return [{n: list(v) for n, v in r.items()} for r in raw]
+
+    stepped: dict[int, int] = {}
+    real_step = StagedSession.step
+
+    def counting(self, frame, stream=0):
+        stepped[id(self)] = stepped.get(id(self), 0) + 1
+        return real_step(self, frame, stream)
+
+    monkeypatch.setattr(bench, "_in_rounds", keep)
+    monkeypatch.setattr(StagedSession, "step", counting)
+    r = bench.run_bench(target, size=16, frames=8, rounds=1)
+    assert r["output_period"] == 4 and r["window"] == 16
+    # the lowered and the Conv3d session: 3 warm-up calls and 2 timed calls per round, 4 frames each
+    assert sorted(stepped.values()) == [20, 20]
+    med = {n: float(np.median(v)) for n, v in raw[0].items()}
+    res = r["results"]
+    assert res["step_ms"] == pytest.approx(med["step"] / 4) and res["bare_ort_ms"] == pytest.approx(med["bare"] / 4)
+    assert res["torch_eager_lowered_step_ms"] == pytest.approx(med["eager"] / 4)
+    assert res["window_ms_per_output_frame"] == pytest.approx(med["window"])  # one clip forward per output
+    assert res["matmul_gflops"] == pytest.approx(2 * bench.MATMUL_N**3 / (med["matmul"] * 1e-3) / 1e9)
+    assert r["ratios"]["step_vs_window_speedup"] == pytest.approx(med["window"] / med["step"])
+    assert r["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(med["conv3d"] / med["step"])
+    res = CliRunner().invoke(app, ["bench", target, "--size", "16", "--window", "2"], terminal_width=200)
+    assert res.exit_code == 2 and "--window 2 is shorter than " + target + "'s output period (4 frames)" in res.output, \
+        res.output
 
 
 def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path, monkeypatch) -> None:
