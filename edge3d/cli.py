@@ -1282,6 +1282,36 @@ def bench(
         console.print(f"[yellow]not measured:[/] {escape(why)}")
 
 
+def compare_tables(title: str, rows: list[list[str]], profiles: list[str], width: int) -> list[Table]:
+    """compare's table, metrics down and profiles across, split by profiles into as many tables as
+    ``width`` columns need, each with the metric names.
+
+    A profile's name or a number is never cut short (no_wrap), so five profiles whose drift cells read
+    like "0.00198 @ 679" did not fit 80 columns in one table, and rich squeezed the metric column to
+    nothing: rows of numbers with no names.
+    """
+    metric = 10  # the metric names wrap to this width
+    groups: list[list[int]] = [[]]
+    used = metric + 4  # the metric column's padding and the borders either side of it
+    for i, p in enumerate(profiles):
+        w = max(len(p), *(len(r[i + 1]) for r in rows)) + 3  # padding and the border after it
+        if groups[-1] and used + w > width:
+            groups.append([])
+            used = metric + 4
+        groups[-1].append(i)
+        used += w
+    tables = []
+    for g, cols in enumerate(groups):
+        table = Table(title=title if g == 0 else "(continued)")
+        table.add_column("metric", min_width=metric)
+        for i in cols:
+            table.add_column(profiles[i], justify="right", no_wrap=True, min_width=len(profiles[i]))
+        for row in rows:
+            table.add_row(row[0], *(row[i + 1] for i in cols))
+        tables.append(table)
+    return tables
+
+
 # --------------------------------------------------------------------------- bench-streams
 @app.command("bench-streams", cls=OnceCommand)
 @friendly
@@ -1439,15 +1469,10 @@ def compare(
                              save_polygraphy_inputs=save_polygraphy_inputs, threads=threads, images_fps=images_fps,
                              progress=lambda n: progress.advance(task, n))
     stopped = ", interrupted" if report.get("interrupted") else ""
-    table = Table(title=f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames"
-                        f"{outputs_text(report)}{stopped})")
-    table.add_column("metric", min_width=10)
-    for p in report["profiles"]:
-        # the metric names may wrap to fit 80 columns; a profile's name or a number may not be cut short
-        table.add_column(p, justify="right", no_wrap=True, min_width=len(p))
-    for row in table_rows(report):
-        table.add_row(*row)
-    console.print(table)
+    for table in compare_tables(f"edge3d compare: {report['model']} on {report['source']} ({report['frames']} frames"
+                                f"{outputs_text(report)}{stopped})", table_rows(report), list(report["profiles"]),
+                                console.width):
+        console.print(table)
     console.print("teacher-forced (TF): each profile fed the FP32 states, the error one step adds; drift: "
                   "free-running, each profile carrying its own state; growth: last-quarter over third-quarter "
                   "mean drift, in brackets with the TF growth divided out (about 1 when bounded)"

@@ -444,3 +444,31 @@ def test_ctrl_c_reports_the_frames_every_profile_finished(stateful: Path, tmp_pa
     assert "terminated after 20 frames; the report covers those" in " ".join(res.output.split())
     saved = json.loads((tmp_path / "term" / "report.json").read_text())
     assert saved["frames"] == 20 and saved["interrupted_by"] == "SIGTERM"
+
+
+def test_compare_tables_split_by_profiles_to_fit_the_terminal_and_keep_the_metric_names() -> None:
+    """Five profiles whose drift cells read like "0.00198 @ 679" did not fit 80 columns in one table, and
+    rich squeezed the metric column to nothing: rows of numbers with no names."""
+    import io
+
+    from rich.console import Console
+
+    from edge3d.cli import compare_tables
+    from edge3d.compare import METRICS
+
+    profiles = ["fp32", "fp16", "int8", "int8-cpu", "int8-lowmem"]
+    rows = [[m, *[f"0.00{i}98 @ 67{i}" for i in range(len(profiles))]] for m in METRICS]
+    for width, groups in ((80, [4, 1]), (200, [5]), (40, [1] * 5)):
+        tables = compare_tables("edge3d compare: m on s", rows, profiles, width)
+        assert [len(t.columns) - 1 for t in tables] == groups, width
+        out = io.StringIO()
+        console = Console(file=out, width=width)
+        for t in tables:
+            console.print(t)
+        text = out.getvalue()
+        assert max(len(line) for line in text.splitlines()) <= width and "…" not in text
+        assert all(p in text for p in profiles) and text.count("0.00498 @ 674") == len(METRICS)  # once per row
+        lines = text.splitlines()
+        for m in METRICS:  # each metric's first word starts a row of every table
+            first = m.split()[0]
+            assert sum(line.startswith(f"│ {first}") for line in lines) >= len(tables), (width, m, text)
