@@ -77,6 +77,9 @@ class StagedSession(Session):
             self._sess.append((sess, got_out))
         self._stage_ms: list[deque[float]] = [deque(maxlen=10000) for _ in self._stages]
         self._bins: deque[np.ndarray] = deque(maxlen=10000)
+        # ms of each whole cycle of the stages (output_period frames from one output of the slowest stage
+        # to the next): per-frame percentiles of a multi-rate model time stage 0 alone on most frames
+        self.cycle_ms: deque[float] = deque(maxlen=10000)
         self.last_fresh = False
         self.last_extras: dict[str, np.ndarray] = {}
         # (stage, feeds) of the stages the last step ran, for INT8 calibration (exporters/calibration.py)
@@ -101,6 +104,7 @@ class StagedSession(Session):
         self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), dtypes[n])
                      for n, b in self._buffers_spec.items()}
         self._t = 0
+        self._cycle = [0.0, 0]  # ms and frames stepped since the slowest stage last ran
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
         self.last_fresh = False
 
@@ -159,6 +163,7 @@ class StagedSession(Session):
         for n in self._buf:
             self._buf[n][...] = snapshot[n]
         self._t = int(np.asarray(snapshot["frame_index"]).reshape(-1)[0])
+        self._cycle = [0.0, 0]  # a cycle cut by the restore is not counted
         self._last[...] = snapshot["last_output"]
 
     @property
@@ -193,7 +198,13 @@ class StagedSession(Session):
         self._preprocess(frames, ids, staged)  # every frame validated before any state changes
         t0 = time.perf_counter()
         self._advance(staged.astype(self._types["frame"], copy=False))  # a profile with float16 io takes float16
-        self.stats.record((time.perf_counter() - t0) * 1e3, self.streams)
+        ms = (time.perf_counter() - t0) * 1e3
+        self.stats.record(ms, self.streams)
+        self._cycle = [self._cycle[0] + ms, self._cycle[1] + 1]
+        if self.last_fresh:
+            if self._cycle[1] == self._stages[-1]["rate"]:
+                self.cycle_ms.append(self._cycle[0])
+            self._cycle = [0.0, 0]
         return self._last.copy()
 
     def _advance(self, frame: np.ndarray) -> None:

@@ -269,7 +269,7 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
     assert not any(tmp_path.iterdir())
 
 
-def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_path: Path) -> None:
+def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_path: Path, monkeypatch) -> None:
     """Precisions were refused on a multi-rate artifact ("multi-rate artifacts run FP32"), so a model
     with temporal strides could not be shipped in FP16 or INT8, nor compared. Each stage graph is now
     converted on its own, INT8 calibrated on the feeds that stage gets in an FP32 rollout, and compare
@@ -326,9 +326,21 @@ def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_pat
         sessions["fp16"].set_state(sessions["fp32"].get_state())
     for s in sessions.values():
         s.close()
+    from edge3d import compare as compare_module
+
+    timed: dict[str, np.ndarray] = {}
+    real_frame_ms = compare_module.frame_ms
+
+    def recording(sess):
+        timed[sess.profile] = real_frame_ms(sess)
+        return timed[sess.profile]
+
+    monkeypatch.setattr(compare_module, "frame_ms", recording)
     report = compare(art, "fp32,fp16,int8-lowmem", list(frames), 96, plots=False)
     assert (report["frames"], report["outputs"]) == (96, 12)
     rows, scale = report["profiles"], report["output_scale"]
+    for p, row in rows.items():  # ms/frame over the 12 whole cycles, not the median frame's (stage 0's alone)
+        assert len(timed[p]) == 12 and row["ms_p50"] == pytest.approx(float(np.median(timed[p]))), p
     assert rows["fp16"]["teacher_forced"]["max_abs_err"] < 1e-2 * scale, rows["fp16"]
     assert rows["int8-lowmem"]["teacher_forced"]["max_abs_err"] < 0.1 * scale, rows["int8-lowmem"]
     assert 0 < rows["fp16"]["teacher_forced"]["mean_abs_err"] < rows["int8-lowmem"]["teacher_forced"]["mean_abs_err"]
@@ -407,6 +419,32 @@ def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypa
     said = " ".join(res.output.split())
     assert res.exit_code == 0 and "a call steps 8 frames of each stream, one cycle of the stages" in said, said
     assert re.search(r"│ 2 │.*│\s+- │", res.output), res.output  # gather+scatter: none
+
+
+def test_cycle_ms_sums_whole_cycles_of_the_stages_only(r3d) -> None:
+    """compare's ms/frame p50 of a multi-rate artifact was the median over single frames: half of them run
+    stage 0 alone, so it read 9.1 ms/frame for a full-size r3d18-causal that took 11.0 over whole cycles."""
+    from edge3d.compare import frame_ms
+
+    _, art = r3d
+    sess = Session(art)
+    frame = np.zeros((3, SIZE, SIZE), np.float32)
+    for _ in range(20):
+        sess.step(frame)
+    ms = list(sess.stats.ms)
+    assert list(sess.cycle_ms) == pytest.approx([sum(ms[:8]), sum(ms[8:16])])
+    assert frame_ms(sess) == pytest.approx(np.asarray([sum(ms[:8]), sum(ms[8:16])]) / 8)
+    sess.reset()  # frames 16-19 were a cycle cut short: the next one starts afresh
+    for _ in range(3):
+        sess.step(frame)
+    snap = sess.get_state()
+    for _ in range(5):
+        sess.step(frame)
+    assert len(sess.cycle_ms) == 3
+    sess.set_state(snap)  # 5 frames to the next output: not a whole cycle
+    for _ in range(5):
+        sess.step(frame)
+    assert len(sess.cycle_ms) == 3 and sess.last_fresh
 
 
 def test_bare_cycle_runs_each_stage_as_often_as_the_schedule_and_keeps_nothing(r3d) -> None:
