@@ -1271,7 +1271,7 @@ def bench(
                    caption="target: the contract's, set for d-resnet18 at 112×112 on ONNX Runtime CPU")
     ratios.add_column("ratio")
     ratios.add_column("value", justify="right")
-    ratios.add_column(f"range, {report['rounds']} rounds", justify="right")
+    ratios.add_column(f"range, {report['rounds']} round{'s' if report['rounds'] != 1 else ''}", justify="right")
     ratios.add_column("target", justify="right")
     targets = report.get("targets_for_d_resnet18_112", {})
     for k, v in report["ratios"].items():
@@ -1280,6 +1280,8 @@ def bench(
     console.print(ratios)
     for why in report.get("not_measured", {}).values():
         console.print(f"[yellow]not measured:[/] {escape(why)}")
+    if report.get("streams"):  # --streams: measured, and printed as bench-streams prints it
+        _print_streams(report["streams"])
 
 
 def compare_tables(title: str, rows: list[list[str]], profiles: list[str], width: int) -> list[Table]:
@@ -1331,13 +1333,7 @@ def bench_streams(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
 ) -> None:
     """N streams batched in one Session vs N separate Sessions: frames/s, gather/scatter cost, memory."""
-    from .bench_streams import (
-        MEMORY_CAPTION,
-        MEMORY_HEADERS,
-        THROUGHPUT_HEADERS,
-        format_rows,
-        measure_streams,
-    )
+    from .bench_streams import measure_streams
 
     counts = _stream_counts(streams)
     with console.status("measuring streams...") if not as_json else contextlib.nullcontext():
@@ -1346,6 +1342,14 @@ def bench_streams(
     if as_json:
         print(json.dumps(json_safe(report), indent=2, allow_nan=False))
         return
+    _print_streams(report, profile, max_batch, no_spin)
+
+
+def _print_streams(report: dict[str, Any], profile: str = "fp32", max_batch: int | None = None,
+                   no_spin: bool = False) -> None:
+    """bench-streams' tables, and bench's with --streams, which measures the same."""
+    from .bench_streams import MEMORY_CAPTION, MEMORY_HEADERS, THROUGHPUT_HEADERS, format_rows
+
     console.print(f"edge3d bench-streams: {report['model']} {'x'.join(map(str, report['frame']))}, {profile}, "
                   f"state {format_bytes(report['state_bytes_per_stream'])} per stream"
                   + (f", chunks of {max_batch}" if max_batch else "") + (", threads not spinning" if no_spin else "")

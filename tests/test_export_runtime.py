@@ -2096,6 +2096,12 @@ def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) ->
     assert set(report["ratios"]) == {"session_overhead_pct", "step_gflops_vs_matmul"}
     r = report["results"]
     assert r["step_gflops"] == pytest.approx(2 * report["macs_per_frame"] / (r["step_ms"] * 1e-3) / 1e9)
+    # --streams was measured into the JSON and left out of the text: it prints bench-streams' tables now
+    res = runner.invoke(app, ["bench", str(tmp_path / "d-resnet18.edge3d"), "--frames", "2", "--rounds", "1",
+                              "--streams", "2"], terminal_width=200)
+    assert res.exit_code == 0 and "range, 1 round " in res.output, res.output
+    assert "throughput: N streams in one batched Session vs N Sessions" in res.output, res.output
+    assert re.search(r"│ 2 │\s+[\d.]+ │\s+[\d.]+ │", res.output), res.output
     # options that build a model do nothing for an artifact, which is built: they were ignored
     art = str(tmp_path / "d-resnet18.edge3d")
     for verb, flags in (("bench", ["--window", "8"]), ("bench", ["--width", "0.5"]), ("bench", ["--no-verify"]),
