@@ -329,7 +329,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             if wsess is not None:  # one clip forward per output: once per cycle of a multi-rate model
                 groups.append(({"window": lambda _: wsess.run(None, {"clip": clip})}, calls(frames // 4 // rounds, 2)))
             groups.append(({"eager": eager, "eager_conv3d": eager_conv3d}, calls(frames // 2 // rounds, 4)))
-        say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved rounds"
+        say(f"timing {', '.join(n for g, _ in groups for n in g)} in {rounds} interleaved round{'s' if rounds != 1 else ''}"
             + (f", each call a cycle of {period} frames" if period > 1 else "") + "...")
         macs = manifest["macs_per_frame"]
         timed = _in_rounds(groups, rounds)
