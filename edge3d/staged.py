@@ -37,6 +37,7 @@ from torch import nn
 
 from .convert import ONE_OUTPUT_FIX, collect_specs, frame_shape_error
 from .nn.state import StateSpec, StepContext, StreamingModule, stepping
+from .runtime.manifest import BUFFER_IN, FEED_OUT, buffer_io_names
 
 
 class UnsupportedRateError(ValueError):
@@ -188,7 +189,7 @@ class ModelStage(Stage):
         if index == 0:
             self.input_names, self.input_shapes = ["frame"], [self.frame_shape]
         else:
-            self.input_names = [f"buffer.{b.name}" for b in in_buffers]
+            self.input_names = [buffer_io_names(b.name)[0] for b in in_buffers]
             self.input_shapes = [b.shape for b in in_buffers]
 
     def discover(self) -> list[tuple[list[nn.Module], torch.Tensor]]:
@@ -210,7 +211,7 @@ class ModelStage(Stage):
 
     def set_outputs(self, out_buffers: list[BufferSpec]) -> None:
         self.out_buffers = out_buffers
-        self.output_names = ["output"] if self.last else [f"feed.{b.name}" for b in out_buffers]
+        self.output_names = ["output"] if self.last else [buffer_io_names(b.name)[1] for b in out_buffers]
 
     def _run(self, inputs: Sequence[torch.Tensor], by_layer: dict | None) -> StageContext:
         if self.index == 0:
@@ -345,7 +346,7 @@ class StagedStepModule(nn.Module):
             if (t + 1) % st.period:
                 break
             if k > 0:
-                ins = [buffers[n.removeprefix("buffer.")] for n in st.input_names]
+                ins = [buffers[n.removeprefix(BUFFER_IN)] for n in st.input_names]
             with torch.no_grad():
                 res = st(*ins, *states[k])
             n_out = len(st.output_names)
@@ -354,7 +355,7 @@ class StagedStepModule(nn.Module):
                 nxt = self.stages[k + 1]
                 slot = ((t + 1) // st.period - 1) % nxt.stride
                 for name, y in zip(st.output_names, outs, strict=True):
-                    key = name.removeprefix("feed.")
+                    key = name.removeprefix(FEED_OUT)
                     c = y.shape[1]
                     buf = buffers[key].clone()
                     buf[:, slot * c:(slot + 1) * c] = y
@@ -391,7 +392,7 @@ class StagedStepModule(nn.Module):
         states = [{"name": s.name, "shape": list(s.shape), "dtype": dtype_name(s.dtype), "kind": s.kind,
                    "bytes": s.bytes, "layer": s.layer, "input_history": s.input_history, "stage": st.index}
                   for st in self.stages for s in st.specs]
-        buffers = [{"name": f"buffer.{b.name}", "shape": list(b.shape), "dtype": "float32", "kind": "ring",
+        buffers = [{"name": buffer_io_names(b.name)[0], "shape": list(b.shape), "dtype": "float32", "kind": "ring",
                     "bytes": b.bytes, "layer": ",".join(b.layers), "input_history": False,
                     "from_stage": b.from_stage, "to_stage": b.to_stage, "stride": b.stride} for b in self.buffers]
         return {

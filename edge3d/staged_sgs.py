@@ -25,6 +25,7 @@ from .convert import StepModule
 from .nn.conv import CausalConv3d
 from .nn.sgs import compaction
 from .nn.state import StateSpec, StepContext, stepping
+from .runtime.manifest import buffer_io_names
 from .staged import BufferSpec, Stage, StagedStepModule
 
 
@@ -95,7 +96,7 @@ class FrameStage(Stage):
         self.step = step
         self.index, self.period, self.stride = 0, 1, 1
         self.input_names, self.input_shapes = ["frame"], [step.frame_shape]
-        self.output_names = [f"feed.{buffer.name}"]
+        self.output_names = [buffer_io_names(buffer.name)[1]]
         self.specs = [s.renamed(f"pre.{s.name}", f"pre.{s.layer}",
                                 s.input_history) for s in step.state_specs]
 
@@ -111,7 +112,7 @@ class SGSChunkStage(Stage):
         self.model = model
         self.sgs, self.post = model.sgs, model.post
         self.index, self.period, self.stride = 1, buffer.stride, buffer.stride
-        self.input_names, self.input_shapes = [f"buffer.{buffer.name}"], [buffer.shape]
+        self.input_names, self.input_shapes = [buffer_io_names(buffer.name)[0]], [buffer.shape]
         self.output_names = ["output", "bins_used"]
         self.specs: list[StateSpec] = []
         self.lower = lower

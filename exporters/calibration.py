@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import Session
-from ..runtime.manifest import state_io_names
+from ..runtime.manifest import BUFFER_IN, state_io_names
 from ..sources import split_item, streams_of
 
 _SAMPLE = 4096  # values of each state kept per calibration feed for percentile ranges
@@ -87,7 +87,7 @@ class RolloutReader:
         else:
             self.state_names = list(self.manifest["stages"][stage]["states"])
             self.buffer_names = [i["name"] for i in self.manifest["stages"][stage]["inputs"]
-                                 if i["name"].startswith("buffer.")]
+                                 if i["name"].startswith(BUFFER_IN)]
             self._fed.update({b: b for b in self.buffer_names})
             self.session.keep_feeds = True
         # |state| statistics with bounded memory: the exact maximum and a fixed-size sample per feed.

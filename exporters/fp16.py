@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..profiles import Profile
+from ..runtime.manifest import feed_of_buffer
 from .graph import accumulator_nodes, ensure_node_names, kept_by_profile, unmatched_layers
 
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -63,7 +64,7 @@ def boundary_dtypes(manifest: dict[str, Any], profile: Profile) -> dict[str, str
         d = profile.accumulator_dtype if s["kind"] == "accumulator" else profile.state_dtype
         want[s["input"]] = want[s["output"]] = d
     for b in manifest.get("buffers", []):
-        want[b["name"]] = want["feed." + b["name"].removeprefix("buffer.")] = profile.state_dtype
+        want[b["name"]] = want[feed_of_buffer(b["name"])] = profile.state_dtype
     return want
 
 

@@ -29,6 +29,9 @@ import onnx
 from ..profiles import Profile, load_profile
 from ..profiles import resolve_profiles as _resolve
 from ..runtime.manifest import (
+    BUFFER_IN,
+    FEED_OUT,
+    buffer_of_feed,
     format_version_for,
     is_positive_int,
     load_manifest,
@@ -253,14 +256,14 @@ def add_precisions(
                                   for r in readers for n in r.buffer_names}
                         ranges.update({n: readers[k].state_range(n, p.calibration.method, p.calibration.percentile)
                                        for n in readers[k].state_names})
-                        ends = [(i.name, i.name, None) for i in model.graph.input if i.name.startswith("buffer.")]
-                        ends += [("buffer." + o.name.removeprefix("feed."), None, o.name) for o in model.graph.output
-                                 if o.name.startswith("feed.")]
+                        ends = [(i.name, i.name, None) for i in model.graph.input if i.name.startswith(BUFFER_IN)]
+                        ends += [(buffer_of_feed(o.name), None, o.name) for o in model.graph.output
+                                 if o.name.startswith(FEED_OUT)]
                         model, q = store_states_int8(model, view, ranges, "int8", ends)
                         quant.update(q)
                 io = graph_io_dtypes(model)
                 dtypes.update({s["name"]: io[s["input"]] for s in view["states"]})
-                dtypes.update({n: d for n, d in io.items() if n.startswith("buffer.")})
+                dtypes.update({n: d for n, d in io.items() if n.startswith(BUFFER_IN)})
                 if k == 0:
                     entry["io_dtypes"] = {"frame": io["frame"]}
                 if k == len(graphs) - 1:

@@ -17,7 +17,7 @@ from typing import Any
 import onnx
 import torch
 
-from ..runtime.manifest import MANIFEST, state_io_names
+from ..runtime.manifest import BUFFER_IN, MANIFEST, state_io_names
 from ..staged import Stage, StagedStepModule
 from .onnx import (
     artifact_folder,
@@ -84,7 +84,7 @@ def export_staged(step: StagedStepModule, out_dir: Path, name: str, *, model_inf
         manifest.update({
             "states": [{**{k: v for k, v in s.items() if k != "shape"}, "shape": ["N", *s["shape"]],
                         **dict(zip(("input", "output"), state_io_names(s["name"]), strict=True))}
-                       for s in report["states"] if not s["name"].startswith("buffer.")],
+                       for s in report["states"] if not s["name"].startswith(BUFFER_IN)],
             "buffers": [{**b, "shape": ["N", *b["shape"]]} for b in report["buffers"]],
             "macs_per_frame": report["macs_per_frame"],
             "params": report["params"],

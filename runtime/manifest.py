@@ -70,6 +70,24 @@ def state_io_names(state_name: str) -> tuple[str, str]:
     return f"state_in.{state_name}", f"state_out.{state_name}"
 
 
+# A buffer between two stages of a multi-rate artifact (edge3d/staged.py) is the reading stage's graph
+# input BUFFER_IN + layer, which the runtime fills one frame at a time from the writing stage's graph
+# output FEED_OUT + layer. The manifest's "buffers" list the inputs' names.
+BUFFER_IN, FEED_OUT = "buffer.", "feed."
+
+
+def buffer_io_names(layer: str) -> tuple[str, str]:
+    return BUFFER_IN + layer, FEED_OUT + layer
+
+
+def buffer_of_feed(feed: str) -> str:
+    return BUFFER_IN + feed.removeprefix(FEED_OUT)
+
+
+def feed_of_buffer(buffer: str) -> str:
+    return FEED_OUT + buffer.removeprefix(BUFFER_IN)
+
+
 def io_names(m: dict[str, Any]) -> tuple[set[str], set[str]]:
     """The graph inputs and outputs a manifest promises: frame + every state_in.*, output + every state_out.*."""
     return ({"frame"} | {state_io_names(s["name"])[0] for s in m["states"]},

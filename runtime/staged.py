@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backend.onnxrt import _ORT_TYPES, check_state_dtypes, initial_value
-from .manifest import ArtifactError, check_file_hash, state_io_names
+from .manifest import ArtifactError, buffer_of_feed, check_file_hash, state_io_names
 from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
 
@@ -233,7 +233,7 @@ class StagedSession(Session):
                 nxt = self._stages[k + 1]
                 slot = ((t + 1) // st["rate"] - 1) % nxt["stride"]
                 for o in st["outputs"]:
-                    name = "buffer." + o["name"].removeprefix("feed.")
+                    name = buffer_of_feed(o["name"])
                     y = res[o["name"]]
                     c = y.shape[1]
                     buf = bufs[name].copy()  # commit only after every stage ran
