@@ -666,6 +666,16 @@ def export(
     from .convert import unwrap
 
     _calib_paced(calib_images_fps, getattr(unwrap(m), "frame_fps", None) if fps is None else fps, model)
+    if any(p.kind == "int8" for p in resolved):  # a multi-rate model's slowest stage needs a feed, checked now
+        from .staged import is_multirate
+
+        if is_multirate(m):
+            from .convert import to_step
+            from .exporters.onnx import frame_hw
+            from .exporters.precision import check_calib_covers_stages
+
+            period = to_step(m, (frame_channels, *frame_hw(frame_size))).periods[-1]
+            check_calib_covers_stages(model, period, resolved, calib_frames)
     info = {"name": model, "options": {k: v for k, v in
                                        {"num_classes": classes, "frame_size": frame_size_option(size),
                                         "width": width, "head": head, "channels": channels}.items()

@@ -143,6 +143,22 @@ def check_calib_frames(calib_frames: int | None) -> None:
         raise ValueError(f"--calib-frames must be an integer of at least 1, got {calib_frames!r}.")
 
 
+def check_calib_covers_stages(name: str, period: int, profiles: list[Profile], calib_frames: int | None) -> None:
+    """Refuse INT8 calibration too short for a multi-rate model's slowest stage, before any work.
+
+    Stage k is calibrated on the feeds it gets in the FP32 rollout, one every ``rate_k`` frames, so
+    fewer frames than the slowest stage's rate left it none, and the reader said the source "gave no
+    frames", which synthetic never does.
+    """
+    for p in profiles:
+        frames = int(calib_frames) if calib_frames else p.calibration.frames
+        if p.kind == "int8" and frames < period:
+            what = f"--calib-frames {frames}" if calib_frames else f"profile {p.name}'s calibration frame count ({frames})"
+            raise ValueError(f"{what} is less than {name}'s output period ({period} frames): its slowest stage runs "
+                             f"once every {period} frames and would get no calibration feed; pass --calib-frames "
+                             f"{period} or more (a stage that runs every r frames gets one feed per r frames).")
+
+
 MIN_QUANTISER_ORT = (1, 19)
 
 
@@ -220,6 +236,8 @@ def add_precisions(
     calib_images_fps = check_images_fps(calib_images_fps, manifest, folder, "--calib-images-fps")
     if any(p.kind == "int8" for p in profiles):
         check_quantiser()
+    if "stages" in manifest:
+        check_calib_covers_stages(manifest["name"], manifest["stages"][-1]["rate"], profiles, calib_frames)
     graphs = _graphs(manifest)
     entries: dict[str, dict[str, Any]] = {}
     tmp = staging_folder(folder, ".precision.")

@@ -269,6 +269,32 @@ def test_single_graph_tools_refuse_a_multi_rate_artifact_in_one_sentence(r3d, tm
     assert not any(tmp_path.iterdir())
 
 
+def test_int8_calibration_shorter_than_the_slowest_stage_is_refused_before_any_work(r3d, tmp_path: Path) -> None:
+    """Fewer calibration frames than the output period gave the slowest stage no feed, and the reader said
+    the source "gave no frames after the 16 warm-up frames", which synthetic never does."""
+    import shutil
+
+    from edge3d.exporters.precision import add_precisions
+    from typer.testing import CliRunner
+
+    from edge3d.cli import app
+
+    _, src = r3d
+    art = tmp_path / "r3d.edge3d"
+    shutil.copytree(src, art)
+    before = sorted(p.name for p in art.iterdir())
+    said = "--calib-frames 4 is less than r3d's output period (8 frames): its slowest stage runs once every 8 frames"
+    with pytest.raises(ValueError, match=re.escape(said)):
+        add_precisions(art, ["fp16", "int8"], calib_frames=4)
+    assert sorted(p.name for p in art.iterdir()) == before  # not even the fp16 graphs
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["export", "r3d18-causal", "--width", "0.125", "--size", str(SIZE), "--profile",
+                                   "int8", "--calib-frames", "7", "-o", str(out)], terminal_width=300)
+    assert res.exit_code == 2 and "--calib-frames 7 is less than r3d18-causal's output period (8 frames)" in res.output, \
+        res.output
+    assert not out.exists()  # refused before the FP32 stages were written
+
+
 def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_path: Path, monkeypatch) -> None:
     """Precisions were refused on a multi-rate artifact ("multi-rate artifacts run FP32"), so a model
     with temporal strides could not be shipped in FP16 or INT8, nor compared. Each stage graph is now
