@@ -51,7 +51,10 @@ class RolloutReader:
 
     ``stage`` (a multi-rate artifact): yield stage ``stage``'s feeds instead, one each time the
     rollout runs that stage; ``frames`` still counts the frames stepped after warm-up, so a stage run
-    every 4 frames is calibrated on a quarter as many feeds, from the same stretch of video.
+    every 4 frames is calibrated on a quarter as many feeds, from the same stretch of video. Each
+    stream's share is then a whole number of cycles (the slowest stage's rate P): any P frames in a
+    row run every stage, where a folder of 101 clips sharing 256 frames gave each clip 2 or 3, which
+    never reached a stride-8 stage's first run.
 
     ``images_fps``: the rate the source's folders of images were extracted at, so that they are paced
     to the artifact's frame rate as videos are.
@@ -79,6 +82,7 @@ class RolloutReader:
         self.nonzero_state_feeds = 0
         self.feeds = 0  # feeds yielded: the frames past warm-up, or a stage's runs among them
         self.stage = stage
+        self._cycle = 1 if stage is None else int(self.manifest["stages"][-1]["rate"])  # frames per share unit
         # the feed each state (and each buffer a stage reads from the one before) arrives in
         self._fed = {s["name"]: s["input"] for s in self.manifest["states"]}
         self.buffer_names: list[str] = []
@@ -101,6 +105,14 @@ class RolloutReader:
         """Read up to the first feed now, so an empty source fails before quantisation starts."""
         if self._pending is None and self.yielded == 0:
             self._pending = self._advance()
+            if self._pending is None and self.yielded:  # frames past warm-up, none of them ran this stage
+                rate = self.manifest["stages"][self.stage]["rate"]
+                raise ValueError(
+                    f"calibration source {self.description!r} gave {self.yielded} frames after the {self.warmup} "
+                    f"warm-up frames of each stream, and stage {self.stage}, which runs once every {rate} frames of "
+                    f"a stream, ran on none of them; pass clips of at least {self.warmup + rate} frames, or "
+                    f"synthetic, as {CALIB_SOURCE}."
+                )
             if self._pending is None:
                 raise ValueError(
                     f"calibration source {self.description!r} gave no frames after the {self.warmup} warm-up "
@@ -120,6 +132,7 @@ class RolloutReader:
                 self._t = 0
                 left = len(self._streams) - self.stream_count
                 self._quota = -(-(self.frames - self.yielded) // left)  # ceil: the last stream takes what is left
+                self._quota = -(-self._quota // self._cycle) * self._cycle  # whole cycles of the stages
                 self.stream_count += 1
             try:
                 item = next(self._current)

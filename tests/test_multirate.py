@@ -295,6 +295,36 @@ def test_int8_calibration_shorter_than_the_slowest_stage_is_refused_before_any_w
     assert not out.exists()  # refused before the FP32 stages were written
 
 
+def test_int8_calibration_on_a_folder_of_clips_gives_each_clip_whole_cycles(r3d, tmp_path: Path) -> None:
+    """Each clip of a calibration folder gets a share of the frames; 24 frames over 6 clips gave each 4
+    frames after warm-up, none of them the 8th that runs the slowest stage, and the export failed saying
+    the source "gave no frames". Shares are now whole cycles of the stages: 3 clips of 8 frames."""
+    import json
+    import shutil
+
+    from edge3d.exporters.precision import add_precisions
+
+    cv2 = pytest.importorskip("cv2")
+    _, src = r3d
+    for folder, clips, length in (("long", 6, 26), ("short", 3, 20)):
+        (tmp_path / folder).mkdir()
+        for c in range(clips):
+            writer = cv2.VideoWriter(str(tmp_path / folder / f"c{c}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 25,
+                                     (SIZE, SIZE))
+            for i in range(length):
+                writer.write(np.random.default_rng(100 * c + i).integers(0, 255, (SIZE, SIZE, 3), np.uint8))
+            writer.release()
+    art = tmp_path / "r3d.edge3d"
+    shutil.copytree(src, art)
+    add_precisions(art, ["int8-cpu"], calib_source=str(tmp_path / "long"), calib_frames=24)
+    calib = json.loads((art / "manifest.json").read_text())["precisions"]["int8-cpu"]["calibration"]
+    assert calib["feeds"] == [24, 12, 6, 3] and calib["streams"] == 3, calib
+    with pytest.raises(ValueError, match=re.escape(
+            "gave 12 frames after the 16 warm-up frames of each stream, and stage 3, which runs once every 8 frames "
+            "of a stream, ran on none of them; pass clips of at least 24 frames")):
+        add_precisions(art, ["int8"], calib_source=str(tmp_path / "short"), calib_frames=24)
+
+
 def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_path: Path, monkeypatch) -> None:
     """Precisions were refused on a multi-rate artifact ("multi-rate artifacts run FP32"), so a model
     with temporal strides could not be shipped in FP16 or INT8, nor compared. Each stage graph is now
