@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .bench_streams import _period, host_info, interleaved_times
+from .bench_streams import cycle_frames, host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 WINDOW = 16  # the sliding window the step is compared with, as the contract states it
@@ -243,7 +243,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             artifact = export_artifact(model, folder, "lowered", frame_size=size, channels=c, verify=verify)
             naive = export_artifact(model, folder, "conv3d", frame_size=size, channels=c, lower=False, verify=False)
         manifest = load_manifest(artifact)
-        period = _period(manifest)  # frames per output, and per timed call
+        period = cycle_frames(manifest)  # frames per output, and per timed call
         window = max(WINDOW, period) if window is None else window
         f = manifest["frame"]
         shape = (f["channels"], f["height"], f["width"])

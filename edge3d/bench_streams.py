@@ -93,7 +93,7 @@ def _frame_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
     return int(f["channels"]), int(f["height"]), int(f["width"])
 
 
-def _period(manifest: dict[str, Any]) -> int:
+def cycle_frames(manifest: dict[str, Any]) -> int:
     """Frames per timed call: one cycle of every stage of a multi-rate artifact, so each call does the
     same work (a median over single frames would time stage 0 alone), else 1."""
     return int(manifest.get("output_period", 1)) if "stages" in manifest else 1
@@ -221,7 +221,7 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
                       max_batch=max_batch, spin=spin)
     separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads, spin=spin)
                 for _ in range(n)]
-    period = _period(batched.manifest)
+    period = cycle_frames(batched.manifest)
     data = _frames(_frame_shape(batched.manifest), n)
     perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(1)  # every stream, not in order
 
@@ -295,7 +295,7 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
     _trim_heap()
     created = _rss_bytes()  # weights, sessions and the runtime's own buffers, before any activation
     data = _frames(_frame_shape(sessions[0].manifest), n)
-    for i in range(WARMUP_CALLS * _period(sessions[0].manifest)):  # every stage has run, its activations held
+    for i in range(WARMUP_CALLS * cycle_frames(sessions[0].manifest)):  # every stage has run, its activations held
         if mode == "batched":
             sessions[0].step_batch(data[i % DISTINCT_FRAMES])
         else:
@@ -411,7 +411,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "state_bytes_per_stream": state_bytes,
         "state_bytes_without_input_history": manifest.get("state_bytes"),
         "runtime_buffer_bytes_per_stream": runtime_bytes,
-        "frames_per_call": _period(manifest),
+        "frames_per_call": cycle_frames(manifest),
         "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
         "rows": rows,
         "method": {
