@@ -45,14 +45,14 @@ class ArtifactError(ValueError):
 
 def multirate_message(name: str, what: str) -> str:
     return (f"{name} is a multi-rate model (one graph per stage), and {what} takes single-graph artifacts only; "
-            "multi-rate artifacts run on ONNX Runtime, in every precision, with `edge3d run`, `edge3d compare` or "
-            "Session (see docs/multirate.md).")
+            "multi-rate artifacts run on ONNX Runtime, in every precision, with `edge3d run`, `edge3d compare`, "
+            "`edge3d bench` or Session (see docs/multirate.md).")
 
 
 def require_single_graph(manifest: dict[str, Any], what: str) -> None:
-    """Multi-rate artifacts (manifest "stages") run on ONNX Runtime only: TensorRT, Triton and bench
-    each take one graph with one set of states, and would otherwise fail deep inside on the first
-    stage's graph."""
+    """Multi-rate artifacts (manifest "stages") run on ONNX Runtime only: TensorRT, Triton and compare's
+    Polygraphy inputs each take one graph with one set of states, and would otherwise fail deep inside on
+    the first stage's graph."""
     if "stages" in manifest:
         raise ArtifactError(multirate_message(str(manifest.get("name", "the artifact")), what))
 
