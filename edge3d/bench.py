@@ -19,6 +19,7 @@ from .bench_streams import cycle_frames, host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 WINDOW = 16  # the sliding window the step is compared with, as the contract states it
+PROFILE = "profile."  # the timings of --profiles, by precision: "profile.fp16", "profile.int8", ...
 # The performance contract's targets, set for d-resnet18 at 112×112 on ONNX Runtime CPU (issue #6);
 # other models and sizes have none, and show these only for comparison.
 TARGETS = {"step_gflops_vs_matmul": ">= 0.7", "lowered_vs_conv3d_speedup": ">= 1.25",
@@ -62,6 +63,9 @@ def _ratios(ms: dict[str, float], macs: int) -> dict[str, float]:
             ratios[name] = ms[key] / step
     if "eager" in ms:  # against the faster of PyTorch's two step loops: the baseline never flatters the step
         ratios["exported_vs_eager_speedup"] = min(ms["eager"], ms["eager_conv3d"]) / step
+    for key in ms:  # each precision against the FP32 step
+        if key.startswith(PROFILE):
+            ratios[f"{key.removeprefix(PROFILE)}_vs_fp32_speedup"] = step / ms[key]
     return ratios
 
 
@@ -192,7 +196,8 @@ def _check_window(model: Any, target: str, shape: tuple[int, int, int], window: 
 def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int, int] | None = None,
               width: float | None = None, head: str | None = None, channels: int | None = None, frames: int = 100,
               window: int | None = None, streams: list[int] | None = None,
-              rounds: int = 5, verify: bool = True, log: Any = None) -> dict[str, Any]:
+              rounds: int = 5, verify: bool = True, log: Any = None,
+              profiles: list[str] | None = None) -> dict[str, Any]:
     """Measure the step graph against the alternatives a user has; see README "Benchmarks".
 
     ``verify`` runs the export's step check on the lowered graph only: the Conv3d graph is the same
@@ -204,6 +209,12 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
     stage 0 alone. The sliding window, which needs one clip forward per output, then runs once per
     P frames, so ``step_vs_window_speedup`` compares the cost of an output both ways. ``window``
     left out is 16 frames, or P where P is longer.
+
+    ``profiles`` (precisions other than fp32) are each timed in a block of its own in every round,
+    as the Conv3d graph is, for the contract's "INT8 and FP16 vs FP32" ratios: an artifact's own
+    precisions where left out, or built into the temporary export of a model (INT8 calibrated on
+    synthetic frames). Not call by call beside FP32: sessions stepped in turn spin their ONNX Runtime
+    threads against each other, and full-size d-resnet18's FP32 step took 20.1 ms so, 7.0 ms alone.
     """
     from .runtime import Session
     from .runtime.manifest import load_manifest
@@ -237,12 +248,25 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             model = build_model(target, num_classes=classes, frame_size=size, width=width, head=head)
             size = size or getattr(model, "frame_size", 112)
             c = frame_channels(model, channels)
+            if profiles:  # a misspelt name before two exports, not after
+                from .exporters.precision import resolve_profiles
+
+                resolve_profiles(profiles)
             if window is not None:  # before two exports, not after
                 _check_window(model, target, (c, *frame_hw(size)), window)
             say(f"exporting {target} (2D-lowered and Conv3d step graphs)...")
             artifact = export_artifact(model, folder, "lowered", frame_size=size, channels=c, verify=verify)
             naive = export_artifact(model, folder, "conv3d", frame_size=size, channels=c, lower=False, verify=False)
+            if profiles:
+                from .exporters.precision import add_precisions
+
+                say(f"building {', '.join(p for p in profiles if p != 'fp32')}...")
+                add_precisions(artifact, [p for p in profiles if p != "fp32"])
         manifest = load_manifest(artifact)
+        if profiles is None:  # an artifact's own precisions
+            profiles = [p for p in manifest["precisions"] if p != "fp32"] if model is None else []
+        profiles = [p for p in dict.fromkeys(profiles) if p != "fp32"]
+        precise = {p: Session(artifact, profile=p) for p in profiles}  # a precision it lacks is named here
         period = cycle_frames(manifest)  # frames per output, and per timed call
         window = max(WINDOW, period) if window is None else window
         f = manifest["frame"]
@@ -285,6 +309,8 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             ({"step": cycle(lambda _: sess.step(next_frame())), "bare": bare}, per_round),
             ({"matmul": _matmul_call()}, 2),
         ]
+        for p, s in precise.items():
+            groups.append(({PROFILE + p: cycle(lambda _, s=s: s.step(next_frame()))}, per_round))
         if model is not None:
             import torch
 
@@ -345,12 +371,16 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
                 results[name] = ms[key] * (period if key == "window" else 1)  # one window per output
         if "eager" in ms:  # the baseline of exported_vs_eager_speedup
             results["torch_eager_step_ms"] = min(ms["eager"], ms["eager_conv3d"])
+        for key in ms:
+            if key.startswith(PROFILE):
+                results[f"{key.removeprefix(PROFILE)}_step_ms"] = ms[key]
         report: dict[str, Any] = {
             "target": target, "frame": list(shape), "macs_per_frame": macs,
             "cache_bytes_per_stream": sess.cache_bytes, "frames": frames, "rounds": rounds, "window": window,
             "output_period": period,
             "results": results, "ratios": ratios, "ratio_range_over_rounds": ratio_range,
-            "targets_for_d_resnet18_112": {k: TARGETS[k] for k in ratios},
+            "targets_for_d_resnet18_112": {k: TARGETS[k] for k in ratios if k in TARGETS},
+            "profiles": ["fp32", *profiles] if profiles else [],
             "ms_by_round": round_ms, "host": host_info(), "not_measured": not_measured,
         }
         if streams:
@@ -358,4 +388,6 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
 
             report["streams"] = measure_streams(artifact, streams, frames)
         sess.close()
+        for s in precise.values():
+            s.close()
     return report

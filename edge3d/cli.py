@@ -1238,8 +1238,11 @@ def bench(
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the export's check of the step against the model's clip forward (as export "
                             "--no-verify), e.g. to time a model whose forward code mixes frames.")] = False,
+    profiles: Annotated[str | None, typer.Option(
+        "--profiles", help="Precisions to time against FP32, e.g. fp16,int8-cpu (default: every precision of an "
+                           "artifact, none for a model, whose precisions are then built for the bench).")] = None,
 ) -> None:
-    """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager."""
+    """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager, precisions."""
     from .bench import run_bench
 
     _output_file(json_out, "--json-out")
@@ -1251,7 +1254,8 @@ def bench(
         report = run_bench(target, classes=classes, size=frame_size_option(size), width=width, head=head,
                            channels=channels, frames=frames,
                            window=window, rounds=rounds, streams=_stream_counts(streams),
-                           verify=not no_verify, log=None if as_json else console)
+                           verify=not no_verify, log=None if as_json else console,
+                           profiles=split_names(profiles) if profiles is not None else None)
     text = json.dumps(json_safe(report), indent=2, allow_nan=False)
     if json_out:
         try:

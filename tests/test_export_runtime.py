@@ -2102,6 +2102,18 @@ def test_cli_bench_on_an_artifact_reports_what_needs_no_model(tmp_path: Path) ->
     assert res.exit_code == 0 and "range, 1 round " in res.output, res.output
     assert "throughput: N streams in one batched Session vs N Sessions" in res.output, res.output
     assert re.search(r"│ 2 │\s+[\d.]+ │\s+[\d.]+ │", res.output), res.output
+    # the contract's "FP16 and INT8 vs FP32": an artifact's precisions, each timed beside FP32
+    res = runner.invoke(app, ["export", art_path := str(tmp_path / "d-resnet18.edge3d"), "--profile", "fp16"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["bench", art_path, "--frames", "2", "--rounds", "2", "--json-out", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    assert report["profiles"] == ["fp32", "fp16"] and "fp16_step_ms" in report["results"]
+    assert report["ratios"]["fp16_vs_fp32_speedup"] == pytest.approx(float(np.median(
+        [r["step"] / r["profile.fp16"] for r in report["ms_by_round"]])))
+    assert "fp16_vs_fp32_speedup" not in report["targets_for_d_resnet18_112"]  # the contract sets no number
+    res = runner.invoke(app, ["bench", art_path, "--profiles", "int8", "--frames", "2"], terminal_width=300)
+    assert res.exit_code == 2 and "the artifact has no 'int8' precision (it has fp32, fp16)" in res.output, res.output
     # options that build a model do nothing for an artifact, which is built: they were ignored
     art = str(tmp_path / "d-resnet18.edge3d")
     for verb, flags in (("bench", ["--window", "8"]), ("bench", ["--width", "0.5"]), ("bench", ["--no-verify"]),

@@ -562,10 +562,11 @@ def test_bench_times_a_multi_rate_model_per_frame_over_whole_cycles(tmp_path: Pa
 
     monkeypatch.setattr(bench, "_in_rounds", keep)
     monkeypatch.setattr(StagedSession, "step", counting)
-    r = bench.run_bench(target, size=16, frames=8, rounds=1)
-    assert r["output_period"] == 4 and r["window"] == 16
-    # the lowered and the Conv3d session: 3 warm-up calls and 2 timed calls per round, 4 frames each
-    assert sorted(stepped.values()) == [20, 20]
+    r = bench.run_bench(target, size=16, frames=8, rounds=1, profiles=["fp16"])
+    assert r["output_period"] == 4 and r["window"] == 16 and r["profiles"] == ["fp32", "fp16"]
+    # 3 warm-up calls and 2 timed calls per round, 4 frames each: the lowered and the Conv3d session, and the
+    # fp16 session built for the bench
+    assert sorted(stepped.values()) == [20, 20, 20]
     med = {n: float(np.median(v)) for n, v in raw[0].items()}
     res = r["results"]
     assert res["step_ms"] == pytest.approx(med["step"] / 4) and res["bare_ort_ms"] == pytest.approx(med["bare"] / 4)
@@ -574,6 +575,8 @@ def test_bench_times_a_multi_rate_model_per_frame_over_whole_cycles(tmp_path: Pa
     assert res["matmul_gflops"] == pytest.approx(2 * bench.MATMUL_N**3 / (med["matmul"] * 1e-3) / 1e9)
     assert r["ratios"]["step_vs_window_speedup"] == pytest.approx(med["window"] / med["step"])
     assert r["ratios"]["lowered_vs_conv3d_speedup"] == pytest.approx(med["conv3d"] / med["step"])
+    assert res["fp16_step_ms"] == pytest.approx(med["profile.fp16"] / 4)
+    assert r["ratios"]["fp16_vs_fp32_speedup"] == pytest.approx(med["step"] / med["profile.fp16"])
     res = CliRunner().invoke(app, ["bench", target, "--size", "16", "--window", "2"], terminal_width=200)
     assert res.exit_code == 2 and "--window 2 is shorter than " + target + "'s output period (4 frames)" in res.output, \
         res.output
