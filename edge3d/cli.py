@@ -1232,15 +1232,17 @@ def bench(
                          "output period where that is longer).")] = None,
     rounds: Annotated[int, typer.Option("--rounds", help="Take the measurements in turn this many times, so a "
                                         "slow spell of a shared machine hits all of them.")] = 5,
-    streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, e.g. 1,2,4,8.")] = None,
+    streams: Annotated[str | None, typer.Option("--streams", help="Also measure batched streams, as bench-streams "
+                                                "does, e.g. 1,2,4,8.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report only.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json-out", help="Write the JSON report here.")] = None,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the export's check of the step against the model's clip forward (as export "
                             "--no-verify), e.g. to time a model whose forward code mixes frames.")] = False,
     profiles: Annotated[str | None, typer.Option(
-        "--profiles", help="Precisions to time against FP32, e.g. fp16,int8-cpu (default: every precision of an "
-                           "artifact, none for a model, whose precisions are then built for the bench).")] = None,
+        "--profiles", help="Precisions to time against FP32, e.g. fp16,int8-cpu; given a model, they are built "
+                           "for the bench (INT8 calibrated on synthetic frames). Default: every precision an "
+                           "artifact holds.")] = None,
 ) -> None:
     """Measure step vs sliding window, 2D-lowered vs Conv3d, runtime overhead, PyTorch eager, precisions."""
     from .bench import run_bench
