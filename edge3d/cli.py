@@ -1459,7 +1459,7 @@ def compare(
     """Compare precisions against FP32: latency, cache, per-step error, drift, top-1 agreement."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .compare import TREND_FRAMES, outputs_text, report_notes, table_rows
+    from .compare import TREND_FRAMES, outputs_text, report_notes, table_rows, threads_text
     from .compare import compare as run_compare
     from .runtime.manifest import load_manifest
 
@@ -1502,7 +1502,8 @@ def compare(
     if report.get("host"):  # each precision's ms/frame belongs to this CPU
         from .bench_streams import host_line
 
-        console.print(f"host: {escape(host_line(report['host']))}", highlight=False, soft_wrap=True)
+        console.print(f"host: {escape(host_line(report['host']) + threads_text(report))}", highlight=False,
+                      soft_wrap=True)
     console.print(f"wrote [bold]{escape(str(out / 'report.json'))}[/], "
                   + ", ".join(["report.md", *report.get("plots", []), "series.npz"]))
     if report.get("plots_skipped"):

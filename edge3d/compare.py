@@ -566,13 +566,23 @@ def outputs_text(report: dict[str, Any]) -> str:
                                                    "ms/frame over whole cycles of the stages")
 
 
+def threads_text(report: dict[str, Any]) -> str:
+    """What the ms/frame were measured with: compare's default is one ONNX Runtime thread per session,
+    so that its 2N+1 sessions in lockstep do not contend, and d-resnet18's FP32 step read 14.2 ms here
+    where `edge3d bench`, one session with both cores, read 6.8."""
+    n = report.get("threads")
+    return "" if n is None else (f"; ms/frame with {n} ONNX Runtime thread{'s' if n != 1 else ''} per session "
+                                 "(--threads; `edge3d bench` times one session alone)")
+
+
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"# edge3d compare: {report['model']}", "",
              f"Source: `{report['source']}`, {report['frames']} frames in {report['streams']} stream(s)"
              f"{outputs_text(report)}"
              f"{' (interrupted: the frames every profile finished)' if report.get('interrupted') else ''}; "
              f"reference {report['reference']}; output scale (max |fp32 output|) {report['output_scale']:.4g}.", "",
-             *([f"Host: {host_line(report['host'])}; compare ms/frame only with reports from the same host.", ""]
+             *([f"Host: {host_line(report['host'])}; compare ms/frame only with reports from the same host"
+                 f"{threads_text(report)}.", ""]
                if report.get("host") else []),
              "TF = teacher-forced per-step error (each profile fed the FP32 states); drift = free-running "
              "(each profile carries its own state), max abs error and cosine similarity against FP32; "

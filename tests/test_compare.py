@@ -221,6 +221,11 @@ def test_cli_compare(tmp_path: Path, stateful: Path, video: Path, monkeypatch: p
     assert "polygraphy run" in r.output and "[I]" not in r.output
     saved = json.loads((out / "report.json").read_text())
     assert saved["frames"] == 40 and f"host: {saved['host']['cpu']}" in r.output
+    # compare's ms/frame are one ORT thread's, bench's both cores': the line says which
+    said_flat = " ".join(r.output.split())
+    assert "ms/frame with 1 ONNX Runtime thread per session (--threads; `edge3d bench` times one session " \
+        "alone)" in said_flat, said_flat
+    assert "ms/frame with 1 ONNX Runtime thread per session" in (out / "report.md").read_text()
     said = "".join(r.output.split())
     unnamed = [f.name for f in out.iterdir() if f.name not in said]
     assert not unnamed, f"compare wrote {unnamed} without saying so"
