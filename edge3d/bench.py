@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .bench_streams import cycle_frames, host_info, interleaved_times
+from .bench_streams import host_info, interleaved_times
 
 MATMUL_N = 2048  # the yardstick MatMul is MATMUL_N × MATMUL_N float32
 WINDOW = 16  # the sliding window the step is compared with, as the contract states it
@@ -217,7 +217,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
     threads against each other, and full-size d-resnet18's FP32 step took 20.1 ms so, 7.0 ms alone.
     """
     from .runtime import Session
-    from .runtime.manifest import load_manifest
+    from .runtime.manifest import load_manifest, output_period
 
     for name, value in (("--frames", frames), ("--rounds", rounds), ("--window", window)):
         if value is not None and value < 1:
@@ -267,7 +267,7 @@ def run_bench(target: str, *, classes: int | None = None, size: int | tuple[int,
             profiles = [p for p in manifest["precisions"] if p != "fp32"] if model is None else []
         profiles = [p for p in dict.fromkeys(profiles) if p != "fp32"]
         precise = {p: Session(artifact, profile=p) for p in profiles}  # a precision it lacks is named here
-        period = cycle_frames(manifest)  # frames per output, and per timed call
+        period = output_period(manifest)  # frames per output, and per timed call
         window = max(WINDOW, period) if window is None else window
         f = manifest["frame"]
         shape = (f["channels"], f["height"], f["width"])

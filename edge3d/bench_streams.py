@@ -93,12 +93,6 @@ def _frame_shape(manifest: dict[str, Any]) -> tuple[int, int, int]:
     return int(f["channels"]), int(f["height"]), int(f["width"])
 
 
-def cycle_frames(manifest: dict[str, Any]) -> int:
-    """Frames per timed call: one cycle of every stage of a multi-rate artifact, so each call does the
-    same work (a median over single frames would time stage 0 alone), else 1."""
-    return int(manifest.get("output_period", 1)) if "stages" in manifest else 1
-
-
 def _frames(frame_shape: tuple[int, ...], streams: int, seed: int = 0) -> np.ndarray:
     """Normalised float32 frames (DISTINCT_FRAMES, streams, C, H, W), the same for every mode."""
     rng = np.random.default_rng(seed)
@@ -216,12 +210,13 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     A multi-rate artifact's streams share one phase, so no call steps a subset of them: it has no
     gather/scatter figures (None), and each timed call steps a whole cycle of its stages."""
     from .runtime import Session
+    from .runtime.manifest import output_period
 
     batched = Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
                       max_batch=max_batch, spin=spin)
     separate = [Session(artifact, profile=profile, backend="onnxruntime", threads=threads, spin=spin)
                 for _ in range(n)]
-    period = cycle_frames(batched.manifest)
+    period = output_period(batched.manifest)
     data = _frames(_frame_shape(batched.manifest), n)
     perm = np.roll(np.arange(n), 1) if n > 1 else np.arange(1)  # every stream, not in order
 
@@ -286,6 +281,7 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
               max_batch: int | None = None) -> dict[str, int]:
     """Runs in a fresh process: RSS after creating, and after warming, N batched streams or N sessions."""
     from .runtime import Session
+    from .runtime.manifest import output_period
 
     if mode == "batched":
         sessions = [Session(artifact, profile=profile, backend="onnxruntime", streams=n, threads=threads,
@@ -295,7 +291,7 @@ def rss_child(artifact: str, mode: str, n: int, profile: str, threads: int | Non
     _trim_heap()
     created = _rss_bytes()  # weights, sessions and the runtime's own buffers, before any activation
     data = _frames(_frame_shape(sessions[0].manifest), n)
-    for i in range(WARMUP_CALLS * cycle_frames(sessions[0].manifest)):  # every stage has run, its activations held
+    for i in range(WARMUP_CALLS * output_period(sessions[0].manifest)):  # every stage has run, its activations held
         if mode == "batched":
             sessions[0].step_batch(data[i % DISTINCT_FRAMES])
         else:
@@ -350,7 +346,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
     figures are compared with, and ``method`` (how each number was measured).
     """
     from .runtime import Session
-    from .runtime.manifest import resolve_artifact
+    from .runtime.manifest import output_period, resolve_artifact
 
     if not streams or any(not isinstance(n, int) or n < 1 for n in streams):
         raise ValueError(f"streams must be positive integers, e.g. 1,2,4,8; got {streams!r}.")
@@ -411,7 +407,7 @@ def measure_streams(artifact_path: str | Path, streams: list[int], frames: int, 
         "state_bytes_per_stream": state_bytes,
         "state_bytes_without_input_history": manifest.get("state_bytes"),
         "runtime_buffer_bytes_per_stream": runtime_bytes,
-        "frames_per_call": cycle_frames(manifest),
+        "frames_per_call": output_period(manifest),
         "weight_bytes": manifest["precisions"].get(profile, {}).get("weight_bytes"),
         "rows": rows,
         "method": {

@@ -31,6 +31,7 @@ from .runtime.manifest import (
     json_safe,
     load_manifest,
     output_map,
+    output_period,
     precision_entry,
     require_single_graph,
     state_io_names,
@@ -349,7 +350,7 @@ def compare(
         if n == 0:
             raise ValueError(f"source {description!r} gave no frames; check the file, folder or camera.")
         if kept == 0:
-            rate = manifest["stages"][-1]["rate"]
+            rate = output_period(manifest)
             raise ValueError(f"{n} frames of {description!r} gave no output to compare: this multi-rate model's "
                              f"slowest stage first runs on frame {rate} of each clip; pass --frames {rate} or more "
                              "(and clips at least that long).")
@@ -401,7 +402,7 @@ def frame_ms(sess: Session) -> np.ndarray:
     cycles = getattr(sess, "cycle_ms", None)
     if cycles is None:
         return np.asarray(sess.stats.ms)
-    return np.asarray(cycles) / sess.manifest["stages"][-1]["rate"]
+    return np.asarray(cycles) / output_period(sess.manifest)
 
 
 def _report(manifest: dict[str, Any], names: list[str], description: str, n: int, boundaries: list[int],

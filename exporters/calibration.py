@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ..runtime import Session
-from ..runtime.manifest import BUFFER_IN, state_io_names
+from ..runtime.manifest import BUFFER_IN, output_period, state_io_names
 from ..sources import split_item, streams_of
 
 _SAMPLE = 4096  # values of each state kept per calibration feed for percentile ranges
@@ -82,7 +82,7 @@ class RolloutReader:
         self.nonzero_state_feeds = 0
         self.feeds = 0  # feeds yielded: the frames past warm-up, or a stage's runs among them
         self.stage = stage
-        self._cycle = 1 if stage is None else int(self.manifest["stages"][-1]["rate"])  # frames per share unit
+        self._cycle = 1 if stage is None else output_period(self.manifest)  # frames per share unit
         # the feed each state (and each buffer a stage reads from the one before) arrives in
         self._fed = {s["name"]: s["input"] for s in self.manifest["states"]}
         self.buffer_names: list[str] = []

@@ -35,6 +35,7 @@ from ..runtime.manifest import (
     format_version_for,
     is_positive_int,
     load_manifest,
+    output_period,
     resolve_artifact,
     staging_folder,
 )
@@ -237,7 +238,7 @@ def add_precisions(
     if any(p.kind == "int8" for p in profiles):
         check_quantiser()
     if "stages" in manifest:
-        check_calib_covers_stages(manifest["name"], manifest["stages"][-1]["rate"], profiles, calib_frames)
+        check_calib_covers_stages(manifest["name"], output_period(manifest), profiles, calib_frames)
     graphs = _graphs(manifest)
     entries: dict[str, dict[str, Any]] = {}
     tmp = staging_folder(folder, ".precision.")

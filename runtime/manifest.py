@@ -88,6 +88,13 @@ def feed_of_buffer(buffer: str) -> str:
     return FEED_OUT + buffer.removeprefix(BUFFER_IN)
 
 
+def output_period(manifest: dict[str, Any]) -> int:
+    """Frames from one output to the next: the slowest stage's rate of a multi-rate artifact, else 1.
+    Any this many frames in a row run every stage of the schedule, so timings and calibration shares
+    are taken in whole cycles of it."""
+    return int(manifest["stages"][-1]["rate"]) if "stages" in manifest else 1
+
+
 def io_names(m: dict[str, Any]) -> tuple[set[str], set[str]]:
     """The graph inputs and outputs a manifest promises: frame + every state_in.*, output + every state_out.*."""
     return ({"frame"} | {state_io_names(s["name"])[0] for s in m["states"]},

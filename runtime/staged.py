@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backend.onnxrt import _ORT_TYPES, check_state_dtypes, initial_value
-from .manifest import ArtifactError, buffer_of_feed, check_file_hash, state_io_names
+from .manifest import ArtifactError, buffer_of_feed, check_file_hash, output_period, state_io_names
 from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
 
@@ -112,13 +112,13 @@ class StagedSession(Session):
     def has_output(self) -> bool:
         """Whether the slowest stage has run since the start (or the restored snapshot's start):
         before that, ``step`` returns zeros, which are no prediction."""
-        return self._t >= self._stages[-1]["rate"]
+        return self._t >= output_period(self.manifest)
 
     def top_k(self, output: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
         """As :meth:`Session.top_k`, refused before the first output: the zeros ``step`` returns then
         would name the first class at a uniform score, a prediction the model never made."""
         if not self.has_output:
-            rate = self._stages[-1]["rate"]
+            rate = output_period(self.manifest)
             raise ValueError(f"this multi-rate session has no prediction yet: its slowest stage first runs on "
                              f"frame {rate} of each clip, counting from 1, and until then step returns zeros; call "
                              "top() once has_output is True.")
@@ -202,10 +202,17 @@ class StagedSession(Session):
         self.stats.record(ms, self.streams)
         self._cycle = [self._cycle[0] + ms, self._cycle[1] + 1]
         if self.last_fresh:
-            if self._cycle[1] == self._stages[-1]["rate"]:
+            if self._cycle[1] == output_period(self.manifest):
                 self.cycle_ms.append(self._cycle[0])
             self._cycle = [0.0, 0]
         return self._last.copy()
+
+    def _feeds(self, k: int, frame: np.ndarray, bufs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stage k's graph inputs: the frame (stage 0) or its buffers, and its states."""
+        st = self._stages[k]
+        feeds = {"frame": frame} if k == 0 else {i["name"]: bufs[i["name"]] for i in st["inputs"]}
+        feeds.update({state_io_names(n)[0]: self._states[n] for n in st["states"]})
+        return feeds
 
     def _advance(self, frame: np.ndarray) -> None:
         t = self._t
@@ -219,9 +226,7 @@ class StagedSession(Session):
             if (t + 1) % st["rate"]:
                 break
             sess, out_names = self._sess[k]
-            feeds = {"frame": frame} if k == 0 else {i["name"]: bufs[i["name"]] for i in st["inputs"]}
-            for n in st["states"]:
-                feeds[state_io_names(n)[0]] = self._states[n]
+            feeds = self._feeds(k, frame, bufs)
             t0 = time.perf_counter()
             res = dict(zip(out_names, sess.run(None, feeds), strict=True))
             timings.append((k, (time.perf_counter() - t0) * 1e3))
@@ -269,10 +274,8 @@ class StagedSession(Session):
         frame = np.zeros((self.streams, f["channels"], f["height"], f["width"]), self._types["frame"])
         runs = []
         for k, st in enumerate(self._stages):
-            feeds = {"frame": frame} if k == 0 else {i["name"]: self._buf[i["name"]] for i in st["inputs"]}
-            feeds.update({state_io_names(n)[0]: self._states[n] for n in st["states"]})
-            runs.append((st["rate"], self._sess[k][0], feeds))
-        period = self._stages[-1]["rate"]
+            runs.append((st["rate"], self._sess[k][0], self._feeds(k, frame, self._buf)))
+        period = output_period(self.manifest)
 
         def call(_: int = 0) -> None:
             for t in range(period):
