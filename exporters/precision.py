@@ -87,6 +87,11 @@ def _file_name(p: Profile, stage: int | None) -> str:
     return p.file_name if stage is None else f"stage{stage}.{p.name}.onnx"
 
 
+def calib_frame_count(p: Profile, calib_frames: int | None) -> int:
+    """The frames INT8 calibration steps past warm-up: --calib-frames, else the profile's."""
+    return int(calib_frames) if calib_frames else p.calibration.frames
+
+
 def _quantise(folder: Path, graphs: list[tuple[int | None, Path, dict[str, Any]]], p: Profile, tmp: Path, n: int,
               calib_source: Any, calib_frames: int | None, images_fps: float | None,
               console: Any) -> tuple[list[Path], list[Any]]:
@@ -95,7 +100,7 @@ def _quantise(folder: Path, graphs: list[tuple[int | None, Path, dict[str, Any]]
     from .int8 import quantize_qdq
 
     source = calib_source if calib_source is not None else default_calib_source()
-    frames = int(calib_frames) if calib_frames else p.calibration.frames
+    frames = calib_frame_count(p, calib_frames)
     stages = "" if len(graphs) == 1 else f", {len(graphs)} stages"
     progress, advance = _progress(console, frames * len(graphs),
                                   f"calibrating {p.name} ({p.calibration.method}{stages})")
@@ -152,7 +157,7 @@ def check_calib_covers_stages(name: str, period: int, profiles: list[Profile], c
     frames", which synthetic never does.
     """
     for p in profiles:
-        frames = int(calib_frames) if calib_frames else p.calibration.frames
+        frames = calib_frame_count(p, calib_frames)
         if p.kind == "int8" and frames < period:
             what = f"--calib-frames {frames}" if calib_frames else f"profile {p.name}'s calibration frame count ({frames})"
             raise ValueError(f"{what} is less than {name}'s output period ({period} frames): its slowest stage runs "
