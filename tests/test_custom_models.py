@@ -722,7 +722,8 @@ def test_export_artifact_takes_what_the_model_declares_and_sees_through_wrappers
     with warnings.catch_warnings():  # importing torch's compiler stack warns that TorchScript is deprecated
         warnings.simplefilter("ignore", DeprecationWarning)
         compiled = torch.compile(model)
-    for wrapped, where in ((compiled, "compiled"), (torch.nn.DataParallel(model), "dp")):
+    # DataParallel moves the model onto the GPU where there is one; .cpu() is the fix edge3d's refusal names
+    for wrapped, where in ((compiled, "compiled"), (torch.nn.DataParallel(model).cpu(), "dp")):
         wrapped_art = export_artifact(wrapped, tmp_path / where, "thermal", frame_size=(12, 16))
         got = Session(wrapped_art).manifest
         assert got["model"]["source_hash"] == manifest["model"]["source_hash"]
