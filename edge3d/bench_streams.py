@@ -207,8 +207,10 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
                 max_batch: int | None = None, spin: bool = True) -> dict[str, float]:
     """Throughput and gather/scatter cost for N streams, in this process.
 
-    A multi-rate artifact's streams share one phase, so no call steps a subset of them: it has no
-    gather/scatter figures (None), and each timed call steps a whole cycle of its stages."""
+    A multi-rate artifact is timed in whole cycles of its stages (each timed call steps P frames of
+    every stream), so it has no subset or gather/scatter figures (None): a single-frame subset call
+    costs whatever stages that frame runs, and its scheduler gathers rows per stage, not through the
+    single-graph backend timed here."""
     from .runtime import Session
     from .runtime.manifest import output_period
 
@@ -233,7 +235,7 @@ def _time_point(artifact: Path, n: int, frames: int, profile: str, threads: int 
     def subset_call(i: int) -> None:
         batched.step_batch(data[i % DISTINCT_FRAMES][perm], perm)
 
-    multi_rate = "stages" in batched.manifest  # its calls take every stream: no subset, no gather/scatter
+    multi_rate = "stages" in batched.manifest  # timed in whole cycles: no single-frame subset, no gather/scatter
     backend = None if multi_rate else batched._backend
     chunk = (backend.max_batch if backend else None) or n
 

@@ -961,7 +961,7 @@ def run(
                          "at every position); drop --top-k." if is_map else
                          f"--top-k {top_k} asks for more classes than the artifact's {classes_out}; pass at most "
                          f"--top-k {classes_out}.")
-    staged = hasattr(session, "stage_summary")  # a multi-rate artifact: its streams share one phase
+    staged = hasattr(session, "stage_summary")  # a multi-rate artifact: ms per stage in the summary
     size = session.manifest["frame"]["height"]
     model_fps = session.manifest["frame"].get("fps")  # the rate the model was trained at: a faster source is paced
     # the synthetic source never ends: 300 frames unless told otherwise
@@ -972,12 +972,6 @@ def run(
         # every source is opened (and a bad one named) before the first frame
         clips_of = [list(open_streams(s, frame_size=source_frame_size(s, size), classes=session.classes,
                                       fps=model_fps, images_fps=images_fps)) for s in specs]
-        if staged and many:
-            folder = next((s for s, c in zip(specs, clips_of, strict=True) if len(c) > 1), None)
-            if folder is not None:
-                raise ValueError(f"--source {redact(folder)} is a folder of {len(clips_of[specs.index(folder)])} "
-                                 "clips, and a multi-rate artifact steps all its streams in one phase, so one stream "
-                                 "cannot restart at each clip; run that folder with --source alone.")
     except BaseException:
         session.close()
         raise
@@ -1029,7 +1023,7 @@ def run(
             whole.add((i, name))  # played to its end: a clip cut short by --frames or Ctrl-C has no last frame
 
     def record(i: int, video: str | None, clip_frame: int, label: int | None, y: np.ndarray, predicted: bool,
-               ms: float) -> dict[str, Any]:
+               ms: float, fresh: bool | None) -> dict[str, Any]:
         """Score stream i's frame and return its JSON line."""
         nonlocal nonfinite, first_nonfinite, unpredicted
         ranked = session.top_k(y, top_k) if predicted and not is_map else []
@@ -1058,8 +1052,8 @@ def run(
                         "score": None if score is None else round(score, 5), "ms": round(ms, 3)})
             if top_k > 1:  # most likely first, the top class included: [index, class, score] each
                 rec["top_k"] = [[r[0], r[1], round(r[2], 5)] for r in ranked] if ranked else None
-        if hasattr(session, "last_fresh"):  # multi-rate: whether this frame produced the output
-            rec["fresh"] = session.last_fresh
+        if fresh is not None:  # multi-rate: whether this frame produced the output
+            rec["fresh"] = fresh
         if video is not None:  # one of several clips: which, and the frame's place in it
             rec["video"], rec["clip_frame"] = video, clip_frame
         elif model_fps is not None:  # the source's frames the model's rate passed over are not counted in "frame"
@@ -1074,7 +1068,7 @@ def run(
     gens = [frames_of_every_video(i) for i in range(len(specs))]
     try:
         with sigterm_as_interrupt(), Live(console=shown, refresh_per_second=8, transient=True) as live:
-            for got in frame_rounds(gens, limits, lockstep=staged):
+            for got in frame_rounds(gens, limits):
                 t0 = time.perf_counter()
                 if many:  # one batched call for every stream with a frame (a subset once some have ended)
                     ys = session.step_batch([item[2] for _, item in got],
@@ -1086,11 +1080,13 @@ def run(
                 for i, _ in got:
                     if (behind := pace.took(i, playing[i], time.monotonic())) is not None:
                         shown.print(f"[yellow]{escape(behind)}[/]")
-                # a multi-rate model predicts nothing until its slowest stage first runs: no class, no score
-                predicted = session.has_output
+                # a multi-rate model predicts nothing until a stream's slowest stage first runs: no class, no score
+                ready = session.has_outputs
+                fresh = session.fresh.tolist() if staged else [None] * len(got)  # per row of the call
                 stop = False
-                for (i, (video, clip_frame, _, label)), y in zip(got, ys, strict=True):
-                    rec = record(i, video, clip_frame, label, y, predicted, ms)
+                for (i, (video, clip_frame, _, label)), y, new in zip(got, ys, fresh, strict=True):
+                    predicted = bool(ready[i])
+                    rec = record(i, video, clip_frame, label, y, predicted, ms, new)
                     counts[i] += 1
                     n += 1
                     if sink and not stop:

@@ -529,28 +529,24 @@ def open_streams(spec: str, frame_size: int = 112, classes: list[str] | None = N
     return iter([(spec, open_source(spec, frame_size, fps=fps))])
 
 
-def frame_rounds(streams: list[Iterator[Any]], limits: list[int | None] | None = None,
-                 lockstep: bool = False) -> Iterator[list[tuple[int, Any]]]:
+def frame_rounds(streams: list[Iterator[Any]], limits: list[int | None] | None = None
+                 ) -> Iterator[list[tuple[int, Any]]]:
     """``[(stream index, item), ...]``: one item of each stream still running, per round, as one
     batched step of several cameras takes them (`edge3d run` and the Jetson app).
 
     A stream stops when it ends or has given ``limits[i]`` items, and the others go on (a subset
-    call), except in ``lockstep`` (a multi-rate session, whose streams share one phase), where the
-    first stream to stop ends them all. A limit is checked after its round has been used, so no
-    source is read past it.
+    call). A limit is checked after its round has been used, so no source is read past it.
     """
     counts = [0] * len(streams)
     running = list(range(len(streams)))
     while running:
         got = [(i, item) for i in running if (item := next(streams[i], None)) is not None]
-        if not got or (lockstep and len(got) < len(streams)):
+        if not got:
             return
         yield got
         for i, _ in got:
             counts[i] += 1
         running = [i for i, _ in got if limits is None or limits[i] is None or counts[i] < limits[i]]
-        if lockstep and len(running) < len(streams):
-            return
 
 
 def source_frame_size(spec: str, model_size: int) -> int:

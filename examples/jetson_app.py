@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     # a segmentation or heatmap model's output is a map: no top class to draw, no frame label to score
     is_map = output_map(session.manifest) is not None
     keep_labels = [labels_apply(s, session.manifest) and not is_map for s in sources]  # gesture labels: gesture models
-    # a multi-rate session keeps its streams in one phase: they step together, or not at all
-    lockstep = hasattr(session, "stage_summary")
     windows = [f"edge3d {i}: {redact(s)}" if many else "edge3d" for i, s in enumerate(sources)]
     if not args.headless:
         import cv2
@@ -153,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         with sigterm_as_interrupt():  # `systemctl stop` ends the app as Ctrl-C does: closing line, exit 0
-            for got in frame_rounds(cameras, [args.frames] * len(sources), lockstep=lockstep):
+            for got in frame_rounds(cameras, [args.frames] * len(sources)):
                 if many:
                     ys = session.step_batch([rgb for _, (rgb, _) in got],
                                             None if len(got) == len(sources) else [i for i, _ in got])
                 else:
                     ys = session.step(got[0][1][0])[None]
-                predicted = session.has_output  # a multi-rate model's first frames: none
+                ready = session.has_outputs  # per camera: none in a multi-rate model's first frames
                 ms = session.stats.ms[-1]
                 n += 1
                 if n == 1 and (note := fit_note(session.pre.sizes, session.manifest["frame"], args.artifact)):
@@ -169,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(f"warning: {behind}", file=sys.stderr, flush=True)
                 quit_key = False
                 for (i, (rgb, label)), y in zip(got, ys, strict=True):
+                    predicted = bool(ready[i])
                     idx, name, score = session.top(y) if predicted and not is_map else (None, None, None)
                     shown[i] = (f"map max {y.max():.2f}" if is_map and predicted else
                                 f"top {name} ({score:.2f})" if predicted else "no output yet")

@@ -374,6 +374,11 @@ class Session:
         return True
 
     @property
+    def has_outputs(self) -> np.ndarray:
+        """:attr:`has_output` per stream, in stream order."""
+        return np.ones(self.streams, bool)
+
+    @property
     def state_breakdown(self) -> dict[str, int]:
         """Bytes per stream of each state, in this profile's dtypes."""
         dt = self._backend.state_dtypes()

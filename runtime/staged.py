@@ -6,12 +6,16 @@ written into slot ((t + 1) / P_k − 1) mod s_{k+1} of the next stage's buffers,
 holds the last s frames oldest first, exactly as the exporter's PyTorch scheduler does.
 ``step`` returns the newest output and ``last_fresh`` says whether this frame produced it.
 
+Each stream keeps its own frame count, so streams are as independent as a single-rate session's:
+a call may step any subset of them, in any order, one stream may be reset or restored alone, and a
+camera that joins later runs its stages on its own frames. A call runs stage k on the rows whose
+count reaches the stage's rate; all streams in step (the usual case) run each stage as one batch.
+
 Every precision is a graph per stage (``stage<k>.<profile>.onnx``): states and the buffers between
 stages take the dtypes that precision's graphs give them (float16 in FP16, int8 with their scales in
 int8-lowmem), read off the graphs' inputs at load.
 
-numpy + onnxruntime only (never torch). All streams share one phase: multi-rate artifacts step
-all streams together.
+numpy + onnxruntime only (never torch).
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from .manifest import ArtifactError, buffer_of_feed, check_file_hash, output_per
 from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
 
+def _all_rows(a: np.ndarray) -> np.ndarray:
+    return a
+
+
+def _rows_of(streams: np.ndarray) -> Any:
+    return lambda a: a[streams]
+
+
 class StagedSession(Session):
     """A :class:`Session` over an artifact whose manifest has ``stages`` (see the module doc)."""
 
@@ -36,8 +48,7 @@ class StagedSession(Session):
         from .backend.onnxrt import _load_session
 
         if max_batch is not None:
-            raise ValueError("max_batch is not supported for multi-rate artifacts (all streams share one phase); "
-                             "leave it out.")
+            raise ValueError("max_batch is not supported for multi-rate artifacts; leave it out.")
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
                                 "use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in "
@@ -53,6 +64,7 @@ class StagedSession(Session):
         self._specs = {s["name"]: s for s in self.manifest["states"]}
         self._buffers_spec = {b["name"]: b for b in self.manifest.get("buffers", [])}
         self._sess = []
+        self._io: list[tuple[list[str], list[tuple[str, str, str]]]] = []
         self._types: dict[str, np.dtype] = {}  # every stage's graph inputs: states, buffers, the frame
         hashes = self.precision.get("sha256") or [None] * len(self.precision["files"])
         for st, file, sha in zip(self._stages, self.precision["files"], hashes, strict=True):
@@ -75,12 +87,15 @@ class StagedSession(Session):
                                  f"session cannot hold {streams} streams; re-export it (SGS stages exported before "
                                  "edge3d traced stages on two streams took one), or open one Session per stream.")
             self._sess.append((sess, got_out))
+            # each stage's buffer inputs and (state, input, output) names, looked up once, not per frame
+            self._io.append(([i["name"] for i in st["inputs"]], [(n, *state_io_names(n)) for n in st["states"]]))
         self._stage_ms: list[deque[float]] = [deque(maxlen=10000) for _ in self._stages]
         self._bins: deque[np.ndarray] = deque(maxlen=10000)
         # ms of each whole cycle of the stages (output_period frames from one output of the slowest stage
         # to the next): per-frame percentiles of a multi-rate model time stage 0 alone on most frames
         self.cycle_ms: deque[float] = deque(maxlen=10000)
         self.last_fresh = False
+        self.fresh = np.zeros(0, bool)
         self.last_extras: dict[str, np.ndarray] = {}
         # (stage, feeds) of the stages the last step ran, for INT8 calibration (exporters/calibration.py)
         self.keep_feeds = False
@@ -103,21 +118,28 @@ class StagedSession(Session):
                         for n, s in self._specs.items()}
         self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), dtypes[n])
                      for n, b in self._buffers_spec.items()}
-        self._t = 0
+        self._t = np.zeros(k, np.int64)  # frames each stream has stepped since its start
+        self._in_phase = True  # every stream at one frame count (see step_batch)
         self._cycle = [0.0, 0]  # ms and frames stepped since the slowest stage last ran
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
         self.last_fresh = False
+        self.fresh = np.zeros(0, bool)
+
+    @property
+    def has_outputs(self) -> np.ndarray:
+        """Per stream: whether its slowest stage has run since its start (or its restored snapshot's
+        start); before that, ``step`` returns zeros for it, which are no prediction."""
+        return self._t >= output_period(self.manifest)
 
     @property
     def has_output(self) -> bool:
-        """Whether the slowest stage has run since the start (or the restored snapshot's start):
-        before that, ``step`` returns zeros, which are no prediction."""
-        return self._t >= output_period(self.manifest)
+        """Whether every stream has an output (see :attr:`has_outputs`)."""
+        return bool(self.has_outputs.all())
 
     def top_k(self, output: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
         """As :meth:`Session.top_k`, refused before the first output: the zeros ``step`` returns then
         would name the first class at a uniform score, a prediction the model never made."""
-        if not self.has_output:
+        if not self.has_outputs.any():  # with several streams the row's stream is not known here
             rate = output_period(self.manifest)
             raise ValueError(f"this multi-rate session has no prediction yet: its slowest stage first runs on "
                              f"frame {rate} of each clip, counting from 1, and until then step returns zeros; call "
@@ -126,45 +148,69 @@ class StagedSession(Session):
 
     @serialised
     def reset(self, stream: int | None = None) -> None:
-        """Back to the initial state. All streams share one phase, so only a full reset exists."""
-        self._whole_phase(stream, "reset")
-        self._init_all()
+        """Back to the initial state: one stream (its states, buffers and frame count), or all."""
+        if stream is None:
+            self._init_all()
+            return
+        self._check_stream(stream)
+        k = int(stream)
+        dtypes = self.state_dtypes()
+        for n, s in self._specs.items():
+            self._states[n][k] = initial_value(s, self.precision, dtypes[n])
+        for a in self._buf.values():
+            a[k] = 0
+        self._t[k] = 0
+        self._last[k] = 0
+        self._cycle = [0.0, 0]  # a cycle cut by the reset is not counted
+        self._in_phase = bool((self._t == self._t[0]).all())
 
-    def _whole_phase(self, stream: int | None, what: str) -> None:
-        """A stream id is accepted only where it means every stream: all streams share one phase."""
-        if stream is not None and self.streams > 1:
-            raise ValueError(f"multi-rate artifacts keep all streams in one phase; call {what}() for all streams.")
-        if stream is not None:
-            self._check_stream(stream)
-
-    @serialised
-    def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
-        self._whole_phase(stream, "get_state")
+    def _snapshot(self) -> dict[str, np.ndarray]:
         snap = {n: a.copy() for n, a in self._states.items()}
         snap.update({n: a.copy() for n, a in self._buf.items()})
-        snap["frame_index"] = np.asarray([self._t], np.int64)
+        snap["frame_index"] = self._t.copy()
         snap["last_output"] = self._last.copy()
         return snap
 
     @serialised
+    def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
+        """Every stream's states, stage buffers, frame count (``frame_index``) and newest output, or
+        one stream's (leading axis 1): the buffers and the count say where in its cycle it stands."""
+        snap = self._snapshot()
+        if stream is None:
+            return snap
+        self._check_stream(stream)
+        k = int(stream)
+        return {n: a[k:k + 1].copy() for n, a in snap.items()}
+
+    @serialised
     def set_state(self, snapshot: dict[str, np.ndarray], stream: int | None = None) -> None:
+        """Restore :meth:`get_state`'s snapshot of every stream, or with ``stream`` a one-stream
+        snapshot into that stream; the other streams are left alone."""
         require_mapping(snapshot)
-        self._whole_phase(stream, "set_state")
-        current = self.get_state()
+        if stream is not None:
+            self._check_stream(stream)
+        current = self._snapshot()
         require_only_states(snapshot, current)
+        rows = slice(None) if stream is None else slice(int(stream), int(stream) + 1)
+        source = ("a dict from get_state() of a session with the same artifact, profile and streams" if stream is None
+                  else "a one-stream snapshot, get_state(stream=k), of a session with the same artifact and profile")
         for n, a in current.items():
+            want = a[rows]
             got = np.asarray(snapshot[n]) if n in snapshot else None
-            if got is None or got.shape != a.shape or (got.dtype != a.dtype and n != "frame_index"):
-                raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape or dtype ({a.dtype}{list(a.shape)} "
-                                 "here); pass a dict from get_state() of a session with the same artifact, profile "
-                                 "and streams.")
+            if got is None or got.shape != want.shape or (got.dtype != a.dtype and n != "frame_index"):
+                raise ValueError(f"snapshot lacks state {n!r} or has the wrong shape or dtype ({a.dtype}"
+                                 f"{list(want.shape)} here); pass {source}.")
+        t = np.asarray(snapshot["frame_index"])
+        if t.dtype.kind not in "iu" or (t < 0).any():
+            raise ValueError(f"snapshot frame_index {t.tolist()} must be frame counts (integers >= 0); pass {source}.")
         for n in self._states:
-            self._states[n][...] = snapshot[n]
+            self._states[n][rows] = snapshot[n]
         for n in self._buf:
-            self._buf[n][...] = snapshot[n]
-        self._t = int(np.asarray(snapshot["frame_index"]).reshape(-1)[0])
+            self._buf[n][rows] = snapshot[n]
+        self._t[rows] = t
         self._cycle = [0.0, 0]  # a cycle cut by the restore is not counted
-        self._last[...] = snapshot["last_output"]
+        self._in_phase = bool((self._t == self._t[0]).all())
+        self._last[rows] = snapshot["last_output"]
 
     @property
     def state_breakdown(self) -> dict[str, int]:
@@ -178,9 +224,7 @@ class StagedSession(Session):
     def step(self, frame: np.ndarray, stream: int = 0) -> np.ndarray:
         """One frame; returns the newest output (``last_fresh``: produced by this frame)."""
         self._check_stream(stream)
-        if self.streams != 1:
-            raise ValueError("multi-rate artifacts step all streams together; use step_batch(frames).")
-        return self.step_batch([frame])[0]
+        return self.step_batch([frame], [stream])[0]
 
     @serialised
     def step_fresh(self, frame: np.ndarray, stream: int = 0) -> tuple[np.ndarray, bool]:
@@ -189,23 +233,31 @@ class StagedSession(Session):
 
     @serialised
     def step_batch(self, frames: Any, stream_ids: Any = None) -> np.ndarray:
-        ids = np.arange(self.streams) if stream_ids is None else np.asarray(stream_ids)
-        if ids.ndim != 1 or len(ids) != self.streams or not (ids == np.arange(self.streams)).all():
-            raise ValueError("multi-rate artifacts step all streams together (one phase); pass every stream in order.")
-        check_frame_count(frames, self.streams)
+        """One frame for each stream in ``stream_ids`` (default: all, in order), as one call; any
+        subset, in any order. Returns each stream's newest output in the order of ``stream_ids``;
+        ``fresh`` says, per row, whether this frame produced it."""
+        ids = self._check_ids(stream_ids)
+        check_frame_count(frames, len(ids))
         f = self.manifest["frame"]
-        staged = np.empty((self.streams, f["channels"], f["height"], f["width"]), np.float32)
+        staged = np.empty((len(ids), f["channels"], f["height"], f["width"]), np.float32)
         self._preprocess(frames, ids, staged)  # every frame validated before any state changes
+        every = stream_ids is None or (len(ids) == self.streams and bool((ids == np.arange(self.streams)).all()))
+        # every stream, all at one frame count: the usual call, each stage one batch of every row
+        in_phase = every and self._in_phase
         t0 = time.perf_counter()
-        self._advance(staged.astype(self._types["frame"], copy=False))  # a profile with float16 io takes float16
+        self._advance(staged.astype(self._types["frame"], copy=False), ids, every, in_phase)  # float16 io too
         ms = (time.perf_counter() - t0) * 1e3
-        self.stats.record(ms, self.streams)
-        self._cycle = [self._cycle[0] + ms, self._cycle[1] + 1]
-        if self.last_fresh:
-            if self._cycle[1] == output_period(self.manifest):
-                self.cycle_ms.append(self._cycle[0])
+        self.stats.record(ms, len(ids))
+        if not in_phase:  # ms/frame over whole cycles is defined while every stream steps in one phase
             self._cycle = [0.0, 0]
-        return self._last.copy()
+            self._in_phase = bool((self._t == self._t[0]).all())
+        else:
+            self._cycle = [self._cycle[0] + ms, self._cycle[1] + 1]
+            if self.last_fresh:
+                if self._cycle[1] == output_period(self.manifest):
+                    self.cycle_ms.append(self._cycle[0])
+                self._cycle = [0.0, 0]
+        return self._last.copy() if every else self._last[ids]
 
     def _feeds(self, k: int, frame: np.ndarray, bufs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stage k's graph inputs: the frame (stage 0) or its buffers, and its states."""
@@ -214,55 +266,97 @@ class StagedSession(Session):
         feeds.update({state_io_names(n)[0]: self._states[n] for n in st["states"]})
         return feeds
 
-    def _advance(self, frame: np.ndarray) -> None:
-        t = self._t
+    def _advance(self, frame: np.ndarray, ids: np.ndarray, every: bool, in_phase: bool) -> None:
+        """Run each stage on the rows of the call whose frame count reaches its rate, then commit.
+
+        Rows are the call's (``frame[i]`` is stream ``ids[i]``'s). ``in_phase`` (every stream, all at
+        one frame count) feeds each stage's states and buffers as they are; otherwise the rows that
+        run a stage are gathered, and its results scattered back into copies. Everything is committed
+        once every stage has run, so a failing graph changes nothing.
+        """
+        t = self._t[ids]
+        t0_ = int(t[0])
         new_states: dict[str, np.ndarray] = {}
-        writes: list[tuple[str, int, np.ndarray]] = []
         bufs = dict(self._buf)
-        fresh, last, extras = False, None, {}
+        fresh = False if in_phase else np.zeros(len(ids), bool)
+        last: tuple[np.ndarray | None, np.ndarray] | None = None
+        extras: dict[str, np.ndarray] = {}
         timings: list[tuple[int, float]] = []
         ran: list[tuple[int, dict[str, np.ndarray]]] = []
+        rows = None if in_phase else np.arange(len(ids))  # the call's rows that ran the stage before
         for k, st in enumerate(self._stages):
-            if (t + 1) % st["rate"]:
-                break
+            rate = st["rate"]
+            if rows is None:
+                if (t0_ + 1) % rate:
+                    break
+                streams = slots = None
+            else:
+                rows = rows[(t[rows] + 1) % rate == 0]
+                if not len(rows):
+                    break
+                streams = None if every and len(rows) == self.streams else ids[rows]
+                slots = (t[rows] + 1) // rate - 1  # each row's run of this stage, counting from 0
+            gather = _all_rows if streams is None else _rows_of(streams)
             sess, out_names = self._sess[k]
-            feeds = self._feeds(k, frame, bufs)
+            buffers_in, states_io = self._io[k]
+            feeds = ({"frame": frame if rows is None or len(rows) == len(ids) else frame[rows]} if k == 0 else
+                     {b: gather(bufs[b]) for b in buffers_in})
+            feeds.update({i: gather(self._states[n]) for n, i, _ in states_io})
             t0 = time.perf_counter()
             res = dict(zip(out_names, sess.run(None, feeds), strict=True))
             timings.append((k, (time.perf_counter() - t0) * 1e3))
             if self.keep_feeds:  # every array in feeds is replaced below, never written in place
                 ran.append((k, feeds))
-            for n in st["states"]:
-                new_states[n] = res[state_io_names(n)[1]]
+            for n, _, o in states_io:
+                y = res[o]
+                if streams is None:
+                    new_states[n] = y
+                else:
+                    new_states[n] = self._states[n].copy()
+                    new_states[n][streams] = y
             if k + 1 < len(self._stages):
-                nxt = self._stages[k + 1]
-                slot = ((t + 1) // st["rate"] - 1) % nxt["stride"]
+                stride = self._stages[k + 1]["stride"]
                 for o in st["outputs"]:
                     name = buffer_of_feed(o["name"])
                     y = res[o["name"]]
                     c = y.shape[1]
                     buf = bufs[name].copy()  # commit only after every stage ran
-                    buf[:, slot * c:(slot + 1) * c] = y
+                    if slots is None:
+                        slot = ((t0_ + 1) // rate - 1) % stride
+                        buf[:, slot * c:(slot + 1) * c] = y
+                    else:
+                        at_rows = ids[rows]  # type: ignore[index]
+                        for slot in np.unique(slots % stride).tolist():
+                            at = slots % stride == slot
+                            buf[at_rows[at], slot * c:(slot + 1) * c] = y[at]
                     bufs[name] = buf
-                    writes.append((name, slot, y))
             else:
-                fresh, last = True, res["output"]
+                if rows is None:
+                    fresh = True
+                else:
+                    fresh[rows] = True  # type: ignore[index]
+                last = (streams, res["output"])
                 extras = {o["name"]: res[o["name"]] for o in st["outputs"][1:]}
         # commit
-        for n, a in new_states.items():
-            self._states[n] = a
-        for n in {w[0] for w in writes}:
-            self._buf[n] = bufs[n]
+        self._states.update(new_states)
+        self._buf.update(bufs)
         for k, ms in timings:
             self._stage_ms[k].append(ms)
-        if fresh:
-            self._last = np.asarray(last, np.float32)
+        if last is not None:
+            if last[0] is None:
+                self._last[...] = last[1]
+            else:
+                self._last[last[0]] = last[1]
             self.last_extras = extras
             if "bins_used" in extras:
                 self._bins.append(np.asarray(extras["bins_used"]).reshape(-1))
-        self.last_fresh = fresh
+        self.fresh = np.full(len(ids), fresh) if in_phase else fresh
+        self.last_fresh = bool(fresh) if in_phase else bool(fresh.all())  # type: ignore[union-attr]
         self.last_feeds = ran
-        self._t = t + 1
+        if in_phase:
+            self._t += 1
+        else:
+            self._t[ids] = t + 1
 
     def bare_cycle(self) -> Any:
         """A callable that runs one cycle of the stage graphs as plain ``InferenceSession.run`` calls:

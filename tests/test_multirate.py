@@ -440,8 +440,8 @@ def test_inspect_names_every_stage_graph_and_its_rate(r3d) -> None:
 
 def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypatch) -> None:
     """bench-streams refused multi-rate artifacts. Each timed call now steps one cycle of the stages
-    (8 frames), so every call runs the slowest stage once; its streams share one phase, so there is
-    no subset call and no gather/scatter figure."""
+    (8 frames), so every call runs the slowest stage once; a single-frame subset call would time
+    whatever stages its frame runs, so there is no subset call and no gather/scatter figure."""
     from edge3d.runtime.staged import StagedSession
 
     from edge3d import bench_streams
@@ -649,24 +649,50 @@ def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
     assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
 
 
-def test_a_multi_rate_session_snapshots_all_its_streams_at_once(r3d) -> None:
-    """All streams share one phase, so one stream alone cannot be saved or restored (nor reset)."""
+def test_multi_rate_streams_are_independent_as_separate_sessions(r3d) -> None:
+    """Streams that join at different frames, subset calls in any order, one stream reset or moved
+    to another session: each stream gives what a session of its own gives (periods 1, 2, 4, 8)."""
     _, art = r3d
-    s = Session(art, streams=2)
-    s.step_batch([np.ones((3, SIZE, SIZE), np.float32)] * 2)
-    before = s.get_state()
-    for call in (lambda: s.get_state(stream=1), lambda: s.set_state(before, stream=0), lambda: s.reset(1)):
-        with pytest.raises(ValueError, match=r"keep all streams in one phase; call (get_state|set_state|reset)\(\)"):
-            call()
-    assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
-    one = Session(art)  # with one stream, stream 0 is all of them
-    one.step(np.ones((3, SIZE, SIZE), np.float32))
-    snap = one.get_state(stream=0)
-    one.step(np.zeros((3, SIZE, SIZE), np.float32))
-    one.set_state(snap, stream=0)
-    assert all(np.array_equal(snap[k], v) for k, v in one.get_state().items())
-    with pytest.raises(ValueError, match="stream id 1 is out of range"):
-        one.get_state(stream=1)
+    rng = np.random.default_rng(5)
+    frames = rng.standard_normal((60, 3, 3, SIZE, SIZE)).astype(np.float32)
+    s = Session(art, streams=3)
+    alone = [Session(art) for _ in range(3)]
+    joins = [0, 3, 6]  # stream k steps from call joins[k] on: three phases of the cycle
+    fresh_seen = [0, 0, 0]
+    for call in range(60):
+        if call == 30:  # one stream starts over; the others keep their place in the cycle
+            s.reset(1)
+            alone[1].reset()
+        if call == 40:  # stream 2 is saved, overwritten by stream 0's state, then put back
+            saved = s.get_state(stream=2)
+            s.set_state(s.get_state(stream=0), stream=2)
+            s.set_state(saved, stream=2)
+        ids = [k for k in rng.permutation(3).tolist() if call >= joins[k] and rng.random() < 0.85]
+        if not ids:
+            continue
+        untouched = {k: s.get_state(stream=k) for k in range(3) if k not in ids}
+        ys = s.step_batch([frames[call, k] for k in ids], ids)
+        for row, k in enumerate(ids):
+            y = alone[k].step(frames[call, k])
+            assert np.allclose(ys[row], y, atol=2e-5 * max(1.0, float(np.abs(y).max()))), (call, k)
+            assert bool(s.fresh[row]) == alone[k].last_fresh, (call, k)
+            assert bool(s.has_outputs[k]) == alone[k].has_output
+            fresh_seen[k] += alone[k].last_fresh
+        for k, snap in untouched.items():  # a stream left out of the call keeps every array, bit for bit
+            assert all(np.array_equal(snap[key], v) for key, v in s.get_state(stream=k).items())
+    phases = s.get_state()["frame_index"] % 8  # where in the cycle each stream stands: not all in one place
+    assert min(fresh_seen) >= 4 and len(set(phases.tolist())) == 3, (fresh_seen, phases)
+    # a stream moved to a session of its own goes on exactly as it would have in the batch
+    moved = Session(art)
+    moved.set_state(s.get_state(stream=2))
+    for t in range(9):
+        f = frames[t, 0]
+        assert np.array_equal(moved.step(f), s.step(f, stream=2))
+        assert moved.last_fresh == s.last_fresh
+    with pytest.raises(ValueError, match=r"snapshot lacks state .* pass a one-stream snapshot, get_state\(stream=k\)"):
+        s.set_state(s.get_state(), stream=1)
+    with pytest.raises(ValueError, match="stream id 3 is out of range"):
+        s.get_state(stream=3)
 
 
 def test_stage_graphs_that_differ_from_the_step_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -699,10 +725,10 @@ def test_stage_graphs_that_differ_from_the_step_are_refused(tmp_path: Path, monk
     assert export_artifact(model, tmp_path, "unchecked", frame_size=SIZE, verify=False).is_dir()
 
 
-def test_run_steps_several_sources_of_a_multi_rate_artifact_in_one_phase(r3d, tmp_path) -> None:
-    """A multi-rate session keeps all its streams in one phase: several cameras step together, the run
-    ends with the first source that ends, and a folder of clips (which would restart one stream) is
-    refused before any frame."""
+def test_run_steps_several_sources_of_a_multi_rate_artifact_each_on_its_own(r3d, tmp_path) -> None:
+    """Several cameras step together in one call, a folder of clips restarts its own stream at each
+    clip, and a source that ends leaves the others running: every stream's lines are those of its
+    source run alone."""
     import json
 
     from typer.testing import CliRunner
@@ -712,32 +738,31 @@ def test_run_steps_several_sources_of_a_multi_rate_artifact_in_one_phase(r3d, tm
     cv2 = pytest.importorskip("cv2")
     _, art = r3d
     runner = CliRunner()
-    res = runner.invoke(app, ["run", str(art), "--source", "synthetic:1", "--source", "synthetic:2", "--frames", "16",
-                              "--quiet", "--output", str(tmp_path / "p.jsonl")], terminal_width=200)
-    assert res.exit_code == 0, res.output
-    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
-    assert [r["stream"] for r in rows] == [0, 1] * 16
-    for i, seed in enumerate((1, 2)):
-        res = runner.invoke(app, ["run", str(art), "--source", f"synthetic:{seed}", "--frames", "16", "--quiet",
-                                  "--output", str(tmp_path / "alone.jsonl")])
+
+    def lines(*sources: str, frames: int = 16) -> list[dict]:
+        out = tmp_path / "p.jsonl"
+        args = [a for src in sources for a in ("--source", src)]
+        res = runner.invoke(app, ["run", str(art), *args, "--frames", str(frames), "--quiet", "--output", str(out)],
+                            terminal_width=200)
         assert res.exit_code == 0, res.output
-        alone = [json.loads(line) for line in (tmp_path / "alone.jsonl").read_text().splitlines()]
-        got = [r for r in rows if r["stream"] == i]
-        assert [(r["top"], r["fresh"]) for r in got] == [(r["top"], r["fresh"]) for r in alone]
-        assert np.allclose([r["score"] or 0 for r in got], [r["score"] or 0 for r in alone], atol=2e-5)
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
     clips = tmp_path / "clips"
     clips.mkdir()
-    for name in ("a.mp4", "b.mp4"):
+    rng = np.random.default_rng(2)
+    for name in ("a.mp4", "b.mp4"):  # 10 frames each: an output at frame 8 of each, counting from 1
         writer = cv2.VideoWriter(str(clips / name), cv2.VideoWriter_fourcc(*"mp4v"), 25, (SIZE, SIZE))
-        for _ in range(3):
-            writer.write(np.zeros((SIZE, SIZE, 3), np.uint8))
+        for _ in range(10):
+            writer.write(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
         writer.release()
-    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(clips), "--output",
-                              str(tmp_path / "none.jsonl")], terminal_width=200)
-    assert res.exit_code == 2, res.output
-    assert f"--source {clips} is a folder of 2 clips, and a multi-rate artifact steps all its streams in one " \
-           "phase" in " ".join(res.output.split()), res.output
-    assert not (tmp_path / "none.jsonl").exists()  # refused before the output file was opened
-    res = runner.invoke(app, ["run", str(art), "--source", "synthetic", "--source", str(clips / "a.mp4"),
-                              "--quiet"], terminal_width=200)
-    assert res.exit_code == 0 and "6 from 2 sources" in " ".join(res.output.split()), res.output  # 3 frames each
+    rows = lines("synthetic:1", str(clips), "synthetic:2", frames=24)
+    assert [r["stream"] for r in rows[:3]] == [0, 1, 2]
+    for i, src in enumerate(("synthetic:1", str(clips), "synthetic:2")):
+        got = [r for r in rows if r["stream"] == i]
+        want = lines(src, frames=24)
+        assert len(got) == len(want) == (20 if i == 1 else 24)  # the folder ends after its 20 frames
+        assert [(r["top"], r["fresh"]) for r in got] == [(r["top"], r["fresh"]) for r in want]
+        assert np.allclose([r["score"] or 0 for r in got], [r["score"] or 0 for r in want], atol=2e-5)
+    folder = [r for r in rows if r["stream"] == 1]
+    assert [r["fresh"] for r in folder].count(True) == 2 and folder[17]["fresh"]  # clip b restarted its stream
+    assert [r["top"] is None for r in folder] == [j % 10 < 7 for j in range(20)]

@@ -424,7 +424,7 @@ def test_top_reads_one_stream_and_refuses_a_batch(stream_artifact: Path) -> None
                 rank(np.zeros(9))  # another model's output, which this one's class names would misname
 
 
-def test_frame_rounds_stop_each_stream_at_its_end_or_limit_and_all_of_them_in_lockstep() -> None:
+def test_frame_rounds_stop_each_stream_at_its_end_or_limit() -> None:
     from edge3d.sources import frame_rounds
 
     read: list[str] = []
@@ -438,8 +438,3 @@ def test_frame_rounds_stop_each_stream_at_its_end_or_limit_and_all_of_them_in_lo
     assert rounds == [[(0, "a0"), (1, "b0"), (2, "c0")], [(0, "a1"), (1, "b1"), (2, "c1")],
                       [(1, "b2"), (2, "c2")], *[[(2, f"c{k}")] for k in range(3, 9)]]
     assert "b3" not in read  # a stream at its limit is not read again
-    read.clear()
-    rounds = list(frame_rounds([stream("a", 2), stream("b", 5)], lockstep=True))
-    assert rounds == [[(0, "a0"), (1, "b0")], [(0, "a1"), (1, "b1")]]  # the first to end ends both
-    assert list(frame_rounds([stream("a", 4), stream("b", 5)], [2, None], lockstep=True)) == \
-        [[(0, "a0"), (1, "b0")], [(0, "a1"), (1, "b1")]]
