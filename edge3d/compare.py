@@ -370,7 +370,7 @@ def compare(
         report["host"] = host_info()
         if REFERENCE in report["profiles"]:
             report["profiles"][REFERENCE]["free_running"]["first_nonfinite"] = ref_nonfinite
-        latencies = {p: frame_ms(ref if p == REFERENCE else free[p]) for p in names}
+        latencies = {p: (ref if p == REFERENCE else free[p]).frame_ms() for p in names}
     finally:
         for s in [ref, *free.values(), *forced.values()]:
             s.close()
@@ -392,19 +392,6 @@ def compare(
     return report
 
 
-def frame_ms(sess: Session) -> np.ndarray:
-    """ms per frame of each step, or of a multi-rate model each whole cycle's ms over its frames.
-
-    Stage k of a multi-rate model runs on every P_k-th frame, so half its frames run stage 0 alone and
-    a median over single frames timed little more than that: 9.1 ms/frame for a full-size r3d18-causal
-    that took 11.0 ms/frame over whole cycles.
-    """
-    cycles = getattr(sess, "cycle_ms", None)
-    if cycles is None:
-        return np.asarray(sess.stats.ms)
-    return np.asarray(cycles) / output_period(sess.manifest)
-
-
 def _report(manifest: dict[str, Any], names: list[str], description: str, n: int, boundaries: list[int],
             ref: Session, free: dict[str, Session], rec: dict[str, _Recorder], ref_top: list[Any],
             labels: list[int | None], out_scale: float, threads: int | None, ends: list[int]) -> dict[str, Any]:
@@ -416,7 +403,7 @@ def _report(manifest: dict[str, Any], names: list[str], description: str, n: int
     rows: dict[str, Any] = {}
     for p in names:
         sess = ref if p == REFERENCE else free[p]
-        ms = frame_ms(sess)
+        ms = sess.frame_ms()
         p50, p95 = np.percentile(ms, [50, 95]) if len(ms) else (0.0, 0.0)
         entry = sess.precision
         row: dict[str, Any] = {

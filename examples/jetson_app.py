@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
 
                     quit_key = cv2.waitKey(1) & 0xFF in (27, ord("q"))
                 if n % args.log_every == 0:
-                    s = session.stats.summary()
+                    s = session.latency()  # a multi-rate model's over whole cycles of its stages
                     tops = "; ".join(f"{i}: {shown[i]}" for i, _ in got) if many else shown[0]
-                    print(f"frame {n}: model {s['ms_p50']:.2f} ms/{'call' if many else 'frame'} p50, "
-                          f"{s['ms_p95']:.2f} p95; app {n / (time.perf_counter() - t_start):.1f} {'rounds/s' if many else 'fps'}; "
+                    print(f"frame {n}: model {s['p50']:.2f} ms/{'call' if many else 'frame'} p50, "
+                          f"{s['p95']:.2f} p95; app {n / (time.perf_counter() - t_start):.1f} {'rounds/s' if many else 'fps'}; "
                           f"{tops}",
                           flush=True)
                 if quit_key:
@@ -208,15 +208,15 @@ def main(argv: list[str] | None = None) -> int:
         which = f"source {redact(sources[0])!r}" if not many else "no source"
         print(f"error: {which} gave no frames; check the camera, file, stream or pipeline.", file=sys.stderr)
         return 2
-    s = session.stats.summary()
+    s = session.latency()
     acc = f", per-frame accuracy {100 * correct / labelled:.1f}%" if labelled else ""
     rate = n / (time.perf_counter() - t_start)
     if many:  # a round is one frame of each camera still running
         each = ", ".join(f"stream {i}: {c}" for i, c in enumerate(counts))
-        print(f"done: {sum(counts)} frames ({each}), model {s['ms_p50']:.2f} ms/call p50 ({s['ms_p99']:.2f} p99), "
+        print(f"done: {sum(counts)} frames ({each}), model {s['p50']:.2f} ms/call p50 ({s['p99']:.2f} p99), "
               f"app {rate:.1f} rounds/s{acc}", flush=True)
     else:
-        print(f"done: {n} frames, model {s['ms_p50']:.2f} ms/frame p50 ({s['ms_p99']:.2f} p99), "
+        print(f"done: {n} frames, model {s['p50']:.2f} ms/frame p50 ({s['p99']:.2f} p99), "
               f"app {rate:.1f} fps{acc}", flush=True)
     for i, line in pace.rates().items():
         print(f"{pace.sources[i].name}: {line}", flush=True)

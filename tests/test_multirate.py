@@ -480,16 +480,21 @@ def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypa
 def test_cycle_ms_sums_whole_cycles_of_the_stages_only(r3d) -> None:
     """compare's ms/frame p50 of a multi-rate artifact was the median over single frames: half of them run
     stage 0 alone, so it read 9.1 ms/frame for a full-size r3d18-causal that took 11.0 over whole cycles."""
-    from edge3d.compare import frame_ms
-
     _, art = r3d
     sess = Session(art)
     frame = np.zeros((3, SIZE, SIZE), np.float32)
-    for _ in range(20):
+    for _ in range(7):
+        sess.step(frame)
+    before = sess.latency()  # no whole cycle yet: over the calls so far
+    assert not before["cycles"] and before["p50"] == pytest.approx(np.median(sess.stats.ms))
+    for _ in range(13):
         sess.step(frame)
     ms = list(sess.stats.ms)
     assert list(sess.cycle_ms) == pytest.approx([sum(ms[:8]), sum(ms[8:16])])
-    assert frame_ms(sess) == pytest.approx(np.asarray([sum(ms[:8]), sum(ms[8:16])]) / 8)
+    per_frame = np.asarray([sum(ms[:8]), sum(ms[8:16])]) / 8
+    assert sess.frame_ms() == pytest.approx(per_frame)
+    # what run and the Jetson app report: the cycles' median, not the median single frame (stage 0 alone)
+    assert sess.latency()["cycles"] and sess.latency()["p50"] == pytest.approx(np.median(per_frame))
     sess.reset()  # frames 16-19 were a cycle cut short: the next one starts afresh
     for _ in range(3):
         sess.step(frame)
@@ -622,6 +627,7 @@ def test_run_predicts_nothing_before_the_slowest_stage_first_runs(r3d, tmp_path,
     assert all(r["top"] is None and r["class"] is None and r["score"] is None for r in rows[:7])
     assert all(isinstance(r["top"], int) and 0 < r["score"] <= 1 for r in rows[7:])
     assert re.search(r"frames without an output yet\s+│ 7 \(each clip's first 7,", res.output), res.output
+    assert "model ms/frame over whole cycles p50 / p95 / p99" in res.output  # not the median single frame
     res = CliRunner().invoke(app, ["run", str(art), "--frames", "3", "--quiet"], terminal_width=200)
     assert res.exit_code == 0 and "not run: no clip reached 8 frames" in res.output, res.output
     import subprocess
