@@ -161,10 +161,13 @@ class StagedSession(Session):
         self._check_stream(stream)
         k = int(stream)
         dtypes = self.state_dtypes()
+        # new arrays, not writes into the old: last_feeds (calibration) may still hold those
         for n, s in self._specs.items():
+            self._states[n] = self._states[n].copy()
             self._states[n][k] = initial_value(s, self.precision, dtypes[n])
-        for a in self._buf.values():
-            a[k] = 0
+        for n in self._buf:
+            self._buf[n] = self._buf[n].copy()
+            self._buf[n][k] = 0
         self._t[k] = 0
         self._last[k] = 0
         self._cycle = [0.0, 0]  # a cycle cut by the reset is not counted
@@ -209,10 +212,10 @@ class StagedSession(Session):
         t = np.asarray(snapshot["frame_index"])
         if t.dtype.kind not in "iu" or (t < 0).any():
             raise ValueError(f"snapshot frame_index {t.tolist()} must be frame counts (integers >= 0); pass {source}.")
-        for n in self._states:
-            self._states[n][rows] = snapshot[n]
-        for n in self._buf:
-            self._buf[n][rows] = snapshot[n]
+        for held in (self._states, self._buf):  # new arrays, as reset() makes
+            for n in held:
+                held[n] = held[n].copy()
+                held[n][rows] = snapshot[n]
         self._t[rows] = t
         self._cycle = [0.0, 0]  # a cycle cut by the restore is not counted
         self._in_phase = bool((self._t == self._t[0]).all())

@@ -382,16 +382,16 @@ def test_multi_rate_artifacts_take_every_precision_and_compare_them(r3d, tmp_pat
         sessions["fp16"].set_state(sessions["fp32"].get_state())
     for s in sessions.values():
         s.close()
-    from edge3d import compare as compare_module
+    from edge3d.runtime.staged import StagedSession
 
     timed: dict[str, np.ndarray] = {}
-    real_frame_ms = compare_module.frame_ms
+    real_frame_ms = StagedSession.frame_ms
 
     def recording(sess):
         timed[sess.profile] = real_frame_ms(sess)
         return timed[sess.profile]
 
-    monkeypatch.setattr(compare_module, "frame_ms", recording)
+    monkeypatch.setattr(StagedSession, "frame_ms", recording)
     report = compare(art, "fp32,fp16,int8-lowmem", list(frames), 96, plots=False)
     assert (report["frames"], report["outputs"]) == (96, 12)
     rows, scale = report["profiles"], report["output_scale"]
