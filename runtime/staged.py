@@ -97,7 +97,8 @@ class StagedSession(Session):
         self.last_fresh = False
         self.fresh = np.zeros(0, bool)
         self.last_extras: dict[str, np.ndarray] = {}
-        # (stage, feeds) of the stages the last step ran, for INT8 calibration (exporters/calibration.py)
+        # (stage, feeds) of the stages the last step ran, for INT8 calibration (exporters/calibration.py);
+        # they may share memory with the session's states, so they are read before the next call
         self.keep_feeds = False
         self.last_feeds: list[tuple[int, dict[str, np.ndarray]]] = []
         self._init_all()
@@ -161,13 +162,10 @@ class StagedSession(Session):
         self._check_stream(stream)
         k = int(stream)
         dtypes = self.state_dtypes()
-        # new arrays, not writes into the old: last_feeds (calibration) may still hold those
         for n, s in self._specs.items():
-            self._states[n] = self._states[n].copy()
             self._states[n][k] = initial_value(s, self.precision, dtypes[n])
-        for n in self._buf:
-            self._buf[n] = self._buf[n].copy()
-            self._buf[n][k] = 0
+        for a in self._buf.values():
+            a[k] = 0
         self._t[k] = 0
         self._last[k] = 0
         self._cycle = [0.0, 0]  # a cycle cut by the reset is not counted
@@ -212,9 +210,8 @@ class StagedSession(Session):
         t = np.asarray(snapshot["frame_index"])
         if t.dtype.kind not in "iu" or (t < 0).any():
             raise ValueError(f"snapshot frame_index {t.tolist()} must be frame counts (integers >= 0); pass {source}.")
-        for held in (self._states, self._buf):  # new arrays, as reset() makes
+        for held in (self._states, self._buf):
             for n in held:
-                held[n] = held[n].copy()
                 held[n][rows] = snapshot[n]
         self._t[rows] = t
         self._cycle = [0.0, 0]  # a cycle cut by the restore is not counted
@@ -280,12 +277,13 @@ class StagedSession(Session):
 
         Rows are the call's (``frame[i]`` is stream ``ids[i]``'s). ``in_phase`` (every stream, all at
         one frame count) feeds each stage's states and buffers as they are; otherwise the rows that
-        run a stage are gathered, and its results scattered back into copies. Everything is committed
-        once every stage has run, so a failing graph changes nothing.
+        run a stage are gathered. New states and buffers are committed once every stage has run, so
+        a failing graph changes nothing.
         """
         t = self._t[ids]
         t0_ = int(t[0])
         new_states: dict[str, np.ndarray] = {}
+        new_rows: dict[str, np.ndarray] = {}  # the streams of a state that ran on some rows only
         bufs = dict(self._buf)
         fresh = False if in_phase else np.zeros(len(ids), bool)
         last: tuple[np.ndarray | None, np.ndarray] | None = None
@@ -314,15 +312,12 @@ class StagedSession(Session):
             t0 = time.perf_counter()
             res = dict(zip(out_names, sess.run(None, feeds), strict=True))
             timings.append((k, (time.perf_counter() - t0) * 1e3))
-            if self.keep_feeds:  # every array in feeds is replaced below, never written in place
+            if self.keep_feeds:  # gathered copies, or arrays the commit replaces (reset/set_state write in place)
                 ran.append((k, feeds))
-            for n, _, o in states_io:
-                y = res[o]
-                if streams is None:
-                    new_states[n] = y
-                else:
-                    new_states[n] = self._states[n].copy()
-                    new_states[n][streams] = y
+            for n, _, o in states_io:  # each state is one stage's: read above, written at the commit
+                new_states[n] = res[o]
+                if streams is not None:
+                    new_rows[n] = streams
             if k + 1 < len(self._stages):
                 stride = self._stages[k + 1]["stride"]
                 for o in st["outputs"]:
@@ -346,8 +341,13 @@ class StagedSession(Session):
                     fresh[rows] = True  # type: ignore[index]
                 last = (streams, res["output"])
                 extras = {o["name"]: res[o["name"]] for o in st["outputs"][1:]}
-        # commit
-        self._states.update(new_states)
+        # commit: a state that ran on every row takes the graph's output array; one that ran on some
+        # rows gets them written in place (not a copy of every stream's state per call)
+        for n, y in new_states.items():
+            if n in new_rows:
+                self._states[n][new_rows[n]] = y
+            else:
+                self._states[n] = y
         self._buf.update(bufs)
         for k, ms in timings:
             self._stage_ms[k].append(ms)
