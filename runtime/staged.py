@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend.onnxrt import _ORT_TYPES, check_state_dtypes, initial_value
+from .backend.onnxrt import _ORT_TYPES, check_state_dtypes, chunk_rows, initial_value
 from .manifest import ArtifactError, buffer_of_feed, check_file_hash, output_period, state_io_names
 from .session import Session, check_frame_count, require_mapping, require_only_states, serialised
 
@@ -47,13 +47,14 @@ class StagedSession(Session):
                  threads: int | None = None, max_batch: int | None = None, spin: bool = True) -> None:
         from .backend.onnxrt import _load_session
 
-        if max_batch is not None:
-            raise ValueError("max_batch is not supported for multi-rate artifacts; leave it out.")
         if backend not in ("auto", "onnxruntime"):
             raise ArtifactError(f"multi-rate artifacts run on onnxruntime only for now, not {backend!r}; "
                                 "use the onnxruntime backend (--backend onnxruntime, backend='onnxruntime' in "
                                 "Python).")
         self._open(path, profile, streams)
+        # each stage runs at most this many rows at once: ONNX Runtime's activations stay those of a
+        # max_batch-row batch however many cameras the session holds
+        self.max_batch = chunk_rows(max_batch, self.streams)
         profile = self.profile
         if "files" not in self.precision:
             raise ArtifactError(f"the {profile!r} precision of this multi-rate artifact lists no per-stage files; "
@@ -310,7 +311,7 @@ class StagedSession(Session):
                      {b: gather(bufs[b]) for b in buffers_in})
             feeds.update({i: gather(self._states[n]) for n, i, _ in states_io})
             t0 = time.perf_counter()
-            res = dict(zip(out_names, sess.run(None, feeds), strict=True))
+            res = self._run(sess, out_names, feeds)
             timings.append((k, (time.perf_counter() - t0) * 1e3))
             if self.keep_feeds:  # gathered copies, or arrays the commit replaces (reset/set_state write in place)
                 ran.append((k, feeds))
@@ -366,6 +367,16 @@ class StagedSession(Session):
             self._t += 1
         else:
             self._t[ids] = t + 1
+
+    def _run(self, sess: Any, out_names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One stage graph on its rows, in runs of at most ``max_batch`` rows (every input and output
+        is batch-major), joined back in order."""
+        rows = len(next(iter(feeds.values())))
+        b = self.max_batch
+        if b is None or rows <= b:
+            return dict(zip(out_names, sess.run(None, feeds), strict=True))
+        parts = [sess.run(None, {k: v[a:a + b] for k, v in feeds.items()}) for a in range(0, rows, b)]
+        return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(out_names)}
 
     def bare_cycle(self) -> Any:
         """A callable that runs one cycle of the stage graphs as plain ``InferenceSession.run`` calls:

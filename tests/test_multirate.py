@@ -655,13 +655,26 @@ def test_a_rejected_frame_of_a_multi_rate_batch_names_its_stream(r3d) -> None:
     assert all(np.array_equal(before[k], v) for k, v in s.get_state().items())
 
 
-def test_multi_rate_streams_are_independent_as_separate_sessions(r3d) -> None:
+@pytest.mark.parametrize("max_batch", [None, 2])
+def test_multi_rate_streams_are_independent_as_separate_sessions(r3d, max_batch) -> None:
     """Streams that join at different frames, subset calls in any order, one stream reset or moved
-    to another session: each stream gives what a session of its own gives (periods 1, 2, 4, 8)."""
+    to another session: each stream gives what a session of its own gives (periods 1, 2, 4, 8), also
+    with each stage run in chunks of at most ``max_batch`` rows."""
     _, art = r3d
     rng = np.random.default_rng(5)
     frames = rng.standard_normal((60, 3, 3, SIZE, SIZE)).astype(np.float32)
-    s = Session(art, streams=3)
+    s = Session(art, streams=3, max_batch=max_batch)
+    batches: list[int] = []  # rows of every graph run
+
+    class Counted:
+        def __init__(self, sess) -> None:
+            self.sess = sess
+
+        def run(self, names, feeds):
+            batches.append(len(feeds[next(iter(feeds))]))
+            return self.sess.run(names, feeds)
+
+    s._sess = [(Counted(sess), out) for sess, out in s._sess]
     alone = [Session(art) for _ in range(3)]
     joins = [0, 3, 6]  # stream k steps from call joins[k] on: three phases of the cycle
     fresh_seen = [0, 0, 0]
@@ -688,6 +701,7 @@ def test_multi_rate_streams_are_independent_as_separate_sessions(r3d) -> None:
             assert all(np.array_equal(snap[key], v) for key, v in s.get_state(stream=k).items())
     phases = s.get_state()["frame_index"] % 8  # where in the cycle each stream stands: not all in one place
     assert min(fresh_seen) >= 4 and len(set(phases.tolist())) == 3, (fresh_seen, phases)
+    assert max(batches) == (max_batch or 3)  # three rows in one run, or never more than max_batch
     # a stream moved to a session of its own goes on exactly as it would have in the batch
     moved = Session(art)
     moved.set_state(s.get_state(stream=2))

@@ -41,6 +41,15 @@ _ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
               "tensor(uint8)": np.uint8, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
+def chunk_rows(max_batch: int | None, streams: int) -> int | None:
+    """The rows per run that ``max_batch`` asks for, or None where one run of every stream will do:
+    chunking only pays when it caps something."""
+    if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1):
+        raise ValueError(f"--max-batch (max_batch in Python) must be a positive integer, got {max_batch!r}; "
+                         "leave it out to run all streams in one call.")
+    return max_batch if max_batch is not None and max_batch < streams else None
+
+
 def _load_session(path: Path, threads: int | None, spin: bool = True):
     """``spin=False`` lets the pool threads sleep as soon as a run ends. ONNX Runtime's default keeps them
     spinning for a while (25 ms after each run on host C), which is faster for one session stepped
@@ -200,12 +209,7 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, manifest: dict[str, Any], profile: str, streams: int, threads: int | None = None,
                  max_batch: int | None = None, spin: bool = True) -> None:
         super().__init__(manifest, profile, streams)
-        if max_batch is not None and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                      or max_batch < 1):
-            raise ValueError(f"--max-batch (max_batch in Python) must be a positive integer, got {max_batch!r}; "
-                             "leave it out to run all streams in one call.")
-        # Chunking only pays when it caps something: with B >= N one ping-pong call is cheaper.
-        self.max_batch = max_batch if max_batch is not None and max_batch < streams else None
+        self.max_batch = chunk_rows(max_batch, streams)
         entry = precision_entry(manifest, profile)
         self.path = Path(manifest["_folder"]) / entry["file"]
         self.sess = _load_session(self.path, threads, spin)
