@@ -379,15 +379,11 @@ class Session:
         return np.asarray(self.stats.ms)
 
     def latency(self) -> dict[str, Any]:
-        """ms per call at the 50th, 95th and 99th percentiles (``p50``, ``p95``, ``p99``) of
-        :meth:`frame_ms`: what `edge3d run` and the Jetson app report. ``cycles`` says they were
-        taken over whole cycles of a multi-rate model's stages; before its first whole cycle they
-        are taken over single calls."""
-        a, cycles = self.frame_ms(), hasattr(self, "cycle_ms")
-        if not len(a):
-            a, cycles = np.asarray(self.stats.ms), False
-        p50, p95, p99 = np.percentile(a, [50, 95, 99]) if len(a) else (0.0, 0.0, 0.0)
-        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "cycles": cycles}
+        """ms per call at the 50th, 95th and 99th percentiles (``p50``, ``p95``, ``p99``): what `edge3d
+        run` and the Jetson app report. ``cycles`` says they were taken over whole cycles of a
+        multi-rate model's stages (runtime/staged.py overrides this)."""
+        s = self.stats.summary()
+        return {"p50": s["ms_p50"], "p95": s["ms_p95"], "p99": s["ms_p99"], "cycles": False}
 
     @property
     def has_outputs(self) -> np.ndarray:

@@ -121,7 +121,6 @@ class StagedSession(Session):
         self._buf = {n: np.zeros((k, *[int(d) for d in b["shape"][1:]]), dtypes[n])
                      for n, b in self._buffers_spec.items()}
         self._t = np.zeros(k, np.int64)  # frames each stream has stepped since its start
-        self._in_phase = True  # every stream at one frame count (see step_batch)
         self._cycle = [0.0, 0]  # ms and frames stepped since the slowest stage last ran
         self._last = np.zeros((k, *[int(d) for d in self.manifest["output"]["shape"][1:]]), np.float32)
         self.last_fresh = False
@@ -143,6 +142,14 @@ class StagedSession(Session):
         of a stride-8 model run stage 0 alone, and a median over single frames timed little more than
         that (9.1 ms/frame for a full-size r3d18-causal that took 11.0 over whole cycles)."""
         return np.asarray(self.cycle_ms) / output_period(self.manifest)
+
+    def latency(self) -> dict[str, Any]:
+        """Over whole cycles of the stages (:meth:`frame_ms`) once one has run, else over the calls."""
+        a = self.frame_ms()
+        if not len(a):
+            return super().latency()
+        p50, p95, p99 = np.percentile(a, [50, 95, 99])
+        return {"p50": float(p50), "p95": float(p95), "p99": float(p99), "cycles": True}
 
     def top_k(self, output: np.ndarray, k: int = 5) -> list[tuple[int, str, float]]:
         """As :meth:`Session.top_k`, refused before the first output: the zeros ``step`` returns then
@@ -170,7 +177,6 @@ class StagedSession(Session):
         self._t[k] = 0
         self._last[k] = 0
         self._cycle = [0.0, 0]  # a cycle cut by the reset is not counted
-        self._in_phase = bool((self._t == self._t[0]).all())
 
     def _snapshot(self) -> dict[str, np.ndarray]:
         snap = {n: a.copy() for n, a in self._states.items()}
@@ -216,7 +222,6 @@ class StagedSession(Session):
                 held[n][rows] = snapshot[n]
         self._t[rows] = t
         self._cycle = [0.0, 0]  # a cycle cut by the restore is not counted
-        self._in_phase = bool((self._t == self._t[0]).all())
         self._last[rows] = snapshot["last_output"]
 
     @property
@@ -250,14 +255,13 @@ class StagedSession(Session):
         self._preprocess(frames, ids, staged)  # every frame validated before any state changes
         every = stream_ids is None or (len(ids) == self.streams and bool((ids == np.arange(self.streams)).all()))
         # every stream, all at one frame count: the usual call, each stage one batch of every row
-        in_phase = every and self._in_phase
+        in_phase = every and bool((self._t == self._t[0]).all())
         t0 = time.perf_counter()
         self._advance(staged.astype(self._types["frame"], copy=False), ids, every, in_phase)  # float16 io too
         ms = (time.perf_counter() - t0) * 1e3
         self.stats.record(ms, len(ids))
         if not in_phase:  # ms/frame over whole cycles is defined while every stream steps in one phase
             self._cycle = [0.0, 0]
-            self._in_phase = bool((self._t == self._t[0]).all())
         else:
             self._cycle = [self._cycle[0] + ms, self._cycle[1] + 1]
             if self.last_fresh:
@@ -268,9 +272,9 @@ class StagedSession(Session):
 
     def _feeds(self, k: int, frame: np.ndarray, bufs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Stage k's graph inputs: the frame (stage 0) or its buffers, and its states."""
-        st = self._stages[k]
-        feeds = {"frame": frame} if k == 0 else {i["name"]: bufs[i["name"]] for i in st["inputs"]}
-        feeds.update({state_io_names(n)[0]: self._states[n] for n in st["states"]})
+        buffers_in, states_io = self._io[k]
+        feeds = {"frame": frame} if k == 0 else {b: bufs[b] for b in buffers_in}
+        feeds.update({i: self._states[n] for n, i, _ in states_io})
         return feeds
 
     def _advance(self, frame: np.ndarray, ids: np.ndarray, every: bool, in_phase: bool) -> None:
