@@ -8,10 +8,11 @@ only for files and cameras, so the synthetic source works without the ``video`` 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,12 +102,43 @@ def capture_frames(cap, lost: str | None = None) -> Iterator[tuple[np.ndarray, N
         cap.release()
 
 
+def capture_clock(cap: Any, live: bool = False) -> Callable[[], float | None]:
+    """The time, in seconds, of the frame ``cap`` read last: the capture's own timestamp (a video's or a
+    stream's presentation time, a V4L2 camera's capture time), so that a source whose frames come at
+    another rate than it reports, or at a varying one, is paced by when they were taken.
+
+    Where the capture gives none that moves forward, a file's frame has None (the sampler counts it one
+    frame at the reported rate), and a live source's frame the time its read returned, continuing from
+    the last timestamp.
+    """
+    cv2 = _cv2()
+    last: list[float] = []  # the last time given and the monotonic time of that read
+
+    def clock() -> float | None:
+        arrived = time.monotonic()
+        try:
+            stamp = float(cap.get(cv2.CAP_PROP_POS_MSEC)) / 1e3
+        except (cv2.error, TypeError, ValueError):
+            stamp = math.nan
+        if math.isfinite(stamp) and (not last or stamp > last[0]):
+            t = stamp
+        elif not live:
+            return None
+        else:
+            t = last[0] + max(arrived - last[1], 1e-6) if last else 0.0
+        last[:] = [t, arrived]
+        return t
+    return clock
+
+
 class Paced:
     """The frames of a source that a model trained at ``sampler.fps`` takes (:class:`FrameSampler`), each
-    yielded with the source's other frames read past; ``index`` is the source index of the last one."""
+    yielded with the source's other frames read past; ``index`` is the source index of the last one.
+    ``clock``, called after each frame is read, gives its timestamp where the source has them."""
 
-    def __init__(self, items: Iterator[Any], sampler: FrameSampler) -> None:
-        self._items, self.sampler = items, sampler
+    def __init__(self, items: Iterator[Any], sampler: FrameSampler,
+                 clock: Callable[[], float | None] | None = None) -> None:
+        self._items, self.sampler, self._clock = items, sampler, clock
 
     @property
     def index(self) -> int:
@@ -118,7 +150,7 @@ class Paced:
     def __next__(self) -> Any:
         while True:
             item = next(self._items)
-            if self.sampler.keep():
+            if self.sampler.keep(None if self._clock is None else self._clock()):
                 return item
 
     def close(self) -> None:
@@ -133,9 +165,17 @@ def reported_fps(cap: Any) -> float | None:
     return fps if 1 <= fps <= MAX_FPS else None
 
 
-def paced(items: Iterator[Any], fps: float | None, source_fps: float | None = None) -> Iterator[Any]:
+def paced(items: Iterator[Any], fps: float | None, source_fps: float | None = None,
+          clock: Callable[[], float | None] | None = None) -> Iterator[Any]:
     """``items`` as a model trained at ``fps`` takes them (every frame where ``fps`` is None)."""
-    return items if fps is None else Paced(items, FrameSampler(fps, source_fps))
+    return items if fps is None else Paced(items, FrameSampler(fps, source_fps), clock)
+
+
+def paced_capture(cap: Any, fps: float | None, label: int | None = None) -> Iterator[Any]:
+    """A video file's (or a served file's) frames, each with ``label``, as a model trained at ``fps``
+    takes them, paced by their timestamps."""
+    frames = capture_frames(cap) if label is None else ((frame, label) for frame, _ in capture_frames(cap))
+    return paced(frames, fps, reported_fps(cap), capture_clock(cap))
 
 
 class LiveFrames:
@@ -154,7 +194,8 @@ class LiveFrames:
         self.fps: float | None = reported_fps(cap)
         self.name = name
         self.waited_s = 0.0  # time spent in reads: waiting for the camera, or decoding
-        self._frames = Paced(capture_frames(cap, lost=name), FrameSampler(model_fps, self.fps))
+        self._frames = Paced(capture_frames(cap, lost=name), FrameSampler(model_fps, self.fps),
+                             capture_clock(cap, live=True))
         self.sampler = self._frames.sampler
 
     @property
@@ -311,7 +352,7 @@ def _open_stream(spec: str, scheme: str, fps: float | None = None) -> Iterator[t
     from urllib.parse import urlparse
 
     a_file = scheme in ("http", "https") and Path(urlparse(spec).path).suffix.lower() in VIDEO_SUFFIXES
-    return paced(capture_frames(cap), fps, reported_fps(cap)) if a_file else LiveFrames(cap, f"stream {shown}", fps)
+    return paced_capture(cap, fps) if a_file else LiveFrames(cap, f"stream {shown}", fps)
 
 
 def open_source(spec: str, frame_size: int = 112, csi_mode: tuple[int, int, int] = CSI_MODE,
@@ -363,8 +404,7 @@ def open_source(spec: str, frame_size: int = 112, csi_mode: tuple[int, int, int]
             relative = "" if path.is_absolute() else f" (relative paths start from {Path.cwd()})"
             raise ValueError(f"source {redact(spec)!r} does not exist{where}; check the path{relative}.")
         raise ValueError(f"source {redact(spec)!r} is neither {SOURCE_FORMS}; pass one of those{_meant(spec)}.")
-    cap = _open_video(path)
-    return paced(capture_frames(cap), fps, reported_fps(cap))
+    return paced_capture(_open_video(path), fps)
 
 
 def _meant(spec: str) -> str:
@@ -471,8 +511,8 @@ def _clip_frames(clip: Path, label: int | None = None, fps: float | None = None,
     ``fps`` takes, where the video reports a faster rate (a folder of images reports none: ``images_fps``
     says what it was extracted at)."""
     if not clip.is_dir():
-        cap = _open_video(clip)  # opened here, not at the first frame: its rate is known before one is read
-        return paced(((frame, label) for frame, _ in capture_frames(cap)), fps, reported_fps(cap))
+        # opened here, not at the first frame: its rate is known before one is read
+        return paced_capture(_open_video(clip), fps, label)
     return paced(_image_frames(clip, label), fps, images_fps)
 
 

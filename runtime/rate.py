@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import shlex
+from collections import deque
 from collections.abc import Iterable
 from fractions import Fraction
 
@@ -21,6 +22,7 @@ MAX_FPS = 240.0  # above this a reported rate is a stream's clock, not its frame
 # A source up to this much faster than the model's rate gives every frame: dropping one frame in 25
 # for a 25 fps camera and a 24 fps model jolts the motion more than a 4% faster tempo changes it.
 SLACK = 1.1
+GAPS = 30  # a source's rate is measured over its last this many gaps between timestamps
 
 
 def check_fps(fps: object, what: str = "frame fps", images: bool = False) -> float | None:
@@ -59,43 +61,92 @@ class FrameSampler:
     """Which frames of a source sending ``source_fps`` a model trained at ``fps`` takes: call
     :meth:`keep` once per source frame, in order, and step the frames it says yes to.
 
-    Frame ``i`` is kept when a tick of the model's rate falls in ``(t_{i-1}, t_i]``: every 5th frame of
-    30 fps for a 6 fps model, 6 frames in every 25 (gaps of 4 and 5) of 25 fps. Every frame is kept
-    when either rate is unknown (None) or the source is no more than ``SLACK`` faster; a slower source
-    cannot be sped up, and :func:`rate_note` says so.
+    The model's ticks fall every ``1 / fps`` seconds from the first frame, and each tick takes the source
+    frame nearest it: every 5th frame of 30 fps for a 6 fps model, 6 frames in every 25 (gaps of 4 and
+    5) of 25 fps. A frame's time is its timestamp where the caller gives one (a video's presentation
+    time, a camera's capture time), else its index over ``source_fps``. Timestamps are what make the
+    pace right where the reported rate is wrong: a phone's variable-rate video, or a webcam that reports
+    30 fps and sends 15 in dim light (taking every 5th of its frames would give a 6 fps model 3 a
+    second). Every frame is kept when either rate is unknown (None), or the source is no more than
+    ``SLACK`` faster: by its timestamps, measured over its last ``GAPS`` gaps, once it has given three
+    in a row, else by the rate it reports. A slower source cannot be sped up, and :func:`rate_note` says so.
     """
 
     def __init__(self, fps: float | None, source_fps: float | None) -> None:
         self.fps, self.source_fps = fps, source_fps
         fast = fps is not None and source_fps is not None and source_fps > SLACK * fps
-        self.ratio = fps / source_fps if fast else None  # the share of the source's frames kept
+        self.ratio = fps / source_fps if fast else None  # the share of the reported rate's frames kept
         self.read = 0  # source frames seen
         self.kept = 0  # of them, the frames to step
         self.index = -1  # the source index of the last frame kept
+        self._t: float | None = None  # the time of the last frame read, seconds
+        self._due = 0.0  # the model's next tick
+        self._stamps: deque[float] = deque(maxlen=GAPS + 1)  # the last timestamps the caller gave, in a row
 
-    def keep(self) -> bool:
+    @property
+    def measured_fps(self) -> float | None:
+        """The rate the source's timestamps show over its last ``GAPS`` gaps (None before it has given
+        three in a row): their mean, over which a camera's jitter cancels, and a median's does not."""
+        stamps = self._stamps
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) >= 3 else None
+
+    @property
+    def rate(self) -> float | None:
+        """The source's rate as the pacing sees it: measured from its timestamps (to 0.1 fps) where they
+        differ from the reported rate by more than 2% (or it reports none), else the reported rate."""
+        measured, reported = self.measured_fps, self.source_fps
+        if measured is None or (reported is not None and abs(measured - reported) <= 0.02 * reported):
+            return reported
+        return round(measured, 1)
+
+    def keep(self, t: float | None = None) -> bool:
+        """Whether to step this source frame; ``t`` is its timestamp in seconds where the source has
+        one. A timestamp that is missing, repeats or goes back counts one frame at the source's rate."""
         i, self.read = self.read, self.read + 1
-        r = self.ratio
-        # integer tick counts, with a hair of slack so that 5 × 0.2 counts as 1, not 0.9999999
-        take = r is None or i == 0 or math.floor(i * r + 1e-9) > math.floor((i - 1) * r + 1e-9)
-        if take:
-            self.kept += 1
-            self.index = i
-        return take
+        if self.fps is None:
+            return self._take(i)
+        last = self._t
+        if t is not None and math.isfinite(t) and (last is None or t > last):
+            self._stamps.append(t)
+        else:
+            self._stamps.clear()  # the mean is over timestamps in a row
+            rate = self.measured_fps or self.source_fps
+            if rate is None:  # no clock at all: every frame, as from a source of unknown rate
+                return self._take(i)
+            t = 0.0 if last is None else last + 1 / rate
+        self._t = t
+        rate = self.rate
+        period = 1 / self.fps
+        if i == 0 or rate is None or rate <= SLACK * self.fps:
+            self._due = t + period  # every frame; ticks resume from here if the source speeds up
+            return self._take(i)
+        half = 0.5 / rate  # a frame is nearest a tick within half its gap: jitter smaller than that moves nothing
+        if t < self._due - half - 1e-9:
+            return False
+        # the next tick after this frame's reach (a gap in the source passes over the ticks in it)
+        self._due += period * max(1, math.floor((t + half - self._due) / period) + 1)
+        return self._take(i)
+
+    def _take(self, i: int) -> bool:
+        self.kept += 1
+        self.index = i
+        return True
 
 
 def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None:
     """How the sources' frames met the model's rate, for `edge3d run`'s summary, `compare`'s report and
-    the camera app; None where the artifact has no rate. Sources that report no rate (frame folders,
-    the synthetic source) are stepped frame by frame, which the note says, since it may be wrong."""
+    the camera app; None where the artifact has no rate. A source's rate is the one its timestamps
+    showed where they differ from the one it reports (:attr:`FrameSampler.rate`). Sources with no rate
+    (frame folders, the synthetic source) are stepped frame by frame, which the note says, since it may
+    be wrong."""
     if fps is None:
         return None
     samplers = [s for s in samplers if s.read]
     said = [f"the model takes {fps:g} fps"]
-    known = [(s, s.source_fps) for s in samplers if s.source_fps is not None]
-    fast = [s for s, _ in known if s.ratio is not None]
+    known = [(s, rate) for s in samplers if (rate := s.rate) is not None]
+    fast = [s for s, rate in known if rate > SLACK * fps]
     if fast:
-        rates = sorted({round(rate, 2) for s, rate in known if s.ratio is not None})
+        rates = sorted({round(rate, 2) for _, rate in known if rate > SLACK * fps})
         of = f"{rates[0]:g}" if len(rates) == 1 else f"{rates[0]:g}–{rates[-1]:g}"
         read, kept = sum(s.read for s in fast), sum(s.kept for s in fast)
         share = Fraction(fps / rates[0]).limit_denominator(60)  # of the rate, not of the counts: a run cut short
@@ -103,14 +154,14 @@ def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None
                   f"every {_ordinal(share.denominator)} frame" if share.numerator == 1 else
                   f"{share.numerator} in every {share.denominator} frames")
         said.append(f"{stride} of {of} fps ({kept:,} of {read:,} frames stepped)")
-    unpaced = [rate for s, rate in known if s.ratio is None]  # about the model's rate, or slower
+    unpaced = [rate for _, rate in known if rate <= SLACK * fps]  # about the model's rate, or slower
     if any(rate * SLACK >= fps for rate in unpaced):
         said.append("a source sends about that: every frame stepped")
     if slow := [rate for rate in unpaced if rate * SLACK < fps]:
         rate = min(slow)
         said.append(f"a source sends {rate:g} fps, under it: every frame stepped, so the model sees motion "
                     f"{fps / rate:.2g}× as fast per frame as in training")
-    if any(s.source_fps is None for s in samplers):
+    if any(s.rate is None for s in samplers):
         said.append("a source that reports no frame rate (a folder of images, synthetic) had every frame stepped, "
                     "as if sent at the model's rate")
     return "; ".join(said) if len(said) > 1 else None

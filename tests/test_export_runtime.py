@@ -357,6 +357,121 @@ def test_frame_sampler_takes_the_frames_nearest_the_models_rate() -> None:
             check_fps(bad)
 
 
+def test_frame_sampler_paces_by_timestamps_where_the_reported_rate_is_wrong() -> None:
+    """A webcam that reports 30 fps and sends 15 in dim light: every 5th of its frames gave a 6 fps model
+    3 frames a second, motion twice as fast as it was trained on. Its capture times say what it sends."""
+    from edge3d.runtime.rate import FrameSampler, rate_note
+
+    rng = np.random.default_rng(3)
+    dim = 7.0 + np.arange(150) / 15 + rng.uniform(-0.003, 0.003, 150)  # 10 s at 15 fps, ±3 ms of jitter
+    sampler = FrameSampler(6, 30)
+    kept = [i for i, t in enumerate(dim) if sampler.keep(float(t))]
+    assert len(kept) == 60 and np.abs(np.diff(dim[kept]) - 1 / 6).max() < 1 / 15  # 6 a second, each nearest a tick
+    assert rate_note([sampler], 6) == "the model takes 6 fps; 2 in every 5 frames of 15 fps (60 of 150 frames " \
+                                      "stepped)"
+    # at the reported rate, capture jitter of ±4 ms does not move which frame a tick takes (ticks fall on frames)
+    steady = np.arange(300) / 30 + rng.uniform(-0.004, 0.004, 300)
+    sampler = FrameSampler(6, 30)
+    assert [i for i, t in enumerate(steady) if sampler.keep(float(t))] == list(range(0, 300, 5))
+    sampler = FrameSampler(6, 30)  # timestamps that do not move (a capture that has none): the reported rate
+    assert [i for i in range(300) if sampler.keep(0.0)] == list(range(0, 300, 5))
+    sampler = FrameSampler(6, None)  # no reported rate: paced once three timestamps in a row measure one
+    kept = [i for i, t in enumerate(steady) if sampler.keep(float(t))]
+    assert kept[:3] == [0, 1, 6] and set(np.diff(kept[2:]).tolist()) == {5}
+    sampler = FrameSampler(15, 30)  # reports 30, sends about the model's 15: every frame, none dropped by jitter
+    assert all(sampler.keep(float(t)) for t in dim)
+
+
+def test_a_capture_without_timestamps_is_timed_by_its_reads_when_live(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A capture's own timestamps where they move forward; else a camera's frame is timed by when its
+    read returned, continuing from the last timestamp (an RTSP stream that reconnects starts its clock
+    again), and a file's frame has none, which the sampler counts at the reported rate."""
+    cv2 = pytest.importorskip("cv2")
+    from edge3d import sources
+
+    now = [100.0]
+    monkeypatch.setattr(sources.time, "monotonic", lambda: now[0])
+
+    class Capture:
+        def __init__(self) -> None:
+            self.stamps = iter([4000.0, 4040.0, 4080.0, 0.0, 0.0, 40.0, 80.0])  # ms: 25 fps, then a restarted clock
+
+        def get(self, prop: int) -> float:
+            assert prop == cv2.CAP_PROP_POS_MSEC
+            return next(self.stamps)
+
+    live, times = sources.capture_clock(Capture(), live=True), []
+    for _ in range(7):
+        now[0] += 0.05  # reads return 50 ms apart
+        times.append(live())
+    assert np.allclose(times, [4.0, 4.04, 4.08, 4.13, 4.18, 4.23, 4.28]), times
+    file = sources.capture_clock(Capture(), live=False)
+    assert [file() for _ in range(7)] == [4.0, 4.04, 4.08, None, None, None, None]
+
+
+def _vfr_video(path: Path, gaps: list[float], fps: int = 30) -> None:
+    """A variable-rate MP4, as phones record: OpenCV writes a constant-rate one, whose time-to-sample table
+    (``stts``, in ``moov`` after the frames) is rewritten with one duration per frame. The durations sum to
+    the constant-rate ones' (``len(gaps) / fps`` s), so the track's other boxes stay true."""
+    import struct
+
+    cv2 = pytest.importorskip("cv2")
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (64, 48))
+    for i in range(len(gaps)):
+        writer.write(np.full((48, 64, 3), i, np.uint8))
+    writer.release()
+    data = bytearray(path.read_bytes())
+
+    def box(start: int, end: int, kind: bytes) -> tuple[int, int]:
+        while start < end:
+            size, name = struct.unpack(">I4s", data[start:start + 8])
+            if name == kind:
+                return start, size
+            start += size
+        raise AssertionError(f"no {kind!r} box")
+
+    chain, (start, end) = [], (0, len(data))
+    for kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl", b"stts"):
+        at, size = box(start, end, kind)
+        chain.append(at)
+        start, end = at + 8, at + size
+    mdhd, _ = box(chain[2] + 8, chain[3], b"mdhd")
+    scale = struct.unpack(">I", data[mdhd + 20:mdhd + 24])[0]  # version 0: ticks per second
+    at, size = chain[-1], struct.unpack(">I", data[chain[-1]:chain[-1] + 4])[0]
+    count, each = struct.unpack(">II", data[at + 16:at + 24])
+    ticks = [round(g * scale) for g in gaps]
+    assert count == len(gaps) and sum(ticks) == count * each, "the durations must sum to the written ones"
+    table = struct.pack(">I4sII", 16 + 8 * count, b"stts", 0, count) + b"".join(struct.pack(">II", 1, t) for t in ticks)
+    data[at:at + size] = table
+    for parent in chain[:-1]:  # each enclosing box grows by as much
+        data[parent:parent + 4] = struct.pack(">I", struct.unpack(">I", data[parent:parent + 4])[0] + len(table) - size)
+    path.write_bytes(bytes(data))
+
+
+def test_run_paces_a_variable_rate_video_by_its_timestamps(tiny_artifact, tmp_path: Path) -> None:
+    """A phone's video: half a second at 60 fps, then 1.5 s at 20 (OpenCV reports the mean, 30). Every 3rd
+    frame, for a 10 fps model, stepped the first half second at 20 fps and the rest at 6.7; its
+    timestamps give the model a frame every 0.1 s throughout."""
+    cv2 = pytest.importorskip("cv2")
+    import edge3d
+
+    gaps = [1 / 60] * 30 + [1 / 20] * 30
+    video = tmp_path / "phone.mp4"
+    _vfr_video(video, gaps)
+    cap = cv2.VideoCapture(str(video))
+    assert cap.get(cv2.CAP_PROP_FPS) == 30
+    cap.release()
+    times = np.concatenate([[0.0], np.cumsum(gaps)[:-1]])
+    art = _copy(tiny_artifact[0], tmp_path)
+    edge3d.set_frame(art, fps=10)
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", str(video), "--output", str(preds)],
+                             terminal_width=200)
+    assert res.exit_code == 0, res.output
+    kept = [json.loads(line)["source_frame"] for line in preds.read_text().splitlines()]
+    assert len(kept) == 20 and np.allclose(np.diff(times[kept]), 0.1, atol=0.026), times[kept]
+
+
 def _numbered_video(path: Path, frames: int, fps: int) -> None:
     cv2 = pytest.importorskip("cv2")
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (64, 48))
@@ -2263,24 +2378,28 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_f
 def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch,
                    others: dict[int, tuple[float, float]] | None = None) -> None:
     """Make ``cv2.VideoCapture(...)`` a camera that reports ``fps`` and whose reads take ``wait`` seconds: 0 is
-    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with. ``others`` gives
-    camera indices their own (fps, wait)."""
+    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with. Its frames carry
+    capture times ``1/fps`` apart on a clock of its own, as V4L2's do. ``others`` gives camera indices their
+    own (fps, wait)."""
     import time
 
     import cv2
 
     class Camera:
         def __init__(self, fps: float, wait: float) -> None:
-            self.fps, self.wait = fps, wait
+            self.fps, self.wait, self.reads = fps, wait, 0
 
         def isOpened(self) -> bool:
             return True
 
         def get(self, prop: int) -> float:
+            if prop == cv2.CAP_PROP_POS_MSEC:
+                return 5e6 + (self.reads - 1) * 1e3 / self.fps
             return self.fps if prop == cv2.CAP_PROP_FPS else 0.0
 
         def read(self):
             time.sleep(self.wait)
+            self.reads += 1
             return True, np.full((48, 64, 3), 90, np.uint8)
 
         def release(self) -> None:
