@@ -118,7 +118,7 @@ def capture_clock(cap: Any, live: bool = False) -> Callable[[], float | None]:
         arrived = time.monotonic()
         try:
             stamp = float(cap.get(cv2.CAP_PROP_POS_MSEC)) / 1e3
-        except (cv2.error, TypeError, ValueError):
+        except (cv2.error, AttributeError, TypeError, ValueError):  # a capture-like object without get()
             stamp = math.nan
         if math.isfinite(stamp) and (not last or stamp > last[0]):
             t = stamp

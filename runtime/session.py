@@ -320,15 +320,20 @@ class Session:
         profile, int8 ones of int8-lowmem): what a snapshot converted from another precision must take."""
         return self._backend.state_dtypes()
 
+    def _snapshot(self) -> dict[str, np.ndarray]:
+        return self._backend.read_states()
+
     @serialised
     def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
         """A snapshot of every stream's state, or of one stream's (leading axis 1); ``set_state``
         restores it bit for bit.
 
         One stream alone is what a multi-camera server saves when it pauses a camera or moves it to
-        another session, without touching the cameras still streaming.
+        another session, without touching the cameras still streaming. A multi-rate session's snapshot
+        also holds its stage buffers, each stream's frame count (``frame_index``) and newest output: they
+        say where in its cycle a stream stands (runtime/staged.py).
         """
-        snap = self._backend.read_states()
+        snap = self._snapshot()
         if stream is None:
             return snap
         self._check_stream(stream)

@@ -179,22 +179,12 @@ class StagedSession(Session):
         self._cycle = [0.0, 0]  # a cycle cut by the reset is not counted
 
     def _snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of every stream's states, stage buffers, frame count and newest output (get_state's)."""
         snap = {n: a.copy() for n, a in self._states.items()}
         snap.update({n: a.copy() for n, a in self._buf.items()})
         snap["frame_index"] = self._t.copy()
         snap["last_output"] = self._last.copy()
         return snap
-
-    @serialised
-    def get_state(self, stream: int | None = None) -> dict[str, np.ndarray]:
-        """Every stream's states, stage buffers, frame count (``frame_index``) and newest output, or
-        one stream's (leading axis 1): the buffers and the count say where in its cycle it stands."""
-        snap = self._snapshot()
-        if stream is None:
-            return snap
-        self._check_stream(stream)
-        k = int(stream)
-        return {n: a[k:k + 1].copy() for n, a in snap.items()}
 
     @serialised
     def set_state(self, snapshot: dict[str, np.ndarray], stream: int | None = None) -> None:
