@@ -109,8 +109,8 @@ class FrameSampler:
         if t is not None and math.isfinite(t) and (last is None or t > last):
             self._stamps.append(t)
         else:
-            self._stamps.clear()  # the mean is over timestamps in a row
             rate = self.measured_fps or self.source_fps
+            self._stamps.clear()  # the mean is over timestamps in a row
             if rate is None:  # no clock at all: every frame, as from a source of unknown rate
                 return self._take(i)
             t = 0.0 if last is None else last + 1 / rate
