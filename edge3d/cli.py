@@ -1193,9 +1193,11 @@ def run(
         if top_k > 1:
             table.add_row(f"per-frame top-{top_k} accuracy", f"{100 * sum(correct_k) / sum(labelled):.1f}% of "
                           f"{sum(labelled)}")
-        # where a dataset's accuracy goes: the classes it gets wrong most often (none, where all are right)
-        if len(by_class) > 1 and any(right < n for right, n in by_class.values()):
-            weakest = sorted(by_class.items(), key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))[:3]
+        # where a dataset's accuracy goes: up to three classes it gets wrong most often (only classes with
+        # frames wrong: "100% of 37" beside them named a class as weak that never missed)
+        weakest = sorted(((c, rn) for c, rn in by_class.items() if rn[0] < rn[1]),
+                         key=lambda kv: (kv[1][0] / kv[1][1], -kv[1][1]))[:3]
+        if len(by_class) > 1 and weakest:
             table.add_row("weakest classes, per frame", ", ".join(
                 f"{escape(session.class_name(c))} "
                 f"{100 * right / n:.0f}% of {n}" for c, (right, n) in weakest))
