@@ -289,9 +289,13 @@ class KeepingUp:
 
 
 def _sends(source: LiveFrames) -> str:
-    """A camera's rate, and the share of it a model trained at a lower rate takes: "30 (6 for the model)"."""
-    wanted = source.wanted_fps
-    return f"{source.fps:g}" + (f" ({wanted:.3g} for the model)" if wanted is not None and wanted != source.fps else "")
+    """A camera's rate, as its timestamps show it where they differ from the rate it reports (a webcam in
+    dim light), and the share of it a model trained at a lower rate takes: "30 (6 for the model)", "15 (it
+    reports 30; 6 for the model)"."""
+    wanted, rate = source.wanted_fps, source.sampler.rate or source.fps
+    notes = ([f"it reports {source.fps:g}"] if rate != source.fps else []) + (
+        [f"{wanted:.3g} for the model"] if wanted is not None and wanted != source.fps else [])
+    return f"{rate:g}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def stream_scheme(spec: str) -> str | None:

@@ -103,8 +103,6 @@ class FrameSampler:
         """Whether to step this source frame; ``t`` is its timestamp in seconds where the source has
         one. A timestamp that is missing, repeats or goes back counts one frame at the source's rate."""
         i, self.read = self.read, self.read + 1
-        if self.fps is None:
-            return self._take(i)
         last = self._t
         if t is not None and math.isfinite(t) and (last is None or t > last):
             self._stamps.append(t)
@@ -115,6 +113,8 @@ class FrameSampler:
                 return self._take(i)
             t = 0.0 if last is None else last + 1 / rate
         self._t = t
+        if self.fps is None:  # every frame; the timestamps still measure the source's rate (rate_note, run)
+            return self._take(i)
         rate = self.rate
         period = 1 / self.fps
         if i == 0 or rate is None or rate <= SLACK * self.fps:

@@ -2378,9 +2378,10 @@ def test_cli_run_says_when_a_camera_stops_and_exits_1(tiny_artifact, tiny_with_f
 def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch,
                    others: dict[int, tuple[float, float]] | None = None) -> None:
     """Make ``cv2.VideoCapture(...)`` a camera that reports ``fps`` and whose reads take ``wait`` seconds: 0 is
-    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with. Its frames carry
-    capture times ``1/fps`` apart on a clock of its own, as V4L2's do. ``others`` gives camera indices their
-    own (fps, wait)."""
+    a camera with frames queued (the reader is behind), 1/fps one the reader keeps up with, and a longer wait
+    one that sends fewer than it reports. Its frames carry capture times on a clock of its own, as V4L2's
+    do, as far apart as it sends them: ``max(wait, 1/fps)``. ``others`` gives camera indices their own
+    (fps, wait)."""
     import time
 
     import cv2
@@ -2394,7 +2395,7 @@ def camera_sending(fps: float, wait: float, monkeypatch: pytest.MonkeyPatch,
 
         def get(self, prop: int) -> float:
             if prop == cv2.CAP_PROP_POS_MSEC:
-                return 5e6 + (self.reads - 1) * 1e3 / self.fps
+                return 5e6 + (self.reads - 1) * 1e3 * max(self.wait, 1 / self.fps)
             return self.fps if prop == cv2.CAP_PROP_FPS else 0.0
 
         def read(self):
@@ -2451,7 +2452,8 @@ def test_cli_run_says_when_it_cannot_keep_up_with_a_camera(tiny_artifact, monkey
     res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:2", "--frames", "25"], terminal_width=400)
     said = " ".join(res.output.split())
     assert res.exit_code == 0 and "frames a second and the run took" not in said, said
-    found = re.search(r"camera 2 frame rate │ sends 30 fps, the run took ([\d.]+) \(waiting", said)  # the rest wraps
+    found = re.search(r"camera 2 frame rate │ sends 15 \(it reports 30\) fps, the run took ([\d.]+) \(waiting",
+                      unwrapped(res.output))
     assert found and 13 <= float(found[1]) <= 16, said
     res = CliRunner().invoke(app, ["run", str(art), "--source", "synthetic", "--frames", "5"], terminal_width=400)
     assert res.exit_code == 0 and "frame rate" not in res.output  # not a camera: read as fast as the model goes
@@ -2808,3 +2810,24 @@ def test_a_camera_faster_than_the_models_rate_is_paced_and_not_called_behind(tin
     found = re.search(r"camera 2 frame rate │ sends 30 \(10 for the model\) fps, the run took ([\d.]+) │", said)
     assert found and 8 <= float(found[1]) <= 10.5, said
     assert "the model takes 10 fps; every 3rd frame of 30 fps (12 of 34 frames stepped)" in said, said
+
+
+def test_a_webcam_sending_fewer_frames_than_it_reports_still_gives_the_model_its_rate(
+        tiny_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A webcam in dim light reports 30 fps and sends 15: every 5th of its frames gave a 6 fps model 3 a
+    second, and the summary said the camera sent 30. Its capture times pace it, and the summary names both."""
+    pytest.importorskip("cv2")
+    import edge3d
+
+    art = _copy(tiny_artifact[0], tmp_path)
+    edge3d.set_frame(art, fps=6)
+    camera_sending(30.0, 1 / 15, monkeypatch)
+    preds = tmp_path / "p.jsonl"
+    res = CliRunner().invoke(app, ["run", str(art), "--source", "camera:0", "--frames", "8", "--output", str(preds)],
+                             terminal_width=400)
+    said = unwrapped(res.output)
+    assert res.exit_code == 0, said
+    kept = [json.loads(line)["source_frame"] for line in preds.read_text().splitlines()]
+    assert len(kept) == 8 and set(np.diff(kept).tolist()) <= {2, 3} and kept[-1] - kept[0] in (17, 18), kept
+    assert "sends 15 (it reports 30; 6 for the model) fps" in said, said
+    assert "the model takes 6 fps; 2 in every 5 frames of 15 fps" in said, said
