@@ -466,6 +466,10 @@ def test_bench_streams_times_whole_cycles_of_a_multi_rate_artifact(r3d, monkeypa
     still = Session(art, spin=False)  # every stage's graph lets its threads sleep
     assert [sess.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
             for sess, _ in still._sess] == ["0"] * 4
+    # and by default each stage's threads stop spinning when its run returns: spinning on, they competed
+    # with the next stage's run, and full-size r3d18-causal took twice as long per frame
+    assert [sess.get_session_options().get_session_config_entry("session.force_spinning_stop")
+            for sess, _ in Session(art)._sess] == ["1"] * 4
     from typer.testing import CliRunner
 
     from edge3d.cli import app

@@ -50,11 +50,15 @@ def chunk_rows(max_batch: int | None, streams: int) -> int | None:
     return max_batch if max_batch is not None and max_batch < streams else None
 
 
-def _load_session(path: Path, threads: int | None, spin: bool = True):
+def _load_session(path: Path, threads: int | None, spin: bool = True, stop_spinning: bool = False):
     """``spin=False`` lets the pool threads sleep as soon as a run ends. ONNX Runtime's default keeps them
     spinning for a while (25 ms after each run on host C), which is faster for one session stepped
     back to back, but N one-stream sessions stepped in turn in one process spin against each other:
-    four full-size d-resnet18 sessions ran 67 frames/s spinning and 118 without (host C)."""
+    four full-size d-resnet18 sessions ran 67 frames/s spinning and 118 without (host C).
+
+    ``stop_spinning`` keeps the spinning within a run (between its parallel sections) and stops it when
+    the run returns (``session.force_spinning_stop``): for graphs that always run one after another, as
+    a multi-rate model's stages do, each of which would otherwise spin against the next."""
     import onnxruntime as ort
 
     if os.environ.get("ORT_DISABLE_TELEMETRY", "").strip().lower() in ("1", "true", "yes"):
@@ -74,6 +78,8 @@ def _load_session(path: Path, threads: int | None, spin: bool = True):
         so.intra_op_num_threads = int(threads)
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if stop_spinning:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     # fatal only: a failed run (its arena out of memory, say) is raised with the same message, which the
     # caller turns into one sentence; ORT's own log line would come first, in red
     so.log_severity_level = 4
