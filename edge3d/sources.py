@@ -292,7 +292,7 @@ def _sends(source: LiveFrames) -> str:
     """A camera's rate, as its timestamps show it where they differ from the rate it reports (a webcam in
     dim light), and the share of it a model trained at a lower rate takes: "30 (6 for the model)", "15 (it
     reports 30; 6 for the model)"."""
-    wanted, rate = source.wanted_fps, source.sampler.rate or source.fps
+    wanted, rate = source.wanted_fps, source.sampler.rate  # the reported rate unless the timestamps differ
     notes = ([f"it reports {source.fps:g}"] if rate != source.fps else []) + (
         [f"{wanted:.3g} for the model"] if wanted is not None and wanted != source.fps else [])
     return f"{rate:g}" + (f" ({'; '.join(notes)})" if notes else "")

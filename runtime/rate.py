@@ -144,11 +144,11 @@ def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None
     samplers = [s for s in samplers if s.read]
     said = [f"the model takes {fps:g} fps"]
     known = [(s, rate) for s in samplers if (rate := s.rate) is not None]
-    fast = [s for s, rate in known if rate > SLACK * fps]
+    fast = [(s, rate) for s, rate in known if rate > SLACK * fps]
     if fast:
-        rates = sorted({round(rate, 2) for _, rate in known if rate > SLACK * fps})
+        rates = sorted({round(rate, 2) for _, rate in fast})
         of = f"{rates[0]:g}" if len(rates) == 1 else f"{rates[0]:g}–{rates[-1]:g}"
-        read, kept = sum(s.read for s in fast), sum(s.kept for s in fast)
+        read, kept = sum(s.read for s, _ in fast), sum(s.kept for s, _ in fast)
         share = Fraction(fps / rates[0]).limit_denominator(60)  # of the rate, not of the counts: a run cut short
         stride = (f"{kept / read:.0%} of the frames" if len(rates) > 1 else
                   f"every {_ordinal(share.denominator)} frame" if share.numerator == 1 else
@@ -161,7 +161,7 @@ def rate_note(samplers: Iterable[FrameSampler], fps: float | None) -> str | None
         rate = min(slow)
         said.append(f"a source sends {rate:g} fps, under it: every frame stepped, so the model sees motion "
                     f"{fps / rate:.2g}× as fast per frame as in training")
-    if any(s.rate is None for s in samplers):
+    if len(known) < len(samplers):  # a source with no rate, reported or measured
         said.append("a source that reports no frame rate (a folder of images, synthetic) had every frame stepped, "
                     "as if sent at the model's rate")
     return "; ".join(said) if len(said) > 1 else None
